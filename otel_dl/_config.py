@@ -1,0 +1,267 @@
+"""Configuration: one table of options, with precedence argument > environment > default.
+
+Every option has a field on :class:`Config`, an environment variable and a default.
+``OPTIONS`` is the single table that ``instrument()``, the README's configuration
+table and its test read. Standard ``OTEL_*`` variables are used where OpenTelemetry
+defines one; otel-dl's own options are ``OTEL_DL_*``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message names the option and the fix."""
+
+
+def _parse_bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _parse_list(raw: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
+def _parse_optional_float(raw: str) -> float | None:
+    return None if raw.strip() == "" else float(raw)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One row of the configuration table."""
+
+    name: str
+    env: str
+    parse: Callable[[str], Any]
+    help: str
+    check: Callable[[Any], str | None] = lambda _value: None
+
+
+def _positive(value: Any) -> str | None:
+    return None if value is None or value > 0 else "must be greater than 0"
+
+
+def _fraction(value: Any) -> str | None:
+    return None if 0.0 <= value <= 1.0 else "must lie in [0, 1]"
+
+
+def _one_of(*choices: str) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        return None if value in choices else f"must be one of {', '.join(choices)}"
+
+    return check
+
+
+@dataclass(frozen=True)
+class Config:
+    """Resolved otel-dl configuration. Build it with :func:`resolve_config`."""
+
+    service_name: str | None = None
+    traces_exporter: str = "otlp"
+    metrics_exporter: str = "otlp"
+    protocol: str = "grpc"
+    endpoint: str | None = None
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    signals: bool = True
+    drift_method: str = "psi"
+    drift_bins: int = 10
+    drift_warn: float | None = None
+    drift_alert: float | None = None
+    drift_window_rows: int = 10_000
+    drift_max_rows: int = 1024
+    drift_every: int = 1
+    baseline_rows: int = 1000
+    confidence_threshold: float = 0.5
+    metrics_max_features: int = 32
+    trace_training: bool = False
+    code_version: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("service_name", "OTEL_SERVICE_NAME", str, "`service.name` of the Resource"),
+    Option(
+        "traces_exporter",
+        "OTEL_TRACES_EXPORTER",
+        str,
+        "`otlp`, `console` or `none`",
+        _one_of("otlp", "console", "none"),
+    ),
+    Option(
+        "metrics_exporter",
+        "OTEL_METRICS_EXPORTER",
+        str,
+        "`otlp`, `console` or `none`",
+        _one_of("otlp", "console", "none"),
+    ),
+    Option(
+        "protocol",
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+        str,
+        "`grpc` or `http/protobuf`",
+        _one_of("grpc", "http/protobuf"),
+    ),
+    Option(
+        "endpoint",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        str,
+        "OTLP endpoint, e.g. `http://localhost:4317` (the exporter's default when unset)",
+    ),
+    Option(
+        "include",
+        "OTEL_DL_INSTRUMENTATIONS",
+        _parse_list,
+        "comma-separated instrumentor names to enable (default: every installed one)",
+    ),
+    Option(
+        "exclude",
+        "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS",
+        _parse_list,
+        "comma-separated instrumentor names to skip",
+    ),
+    Option("signals", "OTEL_DL_SIGNALS", _parse_bool, "compute drift, quality and confidence"),
+    Option(
+        "drift_method",
+        "OTEL_DL_DRIFT_METHOD",
+        str,
+        "`psi`, `js`, `ks` or `wasserstein`",
+        _one_of("psi", "js", "ks", "wasserstein"),
+    ),
+    Option("drift_bins", "OTEL_DL_DRIFT_BINS", int, "bins per numeric feature", _positive),
+    Option(
+        "drift_warn",
+        "OTEL_DL_DRIFT_WARN",
+        _parse_optional_float,
+        "score at which `dl.drift.status` becomes `warn` (default per method)",
+        _positive,
+    ),
+    Option(
+        "drift_alert",
+        "OTEL_DL_DRIFT_ALERT",
+        _parse_optional_float,
+        "score at which `dl.drift.status` becomes `alert` (default per method)",
+        _positive,
+    ),
+    Option(
+        "drift_window_rows",
+        "OTEL_DL_DRIFT_WINDOW_ROWS",
+        int,
+        "recent rows the streaming drift window holds",
+        _positive,
+    ),
+    Option(
+        "drift_max_rows",
+        "OTEL_DL_DRIFT_MAX_ROWS",
+        int,
+        "rows per batch used for drift (deterministic subsample above it)",
+        _positive,
+    ),
+    Option("drift_every", "OTEL_DL_DRIFT_EVERY", int, "compute drift every k-th batch", _positive),
+    Option(
+        "baseline_rows",
+        "OTEL_DL_BASELINE_ROWS",
+        int,
+        "rows that become the reference when none is given",
+        _positive,
+    ),
+    Option(
+        "confidence_threshold",
+        "OTEL_DL_CONFIDENCE_THRESHOLD",
+        float,
+        "confidence under which a prediction counts as low",
+        _fraction,
+    ),
+    Option(
+        "metrics_max_features",
+        "OTEL_DL_METRICS_MAX_FEATURES",
+        int,
+        "per-feature metric attributes only up to this many features",
+    ),
+    Option(
+        "trace_training",
+        "OTEL_DL_TRACE_TRAINING",
+        _parse_bool,
+        "also trace model forwards in training mode",
+    ),
+    Option(
+        "code_version",
+        "OTEL_DL_CODE_VERSION",
+        str,
+        "`dl.code.version` (default: the git commit, when available)",
+    ),
+)
+
+_OPTION_BY_NAME = {option.name: option for option in OPTIONS}
+assert set(_OPTION_BY_NAME) | {"extra"} == {f.name for f in fields(Config)}
+
+
+def resolve_config(
+    overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+) -> Config:
+    """Build a :class:`Config`: explicit ``overrides`` > environment > defaults.
+
+    Raises :class:`ConfigError` naming the option, its variable and the fix.
+    """
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for option in OPTIONS:
+        raw = environ.get(option.env)
+        if raw is None or raw.strip() == "":
+            continue
+        try:
+            values[option.name] = option.parse(raw)
+        except ValueError as exc:
+            raise ConfigError(
+                f"{option.env}={raw!r} is not valid for {option.name}: {exc}. "
+                f"Set it to {option.help}, or unset it."
+            ) from None
+    unknown = [key for key in (overrides or {}) if key not in _OPTION_BY_NAME]
+    if unknown:
+        raise ConfigError(
+            f"unknown otel-dl option(s) {', '.join(sorted(unknown))}; "
+            f"valid options are {', '.join(sorted(_OPTION_BY_NAME))}"
+        )
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        option = _OPTION_BY_NAME[key]
+        if isinstance(value, str) and option.parse is _parse_list:
+            value = _parse_list(value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        values[key] = value
+    config = replace(Config(), **values)
+    for option in OPTIONS:
+        value = getattr(config, option.name)
+        problem = None if value is None else option.check(value)
+        if problem:
+            raise ConfigError(
+                f"otel-dl option {option.name} ({option.env}) = {value!r} {problem}."
+            )
+    return config
+
+
+_active: Config | None = None
+
+
+def get_config() -> Config:
+    """The configuration in force: the one ``instrument()`` resolved, else env and defaults."""
+    global _active
+    if _active is None:
+        _active = resolve_config()
+    return _active
+
+
+def set_config(config: Config | None) -> None:
+    global _active
+    _active = config
