@@ -83,7 +83,6 @@ class Config:
     baseline_rows: int = 1000
     confidence_threshold: float = 0.5
     metrics_max_features: int = 32
-    trace_training: bool = False
     code_version: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -186,12 +185,6 @@ OPTIONS: tuple[Option, ...] = (
         "OTEL_DL_METRICS_MAX_FEATURES",
         int,
         "per-feature metric attributes only up to this many features",
-    ),
-    Option(
-        "trace_training",
-        "OTEL_DL_TRACE_TRAINING",
-        _parse_bool,
-        "also trace model forwards in training mode",
     ),
     Option(
         "code_version",

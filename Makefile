@@ -1,0 +1,39 @@
+# otel-dl: `make demo` runs the demo, `make test` runs the whole suite.
+# Both create .venv and install what they need; uv keeps its downloads (torch among
+# them) under ~/.cache/uv, so a second run installs in seconds.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+UV := $(BIN)/uv
+PY := $(BIN)/python
+
+.PHONY: demo test lint bench venv clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check uv
+
+venv: $(PY)
+
+demo: venv
+	$(UV) pip install --python $(PY) --quiet -e '.[torch]'
+	$(PY) examples/quickstart.py
+
+test: venv
+	$(UV) pip install --python $(PY) --quiet -e '.[test]'
+	$(BIN)/ruff check .
+	$(PY) -m pytest
+
+lint: venv
+	$(UV) pip install --python $(PY) --quiet -e '.[test]'
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+bench: venv
+	$(UV) pip install --python $(PY) --quiet -e '.[test]'
+	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache

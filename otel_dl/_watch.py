@@ -1,0 +1,127 @@
+"""``otel_dl.watch()``: attach provenance and a drift reference to one object.
+
+The object is a DataLoader, a model, an estimator, a feature store: whatever an
+instrumentor traces. Instrumentors look the object up with :func:`watch_state` and put
+its provenance on their spans and its reference under their drift signals. Without a
+reference, the first ``baseline_rows`` rows the object produces become the baseline.
+
+The registry holds objects weakly, so watching never keeps a model or loader alive.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from opentelemetry.util.types import AttributeValue
+
+from otel_dl import semconv
+from otel_dl._context import _check
+
+if TYPE_CHECKING:
+    from otel_dl.monitor import FeatureMonitor
+    from otel_dl.reference import Reference
+
+T = TypeVar("T")
+
+
+@dataclass
+class WatchState:
+    """What ``watch()`` recorded for one object, plus its lazily built monitor."""
+
+    name: str | None = None
+    version: str | None = None
+    source: str | None = None
+    reference: Reference | None = None
+    features: Sequence[str] | None = None
+    attributes: dict[str, AttributeValue] = field(default_factory=dict)
+    _monitor: FeatureMonitor | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def provenance(self) -> dict[str, AttributeValue]:
+        """The span attributes this state contributes (provenance and custom ones)."""
+        attrs: dict[str, AttributeValue] = dict(self.attributes)
+        if self.source is not None:
+            attrs[semconv.DL_DATA_SOURCE] = self.source
+        return attrs
+
+    def monitor(self) -> FeatureMonitor:
+        """The drift/quality monitor of this object (built on first use)."""
+        if self._monitor is None:
+            with self._lock:
+                if self._monitor is None:
+                    from otel_dl.monitor import FeatureMonitor
+
+                    self._monitor = FeatureMonitor(self.reference, name=self.name)
+        return self._monitor
+
+
+_lock = threading.Lock()
+_states: weakref.WeakKeyDictionary[Any, WatchState] = weakref.WeakKeyDictionary()
+# Objects that cannot be weakly referenced are kept by id together with the object itself.
+_strong: dict[int, tuple[Any, WatchState]] = {}
+
+
+def watch(
+    obj: T,
+    *,
+    name: str | None = None,
+    version: str | None = None,
+    source: str | None = None,
+    reference: Reference | None = None,
+    features: Sequence[str] | None = None,
+    **attributes: AttributeValue,
+) -> T:
+    """Attach provenance and a drift reference to ``obj``; returns ``obj`` unchanged.
+
+    ``name``/``version`` name a model (``dl.model.name``/``dl.model.version``);
+    ``source``/``version`` name a data source (``dl.data.source``/``dl.data.version``).
+    ``reference`` is an :class:`otel_dl.Reference`; ``features`` selects the batch keys
+    or columns that are features. Other keyword arguments become span attributes.
+    Calling ``watch`` again on the same object replaces what was recorded.
+    """
+    state = WatchState(
+        name=name,
+        version=version,
+        source=source,
+        reference=reference,
+        features=list(features) if features is not None else None,
+        attributes={key: _check(key, value) for key, value in attributes.items()},
+    )
+    with _lock:
+        try:
+            _states[obj] = state
+        except TypeError:
+            _strong[id(obj)] = (obj, state)
+    return obj
+
+
+def watch_state(obj: Any) -> WatchState | None:
+    """The state ``watch()`` recorded for ``obj``, or None."""
+    try:
+        state = _states.get(obj)
+    except TypeError:
+        state = None
+    if state is None and _strong:
+        entry = _strong.get(id(obj))
+        if entry is not None and entry[0] is obj:
+            state = entry[1]
+    return state
+
+
+def ensure_state(obj: Any) -> WatchState:
+    """The state of ``obj``, creating an empty one (auto-baseline) when it has none."""
+    state = watch_state(obj)
+    if state is None:
+        with _lock:
+            state = watch_state(obj)
+            if state is None:
+                state = WatchState()
+                try:
+                    _states[obj] = state
+                except TypeError:
+                    _strong[id(obj)] = (obj, state)
+    return state
