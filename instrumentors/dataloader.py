@@ -77,8 +77,10 @@ def select_features(batch: Any, features: Sequence[Any] | None) -> Any:
     if isinstance(batch, list | tuple):
         if features is not None:
             picked_items = [batch[i] for i in features if isinstance(i, int) and i < len(batch)]
-            return picked_items[0] if len(picked_items) == 1 else dict(
-                zip(map(str, features), picked_items, strict=False)
+            return (
+                picked_items[0]
+                if len(picked_items) == 1
+                else dict(zip(map(str, features), picked_items, strict=False))
             )
         return next((item for item in batch if _is_tensor(item)), None)
     return None
@@ -122,8 +124,9 @@ class DataLoaderInstrumentor(DlInstrumentor):
         except BaseException as exc:
             end_ns = time.time_ns()
             try:
-                span = start_span(semconv.SPAN_DATALOADER_BATCH,
-                                  self._attributes(instance), start_time=start_ns)
+                span = start_span(
+                    semconv.SPAN_DATALOADER_BATCH, self._attributes(instance), start_time=start_ns
+                )
                 record_error(span, exc)
                 finish_span(span, {}, start_ns, end_ns)
             except Exception:
@@ -147,8 +150,9 @@ class DataLoaderInstrumentor(DlInstrumentor):
 
     def _attributes(self, iterator: Any) -> dict[str, Any]:
         state = self._state(iterator)
-        attrs = base_attributes(semconv.STAGE_DATALOADER, semconv.COMPONENT_TORCH_DATALOADER,
-                                state.provenance())
+        attrs = base_attributes(
+            semconv.STAGE_DATALOADER, semconv.COMPONENT_TORCH_DATALOADER, state.provenance()
+        )
         if state.version is not None:
             attrs[semconv.DL_DATA_VERSION] = state.version
         dataset = getattr(iterator, "_dataset", None)
@@ -158,19 +162,25 @@ class DataLoaderInstrumentor(DlInstrumentor):
         attrs[semconv.DL_BATCH_INDEX] = max(int(getattr(iterator, "_num_yielded", 1)) - 1, 0)
         return attrs
 
-    def _record(self, iterator: Any, args: Any, kwargs: Any, batch: Any, start_ns: int,
-                end_ns: int) -> None:
+    def _record(
+        self, iterator: Any, args: Any, kwargs: Any, batch: Any, start_ns: int, end_ns: int
+    ) -> None:
         state = self._state(iterator)
         attrs = self._attributes(iterator)
         signals: dict[str, Any] = {}
-        features = select_features(batch, state.features)
         feature_count = None
-        if features is not None and get_config().signals:
-            monitor = state.monitor()
-            signals = dict(monitor.observe(features))
-            feature_count = monitor.feature_count
-        elif _is_tensor(features) and features.dim() > 0:
-            signals[semconv.DL_BATCH_SIZE] = int(features.shape[0])
+        try:
+            features = select_features(batch, state.features)
+            first = next(iter(features.values()), None) if isinstance(features, dict) else features
+            if _is_tensor(first) and first.dim() > 0:
+                signals[semconv.DL_BATCH_SIZE] = int(first.shape[0])
+            if features is not None and get_config().signals:
+                monitor = state.monitor()
+                signals.update(monitor.observe(features))
+                feature_count = monitor.feature_count
+        except Exception:
+            # The span still goes out, without the signals that failed.
+            report_internal_error(f"{_SITE}.signals")
         span = start_span(semconv.SPAN_DATALOADER_BATCH, attrs, start_time=start_ns)
         call = DlCall(semconv.COMPONENT_TORCH_DATALOADER, iterator, tuple(args), kwargs)
         if self._hooks.request is not None:

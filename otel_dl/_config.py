@@ -238,9 +238,7 @@ def resolve_config(
         value = getattr(config, option.name)
         problem = None if value is None else option.check(value)
         if problem:
-            raise ConfigError(
-                f"otel-dl option {option.name} ({option.env}) = {value!r} {problem}."
-            )
+            raise ConfigError(f"otel-dl option {option.name} ({option.env}) = {value!r} {problem}.")
     return config
 
 

@@ -66,7 +66,7 @@ def report_internal_error(site: str) -> None:
                 description=semconv.METRICS[semconv.METRIC_INTERNAL_ERRORS].brief,
             )
         _counter.add(1, {"site": site})
-    except Exception:  # noqa: S110 - the reporter itself must never raise
+    except Exception:
         pass
 
 

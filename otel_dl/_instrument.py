@@ -148,7 +148,7 @@ _active: Instrumentation | None = None
 
 
 def _wanted(name: str, include: Sequence[str], exclude: Sequence[str]) -> str | None:
-    short = name[len(NAME_PREFIX):]
+    short = name[len(NAME_PREFIX) :]
     if name in exclude or short in exclude:
         return "excluded by OTEL_PYTHON_DISABLED_INSTRUMENTATIONS or exclude="
     if include and name not in include and short not in include:

@@ -84,8 +84,11 @@ def _get_instruments() -> _Instruments:
         meter = metrics.get_meter("otel_dl", __version__)
 
         def spec(name: str) -> dict[str, str]:
-            return {"name": name, "unit": semconv.METRICS[name].unit,
-                    "description": semconv.METRICS[name].brief}
+            return {
+                "name": name,
+                "unit": semconv.METRICS[name].unit,
+                "description": semconv.METRICS[name].brief,
+            }
 
         _instruments = _Instruments(
             duration=meter.create_histogram(**spec(semconv.METRIC_OPERATION_DURATION)),
@@ -102,8 +105,9 @@ def _get_instruments() -> _Instruments:
     return _instruments
 
 
-def record_metrics(attrs: Mapping[str, AttributeValue], duration_s: float,
-                   feature_count: int | None = None) -> None:
+def record_metrics(
+    attrs: Mapping[str, AttributeValue], duration_s: float, feature_count: int | None = None
+) -> None:
     """Feed a finished span's signals to the metrics, with low-cardinality attributes only."""
     inst = _get_instruments()
     labels: Attributes = {}
@@ -136,8 +140,9 @@ def record_metrics(attrs: Mapping[str, AttributeValue], duration_s: float,
             instrument.record(value, labels)
 
 
-def base_attributes(stage: str, component: str,
-                    extra: Mapping[str, AttributeValue] | None = None) -> Attributes:
+def base_attributes(
+    stage: str, component: str, extra: Mapping[str, AttributeValue] | None = None
+) -> Attributes:
     """``dl.stage``, ``dl.component``, the user's ``otel_dl.attributes()`` and ``extra``."""
     attrs: Attributes = {semconv.DL_STAGE: stage, semconv.DL_COMPONENT: component}
     custom = current_attributes()
@@ -148,8 +153,13 @@ def base_attributes(stage: str, component: str,
     return attrs
 
 
-def start_span(name: str, attrs: Attributes, *, start_time: int | None = None,
-               kind: SpanKind = SpanKind.INTERNAL) -> Span:
+def start_span(
+    name: str,
+    attrs: Attributes,
+    *,
+    start_time: int | None = None,
+    kind: SpanKind = SpanKind.INTERNAL,
+) -> Span:
     return _tracer.start_span(name, kind=kind, attributes=attrs, start_time=start_time)
 
 
@@ -160,15 +170,21 @@ def record_error(span: Span, exc: BaseException) -> None:
     span.record_exception(exc, escaped=True)
 
 
-def finish_span(span: Span, attrs: Mapping[str, AttributeValue], start_ns: int,
-                end_ns: int | None = None, feature_count: int | None = None) -> None:
+def finish_span(
+    span: Span,
+    attrs: Mapping[str, AttributeValue],
+    start_ns: int,
+    end_ns: int | None = None,
+    feature_count: int | None = None,
+) -> None:
     """Set the extracted attributes, record metrics and end the span."""
     end_ns = time.time_ns() if end_ns is None else end_ns
     if attrs:
         span.set_attributes(attrs)
     if span.is_recording():
-        record_metrics({**_span_attributes(span), **attrs}, (end_ns - start_ns) / 1e9,
-                       feature_count)
+        record_metrics(
+            {**_span_attributes(span), **attrs}, (end_ns - start_ns) / 1e9, feature_count
+        )
     span.end(end_time=end_ns)
 
 

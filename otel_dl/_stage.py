@@ -69,7 +69,7 @@ def _is_signal_value(value: Any) -> bool:
     return f"{cls.__module__}.{cls.__qualname__}" in _SIGNAL_TYPES
 
 
-class stage:  # noqa: N801 - used like a function: otel_dl.stage(...)
+class stage:
     """A user-defined DL span; a decorator and a context manager. See the module docstring."""
 
     def __init__(
@@ -97,8 +97,9 @@ class stage:  # noqa: N801 - used like a function: otel_dl.stage(...)
         self.attributes = {k: _check(k, v) for k, v in (attributes or {}).items()}
         # A ContextVar, not a thread-local: one stage object may be entered by several
         # asyncio tasks at once, and each must exit its own span.
-        self._open: ContextVar[tuple[StageSpan, ...]] = ContextVar(f"otel_dl_stage_{name}",
-                                                                   default=())
+        self._open: ContextVar[tuple[StageSpan, ...]] = ContextVar(
+            f"otel_dl_stage_{name}", default=()
+        )
 
     # -- signals ------------------------------------------------------------------------
     def _signals_on(self) -> bool:
@@ -112,7 +113,7 @@ class stage:  # noqa: N801 - used like a function: otel_dl.stage(...)
     # -- decorator ----------------------------------------------------------------------
     def __call__(self, func: F) -> F:
         site = f"stage.{self.name}"
-        after = (lambda _call, result: self._extract(result))  # noqa: E731
+        after = lambda _call, result: self._extract(result)  # noqa: E731
 
         if inspect.iscoroutinefunction(func):
 
@@ -130,8 +131,16 @@ class stage:  # noqa: N801 - used like a function: otel_dl.stage(...)
         @functools.wraps(func)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             return traced_call(
-                func, None, args, kwargs, site=site, name=self.name, stage=self.stage,
-                component=self.component, after=after, attributes=self.attributes,
+                func,
+                None,
+                args,
+                kwargs,
+                site=site,
+                name=self.name,
+                stage=self.stage,
+                component=self.component,
+                after=after,
+                attributes=self.attributes,
             )
 
         return wrapper  # type: ignore[return-value]

@@ -169,12 +169,8 @@ DL_FAULT_KIND: Final = _attr(
     "dl.fault.kind", "string", "", "kind of fault, one of the FAULT_KIND_* values"
 )
 DL_FAULT_ORIGIN: Final = _attr("dl.fault.origin", "string", "", "internal or external")
-DL_FAULT_MODE: Final = _attr(
-    "dl.fault.mode", "string", "", "id of the failure mode in the catalog"
-)
-DL_FAULT_SCORE: Final = _attr(
-    "dl.fault.score", "double", "1", "0..1, how sure the attribution is"
-)
+DL_FAULT_MODE: Final = _attr("dl.fault.mode", "string", "", "id of the failure mode in the catalog")
+DL_FAULT_SCORE: Final = _attr("dl.fault.score", "double", "1", "0..1, how sure the attribution is")
 DL_FAULT_SEVERITY: Final = _attr(
     "dl.fault.severity", "string", "", "severity of the failure mode, from the catalog"
 )

@@ -25,7 +25,7 @@ class OtlpSink(trace_service_pb2_grpc.TraceServiceServicer):
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def Export(self, request, context):  # noqa: N802 - gRPC method name
+    def Export(self, request, context):
         with self._lock:
             self.resource_spans.extend(request.resource_spans)
         return trace_service_pb2.ExportTraceServiceResponse()

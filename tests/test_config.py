@@ -41,11 +41,11 @@ def test_bad_environment_value_names_variable_and_fix() -> None:
 
 
 def test_out_of_range_and_unknown_values_are_refused() -> None:
-    with pytest.raises(ConfigError, match="drift_method.*must be one of psi, js, ks, wasserstein"):
+    with pytest.raises(ConfigError, match=r"drift_method.*must be one of psi, js, ks, wasserstein"):
         resolve_config({"drift_method": "chi2"}, environ={})
     with pytest.raises(ConfigError, match="OTEL_DL_CONFIDENCE_THRESHOLD"):
         resolve_config(environ={"OTEL_DL_CONFIDENCE_THRESHOLD": "1.5"})
-    with pytest.raises(ConfigError, match="unknown otel-dl option.*drift_metod"):
+    with pytest.raises(ConfigError, match=r"unknown otel-dl option.*drift_metod"):
         resolve_config({"drift_metod": "js"}, environ={})
 
 

@@ -1,0 +1,200 @@
+"""otel_dl.instrument(): providers, discovery, idempotence, include/exclude, shutdown."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TRACER_PROVIDER, SpanList
+from opentelemetry import trace
+from otlp_sink import OtlpSink
+from torch.utils.data import DataLoader, TensorDataset
+
+import otel_dl
+from otel_dl import semconv
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.fixture
+def loader() -> DataLoader:
+    return DataLoader(TensorDataset(torch.randn(40, 4)), batch_size=10)
+
+
+@pytest.fixture
+def handle() -> Iterator[otel_dl.Instrumentation]:
+    h = otel_dl.instrument()
+    yield h
+    h.shutdown()
+
+
+def test_uses_the_application_providers(handle: otel_dl.Instrumentation) -> None:
+    assert handle.tracer_provider is None and handle.meter_provider is None
+    assert trace.get_tracer_provider() is TRACER_PROVIDER
+    assert "otel_dl_dataloader" in handle.instrumented
+
+
+def test_second_call_returns_same_handle_and_no_duplicate_spans(
+    handle: otel_dl.Instrumentation, loader: DataLoader, spans: SpanList
+) -> None:
+    assert otel_dl.instrument(service_name="other") is handle
+    list(loader)
+    assert len(spans.get(semconv.SPAN_DATALOADER_BATCH)) == 4
+
+
+def test_shutdown_uninstruments(loader: DataLoader, spans: SpanList) -> None:
+    h = otel_dl.instrument()
+    h.shutdown()
+    list(loader)
+    assert spans.get() == []
+    again = otel_dl.instrument()
+    try:
+        assert again is not h
+        list(loader)
+        assert len(spans.get(semconv.SPAN_DATALOADER_BATCH)) == 4
+    finally:
+        again.shutdown()
+
+
+@pytest.mark.parametrize("exclude", [["dataloader"], ["otel_dl_dataloader"]])
+def test_exclude_by_short_or_full_name(
+    exclude: list[str], loader: DataLoader, spans: SpanList
+) -> None:
+    h = otel_dl.instrument(exclude=exclude)
+    try:
+        assert "otel_dl_dataloader" in h.skipped
+        list(loader)
+        assert spans.get() == []
+    finally:
+        h.shutdown()
+
+
+def test_disabled_instrumentations_variable(
+    monkeypatch: pytest.MonkeyPatch, loader: DataLoader, spans: SpanList
+) -> None:
+    monkeypatch.setenv("OTEL_PYTHON_DISABLED_INSTRUMENTATIONS", "otel_dl_dataloader")
+    h = otel_dl.instrument()
+    try:
+        assert h.instrumented == []
+        list(loader)
+        assert spans.get() == []
+    finally:
+        h.shutdown()
+
+
+def test_include_list_limits_instrumentors() -> None:
+    h = otel_dl.instrument(include=["something_else"])
+    try:
+        assert h.instrumented == []
+        assert "OTEL_DL_INSTRUMENTATIONS" in h.skipped["otel_dl_dataloader"]
+    finally:
+        h.shutdown()
+
+
+def test_bad_option_is_refused_with_the_fix() -> None:
+    with pytest.raises(otel_dl.ConfigError, match="drift_method"):
+        otel_dl.instrument(drift_method="nope")
+    with pytest.raises(otel_dl.ConfigError, match="unknown otel-dl option"):
+        otel_dl.instrument(colour="blue")
+
+
+def _run(script: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    full_env.update(env)
+    return subprocess.run(
+        [*args, sys.executable, "-c", textwrap.dedent(script)]
+        if not args
+        else [*args, "python", "-c", textwrap.dedent(script)],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+
+
+LOOP = """
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+    {setup}
+    for _ in DataLoader(TensorDataset(torch.randn(30, 4)), batch_size=10):
+        pass
+    {teardown}
+"""
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_fresh_process_gets_providers_and_real_otlp_export(protocol: str) -> None:
+    """No provider set: instrument() builds one with the real OTLP exporter."""
+    if protocol == "grpc":
+        with OtlpSink() as sink:
+            result = _run(
+                LOOP.format(
+                    setup="import otel_dl; h = otel_dl.instrument('svc-a')", teardown="h.shutdown()"
+                ),
+                {"OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint, "OTEL_METRICS_EXPORTER": "none"},
+            )
+            assert result.returncode == 0, result.stderr
+            assert sink.wait_for(3) == [semconv.SPAN_DATALOADER_BATCH] * 3
+            resource = {
+                kv.key: kv.value.string_value for kv in sink.resource_spans[0].resource.attributes
+            }
+            assert resource["service.name"] == "svc-a"
+    else:
+        result = _run(
+            LOOP.format(
+                setup="import otel_dl; h = otel_dl.instrument('svc-b')",
+                teardown="print(type(h.tracer_provider._active_span_processor"
+                "._span_processors[0].span_exporter).__module__); h.shutdown()",
+            ),
+            {
+                "OTEL_EXPORTER_OTLP_PROTOCOL": protocol,
+                "OTEL_METRICS_EXPORTER": "none",
+                "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9",
+            },
+        )
+        assert result.returncode == 0, result.stderr
+        assert "opentelemetry.exporter.otlp.proto.http" in result.stdout
+
+
+def test_opentelemetry_instrument_runner_picks_up_otel_dl() -> None:
+    bin_dir = Path(sys.executable).parent
+    result = _run(
+        LOOP.format(setup="", teardown=""),
+        {
+            "OTEL_TRACES_EXPORTER": "console",
+            "OTEL_METRICS_EXPORTER": "none",
+            "OTEL_LOGS_EXPORTER": "none",
+            "OTEL_SERVICE_NAME": "runner-app",
+            "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        },
+        str(bin_dir / "opentelemetry-instrument"),
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count('"name": "dataloader.batch"') == 3
+    assert '"service.name": "runner-app"' in result.stdout
+
+
+def test_instrument_inside_runner_does_not_double_instrument() -> None:
+    bin_dir = Path(sys.executable).parent
+    result = _run(
+        LOOP.format(
+            setup="import otel_dl; h = otel_dl.instrument(); print(h.instrumented)", teardown=""
+        ),
+        {
+            "OTEL_TRACES_EXPORTER": "console",
+            "OTEL_METRICS_EXPORTER": "none",
+            "OTEL_LOGS_EXPORTER": "none",
+            "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        },
+        str(bin_dir / "opentelemetry-instrument"),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "['otel_dl_dataloader']" in result.stdout
+    assert result.stdout.count('"name": "dataloader.batch"') == 3
