@@ -1,0 +1,204 @@
+"""Confidence: how sure a model was, summarised over one call's predictions.
+
+::
+
+    from otel_dl import confidence
+    summary = confidence.summarize(model_outputs, threshold=0.5)
+    summary["mean"], summary["low_fraction"], summary["count"]
+
+``outputs`` may be a numpy array, a torch tensor (CPU or CUDA, with or without grad), a
+nested list, an ONNX Runtime ``run()`` result (a list of outputs: the last floating-point
+one is used, since sklearn-onnx puts labels first and probabilities last; a ZipMap list of
+``{class: probability}`` dicts is read in key order) or sklearn ``predict_proba`` output.
+
+Rows are predictions and columns classes: 0-d is one prediction, 1-D is one prediction per
+value (a single column), N-D keeps the last axis as classes and flattens the rest into rows.
+With ``kind="auto"`` the values are probabilities when all lie in [0, 1] and each row sums
+to 1 within 1e-3 (or there is a single column in [0, 1]); otherwise they are logits and go
+through a stable softmax (a sigmoid for a single column). A single column p means the
+classes [1 - p, p]. Rows holding NaN or +-Inf are left out of every statistic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from otel_dl.reference import _to_numpy
+
+KINDS = ("auto", "probabilities", "logits")
+ROW_SUM_TOLERANCE = 1e-3
+
+
+class Summary(dict[str, float]):
+    """``count`` always; ``mean``, ``min``, ``margin_mean``, ``entropy_mean`` and
+    ``low_fraction`` when at least one prediction is finite, else ``reason`` says why."""
+
+    def __init__(self, count: int, reason: str | None = None) -> None:
+        super().__init__(count=count)
+        self.reason = reason
+
+
+def to_scores(outputs: Any) -> np.ndarray:
+    """Model outputs as a 2-D float array, rows = predictions, columns = classes."""
+    if isinstance(outputs, (list, tuple)) and outputs:
+        first = outputs[0]
+        if isinstance(first, Mapping):
+            keys = sorted(first)
+            return np.array([[row[k] for k in keys] for row in outputs], dtype=np.float64)
+        if _is_array(first) and not _same_shape_rows(outputs):
+            return _rows(_last_float_output(outputs))
+    return _rows(_to_numpy(outputs))
+
+
+def _is_array(value: Any) -> bool:
+    return isinstance(value, np.ndarray) or type(value).__module__.startswith("torch")
+
+
+def _same_shape_rows(outputs: Sequence[Any]) -> bool:
+    """A list of equal 1-D arrays is rows of one output, not several outputs."""
+    shapes = {tuple(getattr(o, "shape", ())) for o in outputs}
+    return len(shapes) == 1 and len(next(iter(shapes))) <= 1 and len(outputs) > 1
+
+
+def _last_float_output(outputs: Sequence[Any]) -> np.ndarray:
+    arrays = [_to_numpy(o) for o in outputs]
+    floats = [a for a in arrays if a.dtype.kind == "f"]
+    return floats[-1] if floats else arrays[-1]
+
+
+def _rows(array: np.ndarray) -> np.ndarray:
+    if array.dtype.kind not in "fiub":
+        array = array.astype(np.float64)
+    elif array.dtype.kind != "f" or array.dtype.itemsize < 4:
+        array = array.astype(np.float32 if array.dtype.itemsize <= 2 else np.float64)
+    if array.ndim == 0:
+        return array.reshape(1, 1)
+    if array.ndim == 1:
+        return array.reshape(-1, 1)
+    return array.reshape(-1, array.shape[-1])
+
+
+def _looks_like_probabilities(scores: np.ndarray) -> bool:
+    # For large inputs the first row settles most logit cases without a full pass.
+    parts = (scores[:1], scores) if scores.size > 4096 else (scores,)
+    for part in parts:
+        if not (
+            np.minimum.reduce(part, axis=None) >= 0 and np.maximum.reduce(part, axis=None) <= 1
+        ):
+            return False
+        if scores.shape[1] > 1 and not (
+            np.abs(np.add.reduce(part, axis=1) - 1).max() <= ROW_SUM_TOLERANCE
+        ):
+            return False
+    return True
+
+
+def _from_probabilities(p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(confidence, margin, entropy) per row of class probabilities."""
+    top_two = np.partition(p, p.shape[1] - 2, axis=1)
+    first = top_two[:, -1]
+    # 0 * ln(0 + tiny) is exactly 0, and p + tiny == p for every p above ~1e-30.
+    entropy = -np.einsum("ij,ij->i", p, np.log(p + np.finfo(p.dtype).tiny))
+    return first, first - top_two[:, -2], entropy
+
+
+def _from_logits(z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(confidence, margin, entropy) per row of logits, from one shifted exp pass.
+
+    With d = z - max(z), e = exp(d) and S = Σe: confidence = 1/S, the runner-up's
+    probability is max(e without the top)/S and entropy = ln S - Σ(e·d)/S, so the
+    probability matrix itself is never built.
+    """
+    rows = np.arange(len(z))
+    top = z.argmax(axis=1)
+    d = z - z[rows, top][:, None]
+    e = np.exp(d)
+    total = e.sum(axis=1)
+    weighted = np.einsum("ij,ij->i", e, d)
+    masked = ~np.isfinite(weighted)
+    if masked.any():
+        # A -inf logit (a masked class) has e = 0 and contributes 0, not 0 * -inf.
+        weighted[masked] = np.where(e[masked] > 0, e[masked] * d[masked], 0.0).sum(axis=1)
+    e[rows, top] = -1.0
+    second = e.max(axis=1)
+    return 1 / total, (1 - second) / total, np.log(total) - weighted / total
+
+
+def _binary(p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    q = 1 - p
+    confidence = np.maximum(p, q)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        entropy = -(np.where(p > 0, p * np.log(p), 0.0) + np.where(q > 0, q * np.log(q), 0.0))
+    return confidence, np.abs(p - q), entropy
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    # exp of a non-positive number never overflows.
+    e = np.exp(-np.abs(z))
+    return np.where(z >= 0, 1 / (1 + e), e / (1 + e))
+
+
+def to_probabilities(outputs: Any, kind: str = "auto") -> np.ndarray:
+    """Class probabilities (rows x classes) under the same reading as :func:`summarize`;
+    a single column p becomes the two columns [1 - p, p]."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; use one of {', '.join(KINDS)}")
+    scores = to_scores(outputs)
+    if scores.size == 0:
+        return scores.reshape(scores.shape[0], max(scores.shape[1], 2) if scores.ndim == 2 else 2)
+    if kind == "auto":
+        with np.errstate(invalid="ignore"):
+            kind = "probabilities" if _looks_like_probabilities(scores) else "logits"
+    with np.errstate(invalid="ignore", over="ignore"):
+        if scores.shape[1] == 1:
+            p = scores[:, 0] if kind == "probabilities" else _sigmoid(scores[:, 0])
+            return np.stack([1 - p, p], axis=1)
+        if kind == "probabilities":
+            return scores
+        e = np.exp(scores - scores.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+
+def summarize(outputs: Any, threshold: float = 0.5, kind: str = "auto") -> Summary:
+    """Confidence statistics of one call's predictions; see the module docstring.
+
+    Never raises on data: unreadable or empty outputs give ``count`` 0 (or the rows seen)
+    and a ``reason`` instead of the other keys. Raises ``ValueError`` for an unknown kind.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; use one of {', '.join(KINDS)}")
+    try:
+        scores = to_scores(outputs)
+    except (TypeError, ValueError) as exc:
+        return Summary(0, f"outputs are not numeric predictions: {exc}")
+    count = scores.shape[0]
+    if count == 0 or scores.shape[1] == 0:
+        return Summary(count, "no predictions")
+    if kind == "auto":
+        with np.errstate(invalid="ignore"):
+            kind = "probabilities" if _looks_like_probabilities(scores) else "logits"
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        if scores.shape[1] == 1:
+            column = scores[:, 0]
+            conf, margin, entropy = _binary(column if kind == "probabilities" else _sigmoid(column))
+        elif kind == "probabilities":
+            conf, margin, entropy = _from_probabilities(scores)
+        else:
+            conf, margin, entropy = _from_logits(scores)
+        # NaN anywhere in a row makes its entropy NaN, so one check covers all three.
+        valid = np.isfinite(entropy)
+    if not valid.all():
+        conf, margin, entropy = conf[valid], margin[valid], entropy[valid]
+        if not len(conf):
+            return Summary(count, "no prediction is a finite number")
+    n = len(conf)
+    summary = Summary(count)
+    summary["mean"] = float(np.add.reduce(conf, dtype=np.float64) / n)
+    summary["min"] = float(np.minimum.reduce(conf))
+    summary["margin_mean"] = float(np.add.reduce(margin, dtype=np.float64) / n)
+    summary["entropy_mean"] = float(np.add.reduce(entropy, dtype=np.float64) / n)
+    summary["low_fraction"] = float(np.count_nonzero(conf < threshold) / n)
+    return summary

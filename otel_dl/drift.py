@@ -1,0 +1,466 @@
+"""Drift: how far current data lies from a reference, per feature, under one method.
+
+Two ways in. :func:`score` is the pure function: a reference (raw data or a
+:class:`~otel_dl.reference.Reference`) and current data in, feature name -> score out::
+
+    from otel_dl import drift
+    scores = drift.score(train, batch, method="ks")        # exact, equals scipy's ks_2samp
+    scores = drift.score(ref_profile, batch, method="psi")
+
+:class:`DriftTracker` is the streaming form the instrumentors use: it holds a reference
+and the last ``window_rows`` rows, and each :meth:`DriftTracker.update` returns the
+window's worst feature, its score and its ``ok`` / ``warn`` / ``alert`` status.
+
+Methods (definitions in ``docs/signals.md``): ``psi`` and ``js`` over the reference's
+quantile bins, ``ks`` and ``wasserstein`` (divided by the reference standard deviation)
+exactly from raw data or from the profile's quantile atoms. Categorical features always
+use bins per category; under ks or wasserstein they are scored with js, and the result's
+``methods`` says so. A feature that cannot be scored is absent, with the reason in
+``reasons``. Numeric features are processed as whole arrays, never column by column.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from otel_dl.reference import Reference, Table, bin_counts, to_table
+
+METHODS = ("psi", "js", "ks", "wasserstein")
+FLOOR = 1e-4
+"""psi floors each bin share at this value (no renormalisation)."""
+STD_FLOOR = 1e-3
+"""wasserstein divides by max(reference std, STD_FLOOR)."""
+DEFAULT_THRESHOLDS: Mapping[str, tuple[float, float]] = {
+    "psi": (0.1, 0.25),
+    "js": (0.1, 0.2),
+    "ks": (0.1, 0.2),
+    "wasserstein": (0.1, 0.2),
+}
+"""(warn, alert) per method."""
+
+
+class DriftScores(dict[str, float]):
+    """Feature name -> score, plus ``methods`` (the method each score used) and
+    ``reasons`` (feature name -> why it has no score)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.methods: dict[str, str] = {}
+        self.reasons: dict[str, str] = {}
+
+
+class DriftResult(NamedTuple):
+    """The worst feature of a window; ``feature``/``score``/``status`` are None with a
+    ``reason`` when no feature could be scored."""
+
+    feature: str | None
+    score: float | None
+    status: str | None
+    method: str
+    reason: str | None
+    scores: DriftScores
+
+
+def drift_status(
+    value: float, method: str, warn: float | None = None, alert: float | None = None
+) -> str:
+    """``alert`` at or above the alert threshold, ``warn`` at or above warn, else ``ok``."""
+    default_warn, default_alert = DEFAULT_THRESHOLDS[method]
+    if value >= (default_alert if alert is None else alert):
+        return "alert"
+    if value >= (default_warn if warn is None else warn):
+        return "warn"
+    return "ok"
+
+
+# --- The statistics, column-wise over 2-D arrays ------------------------------------------
+
+
+def psi_from_shares(reference: np.ndarray, current: np.ndarray) -> np.ndarray:
+    """Σ (c - r) ln(c / r) down axis 0, each share floored at :data:`FLOOR`."""
+    r = np.maximum(reference, FLOOR)
+    c = np.maximum(current, FLOOR)
+    return ((c - r) * np.log(c / r)).sum(axis=0)
+
+
+def js_from_shares(reference: np.ndarray, current: np.ndarray) -> np.ndarray:
+    """Jensen-Shannon distance, base 2, down axis 0 (scipy's ``jensenshannon``)."""
+    p = reference / reference.sum(axis=0)
+    q = current / current.sum(axis=0)
+    m = (p + q) / 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        left = np.where(p > 0, p * np.log(p / m), 0.0)
+        right = np.where(q > 0, q * np.log(q / m), 0.0)
+    divergence = (left + right).sum(axis=0) / 2
+    return np.sqrt(np.maximum(divergence, 0.0) / np.log(2.0))
+
+
+def _sorted_finite(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Columns sorted with NaN/Inf moved to the end as +inf, and finite counts."""
+    values = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(values)
+    return np.sort(np.where(finite, values, np.inf), axis=0), finite.sum(axis=0)
+
+
+def _column_keys(values: np.ndarray) -> np.ndarray:
+    """Complex keys (column + i*value) in column-major order.
+
+    numpy orders complex numbers by real part, then imaginary part, so one sorted key
+    array serves a searchsorted for every column at once.
+    """
+    keys = np.empty(values.shape[::-1], dtype=np.complex128)
+    keys.real = np.arange(values.shape[1])[:, None]
+    keys.imag = values.T
+    return keys.ravel()
+
+
+def _ecdf(sorted_values: np.ndarray, counts: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Share of each column's finite values <= the points of the same column."""
+    rows = sorted_values.shape[0]
+    found = np.searchsorted(_column_keys(sorted_values), _column_keys(points), side="right")
+    found = found.reshape(points.shape[1], points.shape[0]).T
+    below = found - np.arange(points.shape[1]) * rows
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return below / counts
+
+
+def ks_statistics(reference: np.ndarray, current: np.ndarray) -> np.ndarray:
+    """Two-sample Kolmogorov-Smirnov statistic per column (scipy ``ks_2samp``), NaN/Inf
+    skipped; NaN for a column where either side has no finite value."""
+    ref, ref_n = _sorted_finite(reference)
+    cur, cur_n = _sorted_finite(current)
+    points = np.concatenate([ref, cur], axis=0)
+    gap = np.abs(_ecdf(ref, ref_n, points) - _ecdf(cur, cur_n, points))
+    gap[~np.isfinite(points)] = 0.0
+    out = gap.max(axis=0) if len(points) else np.zeros(points.shape[1])
+    out[(ref_n == 0) | (cur_n == 0)] = np.nan
+    return out
+
+
+def wasserstein_distances(reference: np.ndarray, current: np.ndarray) -> np.ndarray:
+    """Wasserstein-1 distance per column (scipy ``wasserstein_distance``), NaN/Inf skipped;
+    NaN for a column where either side has no finite value."""
+    ref, ref_n = _sorted_finite(reference)
+    cur, cur_n = _sorted_finite(current)
+    merged = np.sort(np.concatenate([ref, cur], axis=0), axis=0)
+    with np.errstate(invalid="ignore"):
+        deltas = np.diff(merged, axis=0)
+    deltas[~np.isfinite(merged[1:])] = 0.0
+    points = merged[:-1]
+    gap = np.abs(_ecdf(ref, ref_n, points) - _ecdf(cur, cur_n, points))
+    gap[deltas == 0] = 0.0
+    out = (gap * deltas).sum(axis=0)
+    out[(ref_n == 0) | (cur_n == 0)] = np.nan
+    return out
+
+
+# --- Scoring a table against a profile ------------------------------------------------------
+
+
+@dataclass
+class _Aligned:
+    """Current numeric values in the profile's feature order (NaN where absent)."""
+
+    values: np.ndarray
+    present: np.ndarray  # bool per profile feature
+
+
+def _align(reference: Reference, table: Table) -> _Aligned:
+    names = reference.numeric_names
+    if table.numeric_names == names:
+        return _Aligned(table.numeric, np.ones(len(names), dtype=bool))
+    position = {name: j for j, name in enumerate(table.numeric_names)}
+    columns = np.array([position.get(name, -1) for name in names], dtype=np.intp)
+    present = columns >= 0
+    values = np.full((table.rows, len(names)), np.nan, dtype=table.numeric.dtype)
+    values[:, present] = table.numeric[:, columns[present]]
+    return _Aligned(values, present)
+
+
+def _category_counts(reference: Reference, name: str, table: Table) -> np.ndarray | None:
+    """Counts per reference category plus the unseen bucket, or None if the column is absent."""
+    values = table.categorical.get(name)
+    if values is None:
+        return None
+    codes = reference.category_codes(name, values)
+    size = len(reference.categorical[name].categories) + 1
+    return np.bincount(codes[codes >= 0], minlength=size)
+
+
+def _score_categorical(
+    reference: Reference, counts: Mapping[str, np.ndarray | None], method: str, out: DriftScores
+) -> None:
+    used = method if method in ("psi", "js") else "js"
+    for name, cat in reference.categorical.items():
+        current = counts.get(name)
+        if current is None:
+            out.reasons[name] = "feature not in the current data"
+            continue
+        total = current.sum()
+        if cat.count == 0:
+            out.reasons[name] = "reference has no values for this feature"
+            continue
+        if total == 0:
+            out.reasons[name] = "no values in the current data"
+            continue
+        r = np.append(cat.shares, 0.0)[:, None]
+        c = (current / total)[:, None]
+        value = psi_from_shares(r, c) if used == "psi" else js_from_shares(r, c)
+        out[name] = float(value[0])
+        out.methods[name] = used
+
+
+def _finish_numeric(
+    reference: Reference,
+    values: np.ndarray,
+    present: np.ndarray,
+    current_count: np.ndarray,
+    method: str,
+    out: DriftScores,
+) -> None:
+    """Copy computed numeric scores into ``out``; say why the others are missing."""
+    ref_count = reference.numeric.count
+    names = reference.numeric_names
+    valid = present & (ref_count > 0) & (current_count > 0) & np.isfinite(values)
+    if valid.all():
+        out.update(zip(names, values.tolist()))
+        out.methods.update(dict.fromkeys(names, method))
+        return
+    for j in np.flatnonzero(~valid).tolist():
+        if not present[j]:
+            reason = "feature not in the current data"
+        elif ref_count[j] == 0:
+            reason = "reference has no finite values for this feature"
+        elif current_count[j] == 0:
+            reason = "no finite values in the current data"
+        else:
+            reason = "score is not a finite number"
+        out.reasons[names[j]] = reason
+    kept = np.flatnonzero(valid).tolist()
+    out.update((names[j], float(values[j])) for j in kept)
+    out.methods.update((names[j], method) for j in kept)
+
+
+def _shares(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    finite = counts.sum(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return counts / finite, finite
+
+
+def _binned_scores(reference: Reference, counts: np.ndarray, method: str) -> np.ndarray:
+    shares, _ = _shares(counts)
+    ref_shares = reference.numeric.shares
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if method == "psi":
+            return psi_from_shares(ref_shares, shares)
+        return js_from_shares(ref_shares, shares)
+
+
+def _profile_scores(reference: Reference, values: np.ndarray, method: str) -> np.ndarray:
+    grid = reference.numeric.grid
+    if method == "ks":
+        return ks_statistics(grid, values)
+    return wasserstein_distances(grid, values) / np.maximum(reference.numeric.std, STD_FLOOR)
+
+
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"unknown drift method {method!r}; use one of {', '.join(METHODS)}")
+
+
+def score(reference: Any, current: Any, method: str = "psi", bins: int = 10) -> DriftScores:
+    """Drift score per feature of ``current`` against ``reference``.
+
+    ``reference`` is raw data (fitted here with ``bins``) or a :class:`Reference` (whose
+    own bins are used). ks and wasserstein are exact from raw reference data and use the
+    profile's quantile atoms from a :class:`Reference`. Features are matched by name;
+    unmatched or unscorable features are absent, with the cause in ``.reasons``.
+    Raises ``ValueError`` only for an unknown method or data with no tabular reading.
+    """
+    _check_method(method)
+    raw = None if isinstance(reference, Reference) else to_table(reference)
+    profile = reference if isinstance(reference, Reference) else Reference.fit(reference, bins)
+    table = profile.read(current)
+    out = DriftScores()
+    aligned = _align(profile, table)
+    finite_count = np.isfinite(aligned.values).sum(axis=0)
+    if method in ("psi", "js"):
+        counts = bin_counts(aligned.values, profile.edges_for(aligned.values.dtype))
+        values = _binned_scores(profile, counts, method)
+    elif raw is not None:
+        ref_values = raw.numeric if raw.numeric_names == profile.numeric_names else None
+        if ref_values is None:
+            ref_values = _align(profile, raw).values
+        values = ks_statistics(ref_values, aligned.values)
+        if method == "wasserstein":
+            values = wasserstein_distances(ref_values, aligned.values) / np.maximum(
+                profile.numeric.std, STD_FLOOR
+            )
+    else:
+        values = _profile_scores(profile, aligned.values, method)
+    _finish_numeric(profile, values, aligned.present, finite_count, method, out)
+    counts_by_name = {
+        name: _category_counts(profile, name, table) for name in profile.categorical_names
+    }
+    _score_categorical(profile, counts_by_name, method, out)
+    for name in table.names:
+        if name not in profile.numeric_names and name not in profile.categorical:
+            out.reasons[name] = "feature not in the reference"
+        elif name in profile.categorical and name in table.numeric_names:
+            out.reasons[name] = "numeric in the current data, categorical in the reference"
+        elif name in profile.numeric_names and name in table.categorical:
+            out.reasons[name] = "categorical in the current data, numeric in the reference"
+            out.pop(name, None)
+    return out
+
+
+def worst(scores: DriftScores) -> tuple[str, float] | None:
+    """The highest-scoring feature (first in order on ties), or None when none scored."""
+    if not scores:
+        return None
+    name = max(scores, key=scores.__getitem__)
+    return name, scores[name]
+
+
+# --- Streaming ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Chunk:
+    rows: int
+    values: np.ndarray
+    counts: np.ndarray | None  # numeric bin counts, psi/js only
+    codes: dict[str, np.ndarray]
+
+
+class DriftTracker:
+    """Drift of the last ``window_rows`` rows against a reference, updated batch by batch.
+
+    psi and js keep per-bin counts of the window, so an update costs time proportional to
+    the batch. ks and wasserstein compare the whole window's values with the profile's
+    quantile atoms at each update (cost grows with the window; sample with
+    ``drift_every`` and ``drift_max_rows`` in the monitor). Thread-safe.
+    """
+
+    def __init__(
+        self,
+        reference: Reference,
+        method: str = "psi",
+        window_rows: int = 10_000,
+        warn: float | None = None,
+        alert: float | None = None,
+    ) -> None:
+        _check_method(method)
+        if window_rows < 1:
+            raise ValueError(f"window_rows must be at least 1, got {window_rows}")
+        self.reference = reference
+        self.method = method
+        self.window_rows = int(window_rows)
+        self.warn = warn
+        self.alert = alert
+        self._lock = threading.Lock()
+        self._chunks: deque[_Chunk] = deque()
+        self._rows = 0
+        bins = reference.numeric.edges.shape[0] + 1
+        self._counts = np.zeros((bins, len(reference.numeric_names)), dtype=np.int64)
+        self._cat_counts = {
+            name: np.zeros(len(cat.categories) + 1, dtype=np.int64)
+            for name, cat in reference.categorical.items()
+        }
+        self._present = np.zeros(len(reference.numeric_names), dtype=bool)
+        self._cat_present: set[str] = set()
+
+    @property
+    def rows(self) -> int:
+        """Rows now in the window."""
+        return self._rows
+
+    def _chunk(self, values: np.ndarray, codes: dict[str, np.ndarray]) -> _Chunk:
+        counts = None
+        if self.method in ("psi", "js"):
+            counts = bin_counts(values, self.reference.edges_for(values.dtype))
+        return _Chunk(len(values), values, counts, codes)
+
+    def _add(self, chunk: _Chunk, sign: int) -> None:
+        if chunk.counts is not None:
+            self._counts += sign * chunk.counts
+        for name, codes in chunk.codes.items():
+            counts = np.bincount(codes[codes >= 0], minlength=len(self._cat_counts[name]))
+            self._cat_counts[name] += sign * counts
+        self._rows += sign * chunk.rows
+
+    def update(self, batch: Any) -> DriftResult:
+        """Add ``batch`` (anything :func:`~otel_dl.reference.to_table` reads, or a Table)
+        to the window and return the window's worst feature."""
+        table = batch if isinstance(batch, Table) else self.reference.read(batch)
+        aligned = _align(self.reference, table)
+        codes = {
+            name: self.reference.category_codes(name, values)
+            for name, values in table.categorical.items()
+            if name in self._cat_counts
+        }
+        chunk = self._chunk(aligned.values, codes)
+        with self._lock:
+            self._present |= aligned.present
+            self._cat_present.update(codes)
+            self._chunks.append(chunk)
+            self._add(chunk, +1)
+            self._evict()
+            return self._result()
+
+    def _evict(self) -> None:
+        while self._rows - self._chunks[0].rows >= self.window_rows:
+            self._add(self._chunks.popleft(), -1)
+        excess = self._rows - self.window_rows
+        if excess <= 0:
+            return
+        oldest = self._chunks.popleft()
+        kept_values = oldest.values[excess:]
+        kept_codes = {k: v[excess:] for k, v in oldest.codes.items()}
+        # Take out the dropped rows' counts; count whichever part of the chunk is smaller.
+        if oldest.counts is None or excess <= oldest.rows // 2:
+            gone_codes = {k: v[:excess] for k, v in oldest.codes.items()}
+            gone = self._chunk(oldest.values[:excess], gone_codes)
+            self._add(gone, -1)
+            kept_counts = None if oldest.counts is None else oldest.counts - gone.counts
+            self._chunks.appendleft(_Chunk(len(kept_values), kept_values, kept_counts, kept_codes))
+        else:
+            self._add(oldest, -1)
+            kept = self._chunk(kept_values, kept_codes)
+            self._add(kept, +1)
+            self._chunks.appendleft(kept)
+
+    def _result(self) -> DriftResult:
+        method = self.method
+        out = DriftScores()
+        if method in ("psi", "js"):
+            values = _binned_scores(self.reference, self._counts, method)
+            finite_count = self._counts.sum(axis=0)
+        else:
+            window = np.concatenate([c.values for c in self._chunks], axis=0)
+            values = _profile_scores(self.reference, window, method)
+            finite_count = np.isfinite(window).sum(axis=0)
+        _finish_numeric(self.reference, values, self._present, finite_count, method, out)
+        cat_counts = {
+            name: counts if name in self._cat_present else None
+            for name, counts in self._cat_counts.items()
+        }
+        _score_categorical(self.reference, cat_counts, method, out)
+        top = worst(out)
+        if top is None:
+            reason = "no feature could be scored: " + (
+                "; ".join(f"{k}: {v}" for k, v in list(out.reasons.items())[:3])
+                or "the reference has no features"
+            )
+            return DriftResult(None, None, None, method, reason, out)
+        name, value = top
+        used = out.methods[name]
+        return DriftResult(
+            name, value, drift_status(value, used, self.warn, self.alert), used, None, out
+        )

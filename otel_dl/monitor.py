@@ -1,0 +1,196 @@
+"""FeatureMonitor: the one object an instrumentor keeps per data source or model.
+
+It turns each batch into span attributes named by :mod:`otel_dl.semconv`::
+
+    monitor = FeatureMonitor(Reference.load("reference.json"))   # or FeatureMonitor()
+    span.set_attributes(monitor.observe(batch))
+    span.set_attributes(confidence_attributes(outputs, threshold=0.5))
+
+Every batch gets ``dl.batch.size``, ``dl.quality.nan_fraction`` and the data and schema
+fingerprints. With a reference it also gets ``dl.quality.out_of_range_fraction``,
+``dl.quality.schema_mismatch`` and, every ``drift_every``-th batch, the drift of the
+last ``drift_window_rows`` rows (``dl.drift.score``/``method``/``feature``/``status``).
+Without a reference the monitor keeps the first ``baseline_rows`` rows, fits one from
+them (auto-baseline) and reports drift from the next batch on.
+
+Batches larger than ``drift_max_rows`` feed drift with a deterministic subsample (evenly
+spaced rows). Nothing here raises on data: whatever cannot be computed is left out.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+
+from otel_dl import semconv
+from otel_dl._config import Config, get_config
+from otel_dl.confidence import summarize
+from otel_dl.drift import DriftTracker
+from otel_dl.provenance import data_fingerprint
+from otel_dl.quality import nan_fraction, out_of_range_fraction
+from otel_dl.reference import Reference, Table, to_table
+
+AttributeValue = str | bool | int | float
+
+
+def to_features(batch: Any) -> tuple[np.ndarray, list[str]]:
+    """A batch as a 2-D float array (rows x numeric features) and the feature names.
+
+    0-d is one row of one feature, 1-D one feature of many rows, 2-D rows x columns, and
+    3-D+ keeps the first axis as rows and flattens the rest (C order). DataFrame and
+    mapping columns that are not numeric are left out (they are categorical features).
+    """
+    table = to_table(batch)
+    return table.numeric, list(table.numeric_names)
+
+
+def _subsample(table: Table, limit: int) -> Table:
+    if table.rows <= limit:
+        return table
+    rows = (np.arange(limit) * table.rows) // limit
+    return Table(
+        limit,
+        table.names,
+        table.numeric[rows],
+        table.numeric_names,
+        {k: v[rows] for k, v in table.categorical.items()},
+        table.schema,
+    )
+
+
+def _concat(tables: list[Table]) -> Table:
+    first = tables[0]
+    return Table(
+        sum(t.rows for t in tables),
+        first.names,
+        np.concatenate([t.numeric for t in tables], axis=0),
+        first.numeric_names,
+        {k: np.concatenate([t.categorical[k] for t in tables]) for k in first.categorical},
+        first.schema,
+    )
+
+
+class FeatureMonitor:
+    """Quality, provenance and drift attributes for each batch of one source. Thread-safe."""
+
+    def __init__(
+        self,
+        reference: Reference | None = None,
+        *,
+        config: Config | None = None,
+        name: str | None = None,
+    ) -> None:
+        self.config = config or get_config()
+        self.name = name
+        self._lock = threading.Lock()
+        self._batches = 0
+        self._baseline: list[Table] = []
+        self._baseline_rows = 0
+        self._reference: Reference | None = None
+        self._tracker: DriftTracker | None = None
+        if reference is not None:
+            self._use(reference)
+
+    @property
+    def reference(self) -> Reference | None:
+        """The reference in force: given, fitted from the baseline, or None so far."""
+        return self._reference
+
+    def _use(self, reference: Reference) -> None:
+        config = self.config
+        self._reference = reference
+        self._tracker = DriftTracker(
+            reference,
+            method=config.drift_method,
+            window_rows=config.drift_window_rows,
+            warn=config.drift_warn,
+            alert=config.drift_alert,
+        )
+
+    def _collect(self, table: Table) -> None:
+        """Keep rows for the auto-baseline; fit once ``baseline_rows`` are in."""
+        if self._baseline and table.schema != self._baseline[0].schema:
+            return  # rows of another shape cannot join the same profile
+        need = self.config.baseline_rows - self._baseline_rows
+        part = table if table.rows <= need else _slice(table, need)
+        self._baseline.append(part)
+        self._baseline_rows += part.rows
+        if self._baseline_rows >= self.config.baseline_rows:
+            data = _concat(self._baseline)
+            self._baseline = []
+            self._use(Reference.fit(data, bins=self.config.drift_bins))
+
+    def observe(self, batch: Any) -> dict[str, AttributeValue]:
+        """Span attributes for one batch; never raises on data."""
+        attributes: dict[str, AttributeValue] = {}
+        try:
+            self._observe(batch, attributes)
+        except (TypeError, ValueError, IndexError, OverflowError, MemoryError):
+            pass  # keep what was computed before the failure
+        return attributes
+
+    def _observe(self, batch: Any, out: dict[str, AttributeValue]) -> None:
+        with self._lock:
+            reference = self._reference
+            self._batches += 1
+            drift_now = self._batches % self.config.drift_every == 0
+        table = reference.read(batch) if reference is not None else to_table(batch)
+        out[semconv.DL_BATCH_SIZE] = table.rows
+        out[semconv.DL_DATA_SCHEMA_FINGERPRINT] = table.schema_fingerprint
+        fingerprint = data_fingerprint(table)
+        if fingerprint is not None:
+            out[semconv.DL_DATA_FINGERPRINT] = fingerprint
+        nan_share = nan_fraction(table)
+        if nan_share is not None:
+            out[semconv.DL_QUALITY_NAN_FRACTION] = nan_share
+        if reference is None:
+            if table.rows:
+                with self._lock:
+                    if self._reference is None:
+                        self._collect(table)
+            return
+        out[semconv.DL_QUALITY_SCHEMA_MISMATCH] = (
+            table.schema_fingerprint != reference.schema_fingerprint
+        )
+        outside = out_of_range_fraction(reference, table)
+        if outside is not None:
+            out[semconv.DL_QUALITY_OUT_OF_RANGE_FRACTION] = outside
+        if not drift_now or self._tracker is None or table.rows == 0:
+            return
+        result = self._tracker.update(_subsample(table, self.config.drift_max_rows))
+        if result.score is not None and result.feature is not None and result.status:
+            out[semconv.DL_DRIFT_SCORE] = result.score
+            out[semconv.DL_DRIFT_METHOD] = result.method
+            out[semconv.DL_DRIFT_FEATURE] = result.feature
+            out[semconv.DL_DRIFT_STATUS] = result.status
+
+
+def _slice(table: Table, rows: int) -> Table:
+    return Table(
+        rows,
+        table.names,
+        table.numeric[:rows],
+        table.numeric_names,
+        {k: v[:rows] for k, v in table.categorical.items()},
+        table.schema,
+    )
+
+
+def confidence_attributes(outputs: Any, threshold: float = 0.5) -> dict[str, AttributeValue]:
+    """``dl.confidence.*`` and ``dl.prediction.count`` for one call; never raises on data."""
+    try:
+        summary = summarize(outputs, threshold=threshold)
+    except (TypeError, ValueError, IndexError, OverflowError, MemoryError):
+        return {}
+    keys = {
+        "mean": semconv.DL_CONFIDENCE_MEAN,
+        "min": semconv.DL_CONFIDENCE_MIN,
+        "margin_mean": semconv.DL_CONFIDENCE_MARGIN_MEAN,
+        "entropy_mean": semconv.DL_CONFIDENCE_ENTROPY_MEAN,
+        "low_fraction": semconv.DL_CONFIDENCE_LOW_FRACTION,
+    }
+    out: dict[str, AttributeValue] = {semconv.DL_PREDICTION_COUNT: int(summary["count"])}
+    out.update({keys[k]: float(v) for k, v in summary.items() if k in keys})
+    return out

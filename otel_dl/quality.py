@@ -1,0 +1,77 @@
+"""Data quality: missing values, values outside the reference range, schema changes.
+
+Pure functions over one batch (anything :func:`otel_dl.reference.to_table` reads, or a
+:class:`~otel_dl.reference.Table`)::
+
+    quality.nan_fraction(batch)                 # share of NaN/Inf (or missing) values
+    quality.out_of_range_fraction(ref, batch)   # share outside the reference [min, max]
+    quality.schema_mismatch(ref, batch)         # column names, dtypes or shape changed
+
+A value that cannot be computed is ``None`` (an empty batch has no NaN fraction), never a
+made-up number.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from otel_dl.reference import Reference, Table, to_table
+
+
+def _table(data: Any, reference: Reference | None = None) -> Table:
+    if isinstance(data, Table):
+        return data
+    return reference.read(data) if reference is not None else to_table(data)
+
+
+def nan_fraction(data: Any) -> float | None:
+    """Share of NaN/+-Inf numeric values and missing categorical values; None if empty."""
+    table = _table(data)
+    numeric = table.numeric
+    total = numeric.size + table.rows * len(table.categorical)
+    if total == 0:
+        return None
+    bad = numeric.size - np.count_nonzero(np.isfinite(numeric)) if numeric.size else 0
+    for values in table.categorical.values():
+        bad += sum(1 for v in values if v is None)
+    return float(bad / total)
+
+
+def out_of_range_fraction(reference: Reference, data: Any) -> float | None:
+    """Share of finite values, in numeric features the reference has seen finite values
+    of, that lie outside the reference's [min, max]; None when there is no such value."""
+    table = _table(data, reference)
+    values = table.numeric
+    columns: Any = slice(None)
+    if table.numeric_names != reference.numeric_names:
+        index = reference.column_index(table.numeric_names)
+        values, columns = values[:, index >= 0], index[index >= 0]
+    lo, hi = reference.range_for(values.dtype)
+    lo, hi = lo[columns], hi[columns]
+    known = np.isfinite(lo)  # a feature with no finite reference value has no range
+    if not known.all():
+        values, lo, hi = values[:, known], lo[known], hi[known]
+    return _outside(values, lo, hi)
+
+
+def _outside(values: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> float | None:
+    finite = np.count_nonzero(np.isfinite(values)) if values.size else 0
+    if finite == 0:
+        return None
+    # -Inf < lo and +Inf >= hi each count once here, but they are not values in range
+    # terms (nan_fraction counts them), so take them out.
+    outside = np.count_nonzero((values < lo) | (values >= hi))
+    outside -= np.count_nonzero(np.isinf(values)) if finite != values.size else 0
+    return float(outside / finite)
+
+
+def schema_fingerprint(data: Any) -> str:
+    """Hex digest of the column names, dtypes and trailing shape of ``data``."""
+    return _table(data).schema_fingerprint
+
+
+def schema_mismatch(reference: Reference, data: Any) -> bool:
+    """True when ``data``'s schema fingerprint differs from the reference's."""
+    return _table(data).schema_fingerprint != reference.schema_fingerprint

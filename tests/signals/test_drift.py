@@ -1,0 +1,151 @@
+"""Drift scores against scipy and direct transcriptions of the formulas."""
+
+import numpy as np
+import pytest
+from scipy.spatial.distance import jensenshannon
+from scipy.stats import ks_2samp, wasserstein_distance
+
+from otel_dl import drift
+from otel_dl.reference import Reference
+
+
+def _datasets():
+    rng = np.random.default_rng(7)
+    yield rng.standard_normal((400, 3)), rng.standard_normal((250, 3)) * 1.3 + 0.2
+    # ties: small integer support
+    yield rng.integers(0, 4, (300, 3)).astype(float), rng.integers(0, 6, (200, 3)).astype(float)
+    # adversarial: constant reference, heavy tails, huge values
+    ref = np.column_stack([np.ones(100), rng.standard_cauchy(100), rng.standard_normal(100) * 1e12])
+    cur = np.column_stack(
+        [np.ones(80) * 2, rng.standard_cauchy(80), rng.standard_normal(80) * 1e12]
+    )
+    yield ref, cur
+
+
+def _finite(column):
+    return column[np.isfinite(column)]
+
+
+@pytest.mark.parametrize("pair", list(_datasets()))
+def test_ks_and_wasserstein_from_raw_equal_scipy(pair):
+    ref, cur = pair
+    ref = ref.copy()
+    ref[3, 0] = np.nan
+    cur = cur.copy()
+    cur[5, 1] = np.inf
+    ks = drift.score(ref, cur, method="ks")
+    ws = drift.score(ref, cur, method="wasserstein")
+    for j in range(ref.shape[1]):
+        r, c = _finite(ref[:, j]), _finite(cur[:, j])
+        assert ks[str(j)] == pytest.approx(ks_2samp(r, c).statistic, abs=1e-12)
+        expected = wasserstein_distance(r, c) / max(r.std(), 1e-3)
+        assert ws[str(j)] == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def _transcribed_shares(ref, cur, bins):
+    """np.histogram over the documented edges: quantiles, duplicates collapsed, open ends."""
+    edges = np.unique(np.quantile(ref, np.arange(1, bins) / bins))
+    full = np.concatenate([[-np.inf], edges, [np.inf]])
+    # np.histogram closes the last bin; shift +inf out so bins are [a, b) throughout.
+    r = np.histogram(ref, full)[0] / len(ref)
+    c = np.histogram(cur, full)[0] / len(cur)
+    return r, c
+
+
+@pytest.mark.parametrize("pair", list(_datasets()))
+@pytest.mark.parametrize("bins", [10, 4, 1])
+def test_psi_and_js_equal_transcription(pair, bins):
+    ref, cur = pair
+    psi = drift.score(ref, cur, method="psi", bins=bins)
+    js = drift.score(ref, cur, method="js", bins=bins)
+    for j in range(ref.shape[1]):
+        r, c = _transcribed_shares(ref[:, j], cur[:, j], bins)
+        rf, cf = np.maximum(r, 1e-4), np.maximum(c, 1e-4)
+        assert psi[str(j)] == pytest.approx(np.sum((cf - rf) * np.log(cf / rf)), abs=1e-12)
+        assert js[str(j)] == pytest.approx(jensenshannon(r, c, base=2), abs=1e-9)
+
+
+def test_bins_are_closed_on_the_left():
+    ref = np.arange(10.0)
+    profile = Reference.fit(ref, bins=2)  # one edge, at the median 4.5
+    assert profile.numeric.edges[0, 0] == 4.5
+    shares = drift.score(profile, np.array([4.5, 4.5]), method="js")
+    # all current mass in the upper bin [4.5, inf): js of [.5,.5] vs [0,1]
+    assert shares["0"] == pytest.approx(jensenshannon([0.5, 0.5], [0, 1], base=2))
+
+
+def test_categorical_with_unseen_levels():
+    ref = {"c": np.array(["a"] * 60 + ["b"] * 40)}
+    cur = {"c": np.array(["a"] * 10 + ["b"] * 20 + ["z"] * 5 + ["y"] * 5)}
+    r = np.array([0.6, 0.4, 0.0])
+    c = np.array([10, 20, 10]) / 40
+    psi = drift.score(ref, cur, method="psi")
+    rf, cf = np.maximum(r, 1e-4), np.maximum(c, 1e-4)
+    assert psi["c"] == pytest.approx(np.sum((cf - rf) * np.log(cf / rf)))
+    for method in ("js", "ks", "wasserstein"):
+        scores = drift.score(ref, cur, method=method)
+        assert scores["c"] == pytest.approx(jensenshannon(r, c, base=2))
+        assert scores.methods["c"] == "js"
+
+
+def test_forced_categorical_numeric_codes():
+    rng = np.random.default_rng(3)
+    ref = Reference.fit(rng.integers(0, 3, (200, 1)), categorical=["code"], feature_names=["code"])
+    scores = drift.score(ref, np.array([[0], [1], [7]]), method="psi")
+    assert set(scores) == {"code"} and scores.methods["code"] == "psi"
+
+
+@pytest.mark.parametrize("method", ["ks", "wasserstein"])
+def test_profile_estimate_within_stored_bound(method):
+    rng = np.random.default_rng(11)
+    for trial in range(5):
+        ref = rng.standard_normal((1000 + 500 * trial, 2))
+        ref[:, 1] = np.round(ref[:, 1] * 2)  # ties
+        cur = rng.standard_normal((700, 2)) * (1 + trial / 5) + trial / 10
+        profile = Reference.fit(ref)
+        exact = drift.score(ref, cur, method=method)
+        approx = drift.score(profile, cur, method=method)
+        bounds = profile.numeric.ks_bound if method == "ks" else profile.numeric.wasserstein_bound
+        for j in range(2):
+            assert abs(approx[str(j)] - exact[str(j)]) <= bounds[j] + 1e-12
+        if method == "ks":
+            # the documented ceiling for 100 atoms
+            assert bounds.max() <= 1 / 100 + 1 / len(ref)
+
+
+def test_reasons_instead_of_made_up_numbers():
+    ref = np.column_stack([np.full(50, np.nan), np.arange(50.0)])
+    cur = np.column_stack([np.arange(5.0), np.full(5, np.nan)])
+    for method in drift.METHODS:
+        scores = drift.score(ref, cur, method=method)
+        assert dict(scores) == {}
+        assert "reference has no finite values" in scores.reasons["0"]
+        assert "no finite values in the current data" in scores.reasons["1"]
+
+
+def test_status_thresholds():
+    assert drift.drift_status(0.05, "psi") == "ok"
+    assert drift.drift_status(0.1, "psi") == "warn"
+    assert drift.drift_status(0.25, "psi") == "alert"
+    assert drift.drift_status(0.15, "js") == "warn"
+    assert drift.drift_status(0.15, "ks", warn=0.2, alert=0.3) == "ok"
+    with pytest.raises(ValueError, match="unknown drift method"):
+        drift.score(np.ones(3), np.ones(3), method="kl")
+
+
+@pytest.mark.parametrize("method", drift.METHODS)
+def test_tracker_window_equals_batch_score_of_last_rows(method):
+    rng = np.random.default_rng(5)
+    profile = Reference.fit(rng.standard_normal((2000, 4)))
+    tracker = drift.DriftTracker(profile, method=method, window_rows=300)
+    seen = []
+    for i in range(7):
+        batch = rng.standard_normal((int(rng.integers(1, 160)), 4)) + i / 10
+        seen.append(batch)
+        result = tracker.update(batch)
+    window = np.concatenate(seen)[-300:]
+    assert tracker.rows == 300
+    expected = drift.score(profile, window, method=method)
+    assert result.feature == max(expected, key=expected.__getitem__)
+    assert result.score == pytest.approx(expected[result.feature], abs=1e-12)
+    assert result.status == drift.drift_status(result.score, method)
