@@ -172,7 +172,7 @@ class DataLoaderInstrumentor(DlInstrumentor):
         try:
             features = select_features(batch, state.features)
             first = next(iter(features.values()), None) if isinstance(features, dict) else features
-            if _is_tensor(first) and first.dim() > 0:
+            if first is not None and _is_tensor(first) and first.dim() > 0:
                 signals[semconv.DL_BATCH_SIZE] = int(first.shape[0])
             if features is not None and get_config().signals:
                 monitor = state.monitor()

@@ -72,6 +72,7 @@ class Config:
     endpoint: str | None = None
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    propagation: bool = True
     signals: bool = True
     drift_method: str = "psi"
     drift_bins: int = 10
@@ -83,6 +84,7 @@ class Config:
     baseline_rows: int = 1000
     confidence_threshold: float = 0.5
     metrics_max_features: int = 32
+    trace_training: bool = False
     code_version: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -127,6 +129,13 @@ OPTIONS: tuple[Option, ...] = (
         "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS",
         _parse_list,
         "comma-separated instrumentor names to skip",
+    ),
+    Option(
+        "propagation",
+        "OTEL_DL_PROPAGATION",
+        _parse_bool,
+        "enable the installed standard HTTP/gRPC instrumentations, so calls between services"
+        " join one trace",
     ),
     Option("signals", "OTEL_DL_SIGNALS", _parse_bool, "compute drift, quality and confidence"),
     Option(
@@ -185,6 +194,12 @@ OPTIONS: tuple[Option, ...] = (
         "OTEL_DL_METRICS_MAX_FEATURES",
         int,
         "per-feature metric attributes only up to this many features",
+    ),
+    Option(
+        "trace_training",
+        "OTEL_DL_TRACE_TRAINING",
+        _parse_bool,
+        "also trace torch model forwards in training mode",
     ),
     Option(
         "code_version",

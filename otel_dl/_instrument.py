@@ -37,6 +37,25 @@ logger = logging.getLogger("otel_dl")
 
 ENTRY_POINT_GROUP = "opentelemetry_instrumentor"
 NAME_PREFIX = "otel_dl_"
+# The standard OpenTelemetry instrumentations of the transports services call each other
+# over. When one is installed (the `http` extra brings the common ones) and
+# `propagation` is on, instrument() enables it, so a request from one instrumented
+# service to another joins one trace with no further setup.
+PROPAGATION_INSTRUMENTATIONS = (
+    "requests",
+    "httpx",
+    "urllib3",
+    "aiohttp_client",
+    "aiohttp_server",
+    "fastapi",
+    "starlette",
+    "flask",
+    "django",
+    "grpc_client",
+    "grpc_server",
+    "grpc_aio_client",
+    "grpc_aio_server",
+)
 
 
 def _span_exporter(config: Config) -> SpanExporter | None:
@@ -151,14 +170,20 @@ def _wanted(name: str, include: Sequence[str], exclude: Sequence[str]) -> str | 
     short = name[len(NAME_PREFIX) :]
     if name in exclude or short in exclude:
         return "excluded by OTEL_PYTHON_DISABLED_INSTRUMENTATIONS or exclude="
-    if include and name not in include and short not in include:
+    if include and name.startswith(NAME_PREFIX) and name not in include and short not in include:
         return "not in OTEL_DL_INSTRUMENTATIONS or include="
     return None
 
 
-def _otel_dl_entry_points() -> list[EntryPoint]:
+def _entry_points(propagation: bool) -> list[EntryPoint]:
     found = entry_points(group=ENTRY_POINT_GROUP)
-    return sorted((ep for ep in found if ep.name.startswith(NAME_PREFIX)), key=lambda e: e.name)
+    wanted = [
+        ep
+        for ep in found
+        if ep.name.startswith(NAME_PREFIX)
+        or (propagation and ep.name in PROPAGATION_INSTRUMENTATIONS)
+    ]
+    return sorted(wanted, key=lambda e: e.name)
 
 
 def instrument(
@@ -206,7 +231,7 @@ def instrument(
             metrics.set_meter_provider(meter_provider)
             handle.meter_provider = meter_provider
         hooks = Hooks(request_hook, response_hook)
-        for ep in _otel_dl_entry_points():
+        for ep in _entry_points(config.propagation):
             reason = _wanted(ep.name, config.include, config.exclude)
             if reason is None:
                 reason = _enable(ep, handle, hooks)
@@ -229,10 +254,13 @@ def _enable(ep: EntryPoint, handle: Instrumentation, hooks: Hooks) -> str | None
         handle.instrumented.append(ep.name)
         handle._instrumentors.append(instrumentor)
         return None
-    missing = instrumentor.missing_dependency()
-    if missing:
-        return missing
-    instrumentor.instrument(hooks=hooks)
+    conflict = instrumentor._check_dependency_conflicts()
+    if conflict is not None:
+        return str(conflict)
+    if ep.name.startswith(NAME_PREFIX):
+        instrumentor.instrument(hooks=hooks)
+    else:
+        instrumentor.instrument(skip_dep_check=True)
     if not instrumentor.is_instrumented_by_opentelemetry:
         return "instrument() did not take effect"
     handle.instrumented.append(ep.name)

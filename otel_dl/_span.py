@@ -83,23 +83,22 @@ def _get_instruments() -> _Instruments:
     if _instruments is None or _instruments.provider is not provider:
         meter = metrics.get_meter("otel_dl", __version__)
 
-        def spec(name: str) -> dict[str, str]:
-            return {
-                "name": name,
-                "unit": semconv.METRICS[name].unit,
-                "description": semconv.METRICS[name].brief,
-            }
+        def histogram(name: str) -> metrics.Histogram:
+            spec = semconv.METRICS[name]
+            return meter.create_histogram(name, unit=spec.unit, description=spec.brief)
+
+        def counter(name: str) -> metrics.Counter:
+            spec = semconv.METRICS[name]
+            return meter.create_counter(name, unit=spec.unit, description=spec.brief)
 
         _instruments = _Instruments(
-            duration=meter.create_histogram(**spec(semconv.METRIC_OPERATION_DURATION)),
-            rows=meter.create_counter(**spec(semconv.METRIC_BATCH_ROWS)),
-            predictions=meter.create_counter(**spec(semconv.METRIC_PREDICTIONS)),
-            drift=meter.create_histogram(**spec(semconv.METRIC_DRIFT_SCORE)),
-            nan_fraction=meter.create_histogram(**spec(semconv.METRIC_QUALITY_NAN_FRACTION)),
-            out_of_range=meter.create_histogram(
-                **spec(semconv.METRIC_QUALITY_OUT_OF_RANGE_FRACTION)
-            ),
-            confidence=meter.create_histogram(**spec(semconv.METRIC_CONFIDENCE_MEAN)),
+            duration=histogram(semconv.METRIC_OPERATION_DURATION),
+            rows=counter(semconv.METRIC_BATCH_ROWS),
+            predictions=counter(semconv.METRIC_PREDICTIONS),
+            drift=histogram(semconv.METRIC_DRIFT_SCORE),
+            nan_fraction=histogram(semconv.METRIC_QUALITY_NAN_FRACTION),
+            out_of_range=histogram(semconv.METRIC_QUALITY_OUT_OF_RANGE_FRACTION),
+            confidence=histogram(semconv.METRIC_CONFIDENCE_MEAN),
             provider=provider,
         )
     return _instruments

@@ -45,6 +45,7 @@ from otel_dl._span import (
     traced_call,
 )
 from otel_dl._watch import WatchState
+from otel_dl.monitor import confidence_attributes
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -108,6 +109,9 @@ class stage:
     def _extract(self, value: Any) -> Attributes | None:
         if not self._signals_on() or not _is_signal_value(value):
             return None
+        if self.stage == semconv.STAGE_INFERENCE:
+            # A model's output: its confidence, as the model instrumentors record it.
+            return confidence_attributes(value, get_config().confidence_threshold)
         return dict(_state_for(self.name, self.stage, self.reference).monitor().observe(value))
 
     # -- decorator ----------------------------------------------------------------------

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -20,6 +20,7 @@ from opentelemetry.util.types import AttributeValue
 
 from otel_dl import semconv
 from otel_dl._context import _check
+from otel_dl._guard import report_internal_error
 
 if TYPE_CHECKING:
     from otel_dl.monitor import FeatureMonitor
@@ -96,7 +97,38 @@ def watch(
             _states[obj] = state
         except TypeError:
             _strong[id(obj)] = (obj, state)
+        listeners = list(_listeners)
+    for listener in listeners:
+        try:
+            listener(obj, state)
+        except Exception:
+            report_internal_error("watch.listener")
     return obj
+
+
+WatchListener = Callable[[Any, WatchState], None]
+_listeners: list[WatchListener] = []
+
+
+def add_watch_listener(listener: WatchListener) -> None:
+    """Call ``listener(obj, state)`` on every later ``watch()``, and now for each watched object.
+
+    Instrumentors use it to start tracing an object the moment it is watched.
+    """
+    with _lock:
+        _listeners.append(listener)
+        current = [*_states.items(), *_strong.values()]
+    for obj, state in current:
+        try:
+            listener(obj, state)
+        except Exception:
+            report_internal_error("watch.listener")
+
+
+def remove_watch_listener(listener: WatchListener) -> None:
+    with _lock:
+        if listener in _listeners:
+            _listeners.remove(listener)
 
 
 def watch_state(obj: Any) -> WatchState | None:

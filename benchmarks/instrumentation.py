@@ -1,0 +1,220 @@
+"""Overhead of otel-dl instrumentation, instrumented vs bare, measured in the same run.
+
+    .venv/bin/python benchmarks/instrumentation.py [--repeats 7]
+
+Every case alternates bare and instrumented blocks in one process and reports medians
+over the repeats. Spans go through the SDK's BatchSpanProcessor to an exporter that
+discards them, so export cost (a separate concern) is not counted. The floor is a bare
+SDK span carrying the same attributes as an otel-dl inference span, measured in the same
+run: "x floor" says how many bare spans the added cost is worth. torch runs on one
+thread so that the two cores of a small machine do not add noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from opentelemetry import trace
+from opentelemetry.instrumentation.utils import suppress_instrumentation
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from torch.utils.data import DataLoader, TensorDataset
+
+import otel_dl
+from otel_dl import semconv
+
+
+class _Discard(SpanExporter):
+    def export(self, spans: Sequence[Any]) -> SpanExportResult:
+        return SpanExportResult.SUCCESS
+
+
+def _per_call(fn: Callable[[], Any], calls: int) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls
+
+
+def _paired(
+    bare: Callable[[], Any], traced: Callable[[], Any], calls: int, repeats: int
+) -> tuple[float, float]:
+    """Median seconds per call of ``bare`` and ``traced``, alternating blocks."""
+    for fn in (bare, traced):
+        _per_call(fn, max(calls // 5, 1))
+    b, t = [], []
+    for _ in range(repeats):
+        b.append(_per_call(bare, calls))
+        t.append(_per_call(traced, calls))
+    return statistics.median(b), statistics.median(t)
+
+
+def _floor(repeats: int) -> float:
+    tracer = trace.get_tracer("bench")
+    attrs = {
+        semconv.DL_STAGE: "inference",
+        semconv.DL_COMPONENT: "torch.nn",
+        semconv.DL_MODEL_NAME: "m",
+        semconv.DL_MODEL_FRAMEWORK: "torch",
+        semconv.DL_MODEL_FINGERPRINT: "0123456789abcdef",
+        semconv.DL_BATCH_SIZE: 256,
+        semconv.DL_PREDICTION_COUNT: 256,
+        semconv.DL_CONFIDENCE_MEAN: 0.9,
+        semconv.DL_DRIFT_SCORE: 0.01,
+        semconv.DL_DRIFT_STATUS: "ok",
+    }
+
+    def one() -> None:
+        tracer.start_span("inference", attributes=attrs).end()
+
+    return statistics.median(_per_call(one, 2000) for _ in range(repeats))
+
+
+def _mlp() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(32, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
+
+
+class _Deep(torch.nn.Module):
+    def __init__(self, depth: int) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Identity() for _ in range(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def _cnn() -> torch.nn.Module:
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 32, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 32, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(4),
+        torch.nn.Flatten(),
+        torch.nn.Linear(512, 10),
+    )
+
+
+def _model_case(
+    make: Callable[[], torch.nn.Module], x: torch.Tensor, calls: int, repeats: int
+) -> tuple[float, float]:
+    bare_model = make()
+    with suppress_instrumentation():
+        bare_model.eval()  # eval() under suppression: this copy stays untraced
+    traced_model = otel_dl.watch(make().eval(), name="bench")
+    traced_model.load_state_dict(bare_model.state_dict())
+    with torch.inference_mode():
+        return _paired(lambda: bare_model(x), lambda: traced_model(x), calls, repeats)
+
+
+def _dataloader_case(repeats: int) -> tuple[float, float]:
+    from otel_dl.instrumentors.dataloader import DataLoaderInstrumentor
+
+    loader = DataLoader(TensorDataset(torch.randn(100_000, 32)), batch_size=256)
+    instrumentor = DataLoaderInstrumentor()
+
+    def epoch() -> None:
+        for _ in loader:
+            pass
+
+    epoch()  # learn the baseline before timing
+    bare, traced = [], []
+    for _ in range(repeats):
+        instrumentor.uninstrument()
+        bare.append(_per_call(epoch, 1) / len(loader))
+        instrumentor.instrument()
+        traced.append(_per_call(epoch, 1) / len(loader))
+    return statistics.median(bare), statistics.median(traced)
+
+
+def _onnx_case(repeats: int) -> tuple[float, float] | None:
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    import io
+
+    model = _mlp().eval()
+    buffer = io.BytesIO()
+    torch.onnx.export(model, (torch.randn(256, 32),), buffer, input_names=["x"], dynamo=False)
+    session = onnxruntime.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+    feed = {"x": np.random.default_rng(0).normal(size=(256, 32)).astype(np.float32)}
+
+    def traced() -> Any:
+        return session.run(None, feed)
+
+    def bare() -> Any:
+        with suppress_instrumentation():
+            return session.run(None, feed)
+
+    return _paired(bare, traced, 300, repeats)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    repeats = parser.parse_args().repeats
+    torch.set_num_threads(1)
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(_Discard(), max_queue_size=100_000))
+    trace.set_tracer_provider(provider)
+    handle = otel_dl.instrument(metrics_exporter="none")
+    rows: list[tuple[str, float, float, str]] = []
+    floor = _floor(repeats)
+
+    bare, traced = _dataloader_case(repeats)
+    rows.append(("DataLoader 100k x 32 f32, batch 256 (per batch)", bare, traced, "<= 1.10"))
+    bare, traced = _model_case(_cnn, torch.randn(32, 3, 32, 32), 40, repeats)
+    rows.append(("CNN forward, batch 32 (~5 ms)", bare, traced, "<= 1.02"))
+    bare, traced = _model_case(_mlp, torch.randn(256, 32), 500, repeats)
+    rows.append(("MLP 32-256-10, batch 256", bare, traced, "added us, x floor"))
+    deep_bare, deep_traced = _model_case(lambda: _Deep(50), torch.randn(1, 4), 1000, repeats)
+    rows.append(("50-submodule model, batch 1", deep_bare, deep_traced, "added within 10 us"))
+    one_bare, one_traced = _model_case(lambda: _Deep(1), torch.randn(1, 4), 1000, repeats)
+    rows.append(("1-module model, batch 1", one_bare, one_traced, "of the 50-module one"))
+    onnx = _onnx_case(repeats)
+    if onnx is not None:
+        rows.append(("ONNX Runtime MLP session, batch 256", *onnx, "reported"))
+
+    with suppress_instrumentation():
+        bare_model = _mlp().eval()  # eval() under suppression: stays untraced
+    traced_model = otel_dl.watch(_mlp().eval())
+    x = torch.randn(1, 32)
+
+    def suppressed(model: torch.nn.Module) -> Callable[[], Any]:
+        def call() -> Any:
+            with suppress_instrumentation():
+                return model(x)
+
+        return call
+
+    with torch.inference_mode():
+        b, s = _paired(suppressed(bare_model), suppressed(traced_model), 2000, repeats)
+    rows.append(("suppressed wrapper (MLP batch 1)", b, s, "<= 1.5 us added"))
+    handle.shutdown()
+
+    print(f"floor: bare SDK span with 10 attributes = {floor * 1e6:.1f} us\n")
+    print(
+        f"{'case':<48} {'bare us':>10} {'otel-dl us':>11} {'ratio':>7} "
+        f"{'added us':>9} {'x floor':>8}  target"
+    )
+    for name, b, t, target in rows:
+        added = (t - b) * 1e6
+        print(
+            f"{name:<48} {b * 1e6:>10.1f} {t * 1e6:>11.1f} {t / b:>7.3f} "
+            f"{added:>9.1f} {added / (floor * 1e6):>8.2f}  {target}"
+        )
+    diff = ((deep_traced - deep_bare) - (one_traced - one_bare)) * 1e6
+    print(f"\nadded cost, 50 submodules minus 1 module: {diff:+.1f} us (target: within 10 us)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,476 @@
+"""PyTorch model instrumentation: one span per model call, and spans for model loading.
+
+``otel_dl.instrument()`` enables it when torch is installed. Which models are traced:
+
+- a model passed to ``otel_dl.watch(model, name=..., version=..., reference=...)``;
+- a model user code puts in inference mode: the module on which ``eval()`` (or
+  ``train(False)``) is called, not its submodules;
+- a model returned by ``torch.load`` or ``torch.jit.load``.
+
+Such a model makes one ``inference`` span per call (``dl.stage=inference``,
+``dl.component=torch.nn``), never one per submodule: the model's own instance gets a
+forward pre-hook and an always-called forward hook, so its submodules run with no
+otel-dl code at all. A call made inside another traced model's call makes no span of its
+own. Forwards in training mode are not traced unless ``trace_training`` is on.
+
+The span carries the model's name (the ``watch`` name, else its class), version,
+framework (``torch``), fingerprint of its weights (computed once, recomputed after
+``load_state_dict``), the file it was loaded from, the drift and quality of the first
+tensor argument against the model's reference (or a learned baseline), the confidence of
+the output when it is a 2-D floating tensor of class scores, and ``dl.prediction.count``.
+
+It works under ``torch.no_grad`` and ``torch.inference_mode``, and with
+``torch.compile(model)``: the hooks of the compiled module's original run outside the
+compiled region, so they add no graph break.
+
+CUDA: when the output is on a GPU, the span ends when the GPU has finished the call (the
+hook synchronises on a CUDA event recorded after the forward), so its duration is the
+execution time, not the kernel-launch time. The cost is that synchronisation, which the
+next ``.cpu()``/``.item()`` of the caller would pay anyway.
+
+``torch.load``, ``torch.jit.load`` and ``Module.load_state_dict`` make a ``model.load``
+span (``dl.stage=model_load``) with the file path and its fingerprint where there is a
+file. Pickling a traced model (``torch.save(model)``) leaves the otel-dl hooks out.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Collection
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import wrapt
+from opentelemetry import context, trace
+from opentelemetry.instrumentation.utils import unwrap
+from opentelemetry.trace import Span
+
+from otel_dl import semconv
+from otel_dl._config import get_config
+from otel_dl._guard import instrumentation_enabled, report_internal_error
+from otel_dl._span import (
+    NO_HOOKS,
+    Attributes,
+    DlCall,
+    Hooks,
+    base_attributes,
+    finish_span,
+    record_error,
+    start_span,
+    traced_call,
+)
+from otel_dl._watch import WatchState, add_watch_listener, ensure_state, remove_watch_listener
+from otel_dl.monitor import confidence_attributes
+from otel_dl.provenance import file_fingerprint, model_fingerprint
+
+from ._base import DlInstrumentor
+
+_SITE = "torch.forward"
+
+
+@dataclass
+class _Frame:
+    module: Any
+    span: Span | None  # None: a call that makes no span (training mode, nested, disabled)
+    token: object | None = None
+    start_ns: int = 0
+    cuda_end: Any = None
+
+
+_frames: ContextVar[tuple[_Frame, ...]] = ContextVar("otel_dl_torch_frames", default=())
+_train_depth = threading.local()
+
+
+@dataclass
+class _Traced:
+    pre: Any
+    post: Any
+    path: str | None = None
+    fingerprint: str | None = None
+
+
+def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    import torch
+
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value
+    return None
+
+
+def _capturing() -> bool:
+    """True while torch.jit.trace, torch.export or dynamo records the model's graph.
+
+    The hooks must then do nothing: a trace records what runs, and otel-dl is not part
+    of the model. Checked first, so dynamo sees a constant branch and no graph break.
+    """
+    import torch
+
+    return bool(torch._C._is_tracing() or torch.compiler.is_compiling())
+
+
+class TorchModelInstrumentor(DlInstrumentor):
+    """Traces calls of PyTorch models; see the module docstring."""
+
+    _hooks: Hooks = NO_HOOKS
+
+    # Class-level: BaseInstrumentor is a singleton whose __init__ runs on every call.
+    _traced: ClassVar[weakref.WeakKeyDictionary[Any, _Traced]] = weakref.WeakKeyDictionary()
+    _lock = threading.Lock()
+
+    def instrumentation_dependencies(self) -> Collection[str]:
+        return ("torch >= 2.1",)
+
+    # -- patching -----------------------------------------------------------------------
+    def _instrument(self, **kwargs: Any) -> None:
+        self._hooks = self.hooks_from(kwargs)
+        wrapt.wrap_function_wrapper("torch.nn.modules.module", "Module.train", self._wrap_train)
+        wrapt.wrap_function_wrapper(
+            "torch.nn.modules.module", "Module.load_state_dict", self._wrap_load_state_dict
+        )
+        wrapt.wrap_function_wrapper(
+            "torch.nn.modules.module", "Module.__getstate__", self._wrap_getstate
+        )
+        wrapt.wrap_function_wrapper("torch", "load", self._wrap_load)
+        wrapt.wrap_function_wrapper("torch.jit", "load", self._wrap_load)
+        wrapt.wrap_function_wrapper(
+            "torch.jit._script", "RecursiveScriptModule.__call__", self._wrap_script_call
+        )
+        wrapt.wrap_function_wrapper("torch.jit", "script", self._wrap_jit_script)
+        add_watch_listener(self._on_watch)
+
+    def _uninstrument(self, **kwargs: Any) -> None:
+        import torch
+        import torch.jit._script
+        import torch.nn.modules.module as module
+
+        remove_watch_listener(self._on_watch)
+        unwrap(module.Module, "train")
+        unwrap(module.Module, "load_state_dict")
+        unwrap(module.Module, "__getstate__")
+        unwrap(torch, "load")
+        unwrap(torch.jit, "load")
+        unwrap(torch.jit._script.RecursiveScriptModule, "__call__")
+        unwrap(torch.jit, "script")
+        with self._lock:
+            traced = list(self._traced.items())
+            self._traced.clear()
+        for _model, entry in traced:
+            if entry.pre is not None:
+                entry.pre.remove()
+                entry.post.remove()
+
+    # -- which models -------------------------------------------------------------------
+    def _on_watch(self, obj: Any, state: WatchState) -> None:
+        import torch
+
+        if isinstance(obj, torch.nn.Module):
+            self.trace_model(obj)
+
+    def trace_model(
+        self, model: Any, path: str | None = None, fingerprint: str | None = None
+    ) -> None:
+        """Start tracing ``model`` (idempotent)."""
+        import torch
+
+        with self._lock:
+            entry = self._traced.get(model)
+            if entry is None:
+                entry = _Traced(pre=None, post=None)
+                if not isinstance(model, torch.jit.ScriptModule):  # those: through __call__
+                    self._add_hooks(model, entry)
+                self._traced[model] = entry
+            if path is not None:
+                entry.path, entry.fingerprint = path, fingerprint
+
+    def _add_hooks(self, model: Any, entry: _Traced) -> None:
+        import torch
+
+        # Disabled for dynamo: under torch.compile(model) the hooks run eagerly, outside
+        # the compiled region, instead of being compiled as frames of their own.
+        pre = torch.compiler.disable(self._pre_hook)
+        post = torch.compiler.disable(self._post_hook)
+        entry.pre = model.register_forward_pre_hook(pre, with_kwargs=True)
+        entry.post = model.register_forward_hook(post, with_kwargs=True, always_call=True)
+
+    def _wrap_jit_script(self, wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        """Script the model without otel-dl's hooks, which TorchScript cannot compile."""
+        import torch
+
+        root = args[0] if args else kwargs.get("obj")
+        if not isinstance(root, torch.nn.Module):
+            return wrapped(*args, **kwargs)
+        with self._lock:
+            hooked = [
+                (m, self._traced[m])
+                for m in root.modules()
+                if m in self._traced and self._traced[m].pre is not None
+            ]
+            for _module, entry in hooked:
+                entry.pre.remove()
+                entry.post.remove()
+        try:
+            return wrapped(*args, **kwargs)
+        finally:
+            with self._lock:
+                for module, entry in hooked:
+                    self._add_hooks(module, entry)
+
+    def is_traced(self, model: Any) -> bool:
+        return model in self._traced
+
+    def _wrap_train(self, wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        depth = getattr(_train_depth, "value", 0)
+        _train_depth.value = depth + 1
+        try:
+            result = wrapped(*args, **kwargs)
+        finally:
+            _train_depth.value = depth
+        if depth == 0 and instrumentation_enabled():
+            mode = args[0] if args else kwargs.get("mode", True)
+            if mode is False:
+                try:
+                    self.trace_model(instance)
+                except Exception:
+                    report_internal_error("torch.eval")
+        return result
+
+    # -- model calls --------------------------------------------------------------------
+    def _model_attributes(self, model: Any) -> Attributes:
+        state = ensure_state(model)
+        attrs: Attributes = state.provenance()
+        cls = type(model)
+        attrs[semconv.DL_MODEL_NAME] = state.name or cls.__qualname__
+        if state.version is not None:
+            attrs[semconv.DL_MODEL_VERSION] = state.version
+        attrs[semconv.DL_MODEL_FRAMEWORK] = "torch"
+        entry = self._traced.get(model)
+        if entry is not None and entry.path is not None:
+            attrs[semconv.DL_MODEL_PATH] = entry.path
+        fingerprint = model_fingerprint(model)
+        if fingerprint is not None:
+            attrs[semconv.DL_MODEL_FINGERPRINT] = fingerprint
+        return attrs
+
+    def _pre_hook(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if _capturing():
+            return None
+        frames = _frames.get()
+        frame = _Frame(module, None)
+        try:
+            if (
+                instrumentation_enabled()
+                and not frames
+                and (not module.training or get_config().trace_training)
+            ):
+                frame.start_ns = time.time_ns()
+                attrs = base_attributes(
+                    semconv.STAGE_INFERENCE,
+                    semconv.COMPONENT_TORCH_NN,
+                    self._model_attributes(module),
+                )
+                frame.span = start_span(semconv.SPAN_INFERENCE, attrs, start_time=frame.start_ns)
+                frame.token = context.attach(trace.set_span_in_context(frame.span))
+                if self._hooks.request is not None:
+                    self._call_hook(
+                        self._hooks.request,
+                        frame.span,
+                        DlCall(semconv.COMPONENT_TORCH_NN, module, args, kwargs),
+                    )
+        except Exception:
+            report_internal_error(_SITE)
+        _frames.set((*frames, frame))
+        return None
+
+    def _post_hook(
+        self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> None:
+        if _capturing():
+            return None
+        frames = _frames.get()
+        if not frames or frames[-1].module is not module:
+            return None
+        frame = frames[-1]
+        _frames.set(frames[:-1])
+        span = frame.span
+        if span is None:
+            return None
+        try:
+            end_ns = self._end_time(output)
+            if frame.token is not None:
+                context.detach(frame.token)  # type: ignore[arg-type]
+            exc = sys.exc_info()[1]
+            if exc is not None:
+                record_error(span, exc)
+                finish_span(span, {}, frame.start_ns, end_ns)
+                return None
+            attrs, feature_count = self._signals(module, args, kwargs, output)
+            if self._hooks.response is not None:
+                self._call_hook(
+                    self._hooks.response,
+                    span,
+                    DlCall(semconv.COMPONENT_TORCH_NN, module, args, kwargs),
+                    output,
+                )
+            finish_span(span, attrs, frame.start_ns, end_ns, feature_count)
+        except Exception:
+            report_internal_error(_SITE)
+        return None
+
+    @staticmethod
+    def _end_time(output: Any) -> int:
+        import torch
+
+        if isinstance(output, torch.Tensor) and output.is_cuda:
+            event = torch.cuda.Event()
+            event.record()
+            event.synchronize()
+        return time.time_ns()
+
+    @staticmethod
+    def _call_hook(hook: Any, span: Span, call: DlCall, *result: Any) -> None:
+        try:
+            hook(span, call, *result)
+        except Exception:
+            report_internal_error(f"{_SITE}.hook")
+
+    def _signals(
+        self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> tuple[Attributes, int | None]:
+        import torch
+
+        attrs: Attributes = {}
+        feature_count = None
+        if not get_config().signals:
+            return attrs, None
+        try:
+            features = _first_tensor(args, kwargs)
+            if features is not None and features.is_floating_point():
+                monitor = ensure_state(module).monitor()
+                attrs.update(monitor.observe(features))
+                feature_count = monitor.feature_count
+        except Exception:
+            report_internal_error(f"{_SITE}.input_signals")
+        try:
+            if (
+                isinstance(output, torch.Tensor)
+                and output.dim() == 2
+                and output.is_floating_point()
+            ):
+                attrs.update(confidence_attributes(output, get_config().confidence_threshold))
+            elif isinstance(output, torch.Tensor) and output.dim() >= 1:
+                attrs[semconv.DL_PREDICTION_COUNT] = int(output.shape[0])
+        except Exception:
+            report_internal_error(f"{_SITE}.output_signals")
+        return attrs, feature_count
+
+    def _wrap_script_call(self, wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        if instance not in self._traced or _frames.get():
+            return wrapped(*args, **kwargs)
+        if instance.training and not get_config().trace_training:
+            return wrapped(*args, **kwargs)
+        return traced_call(
+            wrapped,
+            instance,
+            args,
+            kwargs,
+            site="torch.script",
+            name=semconv.SPAN_INFERENCE,
+            stage=semconv.STAGE_INFERENCE,
+            component=semconv.COMPONENT_TORCH_NN,
+            before=lambda call: self._model_attributes(call.instance),
+            after=lambda call, out: self._signals(call.instance, call.args, dict(call.kwargs), out)[
+                0
+            ],
+            hooks=self._hooks,
+        )
+
+    # -- loading ------------------------------------------------------------------------
+    def _wrap_load(self, wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        source = args[0] if args else kwargs.get("f")
+        path = os.fspath(source) if isinstance(source, str | os.PathLike) else None
+        fingerprint: list[str | None] = [None]
+
+        def before(call: DlCall) -> Attributes:
+            attrs: Attributes = {semconv.DL_MODEL_FRAMEWORK: "torch"}
+            if path is not None:
+                attrs[semconv.DL_MODEL_PATH] = path
+                fingerprint[0] = file_fingerprint(path)
+                if fingerprint[0] is not None:
+                    attrs[semconv.DL_MODEL_FINGERPRINT] = fingerprint[0]
+            return attrs
+
+        def after(call: DlCall, loaded: Any) -> Attributes:
+            import torch
+
+            if isinstance(loaded, torch.nn.Module):
+                self.trace_model(loaded, path=path, fingerprint=fingerprint[0])
+                return {semconv.DL_MODEL_NAME: type(loaded).__qualname__}
+            return {}
+
+        return traced_call(
+            wrapped,
+            instance,
+            args,
+            kwargs,
+            site="torch.load",
+            name=semconv.SPAN_MODEL_LOAD,
+            stage=semconv.STAGE_MODEL_LOAD,
+            component=semconv.COMPONENT_TORCH_NN,
+            before=before,
+            after=after,
+            hooks=self._hooks,
+        )
+
+    def _wrap_load_state_dict(self, wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        def after(call: DlCall, result: Any) -> Attributes:
+            # The weights changed: the next fingerprint must be computed afresh.
+            fingerprint = model_fingerprint(instance, refresh=True)
+            attrs: Attributes = {
+                semconv.DL_MODEL_NAME: ensure_state(instance).name or type(instance).__qualname__
+            }
+            if fingerprint is not None:
+                attrs[semconv.DL_MODEL_FINGERPRINT] = fingerprint
+            return attrs
+
+        return traced_call(
+            wrapped,
+            instance,
+            args,
+            kwargs,
+            site="torch.load_state_dict",
+            name=semconv.SPAN_MODEL_LOAD,
+            stage=semconv.STAGE_MODEL_LOAD,
+            component=semconv.COMPONENT_TORCH_NN,
+            before=lambda call: {semconv.DL_MODEL_FRAMEWORK: "torch"},
+            after=after,
+            hooks=self._hooks,
+        )
+
+    def _wrap_getstate(self, wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        state = wrapped(*args, **kwargs)
+        entry = self._traced.get(instance)
+        if entry is None or entry.pre is None:
+            return state
+        try:
+            # A pickled model must load where otel-dl is not installed: leave our hooks out.
+            state = dict(state)
+            for key, hook_id in (
+                ("_forward_pre_hooks", entry.pre.id),
+                ("_forward_pre_hooks_with_kwargs", entry.pre.id),
+                ("_forward_hooks", entry.post.id),
+                ("_forward_hooks_with_kwargs", entry.post.id),
+                ("_forward_hooks_always_called", entry.post.id),
+            ):
+                if key in state:
+                    hooks = type(state[key])(state[key])
+                    hooks.pop(hook_id, None)
+                    state[key] = hooks
+        except Exception:
+            report_internal_error("torch.getstate")
+        return state

@@ -1,0 +1,198 @@
+"""The torch model instrumentor on real torch modules."""
+
+from __future__ import annotations
+
+import io
+import pickle
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SpanList
+from opentelemetry.trace import StatusCode
+
+import otel_dl
+from otel_dl import semconv
+
+
+@pytest.fixture(autouse=True)
+def handle() -> Iterator[otel_dl.Instrumentation]:
+    h = otel_dl.instrument()
+    yield h
+    h.shutdown()
+
+
+def mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+
+
+class Deep(torch.nn.Module):
+    def __init__(self, depth: int = 50) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class Exploding(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise ArithmeticError("bad batch")
+
+
+def test_watched_model_one_span_per_call_with_attributes(spans: SpanList) -> None:
+    model = otel_dl.watch(mlp(), name="scorer", version="7")
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.randn(32, 4))
+    (span,) = spans.get(semconv.SPAN_INFERENCE)
+    attrs = span.attributes
+    assert attrs[semconv.DL_STAGE] == "inference"
+    assert attrs[semconv.DL_COMPONENT] == "torch.nn"
+    assert (attrs[semconv.DL_MODEL_NAME], attrs[semconv.DL_MODEL_VERSION]) == ("scorer", "7")
+    assert attrs[semconv.DL_MODEL_FRAMEWORK] == "torch"
+    assert len(attrs[semconv.DL_MODEL_FINGERPRINT]) >= 16
+    assert attrs[semconv.DL_PREDICTION_COUNT] == 32
+    assert 0.0 < attrs[semconv.DL_CONFIDENCE_MEAN] <= 1.0
+    assert attrs[semconv.DL_BATCH_SIZE] == 32
+    assert out.shape == (32, 3)
+
+
+def test_fifty_submodules_still_one_span(spans: SpanList) -> None:
+    model = Deep(50).eval()
+    with torch.inference_mode():
+        model(torch.randn(2, 4))
+        model(torch.randn(2, 4))
+    assert len(spans.get()) == 2
+    assert all(s.attributes[semconv.DL_MODEL_NAME] == "Deep" for s in spans.get())
+
+
+def test_eval_registers_only_the_outer_model() -> None:
+    from otel_dl.instrumentors.torch_model import TorchModelInstrumentor
+
+    model = Deep(3)
+    model.eval()
+    instrumentor = TorchModelInstrumentor()
+    assert instrumentor.is_traced(model)
+    assert not any(instrumentor.is_traced(layer) for layer in model.layers)
+
+
+def test_training_mode_is_not_traced_by_default(spans: SpanList) -> None:
+    model = otel_dl.watch(mlp())
+    model.train()
+    model(torch.randn(8, 4)).sum().backward()
+    assert spans.get() == []
+
+
+def test_unwatched_untouched_model_is_not_traced(spans: SpanList) -> None:
+    mlp()(torch.randn(3, 4))
+    assert spans.get() == []
+
+
+def test_user_exception_is_unchanged_and_recorded(spans: SpanList) -> None:
+    model = Exploding().eval()
+    with pytest.raises(ArithmeticError, match="bad batch"):
+        model(torch.randn(1, 4))
+    (span,) = spans.get()
+    assert span.status.status_code is StatusCode.ERROR
+    assert span.attributes["error.type"] == "ArithmeticError"
+    # the failed call left nothing behind: the next call is a fresh root span
+    ok = mlp().eval()
+    ok(torch.randn(1, 4))
+    assert spans.get()[-1].parent is None
+
+
+def test_spans_nest_under_the_current_span(spans: SpanList, tracer) -> None:
+    model = mlp().eval()
+    with tracer.start_as_current_span("request") as request:
+        model(torch.randn(2, 4))
+    inference = spans.get(semconv.SPAN_INFERENCE)[0]
+    assert inference.parent.span_id == request.get_span_context().span_id
+
+
+def test_torch_load_and_load_state_dict_spans(tmp_path: Path, spans: SpanList) -> None:
+    model = mlp()
+    path = tmp_path / "model.pt"
+    torch.save(model.state_dict(), path)
+    fresh = mlp()
+    torch.manual_seed(1)
+    for p in fresh.parameters():
+        torch.nn.init.normal_(p)
+    before = otel_dl.watch(fresh, name="m")
+    before.eval()
+    before(torch.randn(1, 4))
+    fresh.load_state_dict(torch.load(path))
+    fresh(torch.randn(1, 4))
+    names = [s.name for s in spans.get()]
+    assert names == ["inference", "model.load", "model.load", "inference"]
+    first, file_load, sd_load, second = spans.get()
+    assert file_load.attributes[semconv.DL_MODEL_PATH] == str(path)
+    assert file_load.attributes[semconv.DL_STAGE] == "model_load"
+    assert len(file_load.attributes[semconv.DL_MODEL_FINGERPRINT]) >= 16
+    fp1 = first.attributes[semconv.DL_MODEL_FINGERPRINT]
+    fp2 = second.attributes[semconv.DL_MODEL_FINGERPRINT]
+    assert fp1 != fp2 == sd_load.attributes[semconv.DL_MODEL_FINGERPRINT]
+
+
+def test_whole_model_load_is_traced_and_pickles_without_hooks(
+    tmp_path: Path, spans: SpanList
+) -> None:
+    path = tmp_path / "whole.pt"
+    torch.save(mlp().eval(), path)
+    loaded = torch.load(path, weights_only=False)
+    loaded(torch.randn(2, 4))
+    load_span, call = spans.get()
+    assert call.attributes[semconv.DL_MODEL_PATH] == str(path)
+    assert load_span.attributes[semconv.DL_MODEL_NAME] == "Sequential"
+    # the traced model pickles without otel-dl's hooks
+    restored = pickle.loads(pickle.dumps(loaded))
+    assert not restored._forward_hooks and not restored._forward_pre_hooks
+
+
+def test_jit_load_model_is_traced(spans: SpanList) -> None:
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(mlp().eval()), buffer)
+    buffer.seek(0)
+    with pytest.warns(FutureWarning):
+        scripted = torch.jit.load(buffer)
+    scripted(torch.randn(5, 4))
+    load_span, call = spans.get()
+    assert load_span.name == "model.load" and call.name == "inference"
+    assert call.attributes[semconv.DL_PREDICTION_COUNT] == 5
+
+
+def test_torch_compile_adds_no_graph_break(spans: SpanList) -> None:
+    model = otel_dl.watch(mlp().eval(), name="compiled")
+    compiled = torch.compile(model, backend="eager")
+    x = torch.randn(4, 4)
+    explanation = torch._dynamo.explain(compiled)(x)
+    assert explanation.graph_break_count == 0
+    spans.clear()
+    torch.testing.assert_close(compiled(x), model(x))
+    names = [s.attributes[semconv.DL_MODEL_NAME] for s in spans.get(semconv.SPAN_INFERENCE)]
+    assert names == ["compiled", "compiled"]
+
+
+def test_uninstrument_removes_hooks(handle: otel_dl.Instrumentation, spans: SpanList) -> None:
+    model = otel_dl.watch(mlp().eval())
+    handle.shutdown()
+    model(torch.randn(2, 4))
+    assert spans.get() == []
+    assert not model._forward_hooks
+
+
+def test_traced_model_can_still_be_scripted_traced_and_exported(spans: SpanList) -> None:
+    model = mlp().eval()  # eval() under instrumentation: the model is traced
+    x = torch.randn(3, 4)
+    scripted = torch.jit.script(model)
+    jit_traced = torch.jit.trace(model, x)
+    exported = torch.export.export(model, (x,))
+    for other in (scripted, jit_traced, exported.module()):
+        torch.testing.assert_close(other(x), model(x))
+    spans.clear()
+    model(x)
+    assert len(spans.get(semconv.SPAN_INFERENCE)) == 1, "hooks restored after scripting"
