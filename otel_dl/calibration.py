@@ -84,7 +84,7 @@ class CalibrationTracker:
         confidence = p.max(axis=1).tolist()
         predicted = p.argmax(axis=1).tolist()
         with self._lock:
-            for key, conf, cls in zip(ids, confidence, predicted):
+            for key, conf, cls in zip(ids, confidence, predicted, strict=True):
                 self._pending[key] = (conf, cls)
                 self._pending.move_to_end(key)
             while len(self._pending) > self.max_pending:

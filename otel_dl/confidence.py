@@ -188,8 +188,8 @@ def summarize(outputs: Any, threshold: float = 0.5, kind: str = "auto") -> Summa
             conf, margin, entropy = _from_probabilities(scores)
         else:
             conf, margin, entropy = _from_logits(scores)
-        # NaN anywhere in a row makes its entropy NaN, so one check covers all three.
-        valid = np.isfinite(entropy)
+        # A NaN input makes the confidence or the entropy NaN, so one check covers the row.
+        valid = np.isfinite(conf + entropy)
     if not valid.all():
         conf, margin, entropy = conf[valid], margin[valid], entropy[valid]
         if not len(conf):

@@ -229,7 +229,7 @@ def _finish_numeric(
     names = reference.numeric_names
     valid = present & (ref_count > 0) & (current_count > 0) & np.isfinite(values)
     if valid.all():
-        out.update(zip(names, values.tolist()))
+        out.update(zip(names, values.tolist(), strict=True))
         out.methods.update(dict.fromkeys(names, method))
         return
     for j in np.flatnonzero(~valid).tolist():

@@ -19,6 +19,7 @@ spaced rows). Nothing here raises on data: whatever cannot be computed is left o
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Any
 
@@ -125,10 +126,9 @@ class FeatureMonitor:
     def observe(self, batch: Any) -> dict[str, AttributeValue]:
         """Span attributes for one batch; never raises on data."""
         attributes: dict[str, AttributeValue] = {}
-        try:
+        # On a failure, keep what was computed before it.
+        with contextlib.suppress(TypeError, ValueError, IndexError, OverflowError, MemoryError):
             self._observe(batch, attributes)
-        except (TypeError, ValueError, IndexError, OverflowError, MemoryError):
-            pass  # keep what was computed before the failure
         return attributes
 
     def _observe(self, batch: Any, out: dict[str, AttributeValue]) -> None:

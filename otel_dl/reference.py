@@ -106,7 +106,7 @@ def _as_rows(array: np.ndarray) -> np.ndarray:
         return array.reshape(-1, 1)
     if array.ndim == 2:
         return array
-    return array.reshape(array.shape[0], -1)
+    return array.reshape(array.shape[0], math.prod(array.shape[1:]))
 
 
 def _numeric_dtype(array: np.ndarray) -> np.ndarray | None:
@@ -656,7 +656,7 @@ def _renamed(table: Table, names: list[str]) -> Table:
     """The same table with positional names replaced; the schema stays that of the source."""
     if len(names) != len(table.names) or len(set(names)) != len(names):
         raise ValueError(f"feature_names must be {len(table.names)} unique names, got {len(names)}")
-    mapping = dict(zip(table.names, names))
+    mapping = dict(zip(table.names, names, strict=True))
     return Table(
         table.rows,
         tuple(names),
@@ -712,8 +712,10 @@ def _fit_numeric(values: np.ndarray, names: list[str], bins: int) -> _Numeric:
         sub = clean[:, has]
         minimum[has] = np.nanmin(sub, axis=0)
         maximum[has] = np.nanmax(sub, axis=0)
-        mean[has] = np.nanmean(sub, axis=0)
-        std[has] = np.nanstd(sub, axis=0)
+        # Values near the float64 limit overflow the variance to inf; that inf is honest.
+        with np.errstate(over="ignore", invalid="ignore"):
+            mean[has] = np.nanmean(sub, axis=0)
+            std[has] = np.nanstd(sub, axis=0)
         levels = np.arange(1, bins) / bins
         if bins > 1:
             quantiles = np.nanquantile(sub, levels, axis=0).reshape(bins - 1, -1)

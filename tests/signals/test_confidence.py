@@ -1,0 +1,98 @@
+"""Confidence summaries and ECE against numpy transcriptions and torchmetrics."""
+
+import numpy as np
+import pytest
+import torch
+from torchmetrics.functional.classification import multiclass_calibration_error
+
+from otel_dl.calibration import CalibrationTracker, expected_calibration_error
+from otel_dl.confidence import summarize
+
+
+def _expected(p, threshold):
+    top = np.sort(p, axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        entropy = -np.where(p > 0, p * np.log(p), 0).sum(axis=1)
+    return {
+        "mean": top[:, -1].mean(),
+        "min": top[:, -1].min(),
+        "margin_mean": (top[:, -1] - top[:, -2]).mean(),
+        "entropy_mean": entropy.mean(),
+        "low_fraction": (top[:, -1] < threshold).mean(),
+        "count": len(p),
+    }
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("classes", [2, 10, 1000])
+def test_probabilities_and_logits_agree_with_transcription(classes):
+    rng = np.random.default_rng(classes)
+    z = rng.standard_normal((64, classes)) * 3
+    expected = _expected(_softmax(z), 0.3)
+    for outputs in (z, _softmax(z), torch.tensor(z, requires_grad=True), z.tolist()):
+        got = summarize(outputs, threshold=0.3)
+        assert got.keys() == expected.keys()
+        for key, value in expected.items():
+            assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+
+
+def test_single_column_is_two_classes():
+    p = np.array([0.1, 0.5, 0.8])
+    got = summarize(p)
+    assert got == pytest.approx(_expected(np.column_stack([1 - p, p]), 0.5))
+    logits = np.array([[-2.0], [0.0], [40.0]])
+    sig = 1 / (1 + np.exp(-logits[:, 0]))
+    assert summarize(logits) == pytest.approx(_expected(np.column_stack([1 - sig, sig]), 0.5))
+
+
+def test_ort_outputs_and_zipmap():
+    probs = np.array([[0.2, 0.8], [0.6, 0.4]], dtype=np.float32)
+    labels = np.array([1, 0], dtype=np.int64)
+    assert summarize([labels, probs]) == summarize(probs)
+    zipmap = [{0: 0.2, 1: 0.8}, {0: 0.6, 1: 0.4}]
+    assert summarize(zipmap) == pytest.approx(summarize(probs))
+
+
+def test_masked_logits_and_nan_rows():
+    z = np.array([[0.0, -np.inf, 1.0], [np.nan, 1.0, 2.0]])
+    got = summarize(z)
+    assert got["count"] == 2
+    assert got["mean"] == pytest.approx(_softmax(np.array([[0.0, 1.0]]))[0].max())
+    empty = summarize(np.full((3, 2), np.nan))
+    assert set(empty) == {"count"} and empty.reason
+
+
+def test_ece_equals_torchmetrics_and_transcription():
+    rng = np.random.default_rng(2)
+    for trial in range(4):
+        p = torch.softmax(torch.tensor(rng.standard_normal((400, 6)) * (trial + 1)), 1).float()
+        y = torch.tensor(rng.integers(0, 6, 400))
+        expected = multiclass_calibration_error(p, y, num_classes=6, n_bins=15, norm="l1")
+        assert expected_calibration_error(p, y) == pytest.approx(expected.item(), abs=1e-6)
+        pn, yn = p.double().numpy(), y.numpy()
+        conf, correct = pn.max(1), pn.argmax(1) == yn
+        bins = np.minimum((conf * 15).astype(int), 15)
+        manual = sum(
+            (bins == b).mean() * abs(correct[bins == b].mean() - conf[bins == b].mean())
+            for b in range(16)
+            if (bins == b).any()
+        )
+        assert expected_calibration_error(pn, yn) == pytest.approx(manual, abs=1e-6)
+
+
+def test_tracker_matches_batch_ece_and_bounds_pending():
+    rng = np.random.default_rng(4)
+    p = _softmax(rng.standard_normal((300, 4)))
+    y = rng.integers(0, 4, 300)
+    tracker = CalibrationTracker(max_pending=250)
+    assert tracker.ece() is None
+    tracker.record(list(range(300)), p)
+    assert tracker.pending == 250 and tracker.dropped == 50
+    assert not tracker.feedback(0, 1)
+    for i in range(50, 300):
+        assert tracker.feedback(i, int(y[i]))
+    assert tracker.ece() == pytest.approx(expected_calibration_error(p[50:], y[50:]))

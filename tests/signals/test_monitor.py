@@ -1,0 +1,98 @@
+"""FeatureMonitor attributes, auto-baseline, sampling knobs; quality and provenance."""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from otel_dl import semconv
+from otel_dl._config import resolve_config
+from otel_dl.monitor import FeatureMonitor, confidence_attributes, to_features
+from otel_dl.provenance import code_version, data_fingerprint, model_fingerprint
+from otel_dl.quality import out_of_range_fraction
+from otel_dl.reference import Reference
+
+DRIFT_KEYS = {
+    semconv.DL_DRIFT_SCORE,
+    semconv.DL_DRIFT_METHOD,
+    semconv.DL_DRIFT_FEATURE,
+    semconv.DL_DRIFT_STATUS,
+}
+
+
+def test_auto_baseline_then_drift():
+    monitor = FeatureMonitor(config=resolve_config({"baseline_rows": 100}))
+    rng = np.random.default_rng(0)
+    first = monitor.observe(rng.standard_normal((60, 3)))
+    assert not DRIFT_KEYS & first.keys() and monitor.reference is None
+    assert semconv.DL_QUALITY_OUT_OF_RANGE_FRACTION not in first
+    monitor.observe(rng.standard_normal((60, 3)))  # completes the baseline
+    assert monitor.reference is not None and monitor.reference.rows == 100
+    shifted = monitor.observe(rng.standard_normal((200, 3)) + 3)
+    assert shifted.keys() >= DRIFT_KEYS
+    assert shifted[semconv.DL_DRIFT_STATUS] == "alert"
+    assert shifted[semconv.DL_QUALITY_SCHEMA_MISMATCH] is False
+
+
+def test_drift_every_and_row_cap():
+    rng = np.random.default_rng(1)
+    ref = Reference.fit(rng.standard_normal((500, 2)))
+    config = resolve_config({"drift_every": 2, "drift_max_rows": 10, "drift_window_rows": 50})
+    monitor = FeatureMonitor(ref, config=config)
+    assert not DRIFT_KEYS & monitor.observe(rng.standard_normal((40, 2))).keys()
+    assert monitor.observe(rng.standard_normal((40, 2))).keys() >= DRIFT_KEYS
+    assert monitor._tracker.rows == 10
+
+
+def test_quality_attributes():
+    ref = Reference.fit(np.array([[0.0, 0.0], [1.0, 1.0]], dtype=np.float32))
+    batch = np.array([[0.5, 2.0], [np.nan, 1.0], [-1.0, 1.0]], dtype=np.float32)
+    attributes = FeatureMonitor(ref).observe(batch)
+    assert attributes[semconv.DL_QUALITY_NAN_FRACTION] == pytest.approx(1 / 6)
+    assert attributes[semconv.DL_QUALITY_OUT_OF_RANGE_FRACTION] == pytest.approx(2 / 5)
+    assert attributes[semconv.DL_BATCH_SIZE] == 3
+    mismatch = FeatureMonitor(ref).observe(batch.astype(np.float64))
+    assert mismatch[semconv.DL_QUALITY_SCHEMA_MISMATCH] is True
+    # float32 comparisons are exact against float64 bounds: float32(0.1) lies above 0.1
+    # (inside [0.1, 0.3]) and float32(0.3) above 0.3 (outside).
+    tight = Reference.fit(np.array([[0.1], [0.3]]))
+    assert out_of_range_fraction(tight, np.array([[0.1], [0.3]], dtype=np.float32)) == 0.5
+
+
+def test_thread_safety():
+    rng = np.random.default_rng(2)
+    monitor = FeatureMonitor(config=resolve_config({"baseline_rows": 500}))
+    batches = [rng.standard_normal((50, 4)) for _ in range(40)]
+    threads = [threading.Thread(target=lambda b=b: monitor.observe(b)) for b in batches]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert monitor.reference is not None and monitor.reference.rows == 500
+
+
+def test_confidence_attributes_and_features():
+    attributes = confidence_attributes(np.array([[0.9, 0.1], [0.4, 0.6]]), threshold=0.7)
+    assert attributes[semconv.DL_PREDICTION_COUNT] == 2
+    assert attributes[semconv.DL_CONFIDENCE_LOW_FRACTION] == 0.5
+    assert confidence_attributes([]) == {semconv.DL_PREDICTION_COUNT: 0}
+    values, names = to_features({"a": np.arange(3), "s": np.array(["x", "y", "z"])})
+    assert values.shape == (3, 1) and names == ["a"]
+
+
+def test_fingerprints():
+    data = np.arange(100_000, dtype=np.float32).reshape(1000, 100)
+    assert data_fingerprint(data) == data_fingerprint(data.copy())
+    assert data_fingerprint(data) != data_fingerprint(data[:-1])
+    model = torch.nn.Linear(3, 2)
+    first = model_fingerprint(model)
+    assert first == model_fingerprint(model)
+    assert first != model_fingerprint(torch.nn.Linear(3, 2))
+    assert model_fingerprint(b"abc") == model_fingerprint(bytearray(b"abc"))
+
+
+def test_code_version(monkeypatch):
+    monkeypatch.setenv("OTEL_DL_CODE_VERSION", "v1.2")
+    assert code_version() == "v1.2"
+    assert code_version("explicit") == "explicit"
