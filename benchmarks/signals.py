@@ -74,7 +74,8 @@ def main() -> None:
     probabilities = softmax(rng.standard_normal((256, 10)).astype(np.float32))
     ours = median_us(lambda: summarize(probabilities))
     base = median_us(lambda: softmax(probabilities))
-    rows.append(("confidence.summarize probabilities (256, 10)", ours, "numpy stable softmax", base))
+    label = "confidence.summarize probabilities (256, 10)"
+    rows.append((label, ours, "numpy stable softmax", base))
 
     print(f"{'case':<52} {'median us':>10}  {'baseline':<30} {'median us':>10} {'ratio':>6}")
     for label, ours, base_label, base in rows:
