@@ -14,7 +14,7 @@ confidence; view them in Jaeger or Grafana Tempo::
 The public API is what this module exports; everything else is private.
 """
 
-from otel_dl import semconv
+from otel_dl import confidence, drift, semconv
 from otel_dl._config import Config, ConfigError
 from otel_dl._context import attributes
 from otel_dl._guard import internal_error_counts
@@ -23,16 +23,25 @@ from otel_dl._span import DlCall, Hooks
 from otel_dl._stage import StageSpan, stage
 from otel_dl._version import __version__
 from otel_dl._watch import watch
+from otel_dl.calibration import CalibrationTracker
+from otel_dl.monitor import FeatureMonitor
+from otel_dl.reference import Reference, ReferenceFileError
 
 __all__ = [
+    "CalibrationTracker",
     "Config",
     "ConfigError",
     "DlCall",
+    "FeatureMonitor",
     "Hooks",
     "Instrumentation",
+    "Reference",
+    "ReferenceFileError",
     "StageSpan",
     "__version__",
     "attributes",
+    "confidence",
+    "drift",
     "instrument",
     "internal_error_counts",
     "semconv",

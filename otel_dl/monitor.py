@@ -91,8 +91,14 @@ class FeatureMonitor:
         self._baseline_rows = 0
         self._reference: Reference | None = None
         self._tracker: DriftTracker | None = None
+        self._feature_count: int | None = None
         if reference is not None:
             self._use(reference)
+
+    @property
+    def feature_count(self) -> int | None:
+        """Features in the last batch observed (None before the first)."""
+        return self._feature_count
 
     @property
     def reference(self) -> Reference | None:
@@ -138,6 +144,7 @@ class FeatureMonitor:
             drift_now = self._batches % self.config.drift_every == 0
         table = reference.read(batch) if reference is not None else to_table(batch)
         out[semconv.DL_BATCH_SIZE] = table.rows
+        self._feature_count = len(table.names)
         out[semconv.DL_DATA_SCHEMA_FINGERPRINT] = table.schema_fingerprint
         fingerprint = data_fingerprint(table)
         if fingerprint is not None:

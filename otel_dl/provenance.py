@@ -135,14 +135,17 @@ def _compute_model_fingerprint(model: Any) -> str | None:
         return None
 
 
-def model_fingerprint(model: Any) -> str | None:
-    """Fingerprint of a model object, path or bytes, computed once per object."""
+def model_fingerprint(model: Any, *, refresh: bool = False) -> str | None:
+    """Fingerprint of a model object, path or bytes, computed once per object.
+
+    ``refresh=True`` recomputes it, for weights changed in place (``load_state_dict``).
+    """
     if isinstance(model, (str, os.PathLike, bytes, bytearray, memoryview)):
         return _compute_model_fingerprint(model)
     key = id(model)
     with _lock:
         cached = _model_cache.get(key)
-        if cached is not None and cached[0]() is model:
+        if not refresh and cached is not None and cached[0]() is model:
             return cached[1]
     value = _compute_model_fingerprint(model)
     try:

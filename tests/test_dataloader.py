@@ -104,3 +104,25 @@ class _nullcontext:
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+def test_batches_carry_drift_quality_and_fingerprints(spans: SpanList) -> None:
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(2000, 4, generator=generator)
+    x[1500:, 2] += 3.0  # the last quarter drifts on feature 2
+    x[5, 0] = float("nan")
+    loader = DataLoader(TensorDataset(x), batch_size=250)
+    h = otel_dl.instrument()  # the autouse fixture's handle: same one
+    assert h.config.baseline_rows == 1000
+    list(loader)
+    got = spans.get(semconv.SPAN_DATALOADER_BATCH)
+    assert not any(semconv.DL_DRIFT_SCORE in s.attributes for s in got[:3])
+    first, before, last = got[0], got[4], got[-1]
+    assert first.attributes[semconv.DL_QUALITY_NAN_FRACTION] == pytest.approx(1 / 1000)
+    assert before.attributes[semconv.DL_DRIFT_STATUS] == "ok"
+    assert last.attributes[semconv.DL_DRIFT_STATUS] == "alert"
+    assert last.attributes[semconv.DL_DRIFT_FEATURE] == "2"
+    assert last.attributes[semconv.DL_DRIFT_METHOD] == "psi"
+    fingerprints = {s.attributes[semconv.DL_DATA_FINGERPRINT] for s in got}
+    assert len(fingerprints) == len(got)
+    assert len({s.attributes[semconv.DL_DATA_SCHEMA_FINGERPRINT] for s in got}) == 1
