@@ -1,0 +1,239 @@
+"""ONNX Runtime instrumentation: one span per ``InferenceSession.run``.
+
+``otel_dl.instrument()`` enables it when onnxruntime is installed; by hand::
+
+    from otel_dl.instrumentors.onnxruntime import OnnxRuntimeInstrumentor
+    OnnxRuntimeInstrumentor().instrument()
+
+Every ``InferenceSession.run`` (and ``run_with_ort_values``) call becomes an
+``inference`` span (``dl.stage=inference``, ``dl.component=onnxruntime``) nested under the
+current span. It carries:
+
+- ``dl.model.framework=onnxruntime``, the model file (``dl.model.path``) and its
+  fingerprint (``dl.model.fingerprint``, of the file, or of the bytes for a session made
+  from bytes; computed once per session), the model name (the ``watch`` name, else the
+  file's stem, else the graph name) and version (the ``watch`` version, else the model's
+  metadata version), and the session's execution providers
+  (``dl.model.execution_providers``);
+- the drift, quality and data fingerprint of the input: the model's first declared
+  input, or the inputs named by ``otel_dl.watch(session, features=["pixels", ...])``;
+- the confidence of the output when one output looks like class scores (the last 2-D
+  floating-point output, or a ZipMap list of ``{class: probability}`` dicts), and
+  ``dl.prediction.count``.
+
+Attach a reference and provenance to one session with
+``otel_dl.watch(session, name="fraud", version="7", reference=ref)``. OrtValue inputs and
+outputs are read only when they live in CPU memory; device tensors give no signals.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import wrapt
+from opentelemetry.instrumentation.utils import unwrap
+
+from otel_dl import semconv
+from otel_dl._config import get_config
+from otel_dl._guard import report_internal_error
+from otel_dl._span import NO_HOOKS, Attributes, DlCall, Hooks, traced_call
+from otel_dl._watch import ensure_state
+from otel_dl.monitor import confidence_attributes
+from otel_dl.provenance import model_fingerprint
+
+from ._base import DlInstrumentor
+
+DL_MODEL_EXECUTION_PROVIDERS: Final = "dl.model.execution_providers"
+
+_MODULE = "onnxruntime.capi.onnxruntime_inference_collection"
+_FRAMEWORK = "onnxruntime"
+_SITE = "onnxruntime.run"
+
+
+@dataclass(frozen=True)
+class _SessionInfo:
+    """What never changes for a session, read once."""
+
+    path: str | None
+    fingerprint: str | None
+    name: str | None
+    version: str | None
+    first_input: str | None
+
+
+_info_lock = threading.Lock()
+_infos: weakref.WeakKeyDictionary[Any, _SessionInfo] = weakref.WeakKeyDictionary()
+
+
+def _read_info(session: Any) -> _SessionInfo:
+    path = getattr(session, "_model_path", None)
+    path = path if isinstance(path, str) and path else None
+    if path is not None:
+        fingerprint = model_fingerprint(path)
+    else:
+        model_bytes = getattr(session, "_model_bytes", None)
+        fingerprint = model_fingerprint(model_bytes) if model_bytes else None
+    graph_name: str | None = None
+    version: str | None = None
+    try:
+        meta = session.get_modelmeta()
+        graph_name = meta.graph_name or None
+        version = str(meta.version) if meta.version else None
+    except Exception:
+        report_internal_error(f"{_SITE}.metadata")
+    stem = os.path.splitext(os.path.basename(path))[0] if path is not None else None
+    inputs = session.get_inputs()
+    return _SessionInfo(
+        path=path,
+        fingerprint=fingerprint,
+        name=stem or graph_name,
+        version=version,
+        first_input=inputs[0].name if inputs else None,
+    )
+
+
+def _session_info(session: Any) -> _SessionInfo:
+    info = _infos.get(session)
+    if info is None:
+        # Fingerprinting reads the model file: do it once per session, not per call.
+        with _info_lock:
+            info = _infos.get(session)
+            if info is None:
+                info = _read_info(session)
+                _infos[session] = info
+    return info
+
+
+def _to_numpy(value: Any) -> Any:
+    """A numpy view of an input or output, or None for device OrtValues and other types."""
+    if hasattr(value, "device_name") and hasattr(value, "numpy"):  # OrtValue
+        if value.device_name().lower() != "cpu" or not value.is_tensor():
+            return None
+        return value.numpy()
+    return value
+
+
+def _select_inputs(
+    feed: Mapping[str, Any], features: Sequence[str] | None, first: str | None
+) -> Any:
+    names = list(features) if features is not None else [first] if first is not None else []
+    picked = {name: _to_numpy(feed[name]) for name in names if name in feed}
+    picked = {name: value for name, value in picked.items() if value is not None}
+    if not picked:
+        return None
+    return next(iter(picked.values())) if len(picked) == 1 else picked
+
+
+def _class_scores(outputs: Sequence[Any]) -> Any:
+    """The output that holds class scores, or None: sklearn-onnx puts them last."""
+    for value in reversed(outputs):
+        if isinstance(value, list) and value and isinstance(value[0], Mapping):
+            return value  # ZipMap: one {class: probability} dict per row
+        array = _to_numpy(value)
+        dtype = getattr(array, "dtype", None)
+        if getattr(array, "ndim", 0) == 2 and dtype is not None and dtype.kind == "f":
+            return array
+    return None
+
+
+def _row_count(value: Any) -> int | None:
+    shape = getattr(value, "shape", None)
+    if shape:
+        return int(shape[0])
+    return len(value) if isinstance(value, list) else None
+
+
+class OnnxRuntimeInstrumentor(DlInstrumentor):
+    """Traces ONNX Runtime ``InferenceSession`` runs; see the module docstring."""
+
+    _hooks: Hooks = NO_HOOKS
+
+    def instrumentation_dependencies(self) -> Collection[str]:
+        return ("onnxruntime >= 1.17",)
+
+    def _instrument(self, **kwargs: Any) -> None:
+        self._hooks = self.hooks_from(kwargs)
+        wrapt.wrap_function_wrapper(_MODULE, "Session.run", self._wrap_run)
+        from onnxruntime.capi import onnxruntime_inference_collection as collection
+
+        if hasattr(collection.Session, "run_with_ort_values"):
+            wrapt.wrap_function_wrapper(_MODULE, "Session.run_with_ort_values", self._wrap_run)
+
+    def _uninstrument(self, **kwargs: Any) -> None:
+        from onnxruntime.capi import onnxruntime_inference_collection as collection
+
+        unwrap(collection.Session, "run")
+        unwrap(collection.Session, "run_with_ort_values")
+
+    def _wrap_run(self, wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        return traced_call(
+            wrapped,
+            instance,
+            args,
+            kwargs,
+            site=_SITE,
+            name=semconv.SPAN_INFERENCE,
+            stage=semconv.STAGE_INFERENCE,
+            component=semconv.COMPONENT_ONNXRUNTIME,
+            before=self._model_attributes,
+            after=self._signals,
+            hooks=self._hooks,
+        )
+
+    @staticmethod
+    def _model_attributes(call: DlCall) -> Attributes:
+        session = call.instance
+        state = ensure_state(session)
+        info = _session_info(session)
+        attrs: Attributes = state.provenance()
+        attrs[semconv.DL_MODEL_FRAMEWORK] = _FRAMEWORK
+        name = state.name or info.name
+        if name is not None:
+            attrs[semconv.DL_MODEL_NAME] = name
+        version = state.version or info.version
+        if version is not None:
+            attrs[semconv.DL_MODEL_VERSION] = version
+        if info.path is not None:
+            attrs[semconv.DL_MODEL_PATH] = info.path
+        if info.fingerprint is not None:
+            attrs[semconv.DL_MODEL_FINGERPRINT] = info.fingerprint
+        attrs[DL_MODEL_EXECUTION_PROVIDERS] = list(session.get_providers())
+        return attrs
+
+    @staticmethod
+    def _signals(call: DlCall, outputs: Any) -> Attributes:
+        attrs: Attributes = {}
+        config = get_config()
+        session = call.instance
+        feed = (
+            call.args[1]
+            if len(call.args) > 1
+            else call.kwargs.get("input_feed", call.kwargs.get("input_dict_ort_values"))
+        )
+        if isinstance(feed, Mapping):
+            try:
+                state = ensure_state(session)
+                features = _select_inputs(feed, state.features, _session_info(session).first_input)
+                first = next(iter(features.values())) if isinstance(features, dict) else features
+                rows = _row_count(first)
+                if rows is not None:
+                    attrs[semconv.DL_BATCH_SIZE] = rows
+                if features is not None and config.signals:
+                    attrs.update(state.monitor().observe(features))
+            except Exception:
+                # The span still goes out, with the output's signals.
+                report_internal_error(f"{_SITE}.input_signals")
+        if isinstance(outputs, Sequence) and outputs:
+            scores = _class_scores(outputs) if config.signals else None
+            if scores is not None:
+                attrs.update(confidence_attributes(scores, config.confidence_threshold))
+            else:
+                rows = _row_count(_to_numpy(outputs[0]))
+                if rows is not None:
+                    attrs[semconv.DL_PREDICTION_COUNT] = rows
+        return attrs

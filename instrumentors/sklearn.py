@@ -1,0 +1,324 @@
+"""scikit-learn instrumentation: one span per outermost ``predict`` call.
+
+``otel_dl.instrument()`` enables it when scikit-learn is installed; by hand::
+
+    from otel_dl.instrumentors.sklearn import SklearnInstrumentor
+    SklearnInstrumentor().instrument()
+
+Every ``predict``, ``predict_proba`` and ``decision_function`` call on an estimator
+becomes an ``inference`` span (``dl.stage=inference``, ``dl.component=sklearn``). Only the
+outermost call makes a span: a Pipeline calling its steps, a forest calling its trees or
+``predict`` calling ``predict_proba`` all make one span, also when the inner calls run on
+joblib threads (``n_jobs``).
+
+Which estimators: every class derived from ``sklearn.base.BaseEstimator`` that has one
+of those methods, whether defined before or after instrumentation (scikit-learn's own,
+Pipeline, and third-party or user estimators that follow the scikit-learn API). Each
+method is wrapped once, on the class that defines it (often a mixin such as
+``LinearClassifierMixin``), so no list of classes is kept,
+and ``otel_dl.watch(estimator, name=..., version=..., reference=...)`` works on any of
+them. Nothing is imported up front: the wrapping happens when ``sklearn.base`` is first
+imported, so an application that never uses scikit-learn pays nothing.
+
+The span carries the model name (the ``watch`` name, else the class name), version,
+``dl.model.framework=sklearn``, the estimator's class (``dl.model.class``), the method
+(``dl.model.method``), a Pipeline's step classes (``dl.model.steps``), the fingerprint
+of the fitted estimator (of its pickle, computed once per estimator object: refit a new
+object to get a new fingerprint), the drift, quality and fingerprint of ``X`` (the
+columns named by ``watch(estimator, features=[...])`` when given; sparse input gives no
+data signals), and ``dl.prediction.count``. ``predict_proba`` adds the confidence of the
+probabilities; ``decision_function`` the confidence of its scores read as logits.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import types
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from contextvars import ContextVar
+from typing import Any, ClassVar, Final
+
+import wrapt
+
+from otel_dl import semconv
+from otel_dl._config import get_config
+from otel_dl._guard import report_internal_error
+from otel_dl._span import NO_HOOKS, Attributes, DlCall, Hooks, traced_call
+from otel_dl._watch import ensure_state
+from otel_dl.monitor import confidence_attributes
+from otel_dl.provenance import model_fingerprint
+
+from ._base import DlInstrumentor
+
+DL_MODEL_CLASS: Final = "dl.model.class"
+DL_MODEL_METHOD: Final = "dl.model.method"
+DL_MODEL_STEPS: Final = "dl.model.steps"
+
+_METHODS: Final = ("predict", "predict_proba", "decision_function")
+_CONFIDENCE_METHODS: Final = ("predict_proba", "decision_function")
+_FRAMEWORK = "sklearn"
+_BASE_MODULE = "sklearn.base"
+_PARALLEL_MODULE = "sklearn.utils.parallel"
+_NESTED_ATTR = "_otel_dl_nested"
+
+# True while an instrumented call runs: calls made inside it make no span.
+_in_call: ContextVar[bool] = ContextVar("otel_dl_sklearn_in_call", default=False)
+_ABSENT: Final = object()
+
+
+class _MethodWrapper(wrapt.FunctionWrapper):  # type: ignore[misc]
+    """Marks a method this instrumentor wrapped, so a class is never wrapped twice."""
+
+
+def _wrappable(attr: Any) -> bool:
+    # Plain functions and scikit-learn's ``available_if`` descriptors; not properties.
+    if isinstance(attr, _MethodWrapper | property | classmethod | staticmethod):
+        return False
+    return isinstance(attr, types.FunctionType) or hasattr(attr, "__get__")
+
+
+def _subclasses(root: type) -> list[type]:
+    found: dict[type, None] = {}
+    pending = [root]
+    while pending:
+        sub: type
+        for sub in pending.pop().__subclasses__():
+            if sub not in found:
+                found[sub] = None
+                pending.append(sub)
+    return list(found)
+
+
+def _input(call: DlCall) -> Any:
+    return call.args[0] if call.args else call.kwargs.get("X")
+
+
+def _select(X: Any, features: Sequence[Any] | None) -> Any:
+    if features is None:
+        return X
+    if hasattr(X, "columns"):
+        return X[list(features)]
+    if getattr(X, "ndim", 0) == 2 and all(isinstance(f, int) for f in features):
+        return X[:, list(features)]
+    return X
+
+
+def _is_sparse(X: Any) -> bool:
+    return hasattr(X, "nnz") and hasattr(X, "toarray")
+
+
+class SklearnInstrumentor(DlInstrumentor):
+    """Traces scikit-learn estimators' predictions; see the module docstring."""
+
+    _hooks: Hooks = NO_HOOKS
+    # Class-level: BaseInstrumentor is a singleton whose __init__ runs on every call.
+    _enabled = False
+    _import_hooks_registered = False
+    _lock = threading.RLock()
+    _wrapped: ClassVar[list[tuple[type, str, Any]]] = []
+    _original_init_subclass: Any = None
+    _parallel_patched = False
+
+    def instrumentation_dependencies(self) -> Collection[str]:
+        return ("scikit-learn >= 1.3",)
+
+    # -- patching -----------------------------------------------------------------------
+    def _instrument(self, **kwargs: Any) -> None:
+        self._hooks = self.hooks_from(kwargs)
+        type(self)._enabled = True
+        if not type(self)._import_hooks_registered:
+            type(self)._import_hooks_registered = True
+            # Called at once for a module already imported, else when it is imported.
+            wrapt.register_post_import_hook(self._on_base_import, _BASE_MODULE)
+            wrapt.register_post_import_hook(self._on_parallel_import, _PARALLEL_MODULE)
+        else:
+            if _BASE_MODULE in sys.modules:
+                self._on_base_import(sys.modules[_BASE_MODULE])
+            if _PARALLEL_MODULE in sys.modules:
+                self._on_parallel_import(sys.modules[_PARALLEL_MODULE])
+
+    def _uninstrument(self, **kwargs: Any) -> None:
+        cls = type(self)
+        with cls._lock:
+            cls._enabled = False
+            for owner, name, original in cls._wrapped:
+                if isinstance(owner.__dict__.get(name), _MethodWrapper):
+                    setattr(owner, name, original)
+            cls._wrapped.clear()
+            base = sys.modules.get(_BASE_MODULE)
+            if base is not None and cls._original_init_subclass is not None:
+                estimator = base.BaseEstimator
+                if cls._original_init_subclass is _ABSENT:
+                    del estimator.__init_subclass__
+                else:
+                    estimator.__init_subclass__ = cls._original_init_subclass
+                cls._original_init_subclass = None
+            parallel = sys.modules.get(_PARALLEL_MODULE)
+            if parallel is not None and cls._parallel_patched:
+                from opentelemetry.instrumentation.utils import unwrap
+
+                unwrap(parallel.Parallel, "__call__")
+                unwrap(parallel._FuncWrapper, "__call__")
+                cls._parallel_patched = False
+
+    def _on_base_import(self, module: Any) -> None:
+        cls = type(self)
+        with cls._lock:
+            if not cls._enabled or cls._original_init_subclass is not None:
+                return
+            estimator = module.BaseEstimator
+            original = estimator.__dict__.get("__init_subclass__", _ABSENT)
+            cls._original_init_subclass = original
+            wrap_class = self.wrap_class
+
+            # Estimator classes defined from now on (by modules imported later) are
+            # wrapped as they are created; the ones that exist already, right below.
+            def __init_subclass__(klass: Any, **kwargs: Any) -> None:
+                if original is _ABSENT:
+                    super(estimator, klass).__init_subclass__(**kwargs)
+                else:
+                    original.__get__(None, klass)(**kwargs)
+                try:
+                    wrap_class(klass)
+                except Exception:
+                    report_internal_error("sklearn.wrap_class")
+
+            estimator.__init_subclass__ = classmethod(__init_subclass__)
+        for klass in (estimator, *_subclasses(estimator)):
+            self.wrap_class(klass)
+
+    def _on_parallel_import(self, module: Any) -> None:
+        cls = type(self)
+        if (
+            not cls._enabled
+            or cls._parallel_patched
+            or not hasattr(module, "_FuncWrapper")
+            or not hasattr(module, "Parallel")
+        ):
+            return
+        # A forest's trees predict on joblib threads, where the caller's context is not
+        # set: mark the tasks that scikit-learn's Parallel dispatches from inside a traced
+        # call, so they run as nested calls and make no spans of their own.
+        wrapt.wrap_function_wrapper(module, "Parallel.__call__", _mark_tasks)
+        wrapt.wrap_function_wrapper(module, "_FuncWrapper.__call__", _run_task)
+        cls._parallel_patched = True
+
+    def wrap_class(self, klass: type) -> None:
+        """Wrap the prediction methods of ``klass`` where they are defined (idempotent).
+
+        That is often a mixin (``LinearClassifierMixin.predict``), shared by many
+        estimators, so each method is wrapped once, on its defining class.
+        """
+        cls = type(self)
+        with cls._lock:
+            if not cls._enabled:
+                return
+            for name in _METHODS:
+                owner = next((c for c in klass.__mro__ if name in c.__dict__), None)
+                if owner is None or not _wrappable(owner.__dict__[name]):
+                    continue
+                attr = owner.__dict__[name]
+                setattr(owner, name, _MethodWrapper(attr, self._wrapper(name)))
+                cls._wrapped.append((owner, name, attr))
+
+    # -- calls --------------------------------------------------------------------------
+    def _wrapper(self, method: str) -> Callable[..., Any]:
+        site = f"sklearn.{method}"
+
+        def before(call: DlCall) -> Attributes:
+            return self._model_attributes(call.instance, method)
+
+        def after(call: DlCall, result: Any) -> Attributes:
+            return self._signals(call, method, result)
+
+        def wrapper(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+            if _in_call.get():
+                return wrapped(*args, **kwargs)
+            token = _in_call.set(True)
+            try:
+                return traced_call(
+                    wrapped,
+                    instance,
+                    args,
+                    kwargs,
+                    site=site,
+                    name=semconv.SPAN_INFERENCE,
+                    stage=semconv.STAGE_INFERENCE,
+                    component=semconv.COMPONENT_SKLEARN,
+                    before=before,
+                    after=after,
+                    hooks=self._hooks,
+                )
+            finally:
+                _in_call.reset(token)
+
+        return wrapper
+
+    @staticmethod
+    def _model_attributes(estimator: Any, method: str) -> Attributes:
+        state = ensure_state(estimator)
+        klass = type(estimator)
+        attrs: Attributes = state.provenance()
+        attrs[semconv.DL_MODEL_NAME] = state.name or klass.__name__
+        if state.version is not None:
+            attrs[semconv.DL_MODEL_VERSION] = state.version
+        attrs[semconv.DL_MODEL_FRAMEWORK] = _FRAMEWORK
+        attrs[DL_MODEL_CLASS] = f"{klass.__module__}.{klass.__qualname__}"
+        attrs[DL_MODEL_METHOD] = method
+        steps = getattr(estimator, "steps", None)
+        if isinstance(steps, list):
+            attrs[DL_MODEL_STEPS] = [type(step).__name__ for _, step in steps]
+        fingerprint = model_fingerprint(estimator)
+        if fingerprint is not None:
+            attrs[semconv.DL_MODEL_FINGERPRINT] = fingerprint
+        return attrs
+
+    @staticmethod
+    def _signals(call: DlCall, method: str, result: Any) -> Attributes:
+        attrs: Attributes = {}
+        config = get_config()
+        shape = getattr(result, "shape", None)
+        if shape:
+            attrs[semconv.DL_PREDICTION_COUNT] = int(shape[0])
+        if config.signals and method in _CONFIDENCE_METHODS and shape and len(shape) <= 2:
+            attrs.update(confidence_attributes(result, config.confidence_threshold))
+        X = _input(call)
+        if X is None or _is_sparse(X):
+            return attrs
+        rows = getattr(X, "shape", None)
+        if rows:
+            attrs[semconv.DL_BATCH_SIZE] = int(rows[0])
+        if config.signals:
+            try:
+                state = ensure_state(call.instance)
+                attrs.update(state.monitor().observe(_select(X, state.features)))
+            except Exception:
+                # The span still goes out, with the output's signals.
+                report_internal_error("sklearn.input_signals")
+        return attrs
+
+
+def _marked(tasks: Iterable[Any]) -> Iterator[Any]:
+    for task in tasks:
+        try:
+            setattr(task[0], _NESTED_ATTR, True)
+        except Exception:
+            report_internal_error("sklearn.parallel")
+        yield task
+
+
+def _mark_tasks(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+    if not _in_call.get() or len(args) != 1 or kwargs:
+        return wrapped(*args, **kwargs)
+    return wrapped(_marked(args[0]))
+
+
+def _run_task(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+    if not getattr(instance, _NESTED_ATTR, False):
+        return wrapped(*args, **kwargs)
+    token = _in_call.set(True)
+    try:
+        return wrapped(*args, **kwargs)
+    finally:
+        _in_call.reset(token)

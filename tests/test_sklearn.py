@@ -1,0 +1,188 @@
+"""The scikit-learn instrumentor on real fitted estimators and Pipelines."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from conftest import SpanList
+from opentelemetry.instrumentation.utils import suppress_instrumentation
+from opentelemetry.trace import StatusCode
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.datasets import make_classification
+from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
+from sklearn.exceptions import NotFittedError
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+
+import otel_dl
+from otel_dl import semconv
+from otel_dl.instrumentors.sklearn import DL_MODEL_CLASS, DL_MODEL_METHOD, DL_MODEL_STEPS
+
+X, Y = make_classification(
+    n_samples=300, n_features=6, n_informative=4, n_classes=3, random_state=0
+)
+X = X.astype(np.float64)
+
+
+@pytest.fixture(autouse=True)
+def handle() -> Iterator[otel_dl.Instrumentation]:
+    h = otel_dl.instrument()
+    yield h
+    h.shutdown()
+
+
+def _one(spans: SpanList) -> dict:
+    got = spans.get(semconv.SPAN_INFERENCE)
+    assert len(got) == 1, [s.attributes.get(DL_MODEL_CLASS) for s in got]
+    assert got[0].status.status_code is StatusCode.UNSET
+    return dict(got[0].attributes)
+
+
+def test_logistic_regression_predict_proba(spans: SpanList, tracer) -> None:
+    model = LogisticRegression(max_iter=200).fit(X, Y)
+    with tracer.start_as_current_span("request") as request:
+        proba = model.predict_proba(X[:50])
+    attrs = _one(spans)
+    assert spans.get(semconv.SPAN_INFERENCE)[0].parent.span_id == (
+        request.get_span_context().span_id
+    )
+    assert attrs[semconv.DL_STAGE] == "inference"
+    assert attrs[semconv.DL_COMPONENT] == "sklearn"
+    assert attrs[semconv.DL_MODEL_FRAMEWORK] == "sklearn"
+    assert attrs[semconv.DL_MODEL_NAME] == "LogisticRegression"
+    assert attrs[DL_MODEL_CLASS].endswith(".LogisticRegression")
+    assert attrs[DL_MODEL_METHOD] == "predict_proba"
+    assert len(attrs[semconv.DL_MODEL_FINGERPRINT]) == 32
+    assert attrs[semconv.DL_BATCH_SIZE] == 50
+    assert attrs[semconv.DL_PREDICTION_COUNT] == 50
+    assert attrs[semconv.DL_CONFIDENCE_MEAN] == pytest.approx(proba.max(axis=1).mean())
+    assert attrs[semconv.DL_CONFIDENCE_MIN] == pytest.approx(proba.max(axis=1).min())
+    assert semconv.DL_QUALITY_NAN_FRACTION in attrs
+
+
+def test_predict_calling_other_methods_makes_one_span(spans: SpanList) -> None:
+    model = LogisticRegression(max_iter=200).fit(X, Y)
+    model.predict(X[:10])  # runs decision_function inside
+    attrs = _one(spans)
+    assert attrs[DL_MODEL_METHOD] == "predict"
+    assert attrs[semconv.DL_PREDICTION_COUNT] == 10
+    assert semconv.DL_CONFIDENCE_MEAN not in attrs
+    spans.clear()
+    scores = model.decision_function(X[:10])
+    attrs = _one(spans)
+    assert attrs[DL_MODEL_METHOD] == "decision_function"
+    assert scores.shape == (10, 3)
+    assert 0.0 < attrs[semconv.DL_CONFIDENCE_MEAN] <= 1.0
+
+
+def test_random_forest_trees_on_threads_make_no_spans(spans: SpanList) -> None:
+    model = RandomForestClassifier(n_estimators=8, n_jobs=2, random_state=0).fit(X, Y)
+    spans.clear()
+    model.predict(X[:20])
+    assert _one(spans)[DL_MODEL_METHOD] == "predict"
+    spans.clear()
+    proba = model.predict_proba(X[:20])
+    attrs = _one(spans)
+    assert attrs[semconv.DL_MODEL_NAME] == "RandomForestClassifier"
+    assert attrs[semconv.DL_CONFIDENCE_MEAN] == pytest.approx(proba.max(axis=1).mean())
+
+
+def test_hist_gradient_boosting(spans: SpanList) -> None:
+    model = HistGradientBoostingClassifier(max_iter=10).fit(X, Y)
+    spans.clear()
+    for method in ("predict", "predict_proba", "decision_function"):
+        getattr(model, method)(X[:30])
+        attrs = _one(spans)
+        assert attrs[DL_MODEL_METHOD] == method
+        assert attrs[semconv.DL_PREDICTION_COUNT] == 30
+        spans.clear()
+
+
+def test_pipeline_makes_one_span_for_all_its_steps(spans: SpanList) -> None:
+    pipe = Pipeline([("scale", StandardScaler()), ("clf", LogisticRegression(max_iter=200))])
+    pipe.fit(X, Y)
+    proba = pipe.predict_proba(X[:40])
+    attrs = _one(spans)
+    assert attrs[semconv.DL_MODEL_NAME] == "Pipeline"
+    assert attrs[DL_MODEL_CLASS] == "sklearn.pipeline.Pipeline"
+    assert list(attrs[DL_MODEL_STEPS]) == ["StandardScaler", "LogisticRegression"]
+    assert attrs[semconv.DL_CONFIDENCE_MEAN] == pytest.approx(proba.max(axis=1).mean())
+    assert hasattr(pipe, "predict_proba")
+    no_proba = Pipeline([("scale", StandardScaler())])
+    assert not hasattr(no_proba, "predict_proba")  # available_if still decides
+
+
+def test_watch_and_drift_against_a_learned_baseline(spans: SpanList) -> None:
+    model = otel_dl.watch(
+        LogisticRegression(max_iter=200).fit(X, Y), name="churn", version="3", owner="growth"
+    )
+    model.predict(np.tile(X, (4, 1)))  # 1,200 rows: the baseline
+    shifted = X.copy()
+    shifted[:, 1] += 10.0
+    model.predict(shifted)
+    first, second = spans.get(semconv.SPAN_INFERENCE)
+    assert first.attributes[semconv.DL_MODEL_NAME] == "churn"
+    assert first.attributes[semconv.DL_MODEL_VERSION] == "3"
+    assert first.attributes["owner"] == "growth"
+    assert second.attributes[semconv.DL_DRIFT_STATUS] == "alert"
+    assert second.attributes[semconv.DL_DRIFT_FEATURE] == "1"
+
+
+class Thresholder(ClassifierMixin, BaseEstimator):
+    """A user estimator defined before instrumentation."""
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> Thresholder:
+        self.classes_ = np.unique(y)
+        return self
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return (X[:, 0] > 0).astype(int)
+
+
+def test_user_estimators_defined_before_and_after_instrumentation(spans: SpanList) -> None:
+    class Late(Thresholder):
+        def predict(self, X: np.ndarray) -> np.ndarray:
+            return super().predict(X) * 2
+
+    Thresholder().fit(X, Y).predict(X)
+    assert _one(spans)[semconv.DL_MODEL_NAME] == "Thresholder"
+    spans.clear()
+    Late().fit(X, Y).predict(X)
+    assert _one(spans)[semconv.DL_MODEL_NAME] == "Late"
+
+
+def test_user_errors_are_recorded_and_reraised_unchanged(spans: SpanList) -> None:
+    model = LogisticRegression(max_iter=200).fit(X, Y)
+    with suppress_instrumentation(), pytest.raises(ValueError) as bare:
+        model.predict(X[:5, :3])
+    with pytest.raises(ValueError) as got:
+        model.predict(X[:5, :3])
+    assert str(got.value) == str(bare.value)
+    (span,) = spans.get(semconv.SPAN_INFERENCE)
+    assert span.status.status_code is StatusCode.ERROR
+    assert span.attributes["error.type"] == "ValueError"
+    spans.clear()
+    with pytest.raises(NotFittedError):
+        LogisticRegression().predict_proba(X)
+    (span,) = spans.get(semconv.SPAN_INFERENCE)
+    assert span.attributes["error.type"] == "NotFittedError"
+
+
+def test_uninstrument_restores_the_classes(
+    spans: SpanList, handle: otel_dl.Instrumentation
+) -> None:
+    model = LogisticRegression(max_iter=200).fit(X, Y)
+    signature = inspect.signature(LogisticRegression.predict_proba)
+    handle.shutdown()
+    assert inspect.isfunction(LogisticRegression.__dict__["predict_proba"])
+    assert inspect.signature(LogisticRegression.predict_proba) == signature
+    model.predict_proba(X[:5])
+    assert spans.get() == []
+    again = otel_dl.instrument()
+    model.predict_proba(X[:5])
+    assert len(spans.get(semconv.SPAN_INFERENCE)) == 1
+    again.shutdown()
