@@ -1,0 +1,70 @@
+"""The collector's HTTP API: attributed faults as JSON and its own Prometheus metrics.
+
+Served on ``--api-port`` by :func:`api_routes`:
+
+- ``GET /api/faults``: faults from the store, newest first, as
+  ``{"faults": [{trace_id, time, service, span_id, span_name, kind, mode, origin,
+  score, severity, owner, runbook, evidence, candidates}, ...]}``. Query parameters:
+  ``since`` and ``until`` (unix seconds, or ``since=15m`` / ``2h`` / ``1d`` back from
+  now), ``limit`` (default 100, at most 10000), ``service`` and ``kind`` filters.
+- ``GET /metrics``: the Prometheus text exposition of :class:`~.metrics.CollectorMetrics`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from .metrics import CollectorMetrics
+from .store import query_faults
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_since(text: str, now: float | None = None) -> float:
+    """Unix seconds from ``text``: a number, or a duration back from now (``15m``, ``2h``)."""
+    text = text.strip()
+    now = time.time() if now is None else now
+    if text and text[-1] in _UNITS:
+        return now - float(text[:-1]) * _UNITS[text[-1]]
+    return float(text)
+
+
+def api_routes(app: web.Application, store: Path | None, metrics: CollectorMetrics) -> None:
+    """Add ``/api/faults`` and ``/metrics`` to an aiohttp application."""
+
+    async def faults(request: web.Request) -> web.Response:
+        if store is None:
+            return web.json_response(
+                {"error": "the fault store is disabled; start the collector with --store PATH"},
+                status=404,
+            )
+        q = request.query
+        try:
+            since = parse_since(q.get("since", "0"))
+            until = parse_since(q["until"]) if "until" in q else None
+            limit = min(10_000, max(1, int(q.get("limit", "100"))))
+        except ValueError:
+            return web.json_response(
+                {"error": "since/until must be unix seconds or like 15m, 2h, 1d; limit an integer"},
+                status=400,
+            )
+        rows = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: query_faults(store, since, until, limit * 10)
+        )
+        rows = [
+            r
+            for r in rows
+            if q.get("service", r.service) == r.service and q.get("kind", r.kind) == r.kind
+        ][:limit]
+        return web.json_response({"faults": [r.as_json() for r in rows]})
+
+    async def prometheus(_request: web.Request) -> web.Response:
+        return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app.router.add_get("/api/faults", faults)
+    app.router.add_get("/metrics", prometheus)

@@ -1,0 +1,263 @@
+"""Trace assembly: group spans from every service by trace id and decide when a trace is whole.
+
+:func:`flatten` turns an OTLP ``ExportTraceServiceRequest`` into :class:`SpanRecord`
+objects that keep their resource and scope, so the spans can be regrouped for export.
+:class:`TraceBuffer` holds the traces being assembled::
+
+    buffer = TraceBuffer(decision_wait=5.0, early_grace=1.0, max_spans=200_000, max_traces=50_000)
+    late, evicted = buffer.add(records, now=time.monotonic())
+    for trace in buffer.pop_complete(now=time.monotonic()):
+        ...
+
+Completion rule: a trace is complete ``decision_wait`` seconds after its last span
+arrived. It completes sooner, ``early_grace`` seconds after its last span, when its
+root span (no parent) has arrived and every span it holds has its parent in the trace:
+OTLP carries only ended spans, so a span whose parent is missing is the only sign that
+work is still open somewhere. Memory is bounded by ``max_spans`` and ``max_traces``:
+beyond either, the oldest traces are evicted (decided at once and forwarded). Spans of
+an already decided trace are returned as *late* by :meth:`TraceBuffer.add`, to be given
+the recorded decision from the :class:`DecisionCache`.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+
+_SERVICE_NAME = "service.name"
+_UNKNOWN_SERVICE = "unknown_service"
+_STATUS_ERROR = Status.STATUS_CODE_ERROR
+
+
+class PayloadError(ValueError):
+    """An OTLP payload that cannot be accepted; the message names the cause."""
+
+
+@dataclass(frozen=True, eq=False)
+class ResourceRef:
+    """A resource shared by the spans of one ``ResourceSpans``."""
+
+    resource: Resource
+    schema_url: str
+    service: str
+    key: bytes
+
+
+@dataclass(frozen=True, eq=False)
+class ScopeRef:
+    """An instrumentation scope shared by the spans of one ``ScopeSpans``."""
+
+    scope: InstrumentationScope
+    schema_url: str
+    key: bytes
+
+
+class SpanRecord:
+    """One received span, with what assembly and attribution read from it."""
+
+    __slots__ = (
+        "attrs",
+        "end",
+        "exception",
+        "journal_segment",
+        "kind",
+        "name",
+        "parent_id",
+        "resource",
+        "scope",
+        "span",
+        "span_id",
+        "start",
+        "status_error",
+        "trace_id",
+    )
+
+    def __init__(self, span: Span, resource: ResourceRef, scope: ScopeRef, wanted: frozenset[str]):
+        self.span = span
+        self.resource = resource
+        self.scope = scope
+        self.trace_id: bytes = span.trace_id
+        self.span_id: bytes = span.span_id
+        self.parent_id: bytes = span.parent_span_id
+        self.name: str = span.name
+        self.kind: int = span.kind
+        self.start: int = span.start_time_unix_nano
+        self.end: int = span.end_time_unix_nano
+        self.status_error: bool = span.status.code == _STATUS_ERROR
+        self.exception: bool = any(e.name == "exception" for e in span.events)
+        self.attrs: dict[str, Any] = {
+            kv.key: any_value(kv.value) for kv in span.attributes if kv.key in wanted
+        }
+        self.journal_segment: int = -1
+
+    @property
+    def service(self) -> str:
+        return self.resource.service
+
+    @property
+    def duration(self) -> float:
+        """Duration in seconds (0 when the end precedes the start)."""
+        return max(0, self.end - self.start) / 1e9
+
+
+def any_value(value: AnyValue) -> Any:
+    """The Python value of an OTLP ``AnyValue`` (arrays as tuples, kvlists as dicts)."""
+    which = value.WhichOneof("value")
+    if which is None:
+        return None
+    if which == "array_value":
+        return tuple(any_value(v) for v in value.array_value.values)
+    if which == "kvlist_value":
+        return {kv.key: any_value(kv.value) for kv in value.kvlist_value.values}
+    return getattr(value, which)
+
+
+def flatten(
+    request: ExportTraceServiceRequest, wanted: frozenset[str]
+) -> tuple[list[SpanRecord], int, str]:
+    """Turn a request into records; return ``(records, rejected, error_message)``.
+
+    Spans with a trace id other than 16 bytes or a span id other than 8 bytes are
+    rejected (OTLP partial success) rather than failing the whole request.
+    """
+    records: list[SpanRecord] = []
+    rejected = 0
+    for rs in request.resource_spans:
+        service = _UNKNOWN_SERVICE
+        for kv in rs.resource.attributes:
+            if kv.key == _SERVICE_NAME:
+                service = kv.value.string_value or _UNKNOWN_SERVICE
+                break
+        rkey = rs.resource.SerializeToString(deterministic=True) + rs.schema_url.encode()
+        rref = ResourceRef(rs.resource, rs.schema_url, service, rkey)
+        for ss in rs.scope_spans:
+            skey = ss.scope.SerializeToString(deterministic=True) + ss.schema_url.encode()
+            sref = ScopeRef(ss.scope, ss.schema_url, skey)
+            for span in ss.spans:
+                if len(span.trace_id) != 16 or len(span.span_id) != 8:
+                    rejected += 1
+                    continue
+                records.append(SpanRecord(span, rref, sref, wanted))
+    message = (
+        f"{rejected} span(s) rejected: trace_id must be 16 bytes and span_id 8 bytes"
+        if rejected
+        else ""
+    )
+    return records, rejected, message
+
+
+@dataclass
+class Trace:
+    """Spans of one trace gathered so far."""
+
+    trace_id: bytes
+    first_seen: float
+    last_seen: float
+    spans: list[SpanRecord] = field(default_factory=list)
+    span_ids: set[bytes] = field(default_factory=set)
+    has_root: bool = False
+    evicted: bool = False
+
+    def connected(self) -> bool:
+        """Whether every span's parent is in the trace (nothing known to be still open)."""
+        ids = self.span_ids
+        return all(not s.parent_id or s.parent_id in ids for s in self.spans)
+
+
+class DecisionCache:
+    """Bounded memory of decided traces, so late spans get the same decision."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._items: OrderedDict[bytes, Any] = OrderedDict()
+
+    def put(self, trace_id: bytes, decision: Any) -> None:
+        self._items[trace_id] = decision
+        self._items.move_to_end(trace_id)
+        while len(self._items) > self._size:
+            self._items.popitem(last=False)
+
+    def get(self, trace_id: bytes) -> Any:
+        return self._items.get(trace_id)
+
+    def __contains__(self, trace_id: bytes) -> bool:
+        return trace_id in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class TraceBuffer:
+    """Traces being assembled, bounded in spans and traces. Not thread-safe: lock around it."""
+
+    def __init__(
+        self,
+        decision_wait: float,
+        early_grace: float,
+        max_spans: int,
+        max_traces: int,
+        decided: DecisionCache,
+    ) -> None:
+        self.decision_wait = decision_wait
+        self.early_grace = min(early_grace, decision_wait)
+        self.max_spans = max_spans
+        self.max_traces = max_traces
+        self.decided = decided
+        # Ordered by first arrival, so eviction takes the oldest trace.
+        self._traces: OrderedDict[bytes, Trace] = OrderedDict()
+        self.span_count = 0
+
+    def __len__(self) -> int:
+        return len(self._traces)
+
+    def add(self, records: list[SpanRecord], now: float) -> tuple[list[SpanRecord], list[Trace]]:
+        """Add records; return ``(late spans of decided traces, evicted traces)``."""
+        late: list[SpanRecord] = []
+        traces = self._traces
+        for rec in records:
+            trace = traces.get(rec.trace_id)
+            if trace is None:
+                if rec.trace_id in self.decided:
+                    late.append(rec)
+                    continue
+                trace = traces[rec.trace_id] = Trace(rec.trace_id, now, now)
+            trace.spans.append(rec)
+            trace.span_ids.add(rec.span_id)
+            trace.last_seen = now
+            if not rec.parent_id:
+                trace.has_root = True
+            self.span_count += 1
+        evicted: list[Trace] = []
+        while traces and (self.span_count > self.max_spans or len(traces) > self.max_traces):
+            _, trace = traces.popitem(last=False)
+            trace.evicted = True
+            self.span_count -= len(trace.spans)
+            evicted.append(trace)
+        return late, evicted
+
+    def pop_complete(self, now: float) -> list[Trace]:
+        """Remove and return every trace the completion rule says is whole."""
+        done: list[Trace] = []
+        for trace in self._traces.values():
+            quiet = now - trace.last_seen
+            if quiet >= self.decision_wait or (
+                quiet >= self.early_grace and trace.has_root and trace.connected()
+            ):
+                done.append(trace)
+        for trace in done:
+            del self._traces[trace.trace_id]
+            self.span_count -= len(trace.spans)
+        return done
+
+    def pop_all(self) -> list[Trace]:
+        """Remove and return every trace (used at shutdown)."""
+        done = list(self._traces.values())
+        self._traces.clear()
+        self.span_count = 0
+        return done

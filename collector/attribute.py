@@ -1,0 +1,336 @@
+"""Fault attribution: find the span, service and failure mode that caused a trace's fault.
+
+:class:`Attributor` matches every span of a whole trace against the failure-mode
+catalog, ranks the anomalous spans and returns a :class:`Decision`::
+
+    attributor = Attributor(load_catalog(), min_baseline_samples=30)
+    decision = attributor.decide(trace.spans)
+    if decision.fault:
+        print(decision.root.service, decision.mode.id, decision.score)
+
+Algorithm (docs/collector.md has the long form):
+
+1. Evidence. Each span is matched against every mode; a mode fires when all its
+   ``where`` conditions hold and one ``detect`` condition does, with a strength in
+   (0, 1] that grows with how far the signal is past its threshold. A span takes its
+   most specific firing mode (modes with ``where`` conditions first), cause kinds
+   before symptom kinds, then the strongest.
+2. Data-flow order. The span tree is walked in post-order with children by start
+   time: callees come before their caller and earlier siblings before later ones, so
+   a span's *upstream* (the work whose output it consumed) is everything before it.
+3. Ranking. An anomalous span with another anomalous span upstream is *explained*:
+   its score is discounted, strongly for symptom kinds (low confidence, latency,
+   error), mildly for cause kinds. The highest score is the root cause; the services of
+   the ranked candidates form ``dl.fault.candidates``.
+4. Learning. Baselines (DDSketch quantiles of ``above_baseline`` signals per service
+   and span name) learn only from spans that fired no mode, so faults never poison
+   them. A ``changed`` value becomes established once seen ``min_baseline_samples``
+   times; the first value seen for a key is established at once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ddsketch import DDSketch
+
+from otel_dl import semconv
+
+from .assemble import SpanRecord
+from .catalog import Catalog, Condition, FailureMode
+
+#: Kinds that usually show a fault rather than cause it; discounted when explained.
+SYMPTOM_KINDS = frozenset(
+    {semconv.FAULT_KIND_LOW_CONFIDENCE, semconv.FAULT_KIND_LATENCY, semconv.FAULT_KIND_ERROR}
+)
+_EXPLAINED_SYMPTOM = 0.3
+_EXPLAINED_CAUSE = 0.7
+_BASELINE_QUANTILE = 0.99
+_MAX_BASELINE_KEYS = 20_000
+_MAX_CANDIDATES = 5
+_MAX_VALUES_PER_KEY = 1024
+_SPAN_KIND_NAMES = {1: "internal", 2: "server", 3: "client", 4: "producer", 5: "consumer"}
+#: Span attributes read besides the catalog's own signals.
+CORE_ATTRIBUTES = frozenset(
+    {"error.type", "server.address", "peer.service", semconv.DL_MODEL_NAME, semconv.DL_STAGE}
+)
+
+
+@dataclass
+class Evidence:
+    """The mode a span fired and why."""
+
+    mode: FailureMode
+    strength: float
+    reason: str
+
+
+@dataclass
+class Decision:
+    """The attribution of one trace. ``fault`` is False for a healthy trace."""
+
+    trace_id: bytes
+    fault: bool
+    decided_at: float = field(default_factory=time.time)
+    root: SpanRecord | None = None
+    mode: FailureMode | None = None
+    score: float = 0.0
+    candidates: tuple[str, ...] = ()
+    symptoms: tuple[SpanRecord, ...] = ()
+    trace_root: SpanRecord | None = None
+    evidence: str = ""
+    ranked_spans: tuple[SpanRecord, ...] = ()
+
+
+def _strength_above(value: float, limit: float) -> float:
+    if limit <= 0:
+        return 0.8
+    return min(1.0, 0.6 + 0.4 * (value - limit) / limit)
+
+
+def _strength_below(value: float, limit: float) -> float:
+    if limit <= 0:
+        return 0.8
+    return min(1.0, 0.6 + 0.4 * (limit - value) / limit)
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+class Baselines:
+    """Learned quantiles and established values, per service and span name."""
+
+    def __init__(self, min_samples: int) -> None:
+        self.min_samples = min_samples
+        self.sketches: dict[tuple[str, str, str], DDSketch] = {}
+        self.values: dict[tuple[str, ...], tuple[dict[Any, int], set[Any]]] = {}
+
+    def quantile(self, key: tuple[str, str, str]) -> float | None:
+        sketch = self.sketches.get(key)
+        if sketch is None or sketch.count < self.min_samples:
+            return None
+        return sketch.get_quantile_value(_BASELINE_QUANTILE)
+
+    def learn(self, key: tuple[str, str, str], value: float) -> None:
+        sketch = self.sketches.get(key)
+        if sketch is None:
+            if len(self.sketches) >= _MAX_BASELINE_KEYS:
+                return
+            sketch = self.sketches[key] = DDSketch()
+        sketch.add(value)
+
+    def is_new(self, key: tuple[str, ...], value: Any) -> bool:
+        entry = self.values.get(key)
+        return entry is not None and value not in entry[1]
+
+    def observe(self, key: tuple[str, ...], value: Any) -> None:
+        entry = self.values.get(key)
+        if entry is None:
+            if len(self.values) >= _MAX_BASELINE_KEYS:
+                return
+            # The first value seen for a key is the established one.
+            self.values[key] = ({value: 1}, {value})
+            return
+        counts, established = entry
+        if value not in counts and len(counts) >= _MAX_VALUES_PER_KEY:
+            # Bound memory under a stream of one-off values: forget the unsettled ones.
+            for stale in [v for v in counts if v not in established]:
+                del counts[stale]
+        counts[value] = counts.get(value, 0) + 1
+        if counts[value] >= self.min_samples:
+            established.add(value)
+
+
+def _changed_key(span: SpanRecord, signal: str) -> tuple[str, ...]:
+    if signal == semconv.DL_MODEL_FINGERPRINT:
+        model = span.attrs.get(semconv.DL_MODEL_NAME)
+        if model:
+            return ("model", str(model))
+    return (span.service, span.name, signal)
+
+
+class Attributor:
+    """Matches whole traces against the catalog and learns baselines from healthy spans."""
+
+    def __init__(self, catalog: Catalog, min_baseline_samples: int = 30) -> None:
+        self.catalog = catalog
+        self.baselines = Baselines(min_baseline_samples)
+        self.wanted_attributes = catalog.attributes | CORE_ATTRIBUTES
+        self._baseline_signals = frozenset(
+            c.signal for m in catalog.modes for c in m.detect if c.op == "above_baseline"
+        )
+        self._changed_signals = frozenset(
+            c.signal for m in catalog.modes for c in m.detect if c.op == "changed"
+        )
+        # Specific modes first, cause kinds before symptom kinds: see the module docstring.
+        self._modes = sorted(catalog.modes, key=lambda m: (not m.where, m.kind in SYMPTOM_KINDS))
+
+    # --- evidence -------------------------------------------------------------------------
+    def _signal(self, span: SpanRecord, signal: str) -> Any:
+        if signal == "duration":
+            return span.duration
+        if signal == "status.error":
+            return span.status_error or "error.type" in span.attrs
+        if signal == "exception":
+            return span.exception
+        if signal == "span.kind":
+            return _SPAN_KIND_NAMES.get(span.kind, "unspecified")
+        if signal == "peer":
+            return "server.address" in span.attrs or "peer.service" in span.attrs
+        return span.attrs.get(signal)
+
+    def _fires(self, span: SpanRecord, cond: Condition) -> tuple[float, str] | None:
+        value = self._signal(span, cond.signal)
+        if value is None:
+            return None
+        op = cond.op
+        if op == "equals":
+            if value == cond.value and isinstance(value, bool) == isinstance(cond.value, bool):
+                return 1.0, f"{cond.signal}={value}"
+            return None
+        if op == "changed":
+            key = _changed_key(span, cond.signal)
+            if self.baselines.is_new(key, value):
+                return 0.9, f"{cond.signal} changed to {value}"
+            return None
+        number = _number(value)
+        if number is None:
+            return None
+        if op == "above":
+            if number > cond.value:
+                return _strength_above(
+                    number, cond.value
+                ), f"{cond.signal}={number:.4g} > {cond.value}"
+            return None
+        if op == "below":
+            if number < cond.value:
+                return _strength_below(
+                    number, cond.value
+                ), f"{cond.signal}={number:.4g} < {cond.value}"
+            return None
+        # above_baseline
+        p99 = self.baselines.quantile((span.service, span.name, cond.signal))
+        if p99 is None:
+            return None
+        limit = p99 * cond.value
+        if number > limit:
+            return (
+                _strength_above(number, limit),
+                f"{cond.signal}={number:.4g} > {cond.value}x learned p99 {p99:.4g}",
+            )
+        return None
+
+    def evidence(self, span: SpanRecord) -> Evidence | None:
+        """The mode ``span`` fires, or None when it looks healthy."""
+        best: Evidence | None = None
+        best_rank: tuple[bool, bool] | None = None
+        for mode in self._modes:
+            rank = (not mode.where, mode.kind in SYMPTOM_KINDS)
+            if best_rank is not None and rank > best_rank:
+                break
+            if not all(self._fires(span, c) for c in mode.where):
+                continue
+            for cond in mode.detect:
+                hit = self._fires(span, cond)
+                if hit and (best is None or hit[0] > best.strength):
+                    best, best_rank = Evidence(mode, hit[0], hit[1]), rank
+        return best
+
+    # --- decision -------------------------------------------------------------------------
+    @staticmethod
+    def _post_order(spans: Sequence[SpanRecord]) -> list[SpanRecord]:
+        by_id = {s.span_id: s for s in spans}
+        children: dict[bytes, list[SpanRecord]] = {}
+        roots: list[SpanRecord] = []
+        for s in spans:
+            if s.parent_id and s.parent_id in by_id and s.parent_id != s.span_id:
+                children.setdefault(s.parent_id, []).append(s)
+            else:
+                roots.append(s)
+        order: list[SpanRecord] = []
+        seen: set[bytes] = set()
+        stack: list[tuple[SpanRecord, bool]] = [
+            (s, False) for s in sorted(roots, key=lambda r: r.start, reverse=True)
+        ]
+        while stack:
+            span, expanded = stack.pop()
+            if expanded:
+                order.append(span)
+                continue
+            if span.span_id in seen:
+                continue
+            seen.add(span.span_id)
+            stack.append((span, True))
+            kids = children.get(span.span_id, ())
+            stack.extend((k, False) for k in sorted(kids, key=lambda r: r.start, reverse=True))
+        return order
+
+    def decide(self, trace_id: bytes, spans: Sequence[SpanRecord]) -> Decision:
+        """Attribute one whole trace and learn from its healthy spans."""
+        order = self._post_order(spans)
+        found: list[tuple[SpanRecord, Evidence]] = []
+        for span in order:
+            ev = self.evidence(span)
+            if ev is not None:
+                found.append((span, ev))
+        self._learn(order, {id(s) for s, _ in found})
+        trace_root = next(
+            (s for s in reversed(order) if not s.parent_id), order[-1] if order else None
+        )
+        if not found:
+            return Decision(trace_id, fault=False, trace_root=trace_root)
+        scored: list[tuple[float, int, SpanRecord, Evidence]] = []
+        for position, (span, ev) in enumerate(found):
+            score = ev.strength
+            if position > 0:
+                score *= _EXPLAINED_SYMPTOM if ev.mode.kind in SYMPTOM_KINDS else _EXPLAINED_CAUSE
+            scored.append((score, position, span, ev))
+        scored.sort(key=lambda t: (-t[0], t[1]))
+        best_score, _, root, ev = scored[0]
+        total = sum(t[0] for t in scored)
+        candidates: list[str] = []
+        for _, _, span, _ in scored:
+            if span.service not in candidates:
+                candidates.append(span.service)
+        symptoms = [s for _, _, s, _ in scored[1:]]
+        if (
+            trace_root is not None
+            and trace_root is not root
+            and all(s is not trace_root for s in symptoms)
+            and (trace_root.status_error or trace_root.exception)
+        ):
+            symptoms.append(trace_root)
+        return Decision(
+            trace_id,
+            fault=True,
+            root=root,
+            mode=ev.mode,
+            score=round(ev.strength * best_score / total, 4),
+            candidates=tuple(candidates[:_MAX_CANDIDATES]),
+            symptoms=tuple(symptoms),
+            trace_root=trace_root,
+            evidence=f"{root.service}/{root.name}: {ev.reason}",
+            ranked_spans=tuple(s for _, _, s, _ in scored),
+        )
+
+    def _learn(self, spans: Sequence[SpanRecord], anomalous: set[int]) -> None:
+        baselines = self.baselines
+        for span in spans:
+            # Established values count anomalous spans too, so an intended change
+            # (a new model version) settles after min_baseline_samples traces.
+            for signal in self._changed_signals:
+                value = self._signal(span, signal)
+                if value is not None:
+                    baselines.observe(_changed_key(span, signal), value)
+            if id(span) in anomalous:
+                continue
+            for signal in self._baseline_signals:
+                number = _number(self._signal(span, signal))
+                if number is not None and number >= 0:
+                    baselines.learn((span.service, span.name, signal), number)

@@ -1,0 +1,227 @@
+"""The failure-mode catalog: which span signals mean which fault, and who owns it.
+
+The collector ships ``catalog.yaml`` next to this module; ``--catalog PATH`` adds
+modes or replaces modes with the same id. Load both with :func:`load_catalog`::
+
+    catalog = load_catalog(Path("my-modes.yaml"))
+    for mode in catalog.modes:
+        print(mode.id, mode.kind, mode.owner)
+
+A mode matches a span when every ``where`` condition holds and at least one
+``detect`` condition fires. Conditions read one *signal*: a span attribute name
+(``dl.drift.score``), or one of the span facts ``duration`` (seconds),
+``status.error``, ``exception``, ``span.kind`` and ``peer`` (the span calls a named
+remote peer). Each condition has exactly one operator:
+
+- ``above`` / ``below``: a fixed threshold;
+- ``equals``: a string, number or boolean;
+- ``above_baseline``: the value exceeds ``factor`` times the learned p99 of that signal
+  for the same (service, span name);
+- ``changed``: the value differs from every value established for the same key
+  (``dl.model.name`` for model fingerprints, otherwise service and span name).
+
+An invalid catalog raises :class:`CatalogError` naming the file, the mode and the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from otel_dl import semconv
+
+DEFAULT_CATALOG_PATH = Path(__file__).with_name("catalog.yaml")
+
+#: Signals that are facts about the span rather than attributes on it.
+SPAN_SIGNALS = frozenset({"duration", "status.error", "exception", "span.kind", "peer"})
+OPERATORS = ("above", "below", "equals", "above_baseline", "changed")
+SEVERITIES = ("low", "medium", "high", "critical")
+_SPAN_KINDS = ("internal", "server", "client", "producer", "consumer")
+
+
+class CatalogError(ValueError):
+    """A catalog that cannot be used; the message names the file, the mode and the field."""
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One test on one signal of a span."""
+
+    signal: str
+    op: str
+    value: Any
+
+
+@dataclass(frozen=True)
+class FailureMode:
+    """One catalogued way to fail, with the conditions that detect it."""
+
+    id: str
+    kind: str
+    origin: str
+    detect: tuple[Condition, ...]
+    where: tuple[Condition, ...]
+    severity: str
+    owner: str
+    mitigation: str
+    runbook: str
+
+    @property
+    def signals(self) -> frozenset[str]:
+        """Every signal the mode reads."""
+        return frozenset(c.signal for c in (*self.detect, *self.where))
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """The ordered failure modes the attributor matches spans against."""
+
+    modes: tuple[FailureMode, ...]
+
+    def by_id(self, mode_id: str) -> FailureMode:
+        """Return the mode with ``mode_id``; raise ``KeyError`` when there is none."""
+        for mode in self.modes:
+            if mode.id == mode_id:
+                return mode
+        raise KeyError(mode_id)
+
+    @property
+    def attributes(self) -> frozenset[str]:
+        """Span attribute names any mode reads (span facts excluded)."""
+        return frozenset(s for m in self.modes for s in m.signals if s not in SPAN_SIGNALS)
+
+
+def _fail(path: Path, where: str, message: str) -> CatalogError:
+    return CatalogError(f"{path}: {where}: {message}")
+
+
+def _condition(path: Path, where: str, raw: Any) -> Condition:
+    if not isinstance(raw, dict) or not isinstance(raw.get("signal"), str):
+        raise _fail(
+            path,
+            where,
+            "each condition must be a mapping with a 'signal' name, e.g. "
+            "{signal: dl.drift.score, above: 0.25}",
+        )
+    signal = raw["signal"]
+    if signal not in SPAN_SIGNALS and not signal.strip():
+        raise _fail(path, where, "'signal' must not be empty")
+    ops = [k for k in raw if k != "signal"]
+    if len(ops) != 1 or ops[0] not in OPERATORS:
+        raise _fail(
+            path,
+            f"{where} (signal {signal})",
+            f"needs exactly one operator out of {', '.join(OPERATORS)}; found {ops or 'none'}",
+        )
+    op = ops[0]
+    value = raw[op]
+    if op in ("above", "below", "above_baseline") and (
+        isinstance(value, bool) or not isinstance(value, (int, float))
+    ):
+        raise _fail(path, f"{where} (signal {signal})", f"'{op}' must be a number, got {value!r}")
+    if op == "above_baseline" and value <= 0:
+        raise _fail(path, f"{where} (signal {signal})", "'above_baseline' must be > 0")
+    if op == "changed" and value is not True:
+        raise _fail(path, f"{where} (signal {signal})", "'changed' takes only the value true")
+    if signal == "span.kind" and (op != "equals" or value not in _SPAN_KINDS):
+        raise _fail(
+            path,
+            f"{where} (signal span.kind)",
+            f"use 'equals' with one of {', '.join(_SPAN_KINDS)}",
+        )
+    return Condition(signal, op, value)
+
+
+def _conditions(path: Path, where: str, raw: Any, required: bool) -> tuple[Condition, ...]:
+    if raw is None and not required:
+        return ()
+    if not isinstance(raw, list) or (required and not raw):
+        need = "a non-empty list" if required else "a list"
+        raise _fail(path, where, f"must be {need} of conditions")
+    return tuple(_condition(path, f"{where}[{i}]", c) for i, c in enumerate(raw))
+
+
+def _text(path: Path, where: str, raw: dict[str, Any], key: str, default: str | None) -> str:
+    value = raw.get(key, default)
+    if not isinstance(value, str) or not value.strip():
+        raise _fail(path, f"{where} field '{key}'", "must be a non-empty string")
+    return value
+
+
+def _mode(path: Path, index: int, raw: Any) -> FailureMode:
+    if not isinstance(raw, dict):
+        raise _fail(path, f"modes[{index}]", "each mode must be a mapping with an 'id'")
+    mode_id = raw.get("id")
+    if not isinstance(mode_id, str) or not mode_id.strip():
+        raise _fail(path, f"modes[{index}] field 'id'", "must be a non-empty string")
+    where = f"mode '{mode_id}'"
+    known = {"id", "kind", "origin", "detect", "where", "severity", "owner", "mitigation"}
+    unknown = set(raw) - known - {"runbook"}
+    if unknown:
+        raise _fail(
+            path,
+            where,
+            f"unknown field(s) {', '.join(sorted(unknown))}; "
+            f"allowed: {', '.join(sorted(known | {'runbook'}))}",
+        )
+    kind = raw.get("kind")
+    if kind not in semconv.FAULT_KINDS:
+        raise _fail(
+            path,
+            f"{where} field 'kind'",
+            f"{kind!r} is not a fault kind; use one of {', '.join(semconv.FAULT_KINDS)}",
+        )
+    origin = raw.get("origin")
+    origins = (semconv.FAULT_ORIGIN_INTERNAL, semconv.FAULT_ORIGIN_EXTERNAL)
+    if origin not in origins:
+        raise _fail(path, f"{where} field 'origin'", f"{origin!r} must be internal or external")
+    severity = raw.get("severity")
+    if severity not in SEVERITIES:
+        raise _fail(
+            path,
+            f"{where} field 'severity'",
+            f"{severity!r} must be one of {', '.join(SEVERITIES)}",
+        )
+    return FailureMode(
+        id=mode_id,
+        kind=kind,
+        origin=origin,
+        detect=_conditions(path, f"{where} field 'detect'", raw.get("detect"), required=True),
+        where=_conditions(path, f"{where} field 'where'", raw.get("where"), required=False),
+        severity=severity,
+        owner=_text(path, where, raw, "owner", None),
+        mitigation=_text(path, where, raw, "mitigation", None),
+        runbook=_text(path, where, raw, "runbook", None),
+    )
+
+
+def _read_modes(path: Path) -> list[FailureMode]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CatalogError(
+            f"{path}: cannot read the catalog ({exc.strerror}); check the path"
+        ) from exc
+    except yaml.YAMLError as exc:
+        raise CatalogError(f"{path}: not valid YAML ({exc}); fix the syntax") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("modes"), list):
+        raise CatalogError(f"{path}: expected a top-level 'modes:' list of failure modes")
+    modes = [_mode(path, i, raw) for i, raw in enumerate(data["modes"])]
+    seen: set[str] = set()
+    for mode in modes:
+        if mode.id in seen:
+            raise _fail(path, f"mode '{mode.id}'", "the id is defined twice; ids must be unique")
+        seen.add(mode.id)
+    return modes
+
+
+def load_catalog(extra: Path | None = None) -> Catalog:
+    """Load the shipped catalog, then add or replace modes from ``extra``."""
+    modes = {m.id: m for m in _read_modes(DEFAULT_CATALOG_PATH)}
+    if extra is not None:
+        for mode in _read_modes(extra):
+            modes[mode.id] = mode
+    return Catalog(tuple(modes.values()))

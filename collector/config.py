@@ -1,0 +1,233 @@
+"""Collector configuration: YAML file, environment and flags, checked once at start.
+
+Precedence is flag > environment (``OTEL_DL_COLLECTOR_<KEY>``) > YAML file > default.
+Every key of :class:`CollectorConfig` can be set in the file; ``OPTIONS`` lists them
+with their environment variable. Build a configuration with :func:`load_config`::
+
+    config = load_config(Path("collector.yaml"), env=os.environ, flags={"grpc_port": 4317})
+
+A bad value raises :class:`ConfigError` naming the source (file, variable or flag),
+the key and the fix; the CLI prints it and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class CollectorConfig:
+    """Resolved collector configuration."""
+
+    host: str = "127.0.0.1"
+    grpc_port: int = 4317
+    http_port: int = 4318
+    api_port: int = 8889
+    export_endpoint: str | None = None
+    export_headers: tuple[tuple[str, str], ...] = ()
+    export_timeout: float = 10.0
+    export_batch_spans: int = 8192
+    export_max_backoff: float = 30.0
+    decision_wait: float = 5.0
+    early_grace: float = 1.0
+    max_spans: int = 200_000
+    max_traces: int = 50_000
+    decision_cache_size: int = 100_000
+    store: str | None = "./otel-dl.sqlite"
+    catalog: str | None = None
+    queue_dir: str = "./otel-dl-queue"
+    queue_max_bytes: int = 256 * 1024 * 1024
+    min_baseline_samples: int = 30
+    max_request_bytes: int = 64 * 1024 * 1024
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("expected an integer")
+    if isinstance(value, str):
+        value = value.strip()
+    out = int(value)
+    if isinstance(value, float) and value != out:
+        raise ValueError("expected an integer")
+    return out
+
+
+def _float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("expected a number")
+    out = float(value)
+    if not math.isfinite(out):
+        raise ValueError("expected a finite number")
+    return out
+
+
+def _optional_str(value: Any) -> str | None:
+    if value is None:
+        return None
+    text = str(value).strip()
+    return None if text == "" or text.lower() == "none" else text
+
+
+def _str(value: Any) -> str:
+    text = str(value).strip()
+    if not text:
+        raise ValueError("expected a non-empty string")
+    return text
+
+
+def _headers(value: Any) -> tuple[tuple[str, str], ...]:
+    if isinstance(value, Mapping):
+        return tuple((str(k).lower(), str(v)) for k, v in value.items())
+    if isinstance(value, str):
+        pairs = []
+        for item in value.split(","):
+            if not item.strip():
+                continue
+            key, sep, val = item.partition("=")
+            if not sep:
+                raise ValueError("expected key=value pairs separated by commas")
+            pairs.append((key.strip().lower(), val.strip()))
+        return tuple(pairs)
+    raise ValueError("expected a mapping or key=value,key=value")
+
+
+def _port(value: int) -> str | None:
+    return None if 0 <= value <= 65535 else "must be a port number in 0..65535 (0 picks a free one)"
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def _non_negative(value: float) -> str | None:
+    return None if value >= 0 else "must be 0 or more"
+
+
+def _endpoint(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if value.startswith(("http://", "https://")):
+        parsed = urlparse(value)
+        return None if parsed.hostname else "must be an http(s):// URL with a host"
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return "must be host:port for OTLP/gRPC or an http(s):// URL for OTLP/HTTP"
+    return None
+
+
+@dataclass(frozen=True)
+class Option:
+    """One configuration key: how to parse it and what makes it valid."""
+
+    key: str
+    parse: Callable[[Any], Any]
+    check: Callable[[Any], str | None]
+    help: str
+
+    @property
+    def env(self) -> str:
+        return "OTEL_DL_COLLECTOR_" + self.key.upper()
+
+
+def _ok(_value: Any) -> str | None:
+    return None
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("host", _str, _ok, "address the receivers and the API listen on"),
+    Option("grpc_port", _int, _port, "OTLP/gRPC receiver port"),
+    Option("http_port", _int, _port, "OTLP/HTTP receiver port"),
+    Option("api_port", _int, _port, "fault API and Prometheus metrics port"),
+    Option(
+        "export_endpoint",
+        _optional_str,
+        _endpoint,
+        "OTLP/gRPC host:port or http(s):// URL to forward to; none stores only",
+    ),
+    Option("export_headers", _headers, _ok, "headers sent with every export, key=value,..."),
+    Option("export_timeout", _float, _positive, "seconds one export call may take"),
+    Option("export_batch_spans", _int, _positive, "most spans in one export request"),
+    Option("export_max_backoff", _float, _positive, "longest wait between export retries, s"),
+    Option("decision_wait", _float, _non_negative, "seconds after a trace's last span"),
+    Option("early_grace", _float, _non_negative, "quiet seconds before an early decision"),
+    Option("max_spans", _int, _positive, "spans held in memory before the oldest trace is evicted"),
+    Option("max_traces", _int, _positive, "traces held in memory before the oldest is evicted"),
+    Option("decision_cache_size", _int, _positive, "decided traces remembered for late spans"),
+    Option("store", _optional_str, _ok, "SQLite file for attributed faults; none disables it"),
+    Option("catalog", _optional_str, _ok, "YAML file with extra or overriding failure modes"),
+    Option("queue_dir", _str, _ok, "directory of the persistent inbox journal and export queue"),
+    Option("queue_max_bytes", _int, _positive, "disk bytes before senders get back-pressure"),
+    Option("min_baseline_samples", _int, _positive, "samples before a learned baseline is used"),
+    Option("max_request_bytes", _int, _positive, "largest accepted OTLP request, bytes"),
+)
+_BY_KEY = {o.key: o for o in OPTIONS}
+assert set(_BY_KEY) == {f.name for f in fields(CollectorConfig)}
+
+
+def _apply(option: Option, raw: Any, source: str) -> Any:
+    try:
+        value = option.parse(raw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}: invalid value {raw!r} ({exc}); {option.help}") from exc
+    problem = option.check(value)
+    if problem:
+        raise ConfigError(f"{source}: {raw!r} {problem}; {option.help}")
+    return value
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the configuration file ({exc.strerror})") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc}); fix the syntax") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys such as 'grpc_port: 4317'")
+    for key in data:
+        if key not in _BY_KEY:
+            raise ConfigError(
+                f"{path}: unknown key {key!r}; allowed keys: {', '.join(sorted(_BY_KEY))}"
+            )
+    return data
+
+
+def load_config(
+    path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> CollectorConfig:
+    """Resolve the configuration: ``flags`` > ``env`` > the YAML file at ``path`` > defaults."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        for key, raw in _read_file(path).items():
+            values[key] = _apply(_BY_KEY[key], raw, f"{path}: key '{key}'")
+    for option in OPTIONS:
+        if env is not None and option.env in env:
+            values[option.key] = _apply(option, env[option.env], f"environment {option.env}")
+    for key, raw in (flags or {}).items():
+        if raw is None:
+            continue
+        if key not in _BY_KEY:
+            raise ConfigError(f"unknown option {key!r}")
+        values[key] = _apply(_BY_KEY[key], raw, f"flag --{key.replace('_', '-')}")
+    config = replace(CollectorConfig(), **values)
+    if config.catalog is not None and not Path(config.catalog).is_file():
+        raise ConfigError(
+            f"catalog {config.catalog!r} is not a file; pass an existing YAML catalog "
+            "with --catalog or leave it unset to use the shipped one"
+        )
+    return config

@@ -1,0 +1,273 @@
+"""Persistent, fsync'd, bounded on-disk logs: the inbox journal and the export queue.
+
+Both are append-only segment files of records ``[u32 length][u32 crc32][payload]``.
+A write returns only after ``fsync``, so whatever the collector acknowledged survives
+a crash or restart.
+
+- :class:`Journal` keeps every received OTLP request until all its spans have been
+  decided and handed on; segments are deleted once nothing in them is pending. At
+  start, :meth:`Journal.replay` yields the requests of a previous run that were never
+  handed on.
+- :class:`ExportQueue` holds enriched OTLP requests until the backend has accepted
+  them; a cursor file remembers the first unacknowledged record.
+
+Both count their bytes against one shared :class:`DiskBudget`; when it is spent,
+appends raise :class:`QueueFull` and the receivers answer with back-pressure::
+
+    budget = DiskBudget(256 << 20)
+    queue = ExportQueue(Path("q/export"), budget)
+    queue.append(payload)
+    position, payload = queue.peek()
+    queue.ack(position)
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+_HEADER = struct.Struct("<II")
+_SEGMENT_BYTES = 16 * 1024 * 1024
+
+
+class QueueFull(RuntimeError):
+    """The disk budget is spent: the sender should retry later."""
+
+
+class DiskBudget:
+    """Bytes on disk shared by the journal and the export queue."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def reserve(self, n: int, force: bool = False) -> None:
+        with self._lock:
+            if not force and self.used + n > self.max_bytes and self.used > 0:
+                raise QueueFull(f"disk queue holds {self.used} of {self.max_bytes} bytes")
+            self.used += n
+
+    def release(self, n: int) -> None:
+        with self._lock:
+            self.used = max(0, self.used - n)
+
+    @property
+    def full(self) -> bool:
+        return self.used >= self.max_bytes
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_records(path: Path) -> Iterator[tuple[int, bytes]]:
+    """Yield ``(end offset, payload)``; stop at a torn or corrupt tail."""
+    with path.open("rb") as fh:
+        data = fh.read()
+    offset = 0
+    while offset + _HEADER.size <= len(data):
+        length, crc = _HEADER.unpack_from(data, offset)
+        start = offset + _HEADER.size
+        payload = data[start : start + length]
+        if len(payload) != length or zlib.crc32(payload) != crc:
+            return
+        offset = start + length
+        yield offset, payload
+
+
+class _SegmentLog:
+    """Numbered segment files in one directory, appended under a lock."""
+
+    def __init__(self, directory: Path, prefix: str, budget: DiskBudget) -> None:
+        self.dir = directory
+        self.prefix = prefix
+        self.budget = budget
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.lock = threading.Lock()
+        self.segments = sorted(self._seq(p) for p in self.dir.glob(f"{prefix}-*.log"))
+        self.active = (self.segments[-1] + 1) if self.segments else 0
+        self._fh = None
+        self._active_size = 0
+
+    def _seq(self, path: Path) -> int:
+        return int(path.stem.rsplit("-", 1)[1])
+
+    def path(self, seq: int) -> Path:
+        return self.dir / f"{self.prefix}-{seq:012d}.log"
+
+    def write(self, payload: bytes, force: bool = False) -> int:
+        """Append and fsync one record; return its segment. Call with ``lock`` held."""
+        record = _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+        self.budget.reserve(len(record), force)
+        if self._fh is None or self._active_size >= _SEGMENT_BYTES:
+            self._rotate()
+        assert self._fh is not None
+        self._fh.write(record)
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._active_size += len(record)
+        return self.active
+
+    def _rotate(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self.active += 1
+        self._fh = self.path(self.active).open("ab")
+        self._active_size = 0
+        self.segments.append(self.active)
+        _fsync_dir(self.dir)
+
+    def delete(self, seq: int) -> None:
+        path = self.path(seq)
+        if seq == self.active and self._fh is not None:
+            self._fh.close()
+            self._fh = None
+            self.active += 1
+        try:
+            self.budget.release(path.stat().st_size)
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        if seq in self.segments:
+            self.segments.remove(seq)
+
+    def close(self) -> None:
+        with self.lock:
+            if self._fh is not None:
+                self._fh.close()
+                self._fh = None
+
+
+class Journal:
+    """Received requests kept on disk until every span in them has been handed on."""
+
+    def __init__(self, directory: Path, budget: DiskBudget) -> None:
+        self._log = _SegmentLog(directory, "inbox", budget)
+        self._old = list(self._log.segments)
+        for seq in self._old:
+            budget.used += self._log.path(seq).stat().st_size
+        self._pending: dict[int, int] = {}
+
+    def replay(self) -> Iterator[bytes]:
+        """Yield the requests a previous run left undecided (call once, before receiving)."""
+        for seq in self._old:
+            for _, payload in _read_records(self._log.path(seq)):
+                yield payload
+
+    def drop_replayed(self) -> None:
+        """Delete the previous run's segments once their requests are journaled again."""
+        with self._log.lock:
+            for seq in self._old:
+                self._log.delete(seq)
+        self._old = []
+
+    def append(self, payload: bytes, spans: int, force: bool = False) -> int:
+        """Journal one request holding ``spans`` spans; return its segment number.
+
+        ``force`` skips the budget check, for requests replayed from a previous run.
+        """
+        with self._log.lock:
+            seq = self._log.write(payload, force)
+            self._pending[seq] = self._pending.get(seq, 0) + spans
+            return seq
+
+    def release(self, counts: dict[int, int]) -> None:
+        """Mark spans handed on; delete the segments with nothing pending."""
+        with self._log.lock:
+            for seq, n in counts.items():
+                left = self._pending.get(seq, 0) - n
+                if left > 0:
+                    self._pending[seq] = left
+                    continue
+                self._pending.pop(seq, None)
+                self._log.delete(seq)
+
+    def close(self) -> None:
+        self._log.close()
+
+
+class ExportQueue:
+    """Enriched requests waiting for the backend, in order, with a persisted read cursor."""
+
+    def __init__(self, directory: Path, budget: DiskBudget) -> None:
+        self._log = _SegmentLog(directory, "export", budget)
+        self._cursor_path = directory / "cursor"
+        self._cond = threading.Condition(self._log.lock)
+        seq, offset = 0, 0
+        if self._cursor_path.exists():
+            raw = self._cursor_path.read_text().split()
+            if len(raw) == 2:
+                seq, offset = int(raw[0]), int(raw[1])
+        for old in list(self._log.segments):
+            if old < seq:
+                self._log.delete(old)
+        self._pos = (seq, offset)
+        self._buffer: list[tuple[tuple[int, int], bytes]] = []
+        self.length = 0
+        for s in self._log.segments:
+            size = self._log.path(s).stat().st_size
+            budget.used += size
+            for end, _ in _read_records(self._log.path(s)):
+                if (s, end) > self._pos:
+                    self.length += 1
+
+    def append(self, payload: bytes) -> None:
+        """Persist one request for export; raise :class:`QueueFull` when the budget is spent."""
+        with self._cond:
+            self._log.write(payload)
+            self.length += 1
+            self._cond.notify_all()
+
+    def peek(self, timeout: float) -> tuple[tuple[int, int], bytes] | None:
+        """The oldest unacknowledged ``(position, payload)``, waiting up to ``timeout``."""
+        with self._cond:
+            if self.length == 0:
+                self._cond.wait(timeout)
+            if self.length == 0:
+                return None
+            if not self._buffer:
+                self._load()
+            return self._buffer[0] if self._buffer else None
+
+    def _load(self) -> None:
+        seq, offset = self._pos
+        for s in self._log.segments:
+            if s < seq:
+                continue
+            for end, payload in _read_records(self._log.path(s)):
+                if s == seq and end <= offset:
+                    continue
+                self._buffer.append(((s, end), payload))
+                if len(self._buffer) >= 64:
+                    return
+
+    def ack(self, position: tuple[int, int]) -> None:
+        """Mark everything up to ``position`` exported; persist the cursor."""
+        with self._cond:
+            if self._buffer and self._buffer[0][0] == position:
+                self._buffer.pop(0)
+            self.length -= 1
+            self._pos = position
+            tmp = self._cursor_path.with_suffix(".tmp")
+            with tmp.open("w") as fh:
+                fh.write(f"{position[0]} {position[1]}")
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self._cursor_path)
+            for s in list(self._log.segments):
+                if s < position[0] or self.length == 0:
+                    self._log.delete(s)
+
+    def close(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+        self._log.close()

@@ -1,0 +1,90 @@
+"""Enrichment: write a trace's attribution onto its spans as ``dl.fault.*`` attributes.
+
+:func:`enrich` applies a :class:`~.attribute.Decision` to the OTLP spans in place,
+following DESIGN.md's contract: the root-cause span gets ``dl.fault.root_cause`` and the
+mode's kind, origin, id, score, severity, owner and runbook; symptom spans get
+``dl.fault.symptom`` and where the cause is; the trace's root span gets where the
+cause is and the ranked candidate services. A healthy trace gets nothing.
+:func:`enrich_late` gives a span that arrived after its trace was decided the
+recorded location of the cause.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from opentelemetry.proto.common.v1.common_pb2 import KeyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+from otel_dl import semconv
+
+from .assemble import SpanRecord
+from .attribute import Decision
+
+AttrValue = str | bool | float | int | Sequence[str]
+
+
+def set_attribute(span: Span, key: str, value: AttrValue) -> None:
+    """Set ``key`` on an OTLP span, replacing an earlier value of the same key."""
+    for i, kv in enumerate(span.attributes):
+        if kv.key == key:
+            del span.attributes[i]
+            break
+    kv = span.attributes.add()
+    _fill(kv, key, value)
+
+
+def _fill(kv: KeyValue, key: str, value: AttrValue) -> None:
+    kv.key = key
+    if isinstance(value, bool):
+        kv.value.bool_value = value
+    elif isinstance(value, int):
+        kv.value.int_value = value
+    elif isinstance(value, float):
+        kv.value.double_value = value
+    elif isinstance(value, str):
+        kv.value.string_value = value
+    else:
+        kv.value.array_value.values.extend(_string_value(v) for v in value)
+
+
+def _string_value(text: str):
+    kv = KeyValue()
+    kv.value.string_value = text
+    return kv.value
+
+
+def enrich(decision: Decision) -> None:
+    """Write ``decision`` onto its spans; do nothing for a healthy trace."""
+    if not decision.fault or decision.root is None or decision.mode is None:
+        return
+    root, mode = decision.root, decision.mode
+    span_id = root.span_id.hex()
+    for key, value in (
+        (semconv.DL_FAULT_ROOT_CAUSE, True),
+        (semconv.DL_FAULT_KIND, mode.kind),
+        (semconv.DL_FAULT_ORIGIN, mode.origin),
+        (semconv.DL_FAULT_MODE, mode.id),
+        (semconv.DL_FAULT_SCORE, float(decision.score)),
+        (semconv.DL_FAULT_SEVERITY, mode.severity),
+        (semconv.DL_FAULT_OWNER, mode.owner),
+        (semconv.DL_FAULT_RUNBOOK, mode.runbook),
+    ):
+        set_attribute(root.span, key, value)
+    for symptom in decision.symptoms:
+        set_attribute(symptom.span, semconv.DL_FAULT_SYMPTOM, True)
+        _point_at_cause(symptom, root.service, span_id)
+    trace_root = decision.trace_root
+    if trace_root is not None:
+        _point_at_cause(trace_root, root.service, span_id)
+        set_attribute(trace_root.span, semconv.DL_FAULT_CANDIDATES, list(decision.candidates))
+
+
+def enrich_late(span: SpanRecord, cause: tuple[str, str]) -> None:
+    """Give a late span of a decided faulty trace the recorded ``(service, span id hex)``."""
+    _point_at_cause(span, cause[0], cause[1])
+
+
+def _point_at_cause(span: SpanRecord, service: str, span_id: str) -> None:
+    set_attribute(span.span, semconv.DL_FAULT_ROOT_CAUSE_SERVICE, service)
+    set_attribute(span.span, semconv.DL_FAULT_ROOT_CAUSE_SPAN_ID, span_id)

@@ -1,0 +1,210 @@
+"""Export: forward enriched spans from the persistent queue to an OTLP backend.
+
+:func:`build_request` regroups span records by resource and scope into one
+``ExportTraceServiceRequest``. :class:`Exporter` is a thread that takes requests from
+the :class:`~.diskqueue.ExportQueue` in order, sends each over OTLP/gRPC
+(``host:port``) or OTLP/HTTP protobuf (``http(s)://`` URL, ``/v1/traces`` appended when
+the URL has no path), and acknowledges it only once the backend accepted it::
+
+    exporter = Exporter("127.0.0.1:4317", queue, metrics, timeout=10, max_backoff=30)
+    exporter.start()
+    ...
+    exporter.stop()
+
+Retryable failures (gRPC UNAVAILABLE, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, ...;
+HTTP 429, 502, 503, 504 or no connection) are retried with exponential backoff and
+jitter up to ``max_backoff`` seconds, for as long as it takes: the request stays on
+disk meanwhile. A permanent failure (any other status) drops the request and counts
+its spans as dropped, as the OTLP specification asks.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import random
+import struct
+import threading
+from collections.abc import Iterable
+from urllib.parse import urlparse
+
+import grpc
+import requests
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+
+from .assemble import SpanRecord
+from .diskqueue import ExportQueue
+from .metrics import CollectorMetrics
+
+_log = logging.getLogger(__name__)
+_EXPORT_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+_RETRYABLE_GRPC = frozenset(
+    {
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
+_RETRYABLE_HTTP = frozenset({429, 502, 503, 504})
+
+
+class _Retryable(Exception):
+    """The backend did not take the request this time; try again later."""
+
+
+class _Permanent(Exception):
+    """The backend refused the request for good."""
+
+
+def build_request(records: Iterable[SpanRecord]) -> ExportTraceServiceRequest:
+    """Regroup records under their resource and scope in one request."""
+    request = ExportTraceServiceRequest()
+    by_resource: dict[bytes, tuple[object, dict[bytes, object]]] = {}
+    for rec in records:
+        entry = by_resource.get(rec.resource.key)
+        if entry is None:
+            rs = request.resource_spans.add()
+            rs.resource.CopyFrom(rec.resource.resource)
+            rs.schema_url = rec.resource.schema_url
+            entry = by_resource[rec.resource.key] = (rs, {})
+        rs, scopes = entry
+        ss = scopes.get(rec.scope.key)
+        if ss is None:
+            ss = scopes[rec.scope.key] = rs.scope_spans.add()  # type: ignore[attr-defined]
+            ss.scope.CopyFrom(rec.scope.scope)  # type: ignore[attr-defined]
+            ss.schema_url = rec.scope.schema_url  # type: ignore[attr-defined]
+        ss.spans.append(rec.span)  # type: ignore[attr-defined]
+    return request
+
+
+_COUNT = struct.Struct("<I")
+
+
+def queue_item(records: list[SpanRecord]) -> bytes:
+    """The export-queue record for ``records``: span count, then the serialised request."""
+    return _COUNT.pack(len(records)) + build_request(records).SerializeToString()
+
+
+class _GrpcSender:
+    def __init__(self, endpoint: str, headers: tuple[tuple[str, str], ...], timeout: float):
+        self._channel = grpc.insecure_channel(endpoint, compression=grpc.Compression.Gzip)
+        self._call = self._channel.unary_unary(
+            _EXPORT_METHOD,
+            request_serializer=None,
+            response_deserializer=ExportTraceServiceResponse.FromString,
+        )
+        self._headers = headers
+        self._timeout = timeout
+
+    def send(self, payload: bytes) -> int:
+        try:
+            response = self._call(payload, timeout=self._timeout, metadata=self._headers)
+        except grpc.RpcError as exc:
+            code = exc.code()  # type: ignore[attr-defined]
+            message = f"gRPC {code.name}: {exc.details()}"  # type: ignore[attr-defined]
+            if code in _RETRYABLE_GRPC:
+                raise _Retryable(message) from exc
+            raise _Permanent(message) from exc
+        return response.partial_success.rejected_spans
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+class _HttpSender:
+    def __init__(self, url: str, headers: tuple[tuple[str, str], ...], timeout: float):
+        self._url = url if urlparse(url).path not in ("", "/") else url.rstrip("/") + "/v1/traces"
+        self._session = requests.Session()
+        self._headers = {
+            **dict(headers),
+            "Content-Type": "application/x-protobuf",
+            "Content-Encoding": "gzip",
+        }
+        self._timeout = timeout
+
+    def send(self, payload: bytes) -> int:
+        try:
+            resp = self._session.post(
+                self._url,
+                data=gzip.compress(payload, 1),
+                headers=self._headers,
+                timeout=self._timeout,
+            )
+        except requests.RequestException as exc:
+            raise _Retryable(f"HTTP request failed: {exc}") from exc
+        if resp.status_code in _RETRYABLE_HTTP:
+            raise _Retryable(f"HTTP {resp.status_code}")
+        if resp.status_code >= 300:
+            raise _Permanent(f"HTTP {resp.status_code}: {resp.text[:200]}")
+        if resp.content:
+            return ExportTraceServiceResponse.FromString(
+                resp.content
+            ).partial_success.rejected_spans
+        return 0
+
+
+class Exporter(threading.Thread):
+    """Drains the export queue to the backend, in order, with retries."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        queue: ExportQueue,
+        metrics: CollectorMetrics,
+        headers: tuple[tuple[str, str], ...] = (),
+        timeout: float = 10.0,
+        max_backoff: float = 30.0,
+    ) -> None:
+        super().__init__(name="otel-dl-exporter", daemon=True)
+        self._queue = queue
+        self._metrics = metrics
+        self._max_backoff = max_backoff
+        self._halt = threading.Event()
+        if endpoint.startswith(("http://", "https://")):
+            self._sender: _GrpcSender | _HttpSender = _HttpSender(endpoint, headers, timeout)
+        else:
+            self._sender = _GrpcSender(endpoint, headers, timeout)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop after the request in flight; what is left stays on disk for the next run."""
+        self._halt.set()
+        self.join(timeout)
+        if isinstance(self._sender, _GrpcSender):
+            self._sender.close()
+
+    def run(self) -> None:
+        backoff = 0.05
+        while not self._halt.is_set():
+            item = self._queue.peek(timeout=0.2)
+            if item is None:
+                continue
+            position, item_bytes = item
+            (spans,) = _COUNT.unpack_from(item_bytes)
+            queued = spans
+            payload = item_bytes[_COUNT.size :]
+            try:
+                rejected = self._sender.send(payload)
+            except _Retryable as exc:
+                self._metrics.export_retries.inc()
+                _log.warning("export failed, retrying in %.2fs: %s", backoff, exc)
+                self._halt.wait(backoff * (0.5 + random.random()))
+                backoff = min(self._max_backoff, backoff * 2)
+                continue
+            except _Permanent as exc:
+                _log.error("backend refused %d spans for good, dropping them: %s", spans, exc)
+                self._metrics.spans_dropped.inc(spans)
+                rejected = 0
+                spans = 0
+            backoff = 0.05
+            self._queue.ack(position)
+            self._metrics.spans_forwarded.inc(spans - rejected)
+            if rejected:
+                self._metrics.spans_dropped.inc(rejected)
+            self._metrics.spans_queued.dec(queued)

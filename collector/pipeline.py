@@ -1,0 +1,310 @@
+"""The wiring: receive → journal → assemble → attribute → enrich → export queue / store.
+
+:class:`Collector` owns every stage and thread. Run it from code (tests, benchmarks)::
+
+    collector = Collector(load_config(flags={"grpc_port": 0, "http_port": 0, "api_port": 0}))
+    collector.start()                 # binds the ports; see collector.grpc_port etc.
+    ...
+    collector.stop()
+
+Threads: gRPC handlers and the HTTP event loop only decode, journal (fsync) and buffer
+requests; one decision thread completes traces, attributes, enriches, queues them for
+export and writes the store; one exporter thread drains the queue to the backend.
+Spans are acknowledged to the sender once journaled, and released from the journal
+only once they sit in the export queue (or, without an endpoint, in the store).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+from aiohttp import web
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from .api import api_routes
+from .assemble import DecisionCache, SpanRecord, Trace, TraceBuffer, flatten
+from .attribute import Attributor, Decision
+from .catalog import Catalog, load_catalog
+from .config import CollectorConfig
+from .diskqueue import DiskBudget, ExportQueue, Journal, QueueFull
+from .enrich import enrich, enrich_late
+from .export import Exporter, queue_item
+from .metrics import CollectorMetrics
+from .receive import add_grpc_receiver, http_routes
+from .store import FaultStore
+
+_log = logging.getLogger(__name__)
+_TICK_SECONDS = 0.05
+_HEALTHY = ("", "")
+
+
+class Collector:
+    """One collector process: receivers, decision loop, exporter, store and API."""
+
+    def __init__(self, config: CollectorConfig, catalog: Catalog | None = None) -> None:
+        self.config = config
+        self.catalog = catalog or load_catalog(Path(config.catalog) if config.catalog else None)
+        self.metrics = CollectorMetrics()
+        self.attributor = Attributor(self.catalog, config.min_baseline_samples)
+        self._wanted = self.attributor.wanted_attributes
+        self.decisions = DecisionCache(config.decision_cache_size)
+        self.buffer = TraceBuffer(
+            config.decision_wait,
+            config.early_grace,
+            config.max_spans,
+            config.max_traces,
+            self.decisions,
+        )
+        queue_dir = Path(config.queue_dir)
+        self.budget = DiskBudget(config.queue_max_bytes)
+        self.journal = Journal(queue_dir / "inbox", self.budget)
+        self.queue = (
+            ExportQueue(queue_dir / "export", self.budget) if config.export_endpoint else None
+        )
+        self.store = FaultStore(Path(config.store)) if config.store else None
+        self._lock = threading.Lock()
+        self._decide_lock = threading.Lock()
+        self._evicted: list[Trace] = []
+        self._late: list[SpanRecord] = []
+        self._backlog: list[tuple[list[SpanRecord], dict[int, int]]] = []
+        self._stop = threading.Event()
+        self._decider = threading.Thread(
+            target=self._decide_loop, name="otel-dl-decider", daemon=True
+        )
+        self._exporter: Exporter | None = None
+        self._grpc: grpc.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
+        self._runners: list[web.AppRunner] = []
+        self.grpc_port = self.http_port = self.api_port = 0
+
+    # --- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        """Replay the journal, then start the decision loop, exporter and servers."""
+        replayed = 0
+        for payload in self.journal.replay():
+            request = ExportTraceServiceRequest.FromString(payload)
+            self.ingest(request, payload, force=True)
+            replayed += 1
+        self.journal.drop_replayed()
+        if replayed:
+            _log.info("replayed %d journaled requests from the previous run", replayed)
+        self._decider.start()
+        if self.queue is not None and self.config.export_endpoint:
+            self._exporter = Exporter(
+                self.config.export_endpoint,
+                self.queue,
+                self.metrics,
+                self.config.export_headers,
+                self.config.export_timeout,
+                self.config.export_max_backoff,
+            )
+            self._exporter.start()
+        self._start_grpc()
+        self._start_http()
+
+    def _start_grpc(self) -> None:
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="otel-dl-grpc"),
+            options=[("grpc.max_receive_message_length", self.config.max_request_bytes)],
+        )
+        add_grpc_receiver(server, self.ingest)
+        self.grpc_port = server.add_insecure_port(f"{self.config.host}:{self.config.grpc_port}")
+        if self.grpc_port == 0:
+            raise OSError(
+                f"cannot listen for OTLP/gRPC on {self.config.host}:{self.config.grpc_port}; "
+                "pick a free port with --grpc-port"
+            )
+        server.start()
+        self._grpc = server
+
+    def _start_http(self) -> None:
+        loop = asyncio.new_event_loop()
+        started = threading.Event()
+        failure: list[BaseException] = []
+
+        async def setup() -> None:
+            otlp = web.Application(client_max_size=self.config.max_request_bytes)
+            http_routes(otlp, self.ingest)
+            api = web.Application()
+            api_routes(api, Path(self.config.store) if self.config.store else None, self.metrics)
+            ports = []
+            for app, port in ((otlp, self.config.http_port), (api, self.config.api_port)):
+                runner = web.AppRunner(app, access_log=None)
+                await runner.setup()
+                site = web.TCPSite(runner, self.config.host, port)
+                await site.start()
+                self._runners.append(runner)
+                ports.append(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+            self.http_port, self.api_port = ports
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            try:
+                loop.run_until_complete(setup())
+            except BaseException as exc:  # reported to start() below
+                failure.append(exc)
+                started.set()
+                return
+            started.set()
+            loop.run_forever()
+
+        self._loop = loop
+        self._loop_thread = threading.Thread(target=run, name="otel-dl-http", daemon=True)
+        self._loop_thread.start()
+        started.wait()
+        if failure:
+            raise OSError(
+                f"cannot listen for OTLP/HTTP or the API on {self.config.host} "
+                f"(ports {self.config.http_port}, {self.config.api_port}): {failure[0]}; "
+                "pick free ports with --http-port and --api-port"
+            )
+
+    def stop(self) -> None:
+        """Stop receiving, decide what is buffered, hand it on, and stop every thread."""
+        if self._grpc is not None:
+            self._grpc.stop(grace=1).wait()
+        if self._loop is not None and self._loop_thread is not None:
+            loop = self._loop
+
+            async def cleanup() -> None:
+                for runner in self._runners:
+                    await runner.cleanup()
+
+            if self._loop_thread.is_alive():
+                asyncio.run_coroutine_threadsafe(cleanup(), loop).result(timeout=10)
+                loop.call_soon_threadsafe(loop.stop)
+                self._loop_thread.join(timeout=10)
+            loop.close()
+        self._stop.set()
+        if self._decider.is_alive():
+            self._decider.join(timeout=10)
+        if self._exporter is not None:
+            self._exporter.stop()
+        if self.queue is not None:
+            self.queue.close()
+        self.journal.close()
+        if self.store is not None:
+            self.store.close()
+
+    # --- receive side ---------------------------------------------------------------------
+    def ingest(
+        self, request: ExportTraceServiceRequest, raw: bytes | None, force: bool = False
+    ) -> tuple[int, str]:
+        """Journal and buffer one request; return ``(rejected spans, message)``."""
+        if self.budget.full and not force:
+            self.metrics.requests_throttled.inc()
+            raise QueueFull(f"disk queue holds {self.budget.used} of {self.budget.max_bytes} bytes")
+        records, rejected, message = flatten(request, self._wanted)
+        if rejected:
+            self.metrics.spans_rejected.inc(rejected)
+        if not records:
+            return rejected, message
+        payload = raw if raw is not None and not rejected else request.SerializeToString()
+        try:
+            segment = self.journal.append(payload, len(records), force)
+        except QueueFull:
+            self.metrics.requests_throttled.inc()
+            raise
+        for rec in records:
+            rec.journal_segment = segment
+        with self._lock:
+            late, evicted = self.buffer.add(records, time.monotonic())
+            self._late.extend(late)
+            self._evicted.extend(evicted)
+            self.metrics.spans_buffered.set(self.buffer.span_count)
+        self.metrics.spans_received.inc(len(records))
+        return rejected, message
+
+    # --- decision loop --------------------------------------------------------------------
+    def _decide_loop(self) -> None:
+        while not self._stop.wait(_TICK_SECONDS):
+            self.decide_now()
+        with self._lock:
+            self._evicted.extend(self.buffer.pop_all())
+        self.decide_now(final=True)
+
+    def decide_now(self, final: bool = False) -> int:
+        """Decide every complete trace; return how many were decided."""
+        with self._decide_lock:
+            return self._decide(final)
+
+    def _decide(self, final: bool) -> int:
+        now = time.monotonic()
+        with self._lock:
+            done = self.buffer.pop_complete(now)
+            evicted, self._evicted = self._evicted, []
+            late, self._late = self._late, []
+            self.metrics.spans_buffered.set(self.buffer.span_count)
+        self.metrics.traces_evicted.inc(len(evicted))
+        traces = evicted + done
+        out: list[SpanRecord] = []
+        stored: list[tuple[Decision, list[SpanRecord]]] = []
+        for trace in traces:
+            started = time.perf_counter()
+            decision = self.attributor.decide(trace.trace_id, trace.spans)
+            enrich(decision)
+            self.metrics.attribution_seconds.observe(time.perf_counter() - started)
+            if decision.fault and decision.root is not None and decision.mode is not None:
+                self.decisions.put(
+                    trace.trace_id, (decision.root.service, decision.root.span_id.hex())
+                )
+                self.metrics.faults.labels(decision.mode.kind).inc()
+                stored.append((decision, trace.spans))
+            else:
+                self.decisions.put(trace.trace_id, _HEALTHY)
+                if self.store is not None:
+                    stored.append((decision, trace.spans))
+            out.extend(trace.spans)
+        self.metrics.traces_assembled.inc(len(traces))
+        for rec in late:
+            cause = self.decisions.get(rec.trace_id)
+            if cause and cause != _HEALTHY:
+                enrich_late(rec, cause)
+        self.metrics.spans_late.inc(len(late))
+        out.extend(late)
+        if self.store is not None and stored:
+            try:
+                self.store.record(stored)
+            except Exception:
+                _log.exception("could not write faults to the store %s", self.store.path)
+        if out:
+            self._backlog.append((out, _segments(out)))
+        self._hand_on(final)
+        self.metrics.queue_bytes.set(self.budget.used)
+        return len(traces)
+
+    def _hand_on(self, final: bool) -> None:
+        """Move decided spans into the export queue, then release them from the journal."""
+        while self._backlog:
+            records, segments = self._backlog[0]
+            if self.queue is not None:
+                step = self.config.export_batch_spans
+                try:
+                    while records:
+                        chunk = records[:step]
+                        self.queue.append(queue_item(chunk))
+                        self.metrics.spans_queued.inc(len(chunk))
+                        # A partly queued batch must not be queued twice on retry.
+                        records = records[step:]
+                        self._backlog[0] = (records, segments)
+                except QueueFull:
+                    if not final:
+                        return
+                    _log.warning("export queue full at shutdown; spans stay in the journal")
+                    return
+            self._backlog.pop(0)
+            self.journal.release(segments)
+
+
+def _segments(records: list[SpanRecord]) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for rec in records:
+        counts[rec.journal_segment] = counts.get(rec.journal_segment, 0) + 1
+    return counts
