@@ -1,0 +1,231 @@
+"""The ``otel-dl`` command: reports over the collector's fault store.
+
+``otel-dl report`` prints the top root causes over a time window (service × kind ×
+count, with the latest trace ids); ``--html PATH`` also writes a self-contained HTML
+report with a service graph (root-cause services highlighted), drift and confidence
+timelines per service, and the fault table with owners and runbooks::
+
+    otel-dl report --store otel-dl.sqlite --since 24h
+    otel-dl report --since 1h --html faults.html
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from otel_dl import semconv
+
+from .api import parse_since
+from .store import FaultRow, query_edges, query_faults, query_signals
+
+
+@dataclass
+class RootCauseRow:
+    """One line of the report: faults of one kind rooted in one service."""
+
+    service: str
+    kind: str
+    count: int
+    modes: tuple[str, ...]
+    owner: str
+    runbook: str
+    latest_traces: tuple[str, ...]
+
+
+def summarise(faults: Sequence[FaultRow], latest: int = 3) -> list[RootCauseRow]:
+    """Group faults (newest first) by service and kind, most frequent first."""
+    groups: dict[tuple[str, str], list[FaultRow]] = {}
+    for row in faults:
+        groups.setdefault((row.service, row.kind), []).append(row)
+    rows = [
+        RootCauseRow(
+            service=service,
+            kind=kind,
+            count=len(items),
+            modes=tuple(dict.fromkeys(r.mode for r in items)),
+            owner=items[0].owner,
+            runbook=items[0].runbook,
+            latest_traces=tuple(r.trace_id for r in items[:latest]),
+        )
+        for (service, kind), items in groups.items()
+    ]
+    rows.sort(key=lambda r: (-r.count, r.service, r.kind))
+    return rows
+
+
+def format_table(rows: Sequence[RootCauseRow]) -> str:
+    """A plain-text table of root causes."""
+    if not rows:
+        return "no faults in this window"
+    header = ("service", "kind", "count", "mode", "owner", "latest trace ids")
+    body = [
+        (r.service, r.kind, str(r.count), ",".join(r.modes), r.owner, " ".join(r.latest_traces))
+        for r in rows
+    ]
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=False))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(b, widths, strict=False)) for b in body]
+    return "\n".join(lines)
+
+
+def _png(fig: object) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")  # type: ignore[attr-defined]
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _service_graph(edges: Sequence[tuple[str, str, int]], causes: dict[str, int]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    services = sorted({s for e in edges for s in e[:2]} | set(causes))
+    fig, ax = plt.subplots(figsize=(7, 5))
+    ax.set_axis_off()
+    if not services:
+        plt.close(fig)
+        return ""
+    pos = {
+        s: (math.cos(2 * math.pi * i / len(services)), math.sin(2 * math.pi * i / len(services)))
+        for i, s in enumerate(services)
+    }
+    for caller, callee, count in edges:
+        (x0, y0), (x1, y1) = pos[caller], pos[callee]
+        ax.annotate(
+            "",
+            xy=(x1, y1),
+            xytext=(x0, y0),
+            arrowprops={"arrowstyle": "->", "color": "#888", "lw": 1 + math.log10(1 + count)},
+        )
+    for s, (x, y) in pos.items():
+        hit = causes.get(s, 0)
+        ax.scatter([x], [y], s=900, color="#d62728" if hit else "#1f77b4", zorder=3)
+        ax.text(x, y - 0.2, f"{s}" + (f"\n{hit} faults" if hit else ""), ha="center", va="top")
+    ax.set_title("Service graph (red: root-cause services)")
+    ax.set_xlim(-1.5, 1.5)
+    ax.set_ylim(-1.6, 1.4)
+    out = _png(fig)
+    plt.close(fig)
+    return out
+
+
+def _timelines(samples: Sequence[tuple[float, str, str, float]]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not samples:
+        return ""
+    signals = (semconv.DL_DRIFT_SCORE, semconv.DL_CONFIDENCE_MEAN)
+    fig, axes = plt.subplots(len(signals), 1, figsize=(8, 5), sharex=True)
+    for ax, signal in zip(axes, signals, strict=False):
+        series: dict[str, tuple[list[float], list[float]]] = {}
+        for t, service, sig, value in samples:
+            if sig == signal:
+                xs, ys = series.setdefault(service, ([], []))
+                xs.append(t - samples[0][0])
+                ys.append(value)
+        for service, (xs, ys) in sorted(series.items()):
+            ax.plot(xs, ys, ".-", label=service, markersize=3)
+        ax.set_ylabel(signal)
+        if series:
+            ax.legend(fontsize=7)
+    axes[-1].set_xlabel("seconds since the window start")
+    out = _png(fig)
+    plt.close(fig)
+    return out
+
+
+def render_html(
+    rows: Sequence[RootCauseRow],
+    faults: Sequence[FaultRow],
+    edges: Sequence[tuple[str, str, int]],
+    samples: Sequence[tuple[float, str, str, float]],
+    window: str,
+) -> str:
+    """A self-contained HTML report (images embedded as data URIs)."""
+    causes: dict[str, int] = {}
+    for r in rows:
+        causes[r.service] = causes.get(r.service, 0) + r.count
+    graph, timelines = _service_graph(edges, causes), _timelines(samples)
+    esc = html.escape
+    table = "".join(
+        f"<tr><td>{esc(r.service)}</td><td>{esc(r.kind)}</td><td>{r.count}</td>"
+        f"<td>{esc(', '.join(r.modes))}</td><td>{esc(r.owner)}</td>"
+        f'<td><a href="{esc(r.runbook)}">{esc(r.runbook)}</a></td>'
+        f"<td><code>{'<br>'.join(esc(t) for t in r.latest_traces)}</code></td></tr>"
+        for r in rows
+    )
+    recent = "".join(
+        f"<tr><td>{datetime.fromtimestamp(f.time, timezone.utc):%Y-%m-%d %H:%M:%S}</td>"
+        f"<td><code>{esc(f.trace_id)}</code></td><td>{esc(f.service)}</td>"
+        f"<td>{esc(f.span_name)}</td><td>{esc(f.mode)}</td><td>{f.score:.2f}</td>"
+        f"<td>{esc(f.evidence)}</td></tr>"
+        for f in faults[:50]
+    )
+    img = lambda data, alt: f'<img alt="{alt}" src="data:image/png;base64,{data}">' if data else ""  # noqa: E731
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>otel-dl fault report</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px;vertical-align:top}}
+th{{background:#eee}}</style></head><body>
+<h1>otel-dl fault report</h1><p>Window: {esc(window)}. {len(faults)} attributed faults.</p>
+<h2>Top root causes</h2>
+<table><tr><th>service</th><th>kind</th><th>count</th><th>mode</th><th>owner</th>
+<th>runbook</th><th>latest traces</th></tr>{table}</table>
+<h2>Service graph</h2>{img(graph, "service graph")}
+<h2>Drift and confidence per service</h2>{img(timelines, "timelines")}
+<h2>Latest faults</h2>
+<table><tr><th>time (UTC)</th><th>trace</th><th>service</th><th>span</th><th>mode</th>
+<th>score</th><th>evidence</th></tr>{recent}</table>
+</body></html>
+"""
+
+
+def report(store: Path, since: str, html_path: Path | None, out: object = sys.stdout) -> int:
+    """Print the root-cause table; write the HTML report when ``html_path`` is given."""
+    start = parse_since(since)
+    faults = query_faults(store, since=start, limit=100_000)
+    rows = summarise(faults)
+    print(format_table(rows), file=out)  # type: ignore[arg-type]
+    if html_path is not None:
+        page = render_html(rows, faults, query_edges(store), query_signals(store, start), since)
+        html_path.write_text(page, encoding="utf-8")
+        print(f"wrote {html_path}", file=out)  # type: ignore[arg-type]
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="otel-dl", description="otel-dl tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+    rep = sub.add_parser("report", help="top root causes from the collector's fault store")
+    rep.add_argument("--store", type=Path, default=Path("otel-dl.sqlite"), help="SQLite store")
+    rep.add_argument(
+        "--since", default="24h", help="window start: 15m, 2h, 7d or unix seconds (24h)"
+    )
+    rep.add_argument("--html", type=Path, help="also write a self-contained HTML report here")
+    args = parser.parse_args(argv)
+    try:
+        return report(args.store, args.since, args.html)
+    except FileNotFoundError as exc:
+        print(f"otel-dl: {exc}", file=sys.stderr)
+        return 2
+    except ValueError:
+        print("otel-dl: --since must be like 15m, 2h, 7d or unix seconds", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Attribution on hand-built OTLP traces: ordering, explained symptoms, learning."""
+
+from __future__ import annotations
+
+import itertools
+
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+
+from otel_dl import semconv
+from otel_dl.collector.assemble import flatten
+from otel_dl.collector.attribute import Attributor
+from otel_dl.collector.catalog import load_catalog
+from otel_dl.collector.enrich import set_attribute
+
+_ids = itertools.count(1)
+
+
+def _trace(spec: list[tuple[str, str, int | None, float, float, dict]]) -> list:
+    """spec rows: (service, name, parent row index, start s, end s, attributes)."""
+    request = ExportTraceServiceRequest()
+    trace_id = next(_ids).to_bytes(16, "big")
+    span_ids = [next(_ids).to_bytes(8, "big") for _ in spec]
+    for i, (service, name, parent, start, end, attrs) in enumerate(spec):
+        rs = request.resource_spans.add()
+        kv = rs.resource.attributes.add()
+        kv.key, kv.value.string_value = "service.name", service
+        span = rs.scope_spans.add().spans.add()
+        span.trace_id, span.span_id, span.name = trace_id, span_ids[i], name
+        if parent is not None:
+            span.parent_span_id = span_ids[parent]
+        span.start_time_unix_nano = int(start * 1e9)
+        span.end_time_unix_nano = int(end * 1e9)
+        for key, value in attrs.items():
+            if key == "error":
+                span.status.code = Status.STATUS_CODE_ERROR
+            elif key == "client":
+                span.kind = Span.SPAN_KIND_CLIENT
+            else:
+                set_attribute(span, key, value)
+    attributor = _trace.attributor  # type: ignore[attr-defined]
+    records, _, _ = flatten(request, attributor.wanted_attributes)
+    return records
+
+
+def _pipeline(**overrides: dict) -> list[tuple]:
+    rows = {
+        "root": ("frontend", "predict", None, 0.0, 1.0, {}),
+        "ingest": ("ingest", "ingest.read", 0, 0.01, 0.1, {semconv.DL_DRIFT_SCORE: 0.05}),
+        "features": (
+            "features",
+            "feature_store.get",
+            0,
+            0.1,
+            0.2,
+            {semconv.DL_FEATURE_FRESHNESS: 30.0},
+        ),
+        "prep": ("preprocess", "transform", 0, 0.2, 0.3, {semconv.DL_QUALITY_NAN_FRACTION: 0.0}),
+        "infer": (
+            "inference",
+            "inference",
+            0,
+            0.3,
+            0.8,
+            {
+                semconv.DL_CONFIDENCE_MEAN: 0.9,
+                semconv.DL_MODEL_NAME: "m",
+                semconv.DL_MODEL_FINGERPRINT: "aaa",
+            },
+        ),
+        "ext": ("external-api", "GET", 4, 0.4, 0.5, {"server.address": "api.x", "client": True}),
+    }
+    for key, attrs in overrides.items():
+        service, name, parent, start, end, base = rows[key]
+        rows[key] = (service, name, parent, start, end, {**base, **attrs})
+    return list(rows.values())
+
+
+def _attributor() -> Attributor:
+    attributor = Attributor(load_catalog(), min_baseline_samples=5)
+    _trace.attributor = attributor  # type: ignore[attr-defined]
+    for _ in range(10):
+        records = _trace(_pipeline())
+        assert not attributor.decide(records[0].trace_id, records).fault
+    return attributor
+
+
+def test_healthy_traces_have_no_fault():
+    attributor = _attributor()
+    records = _trace(_pipeline())
+    assert not attributor.decide(records[0].trace_id, records).fault
+
+
+def test_upstream_drift_explains_downstream_low_confidence():
+    attributor = _attributor()
+    records = _trace(
+        _pipeline(ingest={semconv.DL_DRIFT_SCORE: 0.6}, infer={semconv.DL_CONFIDENCE_MEAN: 0.3})
+    )
+    decision = attributor.decide(records[0].trace_id, records)
+    assert decision.root.service == "ingest"
+    assert decision.mode.kind == semconv.FAULT_KIND_DATA_DRIFT
+    assert decision.candidates[:2] == ("ingest", "inference")
+    assert any(s.service == "inference" for s in decision.symptoms)
+
+
+def test_external_error_is_a_dependency_outage_not_the_callers_error():
+    attributor = _attributor()
+    records = _trace(_pipeline(ext={"error": True}, infer={"error": True}, root={"error": True}))
+    decision = attributor.decide(records[0].trace_id, records)
+    assert decision.root.service == "external-api"
+    assert decision.mode.id == "external-dependency-error"
+    assert decision.mode.origin == "external"
+
+
+def test_model_fingerprint_change_beats_low_confidence_on_the_same_span():
+    attributor = _attributor()
+    records = _trace(
+        _pipeline(infer={semconv.DL_MODEL_FINGERPRINT: "bbb", semconv.DL_CONFIDENCE_MEAN: 0.2})
+    )
+    decision = attributor.decide(records[0].trace_id, records)
+    assert decision.mode.kind == semconv.FAULT_KIND_MODEL_CHANGE
+    # The old fingerprint is still the established one: normal traffic is not flagged.
+    records = _trace(_pipeline())
+    assert not attributor.decide(records[0].trace_id, records).fault
+
+
+def test_latency_baseline_is_not_poisoned_by_slow_spans():
+    attributor = _attributor()
+    for _ in range(20):
+        slow = [r if r[1] != "transform" else (*r[:3], 0.2, 5.0, r[5]) for r in _pipeline()]
+        records = _trace(slow)
+        decision = attributor.decide(records[0].trace_id, records)
+        assert decision.fault and decision.root.name == "transform"
+        assert decision.mode.kind == semconv.FAULT_KIND_LATENCY

@@ -1,0 +1,107 @@
+"""Configuration and catalog validation, the CLIs and the report."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from otel_dl.collector.catalog import CatalogError, load_catalog
+from otel_dl.collector.config import ConfigError, load_config
+from otel_dl.collector.report import main as report_main
+from otel_dl.collector.report import report
+
+
+def test_precedence_flag_over_env_over_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("grpc_port: 1000\nhttp_port: 1001\ndecision_wait: 2\n")
+    config = load_config(
+        path,
+        {"OTEL_DL_COLLECTOR_HTTP_PORT": "2001", "OTEL_DL_COLLECTOR_GRPC_PORT": "2000"},
+        {"grpc_port": "3000"},
+    )
+    assert (config.grpc_port, config.http_port, config.decision_wait) == (3000, 2001, 2.0)
+    assert load_config(flags={"store": "none"}).store is None
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "flags", "needle"),
+    [
+        ("grpc_prot: 1\n", {}, {}, "unknown key 'grpc_prot'"),
+        ("decision_wait: soon\n", {}, {}, "key 'decision_wait'"),
+        ("", {"OTEL_DL_COLLECTOR_API_PORT": "70000"}, {}, "OTEL_DL_COLLECTOR_API_PORT"),
+        ("", {}, {"export_endpoint": "nohost"}, "flag --export-endpoint"),
+        ("", {}, {"catalog": "/nonexistent.yaml"}, "--catalog"),
+    ],
+)
+def test_bad_configuration_names_source_key_and_fix(tmp_path, text, env, flags, needle):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.").replace("'", ".")):
+        load_config(path, env, flags)
+
+
+def test_catalog_override_and_errors(tmp_path):
+    extra = tmp_path / "modes.yaml"
+    extra.write_text(
+        "modes:\n  - id: data-drift\n    kind: data_drift\n    origin: internal\n"
+        "    detect: [{signal: dl.drift.score, above: 0.5}]\n    severity: low\n"
+        "    owner: me\n    mitigation: m\n    runbook: https://r\n"
+    )
+    catalog = load_catalog(extra)
+    assert catalog.by_id("data-drift").owner == "me"
+    kinds = {m.kind for m in load_catalog().modes}
+    assert len(kinds) == 9
+    extra.write_text(extra.read_text().replace("data_drift", "drifty"))
+    with pytest.raises(CatalogError, match=r"modes.yaml: mode 'data-drift' field 'kind'"):
+        load_catalog(extra)
+    extra.write_text(
+        extra.read_text()
+        .replace("kind: drifty", "kind: data_drift")
+        .replace("above: 0.5", "abov: 0.5")
+    )
+    with pytest.raises(CatalogError, match=r"mode 'data-drift' field 'detect'\[0\]"):
+        load_catalog(extra)
+
+
+def test_collector_cli_refuses_bad_config(tmp_path):
+    bad = tmp_path / "c.yaml"
+    bad.write_text("grpc_port: -5\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "otel_dl.collector", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "c.yaml: key 'grpc_port'" in proc.stderr
+
+
+def test_report_table_and_html(tmp_path, make_collector, wait_for):
+    collector = make_collector()
+    request = ExportTraceServiceRequest()
+    for service, span_id, parent, error in (("frontend", 1, None, True), ("prep", 2, 1, True)):
+        rs = request.resource_spans.add()
+        kv = rs.resource.attributes.add()
+        kv.key, kv.value.string_value = "service.name", service
+        span = rs.scope_spans.add().spans.add()
+        span.trace_id, span.span_id = (7).to_bytes(16, "big"), span_id.to_bytes(8, "big")
+        if parent:
+            span.parent_span_id = parent.to_bytes(8, "big")
+        span.name, span.status.code = f"op-{span_id}", 2 if error else 0
+        span.start_time_unix_nano, span.end_time_unix_nano = 10**18, 10**18 + 10**6
+        conf = span.attributes.add()
+        conf.key, conf.value.double_value = "dl.confidence.mean", 0.9
+    collector.ingest(request, None)
+    store = tmp_path / "faults.sqlite"
+    out = io.StringIO()
+    wait_for(lambda: report(store, "1h", None, out) == 0 and "prep" in out.getvalue())
+    assert "error" in out.getvalue() and (7).to_bytes(16, "big").hex() in out.getvalue()
+    html_path = tmp_path / "r.html"
+    assert report_main(["report", "--store", str(store), "--html", str(html_path)]) == 0
+    page = html_path.read_text()
+    assert "data:image/png;base64" in page and "https://otel-dl.dev/runbooks/error" in page
+    assert report_main(["report", "--store", str(tmp_path / "missing.sqlite")]) == 2

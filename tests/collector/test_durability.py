@@ -1,0 +1,123 @@
+"""The persistent journal and export queue, back-pressure, restarts, late spans, eviction."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+import requests
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from otel_dl import semconv
+from otel_dl.collector.diskqueue import DiskBudget, ExportQueue, Journal, QueueFull
+
+
+def _request(
+    trace: int,
+    span: int,
+    parent: int | None = None,
+    service: str = "svc",
+    name: str | None = None,
+    error: bool = False,
+) -> ExportTraceServiceRequest:
+    request = ExportTraceServiceRequest()
+    rs = request.resource_spans.add()
+    kv = rs.resource.attributes.add()
+    kv.key, kv.value.string_value = "service.name", service
+    s = rs.scope_spans.add().spans.add()
+    s.trace_id = trace.to_bytes(16, "big")
+    s.span_id = span.to_bytes(8, "big")
+    if parent is not None:
+        s.parent_span_id = parent.to_bytes(8, "big")
+    s.name = name or f"span-{span}"
+    s.start_time_unix_nano, s.end_time_unix_nano = 1_000, 2_000
+    if error:
+        s.status.code = 2
+    return request
+
+
+def test_journal_replays_unreleased_requests_after_restart(tmp_path):
+    journal = Journal(tmp_path, DiskBudget(1 << 20))
+    first = journal.append(b"one", 1)
+    journal.release({first: 1})
+    journal.append(b"two", 1)
+    journal.close()
+    reopened = Journal(tmp_path, DiskBudget(1 << 20))
+    assert list(reopened.replay()) == [b"two"]
+    reopened.drop_replayed()
+    assert list(Journal(tmp_path, DiskBudget(1 << 20)).replay()) == []
+
+
+def test_export_queue_keeps_unacked_items_and_enforces_its_budget(tmp_path):
+    queue = ExportQueue(tmp_path, DiskBudget(64))
+    queue.append(b"a" * 20)
+    queue.append(b"b" * 20)
+    with pytest.raises(QueueFull):
+        queue.append(b"c" * 40)
+    position, payload = queue.peek(timeout=0)
+    assert payload == b"a" * 20
+    queue.ack(position)
+    queue.close()
+    reopened = ExportQueue(tmp_path, DiskBudget(64))
+    assert reopened.length == 1
+    assert reopened.peek(timeout=0)[1] == b"b" * 20
+
+
+def test_backpressure_then_delivery_after_backend_and_collector_restart(
+    tmp_path, sink, make_collector, wait_for
+):
+    servicer, sink_port = sink
+    servicer.fail_with = grpc.StatusCode.UNAVAILABLE
+    collector = make_collector(
+        export_endpoint=f"127.0.0.1:{sink_port}", queue_max_bytes=600, decision_wait=0.05
+    )
+    url = f"http://127.0.0.1:{collector.http_port}/v1/traces"
+    sent = 0
+    status = 200
+    for i in range(1, 40):
+        resp = requests.post(
+            url,
+            data=_request(i, i).SerializeToString(),
+            timeout=5,
+            headers={"Content-Type": "application/x-protobuf"},
+        )
+        status = resp.status_code
+        if status != 200:
+            break
+        sent += 1
+        wait_for(lambda: collector.buffer.span_count == 0)
+    assert status == 429 and resp.headers["Retry-After"] == "1"
+    with grpc.insecure_channel(f"127.0.0.1:{collector.grpc_port}") as channel:
+        stub = trace_service_pb2_grpc.TraceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Export(_request(99, 99), timeout=5)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    collector.stop()
+    assert servicer.count() == 0
+
+    servicer.fail_with = None
+    make_collector(export_endpoint=f"127.0.0.1:{sink_port}")
+    wait_for(lambda: servicer.count() == sent)
+
+
+def test_late_span_gets_recorded_decision_and_eviction_still_forwards(
+    sink, make_collector, wait_for
+):
+    servicer, sink_port = sink
+    collector = make_collector(
+        export_endpoint=f"127.0.0.1:{sink_port}", max_traces=2, decision_wait=0.2
+    )
+    collector.ingest(_request(1, 10, service="frontend", name="root", error=True), None)
+    collector.ingest(_request(1, 11, parent=10, service="prep", name="step", error=True), None)
+    spans = wait_for(lambda: servicer.count() == 2 and servicer.spans())
+    assert spans["step"][semconv.DL_FAULT_ROOT_CAUSE] is True
+    collector.ingest(_request(1, 12, parent=10, service="late", name="late"), None)
+    spans = wait_for(lambda: servicer.count() == 3 and servicer.spans())
+    assert spans["late"][semconv.DL_FAULT_ROOT_CAUSE_SERVICE] == "prep"
+
+    for trace in range(2, 6):
+        collector.ingest(_request(trace, 100 + trace, parent=1), None)
+    wait_for(lambda: servicer.count() == 7)
+    metrics = collector.metrics.render().decode()
+    assert "otel_dl_collector_traces_evicted_total 2.0" in metrics
+    assert "otel_dl_collector_spans_late_total 1.0" in metrics
