@@ -1,0 +1,359 @@
+"""Hugging Face transformers instrumentation: one span per pipeline call.
+
+``otel_dl.instrument()`` enables it when transformers is installed; by hand::
+
+    from otel_dl.instrumentors.transformers import TransformersInstrumentor
+    TransformersInstrumentor().instrument()
+
+Every call of a ``transformers.Pipeline`` (``pipe("some text")``, ``pipe([...])``)
+becomes an ``inference`` span (``dl.stage=inference``, ``dl.component=transformers``).
+Nothing is imported up front: the patch is applied when ``transformers.pipelines`` is
+first imported, so an application that never uses transformers pays nothing.
+
+The span is the one span of the call: the model's forwards, the pipeline's own
+DataLoader and any other instrumented work inside it run with instrumentation suppressed
+(a text generation of 50 tokens makes one span, not 50 model spans). A pipeline called
+inside another makes no span of its own.
+
+It carries ``dl.model.framework=transformers``, the task (``dl.model.task``), the model
+name (the ``watch`` name, else the model's ``name_or_path``, else its class), the version
+(the ``watch`` version, else the Hub commit when known: the config's ``_commit_hash``, or
+a ``snapshots/<commit>`` directory the model was loaded from), ``dl.model.path`` when the
+model came from a local directory, the fingerprint of the weights (computed once per
+model), and ``dl.prediction.count``. Watch either the pipeline or its model:
+``otel_dl.watch(pipe, name="sentiment", version="2026-11")``.
+
+- Classification tasks (text, image, audio, video classification) get ``dl.confidence.*``
+  from the class scores the answer was computed from: the model's logits, so margin and
+  entropy are exact even when the pipeline returns only the top label. Zero-shot tasks
+  use the returned scores over the candidate labels.
+- Generation tasks get the OpenTelemetry GenAI attributes: ``gen_ai.operation.name``
+  (``chat`` for chat messages, else ``text_completion``), ``gen_ai.request.model``,
+  ``gen_ai.request.max_tokens`` when ``max_new_tokens`` is given, and
+  ``gen_ai.usage.input_tokens``/``output_tokens`` counted from the token ids (output
+  tokens stop at the first end-of-sequence token, which counts).
+
+Streaming inputs (a generator or a Dataset) return a lazy iterator; such calls make no
+pipeline span, and the model's forwards are traced by the torch instrumentor instead.
+Text inputs give no drift or quality signals.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import threading
+import types
+from collections.abc import Callable, Collection, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import wrapt
+from opentelemetry.instrumentation.utils import suppress_instrumentation, unwrap
+
+from otel_dl import semconv
+from otel_dl._config import get_config
+from otel_dl._guard import report_internal_error
+from otel_dl._span import NO_HOOKS, Attributes, DlCall, Hooks, traced_call
+from otel_dl._watch import WatchState, ensure_state, watch_state
+from otel_dl.monitor import confidence_attributes
+from otel_dl.provenance import model_fingerprint
+
+from ._base import DlInstrumentor
+
+DL_MODEL_TASK: Final = "dl.model.task"
+# OpenTelemetry GenAI semantic conventions.
+GEN_AI_OPERATION_NAME: Final = "gen_ai.operation.name"
+GEN_AI_REQUEST_MODEL: Final = "gen_ai.request.model"
+GEN_AI_REQUEST_MAX_TOKENS: Final = "gen_ai.request.max_tokens"
+GEN_AI_USAGE_INPUT_TOKENS: Final = "gen_ai.usage.input_tokens"
+GEN_AI_USAGE_OUTPUT_TOKENS: Final = "gen_ai.usage.output_tokens"
+
+_MODULE = "transformers.pipelines.base"
+_FRAMEWORK = "transformers"
+_SITE = "transformers.pipeline"
+_CLASSIFICATION_TASKS: Final = frozenset(
+    {
+        "text-classification",
+        "sentiment-analysis",
+        "image-classification",
+        "audio-classification",
+        "video-classification",
+    }
+)
+_GENERATION_TASKS: Final = ("text-generation", "text2text-generation", "summarization")
+_SNAPSHOT = re.compile(r"snapshots[\\/]([0-9a-f]{40})(?:[\\/]|$)")
+
+
+@dataclass
+class _Capture:
+    """What the forwards of one pipeline call leave behind for its span."""
+
+    pipeline: Any
+    logits: bool
+    generation: bool
+    class_scores: list[Any] = field(default_factory=list)
+    input_tokens: int = 0
+    output_tokens: int = 0
+    sequences: int = 0
+    token_counts: bool = False
+
+
+_capture: ContextVar[_Capture | None] = ContextVar("otel_dl_transformers_call", default=None)
+
+
+def _is_generation(pipe: Any) -> bool:
+    task = str(getattr(pipe, "task", "") or "")
+    return bool(getattr(type(pipe), "_pipeline_calls_generate", False)) or task.startswith(
+        (*_GENERATION_TASKS, "translation")
+    )
+
+
+def _inputs(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+    return args[0] if args else kwargs.get("inputs")
+
+
+def _is_chat(inputs: Any) -> bool:
+    return (
+        isinstance(inputs, list | tuple)
+        and bool(inputs)
+        and isinstance(inputs[0], Mapping)
+        and "role" in inputs[0]
+    )
+
+
+def _streams(inputs: Any) -> bool:
+    if isinstance(inputs, types.GeneratorType):
+        return True
+    torch_data = sys.modules.get("torch.utils.data")
+    return torch_data is not None and isinstance(inputs, torch_data.Dataset)
+
+
+def _revision(model: Any, name_or_path: str) -> str | None:
+    commit = getattr(getattr(model, "config", None), "_commit_hash", None)
+    if isinstance(commit, str) and commit:
+        return commit
+    match = _SNAPSHOT.search(name_or_path)
+    return match.group(1) if match else None
+
+
+def _ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, list | tuple) else [int(value)]
+
+
+def _generated_tokens(new_tokens: Any, eos_ids: list[int], pad_id: int | None) -> int:
+    """Tokens generated per sequence, up to and including the first end-of-sequence."""
+    import torch
+
+    rows = new_tokens.reshape(-1, new_tokens.shape[-1])
+    if rows.shape[-1] == 0:
+        return 0
+    lengths = torch.full((rows.shape[0],), rows.shape[-1], device=rows.device)
+    if eos_ids:
+        is_eos = torch.isin(rows, torch.tensor(eos_ids, device=rows.device))
+        first = is_eos.int().argmax(dim=-1)
+        lengths = torch.where(is_eos.any(dim=-1), first + 1, lengths)
+    elif pad_id is not None:
+        lengths = (rows != pad_id).sum(dim=-1)
+    return int(lengths.sum())
+
+
+def _record_forward(capture: _Capture, model_inputs: Any, outputs: Any) -> None:
+    import torch
+
+    if not isinstance(outputs, Mapping):
+        return
+    if capture.logits:
+        logits = outputs.get("logits")
+        if isinstance(logits, torch.Tensor) and logits.dim() == 2 and logits.is_floating_point():
+            capture.class_scores.append(logits.detach())
+        return
+    if not capture.generation or not isinstance(model_inputs, Mapping):
+        return
+    input_ids = model_inputs.get("input_ids")
+    mask = model_inputs.get("attention_mask")
+    prompt = input_ids.shape[-1] if isinstance(input_ids, torch.Tensor) else 0
+    if isinstance(mask, torch.Tensor):
+        capture.input_tokens += int(mask.sum())
+    elif isinstance(input_ids, torch.Tensor):
+        capture.input_tokens += int(input_ids.numel())
+    generated = outputs.get("generated_sequence")
+    if generated is None:
+        # Encoder-decoder pipelines return only the decoder's ids, after its start token.
+        generated, prompt = outputs.get("output_ids"), 1
+    if not isinstance(generated, torch.Tensor) or generated.dim() < 2:
+        return
+    config = getattr(capture.pipeline.model, "generation_config", None)
+    new_tokens = generated[..., prompt:]
+    capture.output_tokens += _generated_tokens(
+        new_tokens,
+        _ids(getattr(config, "eos_token_id", None)),
+        getattr(config, "pad_token_id", None),
+    )
+    capture.sequences += new_tokens.reshape(-1, new_tokens.shape[-1]).shape[0]
+    capture.token_counts = True
+
+
+def _score_rows(result: Any, batched: bool) -> list[list[float]] | None:
+    """Zero-shot results as rows of scores over the candidate labels, or None."""
+    rows: list[list[float]] = []
+    for answer in result if batched else [result]:
+        if isinstance(answer, Mapping) and isinstance(answer.get("scores"), list):
+            rows.append([float(s) for s in answer["scores"]])
+        elif isinstance(answer, list) and all(
+            isinstance(a, Mapping) and "score" in a for a in answer
+        ):
+            rows.append([float(a["score"]) for a in answer])
+        else:
+            return None
+    return rows if rows and len({len(r) for r in rows}) == 1 else None
+
+
+class TransformersInstrumentor(DlInstrumentor):
+    """Traces Hugging Face ``Pipeline`` calls; see the module docstring."""
+
+    _hooks: Hooks = NO_HOOKS
+    # Class-level: BaseInstrumentor is a singleton whose __init__ runs on every call.
+    _enabled = False
+    _patched = False
+    _import_hook_registered = False
+    _lock = threading.Lock()
+
+    def instrumentation_dependencies(self) -> Collection[str]:
+        return ("transformers >= 4.40",)
+
+    # -- patching -----------------------------------------------------------------------
+    def _instrument(self, **kwargs: Any) -> None:
+        self._hooks = self.hooks_from(kwargs)
+        cls = type(self)
+        cls._enabled = True
+        if not cls._import_hook_registered:
+            cls._import_hook_registered = True
+            # Called at once when the module is already imported, else when it is.
+            wrapt.register_post_import_hook(self._patch, _MODULE)
+        elif _MODULE in sys.modules:
+            self._patch(sys.modules[_MODULE])
+
+    def _uninstrument(self, **kwargs: Any) -> None:
+        cls = type(self)
+        with cls._lock:
+            cls._enabled = False
+            module = sys.modules.get(_MODULE)
+            if module is not None and cls._patched:
+                unwrap(module.Pipeline, "__call__")
+                unwrap(module.Pipeline, "forward")
+                cls._patched = False
+
+    def _patch(self, module: Any) -> None:
+        cls = type(self)
+        with cls._lock:
+            if not cls._enabled or cls._patched:
+                return
+            wrapt.wrap_function_wrapper(module, "Pipeline.__call__", self._wrap_call)
+            wrapt.wrap_function_wrapper(module, "Pipeline.forward", self._wrap_forward)
+            cls._patched = True
+
+    # -- calls --------------------------------------------------------------------------
+    def _wrap_call(self, wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        inputs = _inputs(args, kwargs)
+        if _streams(inputs):
+            return wrapped(*args, **kwargs)
+        task = str(getattr(instance, "task", "") or "")
+        capture = _Capture(
+            instance, logits=task in _CLASSIFICATION_TASKS, generation=_is_generation(instance)
+        )
+        token = _capture.set(capture)
+        try:
+            return traced_call(
+                _suppressing(wrapped),
+                instance,
+                args,
+                kwargs,
+                site=_SITE,
+                name=semconv.SPAN_INFERENCE,
+                stage=semconv.STAGE_INFERENCE,
+                component=semconv.COMPONENT_TRANSFORMERS,
+                before=lambda call: self._model_attributes(call, capture),
+                after=lambda call, result: self._signals(call, capture, result),
+                hooks=self._hooks,
+            )
+        finally:
+            _capture.reset(token)
+
+    @staticmethod
+    def _wrap_forward(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        outputs = wrapped(*args, **kwargs)
+        capture = _capture.get()
+        if capture is not None and capture.pipeline is instance:
+            try:
+                _record_forward(capture, args[0] if args else kwargs.get("model_inputs"), outputs)
+            except Exception:
+                report_internal_error(f"{_SITE}.forward")
+        return outputs
+
+    @staticmethod
+    def _state(pipe: Any) -> WatchState:
+        return watch_state(pipe) or watch_state(pipe.model) or ensure_state(pipe)
+
+    def _model_attributes(self, call: DlCall, capture: _Capture) -> Attributes:
+        pipe = call.instance
+        model = pipe.model
+        state = self._state(pipe)
+        name_or_path = str(getattr(model, "name_or_path", "") or "")
+        attrs: Attributes = state.provenance()
+        attrs[semconv.DL_MODEL_FRAMEWORK] = _FRAMEWORK
+        attrs[semconv.DL_MODEL_NAME] = state.name or name_or_path or type(model).__name__
+        version = state.version or _revision(model, name_or_path)
+        if version is not None:
+            attrs[semconv.DL_MODEL_VERSION] = version
+        if name_or_path and os.path.isdir(name_or_path):
+            attrs[semconv.DL_MODEL_PATH] = name_or_path
+        if pipe.task:
+            attrs[DL_MODEL_TASK] = pipe.task
+        fingerprint = model_fingerprint(model)
+        if fingerprint is not None:
+            attrs[semconv.DL_MODEL_FINGERPRINT] = fingerprint
+        if capture.generation:
+            inputs = _inputs(call.args, call.kwargs)
+            attrs[GEN_AI_OPERATION_NAME] = "chat" if _is_chat(inputs) else "text_completion"
+            attrs[GEN_AI_REQUEST_MODEL] = name_or_path or attrs[semconv.DL_MODEL_NAME]
+            max_tokens = call.kwargs.get("max_new_tokens")
+            if isinstance(max_tokens, int):
+                attrs[GEN_AI_REQUEST_MAX_TOKENS] = max_tokens
+        return attrs
+
+    @staticmethod
+    def _signals(call: DlCall, capture: _Capture, result: Any) -> Attributes:
+        import torch
+
+        attrs: Attributes = {}
+        inputs = _inputs(call.args, call.kwargs)
+        batched = isinstance(inputs, list) and not _is_chat(inputs)
+        attrs[semconv.DL_PREDICTION_COUNT] = len(inputs) if batched else 1
+        if capture.token_counts:
+            attrs[GEN_AI_USAGE_INPUT_TOKENS] = capture.input_tokens
+            attrs[GEN_AI_USAGE_OUTPUT_TOKENS] = capture.output_tokens
+            attrs[semconv.DL_PREDICTION_COUNT] = capture.sequences
+        config = get_config()
+        if not config.signals:
+            return attrs
+        scores: Any = None
+        if capture.class_scores:
+            scores = torch.cat(capture.class_scores)
+        elif str(getattr(call.instance, "task", "")).startswith("zero-shot"):
+            scores = _score_rows(result, batched)
+        if scores is not None:
+            attrs.update(confidence_attributes(scores, config.confidence_threshold))
+        return attrs
+
+
+def _suppressing(wrapped: Callable[..., Any]) -> Callable[..., Any]:
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with suppress_instrumentation():
+            return wrapped(*args, **kwargs)
+
+    return run

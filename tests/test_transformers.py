@@ -1,0 +1,185 @@
+"""The transformers instrumentor on real tiny pipelines, built here with no network."""
+
+from __future__ import annotations
+
+import os
+
+# Set before transformers and huggingface_hub read it: these tests must never reach the Hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from opentelemetry.instrumentation.utils import suppress_instrumentation
+from opentelemetry.trace import StatusCode
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedTokenizerFast,
+    pipeline,
+)
+
+import otel_dl
+from otel_dl import semconv
+from otel_dl.instrumentors.transformers import (
+    DL_MODEL_TASK,
+    GEN_AI_OPERATION_NAME,
+    GEN_AI_REQUEST_MAX_TOKENS,
+    GEN_AI_REQUEST_MODEL,
+    GEN_AI_USAGE_INPUT_TOKENS,
+    GEN_AI_USAGE_OUTPUT_TOKENS,
+)
+from tests.support import SpanList
+
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "good", "bad", "movie", "very", "the", "is", "a"]
+PAD, SEP = 0, 3
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture(autouse=True)
+def handle() -> Iterator[otel_dl.Instrumentation]:
+    h = otel_dl.instrument()
+    yield h
+    h.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerFast:
+    word_level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, "[UNK]"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=word_level,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+    )
+
+
+@pytest.fixture(scope="module")
+def classifier_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny BERT saved where the Hub cache would put commit COMMIT."""
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(WORDS),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        num_labels=3,
+    )
+    path = tmp_path_factory.mktemp("hub") / "snapshots" / COMMIT
+    BertForSequenceClassification(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def classify(classifier_dir: Path, tokenizer: PreTrainedTokenizerFast):
+    model = BertForSequenceClassification.from_pretrained(classifier_dir)
+    return pipeline("text-classification", model=model, tokenizer=tokenizer)
+
+
+@pytest.fixture
+def generate(tokenizer: PreTrainedTokenizerFast):
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=len(WORDS),
+        n_embd=16,
+        n_layer=1,
+        n_head=2,
+        n_positions=32,
+        bos_token_id=SEP,
+        eos_token_id=SEP,
+        pad_token_id=PAD,
+    )
+    return pipeline("text-generation", model=GPT2LMHeadModel(config).eval(), tokenizer=tokenizer)
+
+
+def test_classification_span_with_provenance_and_confidence(
+    spans: SpanList, tracer, classify, classifier_dir: Path
+) -> None:
+    with tracer.start_as_current_span("request") as request:
+        (answer,) = classify("good movie")
+    # The model's forward makes no span of its own.
+    assert sorted(s.name for s in spans.get()) == ["inference", "request"]
+    (span,) = spans.get(semconv.SPAN_INFERENCE)
+    assert span.name == semconv.SPAN_INFERENCE
+    assert span.parent.span_id == request.get_span_context().span_id
+    attrs = span.attributes
+    assert attrs[semconv.DL_STAGE] == "inference"
+    assert attrs[semconv.DL_COMPONENT] == "transformers"
+    assert attrs[semconv.DL_MODEL_FRAMEWORK] == "transformers"
+    assert attrs[DL_MODEL_TASK] == "text-classification"
+    assert attrs[semconv.DL_MODEL_NAME] == str(classifier_dir)
+    assert attrs[semconv.DL_MODEL_PATH] == str(classifier_dir)
+    assert attrs[semconv.DL_MODEL_VERSION] == COMMIT
+    assert len(attrs[semconv.DL_MODEL_FINGERPRINT]) == 32
+    assert attrs[semconv.DL_PREDICTION_COUNT] == 1
+    assert attrs[semconv.DL_CONFIDENCE_MEAN] == pytest.approx(answer["score"], rel=1e-5)
+    assert semconv.DL_CONFIDENCE_MARGIN_MEAN in attrs
+    assert semconv.DL_CONFIDENCE_ENTROPY_MEAN in attrs
+
+
+def test_batched_list_makes_one_span(spans: SpanList, classify) -> None:
+    answers = classify(["good movie", "bad", "the movie is very bad"], batch_size=2)
+    (span,) = spans.get()  # nor does the pipeline's DataLoader
+    scores = [a["score"] for a in answers]
+    assert span.attributes[semconv.DL_PREDICTION_COUNT] == 3
+    assert span.attributes[semconv.DL_CONFIDENCE_MIN] == pytest.approx(min(scores), rel=1e-5)
+    assert span.attributes[semconv.DL_CONFIDENCE_MEAN] == pytest.approx(sum(scores) / 3, rel=1e-5)
+
+
+def test_watch_names_the_pipeline(spans: SpanList, classify) -> None:
+    otel_dl.watch(classify, name="sentiment", version="2026-11", team="nlp")
+    classify("bad movie")
+    (span,) = spans.get()
+    assert span.attributes[semconv.DL_MODEL_NAME] == "sentiment"
+    assert span.attributes[semconv.DL_MODEL_VERSION] == "2026-11"
+    assert span.attributes["team"] == "nlp"
+
+
+def test_text_generation_uses_gen_ai_attributes(spans: SpanList, generate) -> None:
+    (answer,) = generate("good movie", max_new_tokens=6, do_sample=False)
+    (span,) = spans.get()  # one span for the whole generation, not one per token
+    attrs = span.attributes
+    assert attrs[DL_MODEL_TASK] == "text-generation"
+    assert attrs[GEN_AI_OPERATION_NAME] == "text_completion"
+    assert attrs[GEN_AI_REQUEST_MODEL] == "GPT2LMHeadModel"
+    assert attrs[GEN_AI_REQUEST_MAX_TOKENS] == 6
+    assert attrs[GEN_AI_USAGE_INPUT_TOKENS] == 2
+    with suppress_instrumentation():
+        prompt = torch.tensor([[WORDS.index("good"), WORDS.index("movie")]])
+        new = generate.model.generate(prompt, max_new_tokens=6, do_sample=False)[0, 2:].tolist()
+    expected = new.index(SEP) + 1 if SEP in new else len(new)
+    assert attrs[GEN_AI_USAGE_OUTPUT_TOKENS] == expected
+    assert attrs[semconv.DL_PREDICTION_COUNT] == 1
+    assert answer["generated_text"].startswith("good movie")
+
+
+def test_user_errors_are_recorded_and_reraised_unchanged(spans: SpanList, classify) -> None:
+    with suppress_instrumentation(), pytest.raises(Exception) as bare:
+        classify(42)
+    with pytest.raises(type(bare.value)) as got:
+        classify(42)
+    assert str(got.value) == str(bare.value)
+    (span,) = spans.get()
+    assert span.status.status_code is StatusCode.ERROR
+    assert span.attributes["error.type"] == type(bare.value).__qualname__
+
+
+def test_uninstrument_removes_the_spans(
+    spans: SpanList, classify, handle: otel_dl.Instrumentation
+) -> None:
+    handle.shutdown()
+    classify("good")
+    assert spans.get() == []
+    again = otel_dl.instrument()
+    classify("good")
+    assert len(spans.get()) == 1
+    again.shutdown()
