@@ -1,0 +1,673 @@
+"""Feast instrumentation: one span per feature-store call.
+
+``otel_dl.instrument()`` enables it when Feast is installed; by hand::
+
+    from otel_dl.instrumentors.feast import FeastInstrumentor
+    FeastInstrumentor().instrument()
+
+Nothing is imported up front: ``FeatureStore`` is patched when ``feast`` is first
+imported, so an application that never uses Feast pays nothing.
+
+These ``FeatureStore`` methods make a ``feature_store.<method>`` span
+(``dl.stage=feature_store``, ``dl.component=feast``) with the project, the registry path
+(``dl.feature.registry``), the feature views read or written (``dl.feature.views``; a
+feature service adds ``dl.feature.service``), and per view a fingerprint of its
+registered definition (``dl.feature.view.fingerprints``, ``"view:digest"``, read from the
+registry cache, so it changes when the view is re-applied with another schema, source,
+TTL or transformation) and its version where Feast versions it
+(``dl.feature.view.versions``, ``"view:v3"``):
+
+- ``get_online_features``: ``dl.feature.entity_count``, ``dl.feature.missing_fraction``
+  (share of returned feature values that are missing: an entity not in the online store
+  comes back as nulls), ``dl.feature.freshness`` (seconds between now and the oldest
+  event timestamp among the values returned), ``dl.feature.ttl`` (smallest TTL of the
+  views read) and ``dl.feature.stale`` (freshness above that TTL), and the drift, quality
+  and data fingerprint of the returned features.
+- ``get_historical_features``: the retrieval job Feast returns is lazy, so the span
+  starts at the call and ends when the job is first materialised by ``to_df()`` or
+  ``to_arrow()`` (or ``to_feast_df()``, which goes through ``to_arrow()``), covering the
+  query time too; it then carries the entity count and the drift and quality of the
+  returned features. A job never materialised ends its span, at the call's end, when the
+  job is garbage-collected. Later materialisations of the same job make no span.
+- ``materialize`` and ``materialize_incremental``: the views and the time window
+  (``dl.feature.materialize.start``/``.end``, ISO 8601).
+- ``push`` (``dl.feature.push_source``) and ``write_to_online_store``: rows written and
+  the quality and fingerprints of the DataFrame written.
+
+Freshness of online reads. Feast's online stores keep each row's event timestamp beside
+its values and return it in the response (``OnlineResponse.proto``, one timestamp per
+value; it is what ``to_dict(include_event_timestamps=True)`` reads), so no extra lookup
+is made. Only values whose status is ``PRESENT`` count. When no returned value has a
+timestamp (every entity missing, an online store that returns none, on-demand features
+computed at request time), ``dl.feature.freshness`` and ``dl.feature.stale`` are left
+off. Historical reads carry no freshness: Feast does not return the feature rows' own
+timestamps there. Time is measured with the wall clock at the end of the call.
+
+Drift and quality. The returned features (entity keys left out) are observed by the
+store's monitor: ``otel_dl.watch(store, reference=ref)`` gives the reference, otherwise
+the first ``baseline_rows`` rows read become the baseline. Online and historical reads
+share it and present the features the same way: one column per feature, in name order,
+numeric features as float64 (missing values as NaN), others as strings. Fit a reference
+on that form, e.g. ``Reference.fit(df[sorted(feature_columns)].astype("float64"))``.
+List-valued features (embeddings) are left out of the signals.
+
+The user's exceptions (an unknown feature view, a missing entity key) are recorded on the
+span and re-raised unchanged. The async methods are not traced.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Collection, Mapping, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Final
+
+import numpy as np
+import wrapt
+from opentelemetry import context, trace
+from opentelemetry.instrumentation.utils import unwrap
+from opentelemetry.trace import Span
+
+from otel_dl import semconv
+from otel_dl._config import get_config
+from otel_dl._guard import instrumentation_enabled, report_internal_error
+from otel_dl._span import (
+    NO_HOOKS,
+    Attributes,
+    DlCall,
+    Hooks,
+    base_attributes,
+    finish_span,
+    record_error,
+    start_span,
+    traced_call,
+)
+from otel_dl._watch import ensure_state
+from otel_dl.provenance import data_fingerprint
+from otel_dl.quality import nan_fraction
+from otel_dl.reference import to_table
+
+from ._base import DlInstrumentor
+
+DL_FEATURE_PROJECT: Final = "dl.feature.project"
+DL_FEATURE_SERVICE: Final = "dl.feature.service"
+DL_FEATURE_REGISTRY: Final = "dl.feature.registry"
+DL_FEATURE_VIEW_FINGERPRINTS: Final = "dl.feature.view.fingerprints"
+DL_FEATURE_VIEW_VERSIONS: Final = "dl.feature.view.versions"
+DL_FEATURE_ENTITY_COUNT: Final = "dl.feature.entity_count"
+DL_FEATURE_MISSING_FRACTION: Final = "dl.feature.missing_fraction"
+DL_FEATURE_TTL: Final = "dl.feature.ttl"
+DL_FEATURE_STALE: Final = "dl.feature.stale"
+DL_FEATURE_MATERIALIZE_START: Final = "dl.feature.materialize.start"
+DL_FEATURE_MATERIALIZE_END: Final = "dl.feature.materialize.end"
+DL_FEATURE_PUSH_SOURCE: Final = "dl.feature.push_source"
+
+_STORE_MODULE: Final = "feast.feature_store"
+_JOB_MODULE: Final = "feast.infra.offline_stores.offline_store"
+_SITE: Final = "feast"
+_PRESENT: Final = 1  # feast.serving.FieldStatus.PRESENT
+_NUMERIC_KINDS: Final = frozenset(
+    {"int32_val", "int64_val", "float_val", "double_val", "bool_val", "unix_timestamp_val"}
+)
+_TEXT_KINDS: Final = frozenset({"string_val", "bytes_val"})
+# Columns of a historical result that are not features.
+_HISTORICAL_META: Final = frozenset({"event_timestamp", "created_timestamp"})
+
+
+def _now() -> float:
+    """Wall-clock seconds; freshness is measured against it."""
+    return time.time()
+
+
+def _arg(call: DlCall, index: int, name: str, default: Any = None) -> Any:
+    if len(call.args) > index:
+        return call.args[index]
+    return call.kwargs.get(name, default)
+
+
+# --- What was read -------------------------------------------------------------------------
+
+
+def _views_of(features: Any) -> tuple[list[str], str | None]:
+    """Feature view names (in order of first mention) and the feature service's name."""
+    projections = getattr(features, "feature_view_projections", None)
+    if projections is not None:
+        return [str(p.name) for p in projections], str(getattr(features, "name", ""))
+    views: dict[str, None] = {}
+    for ref in features or ():
+        if isinstance(ref, str) and ":" in ref:
+            views[ref.split(":", 1)[0].split("@", 1)[0]] = None
+    return list(views), None
+
+
+def _entity_count(entity_rows: Any) -> int | None:
+    if isinstance(entity_rows, Mapping):
+        first = next(iter(entity_rows.values()), None)
+        return len(first) if first is not None else 0
+    if isinstance(entity_rows, Sequence):
+        return len(entity_rows)
+    return None
+
+
+def _entity_keys(entity_rows: Any) -> set[str]:
+    if isinstance(entity_rows, Mapping):
+        return {str(k) for k in entity_rows}
+    if isinstance(entity_rows, Sequence) and entity_rows and isinstance(entity_rows[0], Mapping):
+        return {str(k) for k in entity_rows[0]}
+    return set()
+
+
+@dataclass(frozen=True)
+class _ViewInfo:
+    fingerprint: str
+    ttl_s: float | None
+    version: int | None
+
+
+@dataclass
+class _RegistryCache:
+    key: tuple[int, int, int]
+    views: dict[str, _ViewInfo]
+
+
+_registry_lock = threading.Lock()
+_registry_cache: weakref.WeakKeyDictionary[Any, _RegistryCache] = weakref.WeakKeyDictionary()
+
+
+def _view_infos(store: Any) -> dict[str, _ViewInfo]:
+    """Definition fingerprint, TTL and version of every view of the store's project.
+
+    Read from the registry's in-memory cache (file and SQL registries both keep one) and
+    recomputed only when that cache is replaced or updated, so a call costs a dict lookup.
+    """
+    registry = getattr(store, "_registry", None) or getattr(store, "registry", None)
+    proto = getattr(registry, "cached_registry_proto", None)
+    if proto is None:
+        return {}
+    key = (id(proto), proto.last_updated.seconds, proto.last_updated.nanos)
+    with _registry_lock:
+        cached = _registry_cache.get(store)
+    if cached is not None and cached.key == key:
+        return cached.views
+    project = getattr(store, "project", None)
+    views: dict[str, _ViewInfo] = {}
+    for group in ("feature_views", "on_demand_feature_views", "stream_feature_views"):
+        for view in getattr(proto, group, ()):
+            spec = view.spec
+            if project is not None and spec.project and spec.project != project:
+                continue
+            digest = hashlib.blake2b(spec.SerializeToString(deterministic=True), digest_size=16)
+            ttl = spec.ttl.seconds + spec.ttl.nanos / 1e9 if spec.HasField("ttl") else None
+            version = getattr(view.meta, "current_version_number", 0) or None
+            views[spec.name] = _ViewInfo(digest.hexdigest(), ttl or None, version)
+    with _registry_lock:
+        _registry_cache[store] = _RegistryCache(key, views)
+    return views
+
+
+def _registry_path(store: Any) -> str | None:
+    registry = getattr(getattr(store, "config", None), "registry", None)
+    path = getattr(registry, "path", registry)
+    return str(path) if path else None
+
+
+def _store_attributes(store: Any, views: Sequence[str], service: str | None) -> Attributes:
+    attrs: Attributes = ensure_state(store).provenance()
+    project = getattr(store, "project", None)
+    if project:
+        attrs[DL_FEATURE_PROJECT] = str(project)
+    registry = _registry_path(store)
+    if registry:
+        attrs[DL_FEATURE_REGISTRY] = registry
+    if views:
+        attrs[semconv.DL_FEATURE_VIEWS] = list(views)
+    if service:
+        attrs[DL_FEATURE_SERVICE] = service
+    infos = _view_infos(store)
+    known = [(v, infos[v]) for v in views if v in infos]
+    if known:
+        attrs[DL_FEATURE_VIEW_FINGERPRINTS] = [f"{v}:{i.fingerprint}" for v, i in known]
+        versions = [f"{v}:v{i.version}" for v, i in known if i.version is not None]
+        if versions:
+            attrs[DL_FEATURE_VIEW_VERSIONS] = versions
+        ttls = [i.ttl_s for _, i in known if i.ttl_s]
+        if ttls:
+            attrs[DL_FEATURE_TTL] = float(min(ttls))
+    return attrs
+
+
+# --- Returned features -------------------------------------------------------------------
+
+
+@dataclass
+class _OnlineRead:
+    columns: dict[str, np.ndarray]
+    missing: int
+    total: int
+    oldest: int | None  # epoch seconds of the oldest present value
+
+
+def _read_online(response: Any, entity_keys: set[str]) -> _OnlineRead:
+    """The feature columns, missing count and oldest event time of an online response."""
+    proto = response.proto
+    out = _OnlineRead({}, 0, 0, None)
+    for name, vector in zip(proto.metadata.feature_names.val, proto.results, strict=False):
+        if name in entity_keys:
+            continue
+        statuses = np.fromiter(vector.statuses, dtype=np.int32)
+        present = statuses == _PRESENT
+        out.total += statuses.size
+        out.missing += int(statuses.size - np.count_nonzero(present))
+        seconds = np.fromiter((t.seconds for t in vector.event_timestamps), dtype=np.int64)
+        if seconds.size == present.size:
+            stamped = seconds[present & (seconds > 0)]
+            if stamped.size:
+                oldest = int(stamped.min())
+                out.oldest = oldest if out.oldest is None else min(out.oldest, oldest)
+        column = _column(vector.values)
+        if column is not None:
+            out.columns[str(name)] = column
+    return out
+
+
+def _column(values: Any) -> np.ndarray | None:
+    kinds = [v.WhichOneof("val") for v in values]
+    found = {k for k in kinds if k is not None and k != "null_val"}
+    if found <= _NUMERIC_KINDS:
+        return np.array(
+            [
+                float(getattr(v, k)) if k in _NUMERIC_KINDS else np.nan
+                for v, k in zip(values, kinds, strict=True)
+            ],
+            dtype=np.float64,
+        )
+    if found <= _TEXT_KINDS:
+        return np.array(
+            [
+                str(getattr(v, k)) if k in _TEXT_KINDS else None
+                for v, k in zip(values, kinds, strict=True)
+            ],
+            dtype=object,
+        )
+    return None
+
+
+def _frame_columns(frame: Any, exclude: set[str]) -> dict[str, np.ndarray]:
+    """Feature columns of a historical result, in the same form as online reads."""
+    columns: dict[str, np.ndarray] = {}
+    for name in sorted(str(c) for c in frame.columns):
+        if name in exclude or name in _HISTORICAL_META:
+            continue
+        series = frame[name]
+        kind = series.dtype.kind
+        if kind in "biuf":
+            columns[name] = series.to_numpy(dtype=np.float64, na_value=np.nan)
+        elif kind == "O" or str(series.dtype).startswith("string"):
+            values = series.to_numpy(dtype=object)
+            if all(v is None or isinstance(v, str | float) for v in values[:64]):
+                columns[name] = np.array(
+                    [v if isinstance(v, str) else None for v in values], dtype=object
+                )
+    return columns
+
+
+def _observe(store: Any, columns: Mapping[str, np.ndarray]) -> tuple[Attributes, int | None]:
+    if not columns or not get_config().signals:
+        return {}, None
+    monitor = ensure_state(store).monitor()
+    attrs: Attributes = dict(monitor.observe(dict(sorted(columns.items()))))
+    return attrs, monitor.feature_count
+
+
+def _written(frame: Any) -> Attributes:
+    """Rows, quality and fingerprints of a DataFrame written to the store."""
+    if frame is None or not (hasattr(frame, "columns") or isinstance(frame, Mapping)):
+        return {}
+    table = to_table(frame)
+    attrs: Attributes = {semconv.DL_DATA_ROWS: table.rows}
+    if not get_config().signals:
+        return attrs
+    attrs[semconv.DL_DATA_SCHEMA_FINGERPRINT] = table.schema_fingerprint
+    fingerprint = data_fingerprint(table)
+    if fingerprint is not None:
+        attrs[semconv.DL_DATA_FINGERPRINT] = fingerprint
+    share = nan_fraction(table)
+    if share is not None:
+        attrs[semconv.DL_QUALITY_NAN_FRACTION] = share
+    return attrs
+
+
+def _iso(value: Any) -> str | None:
+    return value.isoformat() if isinstance(value, datetime.datetime | datetime.date) else None
+
+
+# --- Historical retrieval jobs -----------------------------------------------------------
+
+
+@dataclass
+class _PendingJob:
+    store: Any
+    span: Span
+    start_ns: int
+    entity_keys: set[str]
+    finalizer: weakref.finalize[Any, Any] | None = None
+
+
+def _end_unmaterialised(span: Span, start_ns: int, end_ns: int) -> None:
+    try:
+        finish_span(span, {}, start_ns, end_ns)
+    except Exception:
+        report_internal_error(f"{_SITE}.historical")
+
+
+_in_job: ContextVar[bool] = ContextVar("otel_dl_feast_in_job", default=False)
+
+
+class FeastInstrumentor(DlInstrumentor):
+    """Traces Feast ``FeatureStore`` calls; see the module docstring."""
+
+    _hooks: Hooks = NO_HOOKS
+    # Class-level: BaseInstrumentor is a singleton whose __init__ runs on every call.
+    _enabled = False
+    _import_hooks_registered = False
+    _lock = threading.RLock()
+    _patched: ClassVar[set[str]] = set()
+    _pending: ClassVar[weakref.WeakKeyDictionary[Any, _PendingJob]] = weakref.WeakKeyDictionary()
+
+    def instrumentation_dependencies(self) -> Collection[str]:
+        return ("feast >= 0.40",)
+
+    # -- patching -----------------------------------------------------------------------
+    def _instrument(self, **kwargs: Any) -> None:
+        cls = type(self)
+        cls._hooks = self.hooks_from(kwargs)
+        cls._enabled = True
+        if not cls._import_hooks_registered:
+            cls._import_hooks_registered = True
+            # Called at once for a module already imported, else when it is imported.
+            wrapt.register_post_import_hook(self._on_store_import, _STORE_MODULE)
+            wrapt.register_post_import_hook(self._on_job_import, _JOB_MODULE)
+        else:
+            if _STORE_MODULE in sys.modules:
+                self._on_store_import(sys.modules[_STORE_MODULE])
+            if _JOB_MODULE in sys.modules:
+                self._on_job_import(sys.modules[_JOB_MODULE])
+
+    def _uninstrument(self, **kwargs: Any) -> None:
+        cls = type(self)
+        with cls._lock:
+            cls._enabled = False
+            if _STORE_MODULE in cls._patched:
+                store_cls = sys.modules[_STORE_MODULE].FeatureStore
+                for method in self._store_wrappers():
+                    unwrap(store_cls, method)
+            if _JOB_MODULE in cls._patched:
+                job_cls = sys.modules[_JOB_MODULE].RetrievalJob
+                unwrap(job_cls, "to_df")
+                unwrap(job_cls, "to_arrow")
+            cls._patched.clear()
+
+    def _store_wrappers(self) -> dict[str, Any]:
+        return {
+            "get_online_features": self._wrap_online,
+            "get_historical_features": self._wrap_historical,
+            "materialize": self._wrap_materialize,
+            "materialize_incremental": self._wrap_materialize,
+            "push": self._wrap_push,
+            "write_to_online_store": self._wrap_write,
+        }
+
+    def _on_store_import(self, module: Any) -> None:
+        cls = type(self)
+        with cls._lock:
+            if not cls._enabled or _STORE_MODULE in cls._patched:
+                return
+            for method, wrapper in self._store_wrappers().items():
+                wrapt.wrap_function_wrapper(module, f"FeatureStore.{method}", wrapper)
+            cls._patched.add(_STORE_MODULE)
+
+    def _on_job_import(self, module: Any) -> None:
+        cls = type(self)
+        with cls._lock:
+            if not cls._enabled or _JOB_MODULE in cls._patched:
+                return
+            wrapt.wrap_function_wrapper(module, "RetrievalJob.to_df", self._wrap_materialise_job)
+            wrapt.wrap_function_wrapper(module, "RetrievalJob.to_arrow", self._wrap_materialise_job)
+            cls._patched.add(_JOB_MODULE)
+
+    def _traced(
+        self, wrapped: Any, instance: Any, args: Any, kwargs: Any, method: str, **extract: Any
+    ) -> Any:
+        return traced_call(
+            wrapped,
+            instance,
+            args,
+            kwargs,
+            site=f"{_SITE}.{method}",
+            name=semconv.SPAN_FEATURE_STORE_PREFIX + method,
+            stage=semconv.STAGE_FEATURE_STORE,
+            component=semconv.COMPONENT_FEAST,
+            hooks=self._hooks,
+            **extract,
+        )
+
+    # -- online reads -------------------------------------------------------------------
+    def _wrap_online(self, wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        return self._traced(
+            wrapped,
+            instance,
+            args,
+            kwargs,
+            "get_online_features",
+            before=self._online_before,
+            after=self._online_after,
+        )
+
+    @staticmethod
+    def _online_before(call: DlCall) -> Attributes:
+        views, service = _views_of(_arg(call, 0, "features"))
+        attrs = _store_attributes(call.instance, views, service)
+        count = _entity_count(_arg(call, 1, "entity_rows"))
+        if count is not None:
+            attrs[DL_FEATURE_ENTITY_COUNT] = count
+        return attrs
+
+    @staticmethod
+    def _online_after(call: DlCall, response: Any) -> Attributes:
+        read = _read_online(response, _entity_keys(_arg(call, 1, "entity_rows")))
+        attrs: Attributes = {}
+        if read.total:
+            attrs[DL_FEATURE_MISSING_FRACTION] = read.missing / read.total
+        if read.oldest is not None:
+            freshness = max(_now() - read.oldest, 0.0)
+            attrs[semconv.DL_FEATURE_FRESHNESS] = freshness
+            # The span's own attributes hold the TTL set before the call.
+            ttl = _store_attributes_ttl(call.instance, _arg(call, 0, "features"))
+            if ttl is not None:
+                attrs[DL_FEATURE_STALE] = freshness > ttl
+        try:
+            signals, _count = _observe(call.instance, read.columns)
+            attrs.update(signals)
+        except Exception:
+            report_internal_error(f"{_SITE}.online.signals")
+        return attrs
+
+    # -- historical reads ---------------------------------------------------------------
+    def _wrap_historical(self, wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        if not instrumentation_enabled():
+            return wrapped(*args, **kwargs)
+        span: Span | None = None
+        token = None
+        call = DlCall(semconv.COMPONENT_FEAST, instance, args, kwargs)
+        start_ns = time.time_ns()
+        try:
+            attrs = base_attributes(
+                semconv.STAGE_FEATURE_STORE, semconv.COMPONENT_FEAST, self._historical_before(call)
+            )
+            span = start_span(
+                semconv.SPAN_FEATURE_STORE_PREFIX + "get_historical_features",
+                attrs,
+                start_time=start_ns,
+            )
+            token = context.attach(trace.set_span_in_context(span))
+        except Exception:
+            report_internal_error(f"{_SITE}.historical")
+        if span is not None and self._hooks.request is not None:
+            try:
+                self._hooks.request(span, call)
+            except Exception:
+                report_internal_error(f"{_SITE}.historical.request_hook")
+        try:
+            job = wrapped(*args, **kwargs)
+        except BaseException as exc:
+            end_ns = time.time_ns()
+            if token is not None:
+                context.detach(token)
+            if span is not None:
+                try:
+                    record_error(span, exc)
+                    finish_span(span, {}, start_ns, end_ns)
+                except Exception:
+                    report_internal_error(f"{_SITE}.historical")
+            raise
+        end_ns = time.time_ns()
+        if token is not None:
+            context.detach(token)
+        if span is not None:
+            try:
+                entity_df = _arg(call, 0, "entity_df")
+                keys = {str(c) for c in getattr(entity_df, "columns", ())}
+                pending = _PendingJob(instance, span, start_ns, keys)
+                pending.finalizer = weakref.finalize(
+                    job, _end_unmaterialised, span, start_ns, end_ns
+                )
+                with self._lock:
+                    self._pending[job] = pending
+            except Exception:
+                report_internal_error(f"{_SITE}.historical")
+                span.end(end_time=end_ns)
+        return job
+
+    @staticmethod
+    def _historical_before(call: DlCall) -> Attributes:
+        views, service = _views_of(_arg(call, 1, "features", []))
+        attrs = _store_attributes(call.instance, views, service)
+        entity_df = _arg(call, 0, "entity_df")
+        if hasattr(entity_df, "columns"):
+            attrs[DL_FEATURE_ENTITY_COUNT] = len(entity_df)
+        return attrs
+
+    def _wrap_materialise_job(self, wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        if _in_job.get():
+            return wrapped(*args, **kwargs)
+        with self._lock:
+            pending = self._pending.pop(instance, None)
+        if pending is None:
+            return wrapped(*args, **kwargs)
+        marker = _in_job.set(True)
+        token = None
+        try:
+            if pending.finalizer is not None:
+                pending.finalizer.detach()
+            token = context.attach(trace.set_span_in_context(pending.span))
+        except Exception:
+            report_internal_error(f"{_SITE}.historical")
+        try:
+            result = wrapped(*args, **kwargs)
+        except BaseException as exc:
+            end_ns = time.time_ns()
+            self._detach(token, marker)
+            try:
+                record_error(pending.span, exc)
+                finish_span(pending.span, {}, pending.start_ns, end_ns)
+            except Exception:
+                report_internal_error(f"{_SITE}.historical")
+            raise
+        end_ns = time.time_ns()
+        self._detach(token, marker)
+        self._finish_job(pending, instance, result, end_ns)
+        return result
+
+    @staticmethod
+    def _detach(token: Any, marker: Any) -> None:
+        if token is not None:
+            context.detach(token)
+        _in_job.reset(marker)
+
+    def _finish_job(self, pending: _PendingJob, job: Any, result: Any, end_ns: int) -> None:
+        attrs: Attributes = {}
+        feature_count = None
+        try:
+            frame = result.to_pandas() if hasattr(result, "to_pandas") else result
+            attrs[semconv.DL_DATA_ROWS] = len(frame)
+            signals, feature_count = _observe(
+                pending.store, _frame_columns(frame, pending.entity_keys)
+            )
+            attrs.update(signals)
+        except Exception:
+            report_internal_error(f"{_SITE}.historical.signals")
+        if self._hooks.response is not None:
+            try:
+                call = DlCall(semconv.COMPONENT_FEAST, job, (), {})
+                self._hooks.response(pending.span, call, result)
+            except Exception:
+                report_internal_error(f"{_SITE}.historical.response_hook")
+        try:
+            finish_span(pending.span, attrs, pending.start_ns, end_ns, feature_count)
+        except Exception:
+            report_internal_error(f"{_SITE}.historical")
+
+    # -- writes -------------------------------------------------------------------------
+    def _wrap_materialize(self, wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        method = wrapped.__name__
+        incremental = method == "materialize_incremental"
+
+        def before(call: DlCall) -> Attributes:
+            offset = 0 if incremental else 1
+            views = _arg(call, offset + 1, "feature_views")
+            if views is None:
+                views = sorted(_view_infos(call.instance))
+            attrs = _store_attributes(call.instance, [str(v) for v in views], None)
+            start = None if incremental else _iso(_arg(call, 0, "start_date"))
+            end = _iso(_arg(call, offset, "end_date"))
+            if start:
+                attrs[DL_FEATURE_MATERIALIZE_START] = start
+            if end:
+                attrs[DL_FEATURE_MATERIALIZE_END] = end
+            return attrs
+
+        return self._traced(wrapped, instance, args, kwargs, method, before=before)
+
+    def _wrap_push(self, wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        def before(call: DlCall) -> Attributes:
+            source = _arg(call, 0, "push_source_name")
+            attrs = _store_attributes(call.instance, [], None)
+            if source:
+                attrs[DL_FEATURE_PUSH_SOURCE] = str(source)
+            attrs.update(_written(_arg(call, 1, "df")))
+            return attrs
+
+        return self._traced(wrapped, instance, args, kwargs, "push", before=before)
+
+    def _wrap_write(self, wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        def before(call: DlCall) -> Attributes:
+            view = _arg(call, 0, "feature_view_name")
+            attrs = _store_attributes(call.instance, [str(view)] if view else [], None)
+            frame = _arg(call, 1, "df")
+            attrs.update(_written(frame if frame is not None else _arg(call, 2, "inputs")))
+            return attrs
+
+        return self._traced(wrapped, instance, args, kwargs, "write_to_online_store", before=before)
+
+
+def _store_attributes_ttl(store: Any, features: Any) -> float | None:
+    views, _service = _views_of(features)
+    infos = _view_infos(store)
+    ttls = [infos[v].ttl_s for v in views if v in infos and infos[v].ttl_s]
+    return float(min(t for t in ttls if t is not None)) if ttls else None
