@@ -52,6 +52,7 @@ _BASELINE_QUANTILE = 0.99
 _MAX_BASELINE_KEYS = 20_000
 _MAX_CANDIDATES = 5
 _MAX_VALUES_PER_KEY = 1024
+_REFRESH_SAMPLES = 32
 _SPAN_KIND_NAMES = {1: "internal", 2: "server", 3: "client", 4: "producer", 5: "consumer"}
 #: Span attributes read besides the catalog's own signals.
 CORE_ATTRIBUTES = frozenset(
@@ -109,13 +110,21 @@ class Baselines:
     def __init__(self, min_samples: int) -> None:
         self.min_samples = min_samples
         self.sketches: dict[tuple[str, str, str], DDSketch] = {}
+        self._quantiles: dict[tuple[str, str, str], tuple[float, float]] = {}
         self.values: dict[tuple[str, ...], tuple[dict[Any, int], set[Any]]] = {}
 
     def quantile(self, key: tuple[str, str, str]) -> float | None:
         sketch = self.sketches.get(key)
         if sketch is None or sketch.count < self.min_samples:
             return None
-        return sketch.get_quantile_value(_BASELINE_QUANTILE)
+        # A quantile query walks the sketch's bins; refresh it only as samples accumulate.
+        cached = self._quantiles.get(key)
+        if cached is None or sketch.count - cached[0] >= _REFRESH_SAMPLES:
+            cached = self._quantiles[key] = (
+                sketch.count,
+                sketch.get_quantile_value(_BASELINE_QUANTILE),
+            )
+        return cached[1]
 
     def learn(self, key: tuple[str, str, str], value: float) -> None:
         sketch = self.sketches.get(key)

@@ -1,0 +1,569 @@
+"""Benchmarks of the otel-dl collector: attribution accuracy and throughput.
+
+Run ``python benchmarks/collector.py`` (add ``--quick`` for a smoke run). It prints:
+
+1. Attribution accuracy on a simulated DL system of six services (gateway, ingest,
+   feature-store, preprocess, inference, external-api) driven through the real OTel
+   SDK and OTLP/gRPC exporter into an in-process collector, which forwards to an
+   in-process OTLP sink. Normal traffic warms the baselines; then every fault kind is
+   injected at random magnitudes, mixed with normal traffic. Per kind: service-level
+   AC@1, AC@3, Avg@5 (RCAEval definitions), span-level AC@1, and the false-positive rate
+   on normal traces, beside three baselines scored on the same traces: random ranking,
+   the service with the most error spans, and the span with the largest latency z-score.
+2. Throughput of one collector process (``python -m otel_dl.collector``) fed
+   pre-serialised OTLP/gRPC requests over several connections and forwarding to a sink,
+   the added latency after a trace's last span (p50/p99), the RSS per 10k buffered
+   spans, and a profile of the in-process receive → decide path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+from opentelemetry import trace
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from otel_dl import semconv
+from otel_dl.collector.assemble import any_value
+from otel_dl.collector.config import load_config
+from otel_dl.collector.pipeline import Collector
+
+SERVICES = ("gateway", "ingest", "feature-store", "preprocess", "inference", "external-api")
+# Ground truth per kind: (service, span name) where the fault is injected.
+TRUTH = {
+    semconv.FAULT_KIND_DATA_DRIFT: ("ingest", "ingest.read"),
+    semconv.FAULT_KIND_DATA_QUALITY: ("preprocess", "preprocess.transform"),
+    semconv.FAULT_KIND_SCHEMA_MISMATCH: ("preprocess", "preprocess.transform"),
+    semconv.FAULT_KIND_STALE_FEATURES: ("feature-store", "feature_store.get"),
+    semconv.FAULT_KIND_MODEL_CHANGE: ("inference", "inference"),
+    semconv.FAULT_KIND_LOW_CONFIDENCE: ("inference", "inference"),
+    semconv.FAULT_KIND_LATENCY: ("preprocess", "preprocess.transform"),
+    semconv.FAULT_KIND_ERROR: ("preprocess", "preprocess.transform"),
+    semconv.FAULT_KIND_DEPENDENCY_OUTAGE: ("external-api", "external.call"),
+}
+
+
+class Sink(trace_service_pb2_grpc.TraceServiceServicer):
+    """OTLP backend: keeps requests (accuracy) or only counts spans (throughput)."""
+
+    def __init__(self, keep: bool) -> None:
+        self.keep = keep
+        self.requests: list[ExportTraceServiceRequest] = []
+        self.spans = 0
+        self.arrivals: list[float] = []
+        self.lock = threading.Lock()
+
+    def Export(self, request, context):
+        n = sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
+        with self.lock:
+            self.spans += n
+            self.arrivals.append(time.monotonic())
+            if self.keep:
+                self.requests.append(request)
+        return ExportTraceServiceResponse()
+
+
+def start_sink(keep: bool) -> tuple[Sink, grpc.Server, int]:
+    sink = Sink(keep)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(sink, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return sink, server, port
+
+
+# --- 1. accuracy ------------------------------------------------------------------------
+class System:
+    """The simulated pipeline: one SDK tracer provider per service."""
+
+    def __init__(self, endpoint: str, rng: random.Random) -> None:
+        self.rng = rng
+        self.providers = {}
+        for service in SERVICES:
+            provider = TracerProvider(resource=Resource.create({"service.name": service}))
+            provider.add_span_processor(
+                BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint, insecure=True))
+            )
+            self.providers[service] = provider
+        self.tracers = {s: p.get_tracer("bench") for s, p in self.providers.items()}
+        self.model_versions = 0
+
+    def _d(self, base_ms: float) -> int:
+        return int(base_ms * 1e6 * self.rng.lognormvariate(0, 0.1))
+
+    def request(self, kind: str | None, t0: int) -> tuple[str, dict[str, str]]:
+        """Emit one trace; return its trace id hex and span ids by span name."""
+        r = self.rng
+        ids: dict[str, str] = {}
+        mag = r.uniform(0, 1)
+
+        def span(service, name, parent, start, dur, attrs, kind_=SpanKind.INTERNAL, error=False):
+            ctx = trace.set_span_in_context(parent) if parent is not None else None
+            s = self.tracers[service].start_span(
+                name, context=ctx, kind=kind_, start_time=start, attributes=attrs
+            )
+            if error:
+                s.set_status(Status(StatusCode.ERROR, "injected"))
+                s.add_event("exception", {"exception.type": "RuntimeError"})
+            ids[name] = format(s.get_span_context().span_id, "016x")
+            return s, start + dur
+
+        root = self.tracers["gateway"].start_span("predict", kind=SpanKind.SERVER, start_time=t0)
+        ids["predict"] = format(root.get_span_context().span_id, "016x")
+        t = t0 + 100_000
+        drift = 0.3 + 0.6 * mag if kind == semconv.FAULT_KIND_DATA_DRIFT else r.uniform(0.01, 0.1)
+        s, t = span(
+            "ingest",
+            "ingest.read",
+            root,
+            t,
+            self._d(5),
+            {semconv.DL_STAGE: semconv.STAGE_INGEST, semconv.DL_DRIFT_SCORE: drift},
+        )
+        s.end(end_time=t)
+        fresh = r.uniform(30, 90) * (
+            10 + 40 * mag if kind == semconv.FAULT_KIND_STALE_FEATURES else 1
+        )
+        s, t = span(
+            "feature-store",
+            "feature_store.get",
+            root,
+            t,
+            self._d(3),
+            {semconv.DL_STAGE: semconv.STAGE_FEATURE_STORE, semconv.DL_FEATURE_FRESHNESS: fresh},
+        )
+        s.end(end_time=t)
+        attrs: dict[str, Any] = {
+            semconv.DL_STAGE: semconv.STAGE_PREPROCESS,
+            semconv.DL_QUALITY_NAN_FRACTION: 0.0,
+        }
+        if kind == semconv.FAULT_KIND_DATA_QUALITY:
+            attrs[semconv.DL_QUALITY_NAN_FRACTION] = 0.02 + 0.5 * mag
+        if kind == semconv.FAULT_KIND_SCHEMA_MISMATCH:
+            attrs[semconv.DL_QUALITY_SCHEMA_MISMATCH] = True
+        dur = self._d(8) * (4 + 11 * mag if kind == semconv.FAULT_KIND_LATENCY else 1)
+        s, t = span(
+            "preprocess",
+            "preprocess.transform",
+            root,
+            t,
+            int(dur),
+            attrs,
+            error=kind == semconv.FAULT_KIND_ERROR,
+        )
+        s.end(end_time=t)
+        degraded = kind in (
+            semconv.FAULT_KIND_DATA_DRIFT,
+            semconv.FAULT_KIND_DATA_QUALITY,
+            semconv.FAULT_KIND_MODEL_CHANGE,
+            semconv.FAULT_KIND_LOW_CONFIDENCE,
+            semconv.FAULT_KIND_SCHEMA_MISMATCH,
+        )
+        conf = r.uniform(0.1, 0.45) if degraded else r.uniform(0.8, 0.95)
+        fingerprint = "model-v1"
+        if kind == semconv.FAULT_KIND_MODEL_CHANGE:
+            self.model_versions += 1
+            fingerprint = f"model-x{self.model_versions}"
+        outage = kind == semconv.FAULT_KIND_DEPENDENCY_OUTAGE
+        timeout = outage and r.random() < 0.5
+        inf, t_inf = span(
+            "inference",
+            "inference",
+            root,
+            t,
+            self._d(20),
+            {
+                semconv.DL_STAGE: semconv.STAGE_INFERENCE,
+                semconv.DL_CONFIDENCE_MEAN: conf,
+                semconv.DL_MODEL_NAME: "ranker",
+                semconv.DL_MODEL_FINGERPRINT: fingerprint,
+            },
+            error=outage and not timeout,
+        )
+        call_dur = self._d(6) * (5 + 15 * mag if timeout else 1)
+        call, t_call = span(
+            "external-api",
+            "external.call",
+            inf,
+            t + 1_000_000,
+            int(call_dur),
+            {
+                "server.address": "api.partner.example",
+                semconv.DL_STAGE: semconv.STAGE_EXTERNAL,
+            },
+            kind_=SpanKind.CLIENT,
+            error=outage and not timeout,
+        )
+        call.end(end_time=t_call)
+        inf.end(end_time=max(t_inf, t_call + 1_000_000))
+        root.end(end_time=max(t_inf, t_call) + 2_000_000)
+        if kind == semconv.FAULT_KIND_ERROR or (outage and not timeout):
+            root.set_status(Status(StatusCode.ERROR))
+        return format(root.get_span_context().trace_id, "032x"), ids
+
+    def flush(self) -> None:
+        for provider in self.providers.values():
+            provider.force_flush()
+
+    def shutdown(self) -> None:
+        for provider in self.providers.values():
+            provider.shutdown()
+
+
+def _collect(sink: Sink) -> dict[str, list[dict[str, Any]]]:
+    traces: dict[str, list[dict[str, Any]]] = {}
+    for req in sink.requests:
+        for rs in req.resource_spans:
+            service = next(
+                kv.value.string_value for kv in rs.resource.attributes if kv.key == "service.name"
+            )
+            for ss in rs.scope_spans:
+                for s in ss.spans:
+                    attrs = {kv.key: any_value(kv.value) for kv in s.attributes}
+                    traces.setdefault(s.trace_id.hex(), []).append(
+                        {
+                            "service": service,
+                            "name": s.name,
+                            "span_id": s.span_id.hex(),
+                            "parent": s.parent_span_id.hex(),
+                            "error": s.status.code == 2,
+                            "duration": (s.end_time_unix_nano - s.start_time_unix_nano) / 1e9,
+                            "attrs": attrs,
+                        }
+                    )
+    return traces
+
+
+def _ranking_collector(spans: list[dict[str, Any]]) -> tuple[list[str], str | None]:
+    root = next((s for s in spans if not s["parent"]), None)
+    if root is None or semconv.DL_FAULT_CANDIDATES not in root["attrs"]:
+        return [], None
+    return list(root["attrs"][semconv.DL_FAULT_CANDIDATES]), root["attrs"].get(
+        semconv.DL_FAULT_ROOT_CAUSE_SPAN_ID
+    )
+
+
+def _ranking_random(spans, rng) -> tuple[list[str], str | None]:
+    services = list(dict.fromkeys(s["service"] for s in spans))
+    rng.shuffle(services)
+    return services, rng.choice(spans)["span_id"]
+
+
+def _ranking_errors(spans) -> tuple[list[str], str | None]:
+    counts: dict[str, int] = {}
+    for s in spans:
+        counts[s["service"]] = counts.get(s["service"], 0) + int(s["error"])
+    ranked = sorted(counts, key=lambda k: -counts[k])
+    errs = [s for s in spans if s["error"] and s["service"] == ranked[0]]
+    return ranked, (errs[0]["span_id"] if errs else None)
+
+
+def _ranking_zscore(spans, stats) -> tuple[list[str], str | None]:
+    def z(s):
+        mean, sd = stats.get((s["service"], s["name"]), (s["duration"], 1.0))
+        return (s["duration"] - mean) / (sd or 1e-9)
+
+    ordered = sorted(spans, key=z, reverse=True)
+    return list(dict.fromkeys(s["service"] for s in ordered)), ordered[0]["span_id"]
+
+
+def accuracy(per_kind: int, normal: int, warmup: int, seed: int) -> None:
+    rng = random.Random(seed)
+    sink, sink_server, sink_port = start_sink(keep=True)
+    tmp = tempfile.mkdtemp(prefix="otel-dl-bench-")
+    collector = Collector(
+        load_config(
+            flags={
+                "grpc_port": 0,
+                "http_port": 0,
+                "api_port": 0,
+                "decision_wait": 2.0,
+                "early_grace": 0.5,
+                "store": "none",
+                "queue_dir": f"{tmp}/q",
+                "export_endpoint": f"127.0.0.1:{sink_port}",
+            }
+        )
+    )
+    collector.start()
+    system = System(f"127.0.0.1:{collector.grpc_port}", rng)
+    truth: dict[str, tuple[str | None, dict[str, str]]] = {}
+    t0 = time.time_ns()
+    for _ in range(warmup):
+        trace_id, _ = system.request(None, t0)
+        t0 += 50_000_000
+    system.flush()
+    time.sleep(3.0)  # let the warm-up traces be decided before any fault arrives
+    plan = [k for k in semconv.FAULT_KINDS for _ in range(per_kind)] + [None] * normal
+    rng.shuffle(plan)
+    for kind in plan:
+        trace_id, ids = system.request(kind, t0)
+        t0 += 50_000_000
+        truth[trace_id] = (kind, ids)
+    system.flush()
+    total = (warmup + len(plan)) * 6
+    deadline = time.monotonic() + 60
+    while sink.spans < total and time.monotonic() < deadline:
+        time.sleep(0.1)
+    system.shutdown()
+    collector.stop()
+    sink_server.stop(None)
+    traces = _collect(sink)
+
+    durations: dict[tuple[str, str], list[float]] = {}
+    for tid, spans in traces.items():
+        if tid not in truth:
+            for s in spans:
+                durations.setdefault((s["service"], s["name"]), []).append(s["duration"])
+    stats = {k: (statistics.fmean(v), statistics.pstdev(v)) for k, v in durations.items()}
+    methods = {
+        "otel-dl": lambda sp: _ranking_collector(sp),
+        "random": lambda sp: _ranking_random(sp, rng),
+        "most-errors": _ranking_errors,
+        "latency-z": lambda sp: _ranking_zscore(sp, stats),
+    }
+    print(
+        f"\n## Attribution accuracy ({per_kind} injections per kind, {normal} normal traces, "
+        f"{warmup} warm-up; {len(traces)} traces received)\n"
+    )
+    print(f"{'kind':<18} {'method':<12} {'AC@1':>6} {'AC@3':>6} {'Avg@5':>6} {'span AC@1':>9}")
+    for kind in semconv.FAULT_KINDS:
+        want_service, want_span = TRUTH[kind]
+        cases = [(tid, ids) for tid, (k, ids) in truth.items() if k == kind and tid in traces]
+        for name, method in methods.items():
+            hits = [0] * 5
+            span_hits = 0
+            for tid, ids in cases:
+                ranked, span_id = method(traces[tid])
+                for k in range(5):
+                    hits[k] += want_service in ranked[: k + 1]
+                span_hits += span_id == ids[want_span]
+            n = max(1, len(cases))
+            print(
+                f"{kind:<18} {name:<12} {hits[0] / n:>6.2f} {hits[2] / n:>6.2f} "
+                f"{sum(hits) / 5 / n:>6.2f} {span_hits / n:>9.2f}"
+            )
+    normals = [tid for tid, (k, _) in truth.items() if k is None and tid in traces]
+    fps = sum(bool(_ranking_collector(traces[t])[0]) for t in normals)
+    print(
+        f"\nfalse positives on normal traces: {fps}/{len(normals)} "
+        f"= {fps / max(1, len(normals)):.3%}"
+    )
+
+
+# --- 2. throughput ----------------------------------------------------------------------
+def _requests(n_requests: int, traces_per_request: int, seed: int) -> list[bytes]:
+    """Pre-serialised requests: each trace is 5 spans across 3 services."""
+    rng = random.Random(seed)
+    out = []
+    trace_no = 0
+    for _ in range(n_requests):
+        req = ExportTraceServiceRequest()
+        by_service = {}
+        for service in ("gateway", "preprocess", "inference"):
+            rs = req.resource_spans.add()
+            kv = rs.resource.attributes.add()
+            kv.key, kv.value.string_value = "service.name", service
+            by_service[service] = rs.scope_spans.add()
+        for _ in range(traces_per_request):
+            trace_no += 1
+            tid = trace_no.to_bytes(16, "big")
+            base = 1_700_000_000_000_000_000 + trace_no * 1000
+            for i, (service, name, parent) in enumerate(
+                (
+                    ("gateway", "predict", None),
+                    ("preprocess", "transform", 0),
+                    ("inference", "inference", 0),
+                    ("inference", "tokenize", 2),
+                    ("inference", "forward", 2),
+                )
+            ):
+                s = by_service[service].spans.add()
+                s.trace_id, s.span_id = tid, (trace_no * 8 + i).to_bytes(8, "big")
+                if parent is not None:
+                    s.parent_span_id = (trace_no * 8 + parent).to_bytes(8, "big")
+                s.name = name
+                s.start_time_unix_nano = base
+                s.end_time_unix_nano = base + int(rng.lognormvariate(15, 0.1))
+                kv = s.attributes.add()
+                kv.key, kv.value.double_value = semconv.DL_CONFIDENCE_MEAN, rng.uniform(0.8, 0.95)
+        out.append(req.SerializeToString())
+    return out
+
+
+def _rss_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def throughput(n_requests: int, traces_per_request: int, connections: int) -> None:
+    payloads = _requests(n_requests, traces_per_request, seed=1)
+    spans_total = n_requests * traces_per_request * 5
+    sink, sink_server, sink_port = start_sink(keep=False)
+    tmp = tempfile.mkdtemp(prefix="otel-dl-bench-")
+    port = 43170 + os.getpid() % 1000
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "otel_dl.collector",
+            "--grpc-port",
+            str(port),
+            "--http-port",
+            "0",
+            "--api-port",
+            "0",
+            "--store",
+            "none",
+            "--decision-wait",
+            "1",
+            "--export-endpoint",
+            f"127.0.0.1:{sink_port}",
+            "--log-level",
+            "WARNING",
+        ],
+        env={
+            **os.environ,
+            "OTEL_DL_COLLECTOR_QUEUE_DIR": f"{tmp}/q",
+            "OTEL_DL_COLLECTOR_EARLY_GRACE": "0.1",
+            "OTEL_DL_COLLECTOR_MAX_SPANS": "2000000",
+        },
+    )
+    try:
+        channels = [grpc.insecure_channel(f"127.0.0.1:{port}") for _ in range(connections)]
+        for ch in channels:
+            grpc.channel_ready_future(ch).result(timeout=30)
+        calls = [
+            ch.unary_unary(
+                "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+                request_serializer=None,
+                response_deserializer=None,
+            )
+            for ch in channels
+        ]
+        acks: list[float] = []
+        start = time.monotonic()
+
+        def send(i: int) -> None:
+            calls[i % connections](payloads[i], timeout=60)
+            acks.append(time.monotonic())
+
+        with futures.ThreadPoolExecutor(connections) as pool:
+            list(pool.map(send, range(n_requests)))
+        received = time.monotonic() - start
+        deadline = time.monotonic() + 120
+        while sink.spans < spans_total and time.monotonic() < deadline:
+            time.sleep(0.01)
+        elapsed = time.monotonic() - start
+        lat = sorted(a - b for a, b in zip(sorted(sink.arrivals), sorted(acks), strict=False))
+        for ch in channels:
+            ch.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        sink_server.stop(None)
+    print(
+        f"\n## Throughput ({spans_total} spans in {n_requests} pre-serialised requests, "
+        f"{connections} connections, early grace 0.1 s)\n"
+    )
+    print(f"received (acknowledged) : {spans_total / received:>10,.0f} spans/s")
+    print(
+        f"end to end (at the sink): {spans_total / elapsed:>10,.0f} spans/s "
+        f"({sink.spans}/{spans_total} spans forwarded)"
+    )
+    if lat:
+        p50 = lat[len(lat) // 2]
+        p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+        print(
+            f"ack → sink per request, minus early grace 0.1 s: p50 {p50 - 0.1:.3f} s, "
+            f"p99 {p99 - 0.1:.3f} s"
+        )
+
+
+def memory_and_profile(spans: int) -> None:
+    """RSS per 10k buffered spans and a profile of the in-process hot path."""
+    payloads = _requests(spans // 500, 100, seed=2)
+    tmp = tempfile.mkdtemp(prefix="otel-dl-bench-")
+    collector = Collector(
+        load_config(
+            flags={
+                "grpc_port": 0,
+                "http_port": 0,
+                "api_port": 0,
+                "decision_wait": 600,
+                "early_grace": 600,
+                "store": "none",
+                "queue_dir": f"{tmp}/q",
+                "max_spans": 10**7,
+            }
+        )
+    )
+    requests_ = [ExportTraceServiceRequest.FromString(p) for p in payloads]
+    before = _rss_kib()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for req, raw in zip(requests_, payloads, strict=False):
+        collector.ingest(req, raw)
+    buffered_rss = _rss_kib()
+    collector.buffer.decision_wait = collector.buffer.early_grace = 0
+    collector.decide_now()
+    profiler.disable()
+    print(
+        f"\n## Memory\n\nRSS per 10k buffered spans: "
+        f"{(buffered_rss - before) / (spans / 10_000) / 1024:.1f} MiB "
+        f"({spans} spans buffered, parsed requests included)"
+    )
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(12)
+    print("\n## Profile of ingest + decide (top 12 by own time)\n")
+    print("\n".join(out.getvalue().splitlines()[:40]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument("--skip-throughput", action="store_true")
+    args = parser.parse_args()
+    if not args.skip_accuracy:
+        if args.quick:
+            accuracy(per_kind=5, normal=40, warmup=60, seed=7)
+        else:
+            accuracy(per_kind=40, normal=400, warmup=200, seed=7)
+    if not args.skip_throughput:
+        if args.quick:
+            throughput(n_requests=20, traces_per_request=100, connections=4)
+            memory_and_profile(spans=10_000)
+        else:
+            throughput(n_requests=200, traces_per_request=100, connections=8)
+            memory_and_profile(spans=50_000)
+
+
+if __name__ == "__main__":
+    main()
