@@ -9,7 +9,7 @@ Every ``predict``, ``predict_proba`` and ``decision_function`` call on an estima
 becomes an ``inference`` span (``dl.stage=inference``, ``dl.component=sklearn``). Only the
 outermost call makes a span: a Pipeline calling its steps, a forest calling its trees or
 ``predict`` calling ``predict_proba`` all make one span, also when the inner calls run on
-joblib threads (``n_jobs``).
+joblib threads (``n_jobs``). Predictions made inside ``fit`` make none.
 
 Which estimators: every class derived from ``sklearn.base.BaseEstimator`` that has one
 of those methods, whether defined before or after instrumentation (scikit-learn's own,
@@ -56,6 +56,9 @@ DL_MODEL_METHOD: Final = "dl.model.method"
 DL_MODEL_STEPS: Final = "dl.model.steps"
 
 _METHODS: Final = ("predict", "predict_proba", "decision_function")
+# Predictions made while fitting (a boosting model's initial estimator, say) are not
+# inference: ``fit`` runs as a call that makes no span and hides the calls inside it.
+_QUIET_METHODS: Final = ("fit",)
 _CONFIDENCE_METHODS: Final = ("predict_proba", "decision_function")
 _FRAMEWORK = "sklearn"
 _BASE_MODULE = "sklearn.base"
@@ -214,12 +217,13 @@ class SklearnInstrumentor(DlInstrumentor):
         with cls._lock:
             if not cls._enabled:
                 return
-            for name in _METHODS:
+            for name in (*_METHODS, *_QUIET_METHODS):
                 owner = next((c for c in klass.__mro__ if name in c.__dict__), None)
                 if owner is None or not _wrappable(owner.__dict__[name]):
                     continue
                 attr = owner.__dict__[name]
-                setattr(owner, name, _MethodWrapper(attr, self._wrapper(name)))
+                wrapper = _quiet if name in _QUIET_METHODS else self._wrapper(name)
+                setattr(owner, name, _MethodWrapper(attr, wrapper))
                 cls._wrapped.append((owner, name, attr))
 
     # -- calls --------------------------------------------------------------------------
@@ -297,6 +301,14 @@ class SklearnInstrumentor(DlInstrumentor):
                 # The span still goes out, with the output's signals.
                 report_internal_error("sklearn.input_signals")
         return attrs
+
+
+def _quiet(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+    token = _in_call.set(True)
+    try:
+        return wrapped(*args, **kwargs)
+    finally:
+        _in_call.reset(token)
 
 
 def _marked(tasks: Iterable[Any]) -> Iterator[Any]:

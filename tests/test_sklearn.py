@@ -12,7 +12,11 @@ from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.trace import StatusCode
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.datasets import make_classification
-from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
+from sklearn.ensemble import (
+    GradientBoostingClassifier,
+    HistGradientBoostingClassifier,
+    RandomForestClassifier,
+)
 from sklearn.exceptions import NotFittedError
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
@@ -100,6 +104,13 @@ def test_hist_gradient_boosting(spans: SpanList) -> None:
         assert attrs[DL_MODEL_METHOD] == method
         assert attrs[semconv.DL_PREDICTION_COUNT] == 30
         spans.clear()
+
+
+def test_predictions_inside_fit_make_no_span(spans: SpanList) -> None:
+    model = GradientBoostingClassifier(n_estimators=5).fit(X, Y)  # its init estimator predicts
+    assert spans.get() == []
+    model.predict_proba(X[:10])
+    assert _one(spans)[semconv.DL_MODEL_NAME] == "GradientBoostingClassifier"
 
 
 def test_pipeline_makes_one_span_for_all_its_steps(spans: SpanList) -> None:
