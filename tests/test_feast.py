@@ -1,0 +1,249 @@
+"""The Feast instrumentor on a real Feast repository: parquet source, local provider,
+SQLite online store, built in a temporary directory, fully offline.
+
+The only stand-in is the clock that freshness is measured against: staleness needs days
+to pass, so the staleness test moves the instrumentor's clock forward.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+
+import numpy as np
+import pandas as pd
+import pytest
+from opentelemetry.trace import StatusCode
+
+import otel_dl
+from otel_dl import semconv
+from tests.support import SpanList
+
+feast = pytest.importorskip("feast")
+feast_instrumentor = pytest.importorskip("otel_dl.instrumentors.feast")
+
+from feast import Entity, FeatureService, FeatureStore, FeatureView, Field, FileSource  # noqa: E402
+from feast.errors import FeatureViewNotFoundException  # noqa: E402
+from feast.types import Float32, Int64, String  # noqa: E402
+from feast.value_type import ValueType  # noqa: E402
+
+ONLINE = "feature_store.get_online_features"
+HISTORICAL = "feature_store.get_historical_features"
+DRIVERS = 200
+NOW = pd.Timestamp.now(tz="UTC").floor("s")
+DATA_AGE = pd.Timedelta(hours=2)
+FEATURES = ["driver_stats:conv_rate", "driver_stats:trips", "driver_stats:city"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> FeatureStore:
+    root = tmp_path_factory.mktemp("feast_repo")
+    rng = np.random.default_rng(0)
+    pd.DataFrame(
+        {
+            "driver_id": np.arange(DRIVERS, dtype=np.int64),
+            "conv_rate": rng.random(DRIVERS).astype("float32"),
+            "trips": rng.integers(0, 50, DRIVERS),
+            "city": rng.choice(["paris", "lyon"], DRIVERS),
+            "event_timestamp": [NOW - DATA_AGE] * DRIVERS,
+            "created": [NOW] * DRIVERS,
+        }
+    ).to_parquet(root / "drivers.parquet")
+    (root / "feature_store.yaml").write_text(
+        f"project: rides\nregistry: {root / 'registry.db'}\nprovider: local\n"
+        f"online_store:\n  type: sqlite\n  path: {root / 'online.db'}\n"
+        "offline_store:\n  type: file\nentity_key_serialization_version: 3\n"
+    )
+    repo = FeatureStore(repo_path=str(root))
+    driver = Entity(name="driver", join_keys=["driver_id"], value_type=ValueType.INT64)
+    view = FeatureView(
+        name="driver_stats",
+        entities=[driver],
+        ttl=dt.timedelta(days=1),
+        schema=[
+            Field(name="conv_rate", dtype=Float32),
+            Field(name="trips", dtype=Int64),
+            Field(name="city", dtype=String),
+        ],
+        source=FileSource(
+            path=str(root / "drivers.parquet"),
+            timestamp_field="event_timestamp",
+            created_timestamp_column="created",
+        ),
+    )
+    repo.apply([driver, view, FeatureService(name="driver_service", features=[view])])
+    return repo
+
+
+@pytest.fixture(autouse=True)
+def handle(store: FeatureStore) -> Iterator[otel_dl.Instrumentation]:
+    h = otel_dl.instrument(include=["feast"])
+    assert "otel_dl_feast" in h.instrumented
+    yield h
+    h.shutdown()
+
+
+@pytest.fixture(scope="module")
+def materialised(store: FeatureStore) -> FeatureStore:
+    store.materialize(
+        (NOW - pd.Timedelta(days=3)).to_pydatetime(), NOW.to_pydatetime(), ["driver_stats"]
+    )
+    return store
+
+
+def test_materialize_span(store: FeatureStore, spans: SpanList) -> None:
+    store.materialize_incremental(NOW.to_pydatetime())
+    (span,) = spans.get("feature_store.materialize_incremental")
+    assert span.attributes[semconv.DL_STAGE] == "feature_store"
+    assert span.attributes[semconv.DL_COMPONENT] == "feast"
+    assert list(span.attributes[semconv.DL_FEATURE_VIEWS]) == ["driver_stats"]
+    assert span.attributes[feast_instrumentor.DL_FEATURE_MATERIALIZE_END].startswith(str(NOW.year))
+
+
+def test_online_read_carries_provenance_freshness_and_missing_share(
+    materialised: FeatureStore, spans: SpanList, tracer
+) -> None:
+    rows = [{"driver_id": i} for i in range(9)] + [{"driver_id": 10_000}]  # one unknown
+    with tracer.start_as_current_span("request") as parent:
+        response = materialised.get_online_features(FEATURES, rows)
+    assert response.to_dict()["conv_rate"][-1] is None  # the user's result is unchanged
+    (span,) = spans.get(ONLINE)
+    attrs = span.attributes
+    assert span.parent.span_id == parent.get_span_context().span_id
+    assert attrs[feast_instrumentor.DL_FEATURE_PROJECT] == "rides"
+    assert attrs[feast_instrumentor.DL_FEATURE_REGISTRY].endswith("registry.db")
+    assert list(attrs[semconv.DL_FEATURE_VIEWS]) == ["driver_stats"]
+    (fingerprint,) = attrs[feast_instrumentor.DL_FEATURE_VIEW_FINGERPRINTS]
+    assert fingerprint.startswith("driver_stats:") and len(fingerprint) == len("driver_stats:") + 32
+    assert attrs[feast_instrumentor.DL_FEATURE_ENTITY_COUNT] == 10
+    assert attrs[feast_instrumentor.DL_FEATURE_MISSING_FRACTION] == pytest.approx(0.1)
+    assert attrs[feast_instrumentor.DL_FEATURE_TTL] == 86400.0
+    age = DATA_AGE.total_seconds()
+    assert age <= attrs[semconv.DL_FEATURE_FRESHNESS] < age + 120
+    assert attrs[feast_instrumentor.DL_FEATURE_STALE] is False
+    assert attrs[semconv.DL_QUALITY_NAN_FRACTION] == pytest.approx(0.1)
+    assert semconv.DL_DATA_SCHEMA_FINGERPRINT in attrs
+
+
+def test_freshness_grows_and_crosses_the_threshold_when_materialisation_stops(
+    materialised: FeatureStore, spans: SpanList, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rows = [{"driver_id": i} for i in range(5)]
+    clock = NOW.timestamp()
+    freshness = []
+    for days in (0, 0.5, 2):
+        monkeypatch.setattr(feast_instrumentor, "_now", lambda d=days: clock + d * 86400)
+        materialised.get_online_features(FEATURES, rows)
+        span = spans.get(ONLINE)[-1]
+        freshness.append(span.attributes[semconv.DL_FEATURE_FRESHNESS])
+        stale = span.attributes[feast_instrumentor.DL_FEATURE_STALE]
+        assert stale is (freshness[-1] > 86400)
+    assert freshness == sorted(freshness)
+    assert freshness[0] < 86400 < freshness[-1]  # the stale-features catalog threshold
+    assert freshness[-1] - freshness[0] == pytest.approx(2 * 86400)
+
+
+def test_feature_service_and_drift_against_a_watched_reference(
+    materialised: FeatureStore, spans: SpanList
+) -> None:
+    baseline = {
+        "conv_rate": np.random.default_rng(1).random(1000) + 5.0,  # far from the served data
+        "trips": np.random.default_rng(2).integers(0, 50, 1000).astype("float64"),
+    }
+    otel_dl.watch(materialised, reference=otel_dl.Reference.fit(baseline))
+    try:
+        service = materialised.get_feature_service("driver_service")
+        materialised.get_online_features(service, {"driver_id": list(range(100))})
+    finally:
+        otel_dl.watch(materialised)
+    (span,) = spans.get(ONLINE)
+    assert span.attributes[feast_instrumentor.DL_FEATURE_SERVICE] == "driver_service"
+    assert list(span.attributes[semconv.DL_FEATURE_VIEWS]) == ["driver_stats"]
+    assert span.attributes[semconv.DL_DRIFT_STATUS] == "alert"
+    assert span.attributes[semconv.DL_DRIFT_FEATURE] == "conv_rate"
+    assert span.attributes[semconv.DL_QUALITY_OUT_OF_RANGE_FRACTION] > 0
+
+
+def test_historical_span_covers_the_lazy_to_df(materialised: FeatureStore, spans: SpanList) -> None:
+    entity_df = pd.DataFrame({"driver_id": [1, 2, 3], "event_timestamp": [NOW] * 3})
+    job = materialised.get_historical_features(entity_df=entity_df, features=FEATURES)
+    assert spans.get(HISTORICAL) == []  # open until the job is materialised
+    frame = job.to_df()
+    (span,) = spans.get(HISTORICAL)
+    assert len(frame) == 3 and span.attributes[semconv.DL_DATA_ROWS] == 3
+    assert span.attributes[feast_instrumentor.DL_FEATURE_ENTITY_COUNT] == 3
+    assert span.attributes[semconv.DL_QUALITY_NAN_FRACTION] == 0.0
+    assert semconv.DL_DATA_FINGERPRINT in span.attributes
+    job.to_arrow()  # later materialisations make no span
+    assert len(spans.get(HISTORICAL)) == 1
+
+
+def test_historical_job_never_materialised_still_ends_its_span(
+    materialised: FeatureStore, spans: SpanList
+) -> None:
+    entity_df = pd.DataFrame({"driver_id": [1], "event_timestamp": [NOW]})
+    job = materialised.get_historical_features(entity_df=entity_df, features=FEATURES)
+    del job
+    (span,) = spans.get(HISTORICAL)
+    assert span.status.status_code is StatusCode.UNSET
+
+
+def test_missing_feature_view_and_entity_key_raise_unchanged(
+    materialised: FeatureStore, spans: SpanList
+) -> None:
+    with pytest.raises(FeatureViewNotFoundException) as missing_view:
+        materialised.get_online_features(["no_such_view:x"], [{"driver_id": 1}])
+    with pytest.raises(KeyError) as missing_key:
+        materialised.get_online_features(FEATURES, [{"rider_id": 1}])
+    got = spans.get(ONLINE)
+    assert len(got) == 2
+    for span, caught in zip(got, (missing_view, missing_key), strict=True):
+        assert span.status.status_code is StatusCode.ERROR
+        assert span.attributes["error.type"] == type(caught.value).__qualname__
+        assert span.events[0].name == "exception"
+
+
+def test_push_and_write_to_online_store(materialised: FeatureStore, spans: SpanList) -> None:
+    frame = pd.DataFrame(
+        {
+            "driver_id": [500, 501],
+            "conv_rate": np.array([0.5, np.nan], dtype="float32"),
+            "trips": [1, 2],
+            "city": ["paris", "lyon"],
+            "event_timestamp": [NOW] * 2,
+            "created": [NOW] * 2,
+        }
+    )
+    materialised.write_to_online_store("driver_stats", frame)
+    (span,) = spans.get("feature_store.write_to_online_store")
+    assert list(span.attributes[semconv.DL_FEATURE_VIEWS]) == ["driver_stats"]
+    assert span.attributes[semconv.DL_DATA_ROWS] == 2
+    assert span.attributes[semconv.DL_QUALITY_NAN_FRACTION] > 0
+    with pytest.raises(Exception) as caught:
+        materialised.push("no_such_push_source", frame)
+    (push,) = spans.get("feature_store.push")
+    assert push.attributes[feast_instrumentor.DL_FEATURE_PUSH_SOURCE] == "no_such_push_source"
+    assert push.attributes["error.type"] == type(caught.value).__qualname__
+
+
+def test_uninstrument_restores_feature_store(
+    materialised: FeatureStore, handle: otel_dl.Instrumentation, spans: SpanList
+) -> None:
+    handle.shutdown()
+    materialised.get_online_features(FEATURES, [{"driver_id": 1}])
+    assert spans.get(ONLINE) == []
+    assert not hasattr(FeatureStore.get_online_features, "__wrapped__")
+
+
+def test_registry_change_changes_the_fingerprint(
+    materialised: FeatureStore, spans: SpanList
+) -> None:
+    materialised.get_online_features(FEATURES, [{"driver_id": 1}])
+    view = materialised.get_feature_view("driver_stats")
+    before = spans.get(ONLINE)[-1].attributes[feast_instrumentor.DL_FEATURE_VIEW_FINGERPRINTS]
+    view.ttl = dt.timedelta(days=2)
+    materialised.apply([view])
+    materialised.get_online_features(FEATURES, [{"driver_id": 1}])
+    after = spans.get(ONLINE)[-1].attributes
+    assert after[feast_instrumentor.DL_FEATURE_VIEW_FINGERPRINTS] != before
+    assert after[feast_instrumentor.DL_FEATURE_TTL] == 2 * 86400.0
