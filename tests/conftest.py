@@ -1,41 +1,13 @@
-"""Shared test setup: one in-memory SDK pipeline, set globally once for the session.
-
-OpenTelemetry allows the global providers to be set only once per process, so every test
-reads the same in-memory exporter and metric reader, and the ``spans`` fixture clears
-them around each test.
-"""
+"""Fixtures shared by every test; the SDK pipeline they read is set up in support.py."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 import pytest
-from opentelemetry import metrics, trace
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry import trace
 
-EXPORTER = InMemorySpanExporter()
-METRIC_READER = InMemoryMetricReader()
-_RESOURCE = Resource.create({"service.name": "otel-dl-tests"})
-TRACER_PROVIDER = TracerProvider(resource=_RESOURCE)
-TRACER_PROVIDER.add_span_processor(SimpleSpanProcessor(EXPORTER))
-trace.set_tracer_provider(TRACER_PROVIDER)
-metrics.set_meter_provider(MeterProvider(resource=_RESOURCE, metric_readers=[METRIC_READER]))
-
-
-class SpanList:
-    """Finished spans of the current test."""
-
-    def get(self, name: str | None = None) -> list[ReadableSpan]:
-        found = list(EXPORTER.get_finished_spans())
-        return [s for s in found if name is None or s.name == name]
-
-    def clear(self) -> None:
-        EXPORTER.clear()
+from tests.support import EXPORTER, SpanList
 
 
 @pytest.fixture
@@ -48,15 +20,3 @@ def spans() -> Iterator[SpanList]:
 @pytest.fixture
 def tracer() -> trace.Tracer:
     return trace.get_tracer("otel-dl-tests")
-
-
-def metric_points(name: str) -> list[object]:
-    """Data points recorded so far for the metric ``name``."""
-    data = METRIC_READER.get_metrics_data()
-    points: list[object] = []
-    for rm in data.resource_metrics if data else []:
-        for sm in rm.scope_metrics:
-            for metric in sm.metrics:
-                if metric.name == name:
-                    points.extend(metric.data.data_points)
-    return points

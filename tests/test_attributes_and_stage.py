@@ -7,10 +7,10 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import SpanList
 
 import otel_dl
 from otel_dl import semconv
+from tests.support import SpanList
 
 
 def test_attributes_reach_stage_spans_and_nest(spans: SpanList) -> None:

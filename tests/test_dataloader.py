@@ -6,12 +6,12 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from conftest import SpanList
 from opentelemetry.trace import StatusCode
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import otel_dl
 from otel_dl import semconv
+from tests.support import SpanList
 
 
 @pytest.fixture(autouse=True)
@@ -126,3 +126,18 @@ def test_batches_carry_drift_quality_and_fingerprints(spans: SpanList) -> None:
     fingerprints = {s.attributes[semconv.DL_DATA_FINGERPRINT] for s in got}
     assert len(fingerprints) == len(got)
     assert len({s.attributes[semconv.DL_DATA_SCHEMA_FINGERPRINT] for s in got}) == 1
+
+
+def test_signals_feed_low_cardinality_metrics(spans: SpanList) -> None:
+    from tests.support import metric_points
+
+    x = torch.randn(1500, 3, generator=torch.Generator().manual_seed(5))
+    list(DataLoader(TensorDataset(x), batch_size=250))
+    drift = metric_points(semconv.METRIC_DRIFT_SCORE)
+    assert drift, "no dl.drift.score points"
+    for point in drift:
+        keys = set(point.attributes)
+        assert keys <= {semconv.DL_STAGE, semconv.DL_COMPONENT, semconv.DL_DRIFT_FEATURE}
+    rows = metric_points(semconv.METRIC_BATCH_ROWS)
+    loader_rows = [p for p in rows if p.attributes[semconv.DL_STAGE] == "dataloader"]
+    assert sum(p.value for p in loader_rows) >= 1500

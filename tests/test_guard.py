@@ -9,12 +9,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import SpanList
 from opentelemetry.trace import StatusCode
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import otel_dl
 from otel_dl import _span, _watch, semconv
+from tests.support import SpanList
 
 
 class Boom(RuntimeError):

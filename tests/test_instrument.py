@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TRACER_PROVIDER, SpanList
 from opentelemetry import trace
-from otlp_sink import OtlpSink
 from torch.utils.data import DataLoader, TensorDataset
 
 import otel_dl
 from otel_dl import semconv
+from tests.otlp_sink import OtlpSink
+from tests.support import TRACER_PROVIDER, SpanList
 
 ROOT = Path(__file__).parents[1]
 
@@ -81,7 +81,7 @@ def test_disabled_instrumentations_variable(
     monkeypatch.setenv("OTEL_PYTHON_DISABLED_INSTRUMENTATIONS", "otel_dl_dataloader")
     h = otel_dl.instrument()
     try:
-        assert h.instrumented == []
+        assert "otel_dl_dataloader" not in h.instrumented
         list(loader)
         assert spans.get() == []
     finally:
@@ -91,7 +91,7 @@ def test_disabled_instrumentations_variable(
 def test_include_list_limits_instrumentors() -> None:
     h = otel_dl.instrument(include=["something_else"])
     try:
-        assert h.instrumented == []
+        assert not [name for name in h.instrumented if name.startswith("otel_dl_")]
         assert "OTEL_DL_INSTRUMENTATIONS" in h.skipped["otel_dl_dataloader"]
     finally:
         h.shutdown()
@@ -196,5 +196,5 @@ def test_instrument_inside_runner_does_not_double_instrument() -> None:
         str(bin_dir / "opentelemetry-instrument"),
     )
     assert result.returncode == 0, result.stderr
-    assert "['otel_dl_dataloader']" in result.stdout
+    assert "otel_dl_dataloader" in result.stdout
     assert result.stdout.count('"name": "dataloader.batch"') == 3

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import SpanList
 from opentelemetry.trace import SpanKind
-from otlp_sink import OtlpSink
 
 import otel_dl
+from tests.otlp_sink import OtlpSink
+from tests.support import SpanList
 
 SERVICE_B = """
     import sys

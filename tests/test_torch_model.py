@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SpanList
 from opentelemetry.trace import StatusCode
 
 import otel_dl
 from otel_dl import semconv
+from tests.support import SpanList
 
 
 @pytest.fixture(autouse=True)
