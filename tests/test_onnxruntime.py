@@ -9,7 +9,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import SpanList
 from onnx import TensorProto, helper, numpy_helper
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.trace import StatusCode
@@ -19,6 +18,7 @@ from otel_dl import semconv
 from otel_dl.instrumentors.onnxruntime import DL_MODEL_EXECUTION_PROVIDERS
 from otel_dl.provenance import file_fingerprint
 from otel_dl.reference import Reference
+from tests.support import SpanList
 
 FEATURES, CLASSES = 4, 3
 

@@ -7,7 +7,6 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from conftest import SpanList
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.trace import StatusCode
 from sklearn.base import BaseEstimator, ClassifierMixin
@@ -25,6 +24,7 @@ from sklearn.preprocessing import StandardScaler
 import otel_dl
 from otel_dl import semconv
 from otel_dl.instrumentors.sklearn import DL_MODEL_CLASS, DL_MODEL_METHOD, DL_MODEL_STEPS
+from tests.support import SpanList
 
 X, Y = make_classification(
     n_samples=300, n_features=6, n_informative=4, n_classes=3, random_state=0
