@@ -242,6 +242,14 @@ def _store_attributes(store: Any, views: Sequence[str], service: str | None) -> 
     return attrs
 
 
+def _min_ttl(store: Any, features: Any) -> float | None:
+    """Smallest TTL of the views ``features`` reads, in seconds; None when none has one."""
+    views, _service = _views_of(features)
+    infos = _view_infos(store)
+    ttls = [infos[v].ttl_s for v in views if v in infos and infos[v].ttl_s]
+    return float(min(t for t in ttls if t is not None)) if ttls else None
+
+
 # --- Returned features -------------------------------------------------------------------
 
 
@@ -487,8 +495,7 @@ class FeastInstrumentor(DlInstrumentor):
         if read.oldest is not None:
             freshness = max(_now() - read.oldest, 0.0)
             attrs[semconv.DL_FEATURE_FRESHNESS] = freshness
-            # The span's own attributes hold the TTL set before the call.
-            ttl = _store_attributes_ttl(call.instance, _arg(call, 0, "features"))
+            ttl = _min_ttl(call.instance, _arg(call, 0, "features"))
             if ttl is not None:
                 attrs[DL_FEATURE_STALE] = freshness > ttl
         try:
@@ -664,10 +671,3 @@ class FeastInstrumentor(DlInstrumentor):
             return attrs
 
         return self._traced(wrapped, instance, args, kwargs, "write_to_online_store", before=before)
-
-
-def _store_attributes_ttl(store: Any, features: Any) -> float | None:
-    views, _service = _views_of(features)
-    infos = _view_infos(store)
-    ttls = [infos[v].ttl_s for v in views if v in infos and infos[v].ttl_s]
-    return float(min(t for t in ttls if t is not None)) if ttls else None
