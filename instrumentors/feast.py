@@ -95,19 +95,6 @@ from otel_dl.reference import to_table
 
 from ._base import DlInstrumentor
 
-DL_FEATURE_PROJECT: Final = "dl.feature.project"
-DL_FEATURE_SERVICE: Final = "dl.feature.service"
-DL_FEATURE_REGISTRY: Final = "dl.feature.registry"
-DL_FEATURE_VIEW_FINGERPRINTS: Final = "dl.feature.view.fingerprints"
-DL_FEATURE_VIEW_VERSIONS: Final = "dl.feature.view.versions"
-DL_FEATURE_ENTITY_COUNT: Final = "dl.feature.entity_count"
-DL_FEATURE_MISSING_FRACTION: Final = "dl.feature.missing_fraction"
-DL_FEATURE_TTL: Final = "dl.feature.ttl"
-DL_FEATURE_STALE: Final = "dl.feature.stale"
-DL_FEATURE_MATERIALIZE_START: Final = "dl.feature.materialize.start"
-DL_FEATURE_MATERIALIZE_END: Final = "dl.feature.materialize.end"
-DL_FEATURE_PUSH_SOURCE: Final = "dl.feature.push_source"
-
 _STORE_MODULE: Final = "feast.feature_store"
 _JOB_MODULE: Final = "feast.infra.offline_stores.offline_store"
 _SITE: Final = "feast"
@@ -221,24 +208,24 @@ def _store_attributes(store: Any, views: Sequence[str], service: str | None) -> 
     attrs: Attributes = ensure_state(store).provenance()
     project = getattr(store, "project", None)
     if project:
-        attrs[DL_FEATURE_PROJECT] = str(project)
+        attrs[semconv.DL_FEATURE_PROJECT] = str(project)
     registry = _registry_path(store)
     if registry:
-        attrs[DL_FEATURE_REGISTRY] = registry
+        attrs[semconv.DL_FEATURE_REGISTRY] = registry
     if views:
         attrs[semconv.DL_FEATURE_VIEWS] = list(views)
     if service:
-        attrs[DL_FEATURE_SERVICE] = service
+        attrs[semconv.DL_FEATURE_SERVICE] = service
     infos = _view_infos(store)
     known = [(v, infos[v]) for v in views if v in infos]
     if known:
-        attrs[DL_FEATURE_VIEW_FINGERPRINTS] = [f"{v}:{i.fingerprint}" for v, i in known]
+        attrs[semconv.DL_FEATURE_VIEW_FINGERPRINTS] = [f"{v}:{i.fingerprint}" for v, i in known]
         versions = [f"{v}:v{i.version}" for v, i in known if i.version is not None]
         if versions:
-            attrs[DL_FEATURE_VIEW_VERSIONS] = versions
+            attrs[semconv.DL_FEATURE_VIEW_VERSIONS] = versions
         ttls = [i.ttl_s for _, i in known if i.ttl_s]
         if ttls:
-            attrs[DL_FEATURE_TTL] = float(min(ttls))
+            attrs[semconv.DL_FEATURE_TTL] = float(min(ttls))
     return attrs
 
 
@@ -483,7 +470,7 @@ class FeastInstrumentor(DlInstrumentor):
         attrs = _store_attributes(call.instance, views, service)
         count = _entity_count(_arg(call, 1, "entity_rows"))
         if count is not None:
-            attrs[DL_FEATURE_ENTITY_COUNT] = count
+            attrs[semconv.DL_FEATURE_ENTITY_COUNT] = count
         return attrs
 
     @staticmethod
@@ -491,13 +478,13 @@ class FeastInstrumentor(DlInstrumentor):
         read = _read_online(response, _entity_keys(_arg(call, 1, "entity_rows")))
         attrs: Attributes = {}
         if read.total:
-            attrs[DL_FEATURE_MISSING_FRACTION] = read.missing / read.total
+            attrs[semconv.DL_FEATURE_MISSING_FRACTION] = read.missing / read.total
         if read.oldest is not None:
             freshness = max(_now() - read.oldest, 0.0)
             attrs[semconv.DL_FEATURE_FRESHNESS] = freshness
             ttl = _min_ttl(call.instance, _arg(call, 0, "features"))
             if ttl is not None:
-                attrs[DL_FEATURE_STALE] = freshness > ttl
+                attrs[semconv.DL_FEATURE_STALE] = freshness > ttl
         try:
             signals, _count = _observe(call.instance, read.columns)
             attrs.update(signals)
@@ -567,7 +554,7 @@ class FeastInstrumentor(DlInstrumentor):
         attrs = _store_attributes(call.instance, views, service)
         entity_df = _arg(call, 0, "entity_df")
         if hasattr(entity_df, "columns"):
-            attrs[DL_FEATURE_ENTITY_COUNT] = len(entity_df)
+            attrs[semconv.DL_FEATURE_ENTITY_COUNT] = len(entity_df)
         return attrs
 
     def _wrap_materialise_job(self, wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
@@ -644,9 +631,9 @@ class FeastInstrumentor(DlInstrumentor):
             start = None if incremental else _iso(_arg(call, 0, "start_date"))
             end = _iso(_arg(call, offset, "end_date"))
             if start:
-                attrs[DL_FEATURE_MATERIALIZE_START] = start
+                attrs[semconv.DL_FEATURE_MATERIALIZE_START] = start
             if end:
-                attrs[DL_FEATURE_MATERIALIZE_END] = end
+                attrs[semconv.DL_FEATURE_MATERIALIZE_END] = end
             return attrs
 
         return self._traced(wrapped, instance, args, kwargs, method, before=before)
@@ -656,7 +643,7 @@ class FeastInstrumentor(DlInstrumentor):
             source = _arg(call, 0, "push_source_name")
             attrs = _store_attributes(call.instance, [], None)
             if source:
-                attrs[DL_FEATURE_PUSH_SOURCE] = str(source)
+                attrs[semconv.DL_FEATURE_PUSH_SOURCE] = str(source)
             attrs.update(_written(_arg(call, 1, "df")))
             return attrs
 

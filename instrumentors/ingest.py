@@ -25,12 +25,10 @@ The span carries:
   and the drift signals. They are computed on at most :data:`SIGNAL_ROWS` evenly spaced
   rows, so their cost does not grow with the file.
 
-A reference per source. A source is named by :func:`source`, which returns one object per
-path or glob pattern; watch it like any other object::
+A reference per source: ``otel_dl.watch`` a path, URI or glob pattern::
 
-    from otel_dl.instrumentors.ingest import source
-    otel_dl.watch(source("data/*.parquet"), reference=Reference.load("ref.json"))
-    otel_dl.watch(source("s3://bucket/train.csv"), source="train-set", owner="ranking")
+    otel_dl.watch("data/*.parquet", reference=Reference.load("ref.json"))
+    otel_dl.watch("s3://bucket/train.csv", source="train-set", owner="ranking")
 
 A read uses the state watched for its exact path, else that of the first watched pattern
 (``fnmatch``) its path matches, else its own auto-baseline (the first ``baseline_rows``
@@ -48,7 +46,6 @@ readers rather than data: their span carries the source, bytes and version only.
 from __future__ import annotations
 
 import datetime
-import fnmatch
 import os
 import sys
 import threading
@@ -65,7 +62,7 @@ from otel_dl import semconv
 from otel_dl._config import get_config
 from otel_dl._guard import instrumentation_enabled
 from otel_dl._span import NO_HOOKS, Attributes, DlCall, Hooks, traced_call
-from otel_dl._watch import WatchState, ensure_state, watch_state
+from otel_dl._watch import WatchState, normalise_location, source_state
 
 from ._base import DlInstrumentor
 
@@ -84,60 +81,8 @@ _TARGETS: Final = {
 _in_read: ContextVar[bool] = ContextVar("otel_dl_ingest_in_read", default=False)
 
 
-class Source:
-    """A data source to watch: a path, URI or glob pattern. Make one with :func:`source`."""
-
-    __slots__ = ("__weakref__", "key")
-
-    def __init__(self, key: str) -> None:
-        self.key = key
-
-    def __repr__(self) -> str:
-        return f"Source({self.key!r})"
-
-
 _lock = threading.Lock()
-_sources: dict[str, Source] = {}
 _last_schema: OrderedDict[str, str] = OrderedDict()
-
-
-def _normalise(location: str) -> str:
-    if "://" in location:
-        return location
-    return os.path.abspath(os.path.expanduser(location))
-
-
-def source(location: str | os.PathLike[str]) -> Source:
-    """The one :class:`Source` object for ``location`` (a path, URI or glob pattern).
-
-    Relative paths are made absolute, so ``source("data/x.csv")`` and a read of
-    ``"./data/x.csv"`` meet. Pass it to ``otel_dl.watch`` to give that source a reference,
-    a name or a version.
-    """
-    key = _normalise(os.fspath(location))
-    with _lock:
-        found = _sources.get(key)
-        if found is None:
-            found = _sources[key] = Source(key)
-        return found
-
-
-def _state_for(key: str) -> WatchState:
-    """The watched state of ``key``, else of the first watched pattern matching it, else
-    the path's own auto-baseline state."""
-    with _lock:
-        exact = _sources.get(key)
-        candidates = list(_sources.values())
-    if exact is not None:
-        state = watch_state(exact)
-        if state is not None:
-            return state
-    for candidate in candidates:
-        if candidate.key != key and fnmatch.fnmatchcase(key, candidate.key):
-            state = watch_state(candidate)
-            if state is not None:
-                return state
-    return ensure_state(exact if exact is not None else source(key))
 
 
 def _schema_changed(key: str, fingerprint: str) -> bool | None:
@@ -182,9 +127,9 @@ def _file_attributes(locations: list[str]) -> Attributes:
     attrs: Attributes = {}
     if locations:
         attrs[semconv.DL_DATA_SOURCE] = (
-            _normalise(locations[0])
+            normalise_location(locations[0])
             if len(locations) == 1
-            else ",".join(map(_normalise, locations))
+            else ",".join(map(normalise_location, locations))
         )
     files = _local_files(locations)
     if files:
@@ -323,8 +268,8 @@ class IngestInstrumentor(DlInstrumentor):
                 locations = _locations(call.args[0] if call.args else _first_kwarg(call))
             attrs = _file_attributes(locations)
             if len(locations) == 1:
-                keys[0] = _normalise(locations[0])
-            state = _state_for(keys[0]) if keys[0] is not None else None
+                keys[0] = normalise_location(locations[0])
+            state = source_state(keys[0]) if keys[0] is not None else None
             if state is not None:
                 attrs.update(state.provenance())
                 if state.version is not None:
@@ -336,7 +281,7 @@ class IngestInstrumentor(DlInstrumentor):
             if frame is None:
                 return {}
             attrs: Attributes = {semconv.DL_DATA_ROWS: rows}
-            state = _state_for(keys[0]) if keys[0] is not None else None
+            state = source_state(keys[0]) if keys[0] is not None else None
             if version is not None and (state is None or state.version is None):
                 attrs[semconv.DL_DATA_VERSION] = version
             if state is not None and keys[0] is not None and get_config().signals:

@@ -33,7 +33,7 @@ import threading
 import weakref
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any
 
 import wrapt
 from opentelemetry.instrumentation.utils import unwrap
@@ -47,8 +47,6 @@ from otel_dl.monitor import confidence_attributes
 from otel_dl.provenance import model_fingerprint
 
 from ._base import DlInstrumentor
-
-DL_MODEL_EXECUTION_PROVIDERS: Final = "dl.model.execution_providers"
 
 _MODULE = "onnxruntime.capi.onnxruntime_inference_collection"
 _FRAMEWORK = "onnxruntime"
@@ -202,7 +200,7 @@ class OnnxRuntimeInstrumentor(DlInstrumentor):
             attrs[semconv.DL_MODEL_PATH] = info.path
         if info.fingerprint is not None:
             attrs[semconv.DL_MODEL_FINGERPRINT] = info.fingerprint
-        attrs[DL_MODEL_EXECUTION_PROVIDERS] = list(session.get_providers())
+        attrs[semconv.DL_MODEL_EXECUTION_PROVIDERS] = list(session.get_providers())
         return attrs
 
     @staticmethod

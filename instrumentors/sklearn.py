@@ -51,10 +51,6 @@ from otel_dl.provenance import model_fingerprint
 
 from ._base import DlInstrumentor
 
-DL_MODEL_CLASS: Final = "dl.model.class"
-DL_MODEL_METHOD: Final = "dl.model.method"
-DL_MODEL_STEPS: Final = "dl.model.steps"
-
 _METHODS: Final = ("predict", "predict_proba", "decision_function")
 # Predictions made while fitting (a boosting model's initial estimator, say) are not
 # inference: ``fit`` runs as a call that makes no span and hides the calls inside it.
@@ -268,11 +264,11 @@ class SklearnInstrumentor(DlInstrumentor):
         if state.version is not None:
             attrs[semconv.DL_MODEL_VERSION] = state.version
         attrs[semconv.DL_MODEL_FRAMEWORK] = _FRAMEWORK
-        attrs[DL_MODEL_CLASS] = f"{klass.__module__}.{klass.__qualname__}"
-        attrs[DL_MODEL_METHOD] = method
+        attrs[semconv.DL_MODEL_CLASS] = f"{klass.__module__}.{klass.__qualname__}"
+        attrs[semconv.DL_MODEL_METHOD] = method
         steps = getattr(estimator, "steps", None)
         if isinstance(steps, list):
-            attrs[DL_MODEL_STEPS] = [type(step).__name__ for _, step in steps]
+            attrs[semconv.DL_MODEL_STEPS] = [type(step).__name__ for _, step in steps]
         fingerprint = model_fingerprint(estimator)
         if fingerprint is not None:
             attrs[semconv.DL_MODEL_FINGERPRINT] = fingerprint

@@ -63,14 +63,6 @@ from otel_dl.provenance import model_fingerprint
 
 from ._base import DlInstrumentor
 
-DL_MODEL_TASK: Final = "dl.model.task"
-# OpenTelemetry GenAI semantic conventions.
-GEN_AI_OPERATION_NAME: Final = "gen_ai.operation.name"
-GEN_AI_REQUEST_MODEL: Final = "gen_ai.request.model"
-GEN_AI_REQUEST_MAX_TOKENS: Final = "gen_ai.request.max_tokens"
-GEN_AI_USAGE_INPUT_TOKENS: Final = "gen_ai.usage.input_tokens"
-GEN_AI_USAGE_OUTPUT_TOKENS: Final = "gen_ai.usage.output_tokens"
-
 _MODULE = "transformers.pipelines.base"
 _FRAMEWORK = "transformers"
 _SITE = "transformers.pipeline"
@@ -313,17 +305,17 @@ class TransformersInstrumentor(DlInstrumentor):
         if name_or_path and os.path.isdir(name_or_path):
             attrs[semconv.DL_MODEL_PATH] = name_or_path
         if pipe.task:
-            attrs[DL_MODEL_TASK] = pipe.task
+            attrs[semconv.DL_MODEL_TASK] = pipe.task
         fingerprint = model_fingerprint(model)
         if fingerprint is not None:
             attrs[semconv.DL_MODEL_FINGERPRINT] = fingerprint
         if capture.generation:
             inputs = _inputs(call.args, call.kwargs)
-            attrs[GEN_AI_OPERATION_NAME] = "chat" if _is_chat(inputs) else "text_completion"
-            attrs[GEN_AI_REQUEST_MODEL] = name_or_path or attrs[semconv.DL_MODEL_NAME]
+            attrs[semconv.GEN_AI_OPERATION_NAME] = "chat" if _is_chat(inputs) else "text_completion"
+            attrs[semconv.GEN_AI_REQUEST_MODEL] = name_or_path or attrs[semconv.DL_MODEL_NAME]
             max_tokens = call.kwargs.get("max_new_tokens")
             if isinstance(max_tokens, int):
-                attrs[GEN_AI_REQUEST_MAX_TOKENS] = max_tokens
+                attrs[semconv.GEN_AI_REQUEST_MAX_TOKENS] = max_tokens
         return attrs
 
     @staticmethod
@@ -335,8 +327,8 @@ class TransformersInstrumentor(DlInstrumentor):
         batched = isinstance(inputs, list) and not _is_chat(inputs)
         attrs[semconv.DL_PREDICTION_COUNT] = len(inputs) if batched else 1
         if capture.token_counts:
-            attrs[GEN_AI_USAGE_INPUT_TOKENS] = capture.input_tokens
-            attrs[GEN_AI_USAGE_OUTPUT_TOKENS] = capture.output_tokens
+            attrs[semconv.GEN_AI_USAGE_INPUT_TOKENS] = capture.input_tokens
+            attrs[semconv.GEN_AI_USAGE_OUTPUT_TOKENS] = capture.output_tokens
             attrs[semconv.DL_PREDICTION_COUNT] = capture.sequences
         config = get_config()
         if not config.signals:

@@ -1,8 +1,11 @@
 """``otel_dl.watch()``: attach provenance and a drift reference to one object.
 
 The object is a DataLoader, a model, an estimator, a feature store: whatever an
-instrumentor traces. Instrumentors look the object up with :func:`watch_state` and put
-its provenance on their spans and its reference under their drift signals. Without a
+instrumentor traces. A string or path names a data source instead: a file, a URI or a
+glob pattern that the dataset-reader instrumentor matches against the paths it reads
+(``otel_dl.watch("data/day-*.parquet", reference=ref)``). Instrumentors look the object
+up with :func:`watch_state` and put its provenance on their spans and its reference under
+their drift signals. Without a
 reference, the first ``baseline_rows`` rows the object produces become the baseline.
 
 The registry holds objects weakly, so watching never keeps a model or loader alive.
@@ -10,6 +13,8 @@ The registry holds objects weakly, so watching never keeps a model or loader ali
 
 from __future__ import annotations
 
+import fnmatch
+import os
 import threading
 import weakref
 from collections.abc import Callable, Sequence
@@ -66,6 +71,57 @@ _states: weakref.WeakKeyDictionary[Any, WatchState] = weakref.WeakKeyDictionary(
 _strong: dict[int, tuple[Any, WatchState]] = {}
 
 
+class Source:
+    """A data source: a path, URI or glob pattern. ``watch()`` makes one per location."""
+
+    __slots__ = ("__weakref__", "key")
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def __repr__(self) -> str:
+        return f"Source({self.key!r})"
+
+
+_sources: dict[str, Source] = {}
+
+
+def normalise_location(location: str) -> str:
+    """A location as sources are keyed: URIs as given, paths absolute."""
+    if "://" in location:
+        return location
+    return os.path.abspath(os.path.expanduser(location))
+
+
+def source_for(location: str | os.PathLike[str]) -> Source:
+    """The one :class:`Source` for ``location``; relative paths are made absolute."""
+    key = normalise_location(os.fspath(location))
+    with _lock:
+        found = _sources.get(key)
+        if found is None:
+            found = _sources[key] = Source(key)
+        return found
+
+
+def source_state(location: str) -> WatchState:
+    """The state watched for ``location``, else for the first watched glob pattern it
+    matches (``fnmatch``), else the location's own auto-baseline state."""
+    key = normalise_location(location)
+    with _lock:
+        exact = _sources.get(key)
+        candidates = list(_sources.values())
+    if exact is not None:
+        state = watch_state(exact)
+        if state is not None:
+            return state
+    for candidate in candidates:
+        if candidate.key != key and fnmatch.fnmatchcase(key, candidate.key):
+            state = watch_state(candidate)
+            if state is not None:
+                return state
+    return ensure_state(exact if exact is not None else source_for(key))
+
+
 def watch(
     obj: T,
     *,
@@ -82,8 +138,10 @@ def watch(
     ``source``/``version`` name a data source (``dl.data.source``/``dl.data.version``).
     ``reference`` is an :class:`otel_dl.Reference`; ``features`` selects the batch keys
     or columns that are features. Other keyword arguments become span attributes.
-    Calling ``watch`` again on the same object replaces what was recorded.
+    Calling ``watch`` again on the same object replaces what was recorded. A string or
+    path ``obj`` names a data source (file, URI or glob pattern) for the dataset readers.
     """
+    target: Any = source_for(obj) if isinstance(obj, str | os.PathLike) else obj
     state = WatchState(
         name=name,
         version=version,
@@ -94,13 +152,13 @@ def watch(
     )
     with _lock:
         try:
-            _states[obj] = state
+            _states[target] = state
         except TypeError:
-            _strong[id(obj)] = (obj, state)
+            _strong[id(target)] = (target, state)
         listeners = list(_listeners)
     for listener in listeners:
         try:
-            listener(obj, state)
+            listener(target, state)
         except Exception:
             report_internal_error("watch.listener")
     return obj

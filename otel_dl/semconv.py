@@ -95,6 +95,20 @@ DL_MODEL_FRAMEWORK: Final = _attr(
 DL_MODEL_PATH: Final = _attr(
     "dl.model.path", "string", "", "file the model was loaded from, where known"
 )
+DL_MODEL_CLASS: Final = _attr("dl.model.class", "string", "", "qualified class of the model object")
+DL_MODEL_METHOD: Final = _attr(
+    "dl.model.method", "string", "", "model method called, e.g. predict_proba"
+)
+DL_MODEL_STEPS: Final = _attr(
+    "dl.model.steps", "string[]", "", "class names of a pipeline's steps, in order"
+)
+DL_MODEL_TASK: Final = _attr("dl.model.task", "string", "", "Hugging Face pipeline task")
+DL_MODEL_EXECUTION_PROVIDERS: Final = _attr(
+    "dl.model.execution_providers",
+    "string[]",
+    "",
+    "ONNX Runtime execution providers of the session, in priority order",
+)
 DL_CODE_VERSION: Final = _attr(
     "dl.code.version",
     "string",
@@ -109,6 +123,42 @@ DL_FEATURE_VIEWS: Final = _attr(
 DL_FEATURE_FRESHNESS: Final = _attr(
     "dl.feature.freshness", "double", "s", "age of the oldest feature value returned"
 )
+DL_FEATURE_PROJECT: Final = _attr("dl.feature.project", "string", "", "Feast project")
+DL_FEATURE_SERVICE: Final = _attr("dl.feature.service", "string", "", "feature service read")
+DL_FEATURE_REGISTRY: Final = _attr(
+    "dl.feature.registry", "string", "", "feature registry path or URI"
+)
+DL_FEATURE_VIEW_FINGERPRINTS: Final = _attr(
+    "dl.feature.view.fingerprints",
+    "string[]",
+    "",
+    "`view:digest` of each feature view's registered definition",
+)
+DL_FEATURE_VIEW_VERSIONS: Final = _attr(
+    "dl.feature.view.versions", "string[]", "", "`view:vN`, where the store versions views"
+)
+DL_FEATURE_ENTITY_COUNT: Final = _attr(
+    "dl.feature.entity_count", "int", "{entity}", "entities requested"
+)
+DL_FEATURE_MISSING_FRACTION: Final = _attr(
+    "dl.feature.missing_fraction",
+    "double",
+    "1",
+    "share of returned feature values that are missing",
+)
+DL_FEATURE_TTL: Final = _attr(
+    "dl.feature.ttl", "double", "s", "smallest TTL of the feature views read"
+)
+DL_FEATURE_STALE: Final = _attr(
+    "dl.feature.stale", "boolean", "", "dl.feature.freshness is above dl.feature.ttl"
+)
+DL_FEATURE_MATERIALIZE_START: Final = _attr(
+    "dl.feature.materialize.start", "string", "", "start of the materialisation window, ISO 8601"
+)
+DL_FEATURE_MATERIALIZE_END: Final = _attr(
+    "dl.feature.materialize.end", "string", "", "end of the materialisation window, ISO 8601"
+)
+DL_FEATURE_PUSH_SOURCE: Final = _attr("dl.feature.push_source", "string", "", "push source written")
 
 # --- Drift --------------------------------------------------------------------------------
 DL_DRIFT_SCORE: Final = _attr(
@@ -200,6 +250,26 @@ DL_FAULT_CANDIDATES: Final = _attr(
     "string[]",
     "",
     "services ranked as likely cause, most likely first (up to 5), on the trace's root span",
+)
+
+# --- Standard OpenTelemetry GenAI attributes, on text-generation spans --------------------
+GEN_AI_OPERATION_NAME: Final = _attr(
+    "gen_ai.operation.name", "string", "", "`chat` or `text_completion`"
+)
+GEN_AI_REQUEST_MODEL: Final = _attr(
+    "gen_ai.request.model", "string", "", "the model's name or path"
+)
+GEN_AI_REQUEST_MAX_TOKENS: Final = _attr(
+    "gen_ai.request.max_tokens", "int", "{token}", "max_new_tokens, when given"
+)
+GEN_AI_USAGE_INPUT_TOKENS: Final = _attr(
+    "gen_ai.usage.input_tokens", "int", "{token}", "prompt tokens, padding excluded"
+)
+GEN_AI_USAGE_OUTPUT_TOKENS: Final = _attr(
+    "gen_ai.usage.output_tokens",
+    "int",
+    "{token}",
+    "generated tokens, up to and including the first end-of-sequence",
 )
 
 # --- Values -------------------------------------------------------------------------------

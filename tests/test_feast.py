@@ -13,19 +13,16 @@ from collections.abc import Iterator
 import numpy as np
 import pandas as pd
 import pytest
+from feast import Entity, FeatureService, FeatureStore, FeatureView, Field, FileSource
+from feast.errors import FeatureViewNotFoundException
+from feast.types import Float32, Int64, String
+from feast.value_type import ValueType
 from opentelemetry.trace import StatusCode
 
 import otel_dl
 from otel_dl import semconv
+from otel_dl.instrumentors import feast as feast_instrumentor
 from tests.support import SpanList
-
-feast = pytest.importorskip("feast")
-feast_instrumentor = pytest.importorskip("otel_dl.instrumentors.feast")
-
-from feast import Entity, FeatureService, FeatureStore, FeatureView, Field, FileSource  # noqa: E402
-from feast.errors import FeatureViewNotFoundException  # noqa: E402
-from feast.types import Float32, Int64, String  # noqa: E402
-from feast.value_type import ValueType  # noqa: E402
 
 ONLINE = "feature_store.get_online_features"
 HISTORICAL = "feature_store.get_historical_features"
@@ -97,7 +94,7 @@ def test_materialize_span(store: FeatureStore, spans: SpanList) -> None:
     assert span.attributes[semconv.DL_STAGE] == "feature_store"
     assert span.attributes[semconv.DL_COMPONENT] == "feast"
     assert list(span.attributes[semconv.DL_FEATURE_VIEWS]) == ["driver_stats"]
-    assert span.attributes[feast_instrumentor.DL_FEATURE_MATERIALIZE_END].startswith(str(NOW.year))
+    assert span.attributes[semconv.DL_FEATURE_MATERIALIZE_END].startswith(str(NOW.year))
 
 
 def test_online_read_carries_provenance_freshness_and_missing_share(
@@ -110,17 +107,17 @@ def test_online_read_carries_provenance_freshness_and_missing_share(
     (span,) = spans.get(ONLINE)
     attrs = span.attributes
     assert span.parent.span_id == parent.get_span_context().span_id
-    assert attrs[feast_instrumentor.DL_FEATURE_PROJECT] == "rides"
-    assert attrs[feast_instrumentor.DL_FEATURE_REGISTRY].endswith("registry.db")
+    assert attrs[semconv.DL_FEATURE_PROJECT] == "rides"
+    assert attrs[semconv.DL_FEATURE_REGISTRY].endswith("registry.db")
     assert list(attrs[semconv.DL_FEATURE_VIEWS]) == ["driver_stats"]
-    (fingerprint,) = attrs[feast_instrumentor.DL_FEATURE_VIEW_FINGERPRINTS]
+    (fingerprint,) = attrs[semconv.DL_FEATURE_VIEW_FINGERPRINTS]
     assert fingerprint.startswith("driver_stats:") and len(fingerprint) == len("driver_stats:") + 32
-    assert attrs[feast_instrumentor.DL_FEATURE_ENTITY_COUNT] == 10
-    assert attrs[feast_instrumentor.DL_FEATURE_MISSING_FRACTION] == pytest.approx(0.1)
-    assert attrs[feast_instrumentor.DL_FEATURE_TTL] == 86400.0
+    assert attrs[semconv.DL_FEATURE_ENTITY_COUNT] == 10
+    assert attrs[semconv.DL_FEATURE_MISSING_FRACTION] == pytest.approx(0.1)
+    assert attrs[semconv.DL_FEATURE_TTL] == 86400.0
     age = DATA_AGE.total_seconds()
     assert age <= attrs[semconv.DL_FEATURE_FRESHNESS] < age + 120
-    assert attrs[feast_instrumentor.DL_FEATURE_STALE] is False
+    assert attrs[semconv.DL_FEATURE_STALE] is False
     assert attrs[semconv.DL_QUALITY_NAN_FRACTION] == pytest.approx(0.1)
     assert semconv.DL_DATA_SCHEMA_FINGERPRINT in attrs
 
@@ -136,7 +133,7 @@ def test_freshness_grows_and_crosses_the_threshold_when_materialisation_stops(
         materialised.get_online_features(FEATURES, rows)
         span = spans.get(ONLINE)[-1]
         freshness.append(span.attributes[semconv.DL_FEATURE_FRESHNESS])
-        stale = span.attributes[feast_instrumentor.DL_FEATURE_STALE]
+        stale = span.attributes[semconv.DL_FEATURE_STALE]
         assert stale is (freshness[-1] > 86400)
     assert freshness == sorted(freshness)
     assert freshness[0] < 86400 < freshness[-1]  # the stale-features catalog threshold
@@ -157,7 +154,7 @@ def test_feature_service_and_drift_against_a_watched_reference(
     finally:
         otel_dl.watch(materialised)
     (span,) = spans.get(ONLINE)
-    assert span.attributes[feast_instrumentor.DL_FEATURE_SERVICE] == "driver_service"
+    assert span.attributes[semconv.DL_FEATURE_SERVICE] == "driver_service"
     assert list(span.attributes[semconv.DL_FEATURE_VIEWS]) == ["driver_stats"]
     assert span.attributes[semconv.DL_DRIFT_STATUS] == "alert"
     assert span.attributes[semconv.DL_DRIFT_FEATURE] == "conv_rate"
@@ -171,7 +168,7 @@ def test_historical_span_covers_the_lazy_to_df(materialised: FeatureStore, spans
     frame = job.to_df()
     (span,) = spans.get(HISTORICAL)
     assert len(frame) == 3 and span.attributes[semconv.DL_DATA_ROWS] == 3
-    assert span.attributes[feast_instrumentor.DL_FEATURE_ENTITY_COUNT] == 3
+    assert span.attributes[semconv.DL_FEATURE_ENTITY_COUNT] == 3
     assert span.attributes[semconv.DL_QUALITY_NAN_FRACTION] == 0.0
     assert semconv.DL_DATA_FINGERPRINT in span.attributes
     job.to_arrow()  # later materialisations make no span
@@ -222,7 +219,7 @@ def test_push_and_write_to_online_store(materialised: FeatureStore, spans: SpanL
     with pytest.raises(Exception) as caught:
         materialised.push("no_such_push_source", frame)
     (push,) = spans.get("feature_store.push")
-    assert push.attributes[feast_instrumentor.DL_FEATURE_PUSH_SOURCE] == "no_such_push_source"
+    assert push.attributes[semconv.DL_FEATURE_PUSH_SOURCE] == "no_such_push_source"
     assert push.attributes["error.type"] == type(caught.value).__qualname__
 
 
@@ -240,10 +237,10 @@ def test_registry_change_changes_the_fingerprint(
 ) -> None:
     materialised.get_online_features(FEATURES, [{"driver_id": 1}])
     view = materialised.get_feature_view("driver_stats")
-    before = spans.get(ONLINE)[-1].attributes[feast_instrumentor.DL_FEATURE_VIEW_FINGERPRINTS]
+    before = spans.get(ONLINE)[-1].attributes[semconv.DL_FEATURE_VIEW_FINGERPRINTS]
     view.ttl = dt.timedelta(days=2)
     materialised.apply([view])
     materialised.get_online_features(FEATURES, [{"driver_id": 1}])
     after = spans.get(ONLINE)[-1].attributes
-    assert after[feast_instrumentor.DL_FEATURE_VIEW_FINGERPRINTS] != before
-    assert after[feast_instrumentor.DL_FEATURE_TTL] == 2 * 86400.0
+    assert after[semconv.DL_FEATURE_VIEW_FINGERPRINTS] != before
+    assert after[semconv.DL_FEATURE_TTL] == 2 * 86400.0

@@ -15,7 +15,7 @@ from opentelemetry.trace import StatusCode
 
 import otel_dl
 from otel_dl import semconv
-from otel_dl.instrumentors.ingest import SIGNAL_ROWS, source
+from otel_dl.instrumentors.ingest import SIGNAL_ROWS
 from tests.support import SpanList
 
 # Nothing may reach the Hugging Face Hub: the packaged parquet/csv builders run locally.
@@ -101,7 +101,7 @@ def test_schema_change_between_two_reads_of_one_source(tmp_path: Path, spans: Sp
 
 def test_reference_configured_for_a_glob_of_sources(tmp_path: Path, spans: SpanList) -> None:
     reference = otel_dl.Reference.fit(_frame(2000, seed=1))
-    otel_dl.watch(source(tmp_path / "day-*.parquet"), reference=reference, owner="ranking")
+    otel_dl.watch(tmp_path / "day-*.parquet", reference=reference, owner="ranking")
     _frame(800, seed=2).to_parquet(tmp_path / "day-1.parquet")
     _frame(800, seed=3, shift=4.0).to_parquet(tmp_path / "day-2.parquet")
     pd.read_parquet(tmp_path / "day-1.parquet")
@@ -120,7 +120,7 @@ def test_watched_name_and_version_replace_the_computed_ones(
 ) -> None:
     path = tmp_path / "train.parquet"
     _frame(10).to_parquet(path)
-    otel_dl.watch(source(path), source="train-set", version="2026-11-23")
+    otel_dl.watch(path, source="train-set", version="2026-11-23")
     pd.read_parquet(path)
     (span,) = spans.get()
     assert span.attributes[semconv.DL_DATA_SOURCE] == "train-set"
@@ -137,7 +137,8 @@ def test_large_reads_compute_signals_on_a_bounded_sample(tmp_path: Path, spans: 
 
 
 def test_datasets_load_dataset_on_local_files(tmp_path: Path, spans: SpanList) -> None:
-    datasets = pytest.importorskip("datasets")
+    import datasets
+
     path = tmp_path / "train.parquet"
     _frame(300).to_parquet(path)
     loaded = datasets.load_dataset(

@@ -15,7 +15,6 @@ from opentelemetry.trace import StatusCode
 
 import otel_dl
 from otel_dl import semconv
-from otel_dl.instrumentors.onnxruntime import DL_MODEL_EXECUTION_PROVIDERS
 from otel_dl.provenance import file_fingerprint
 from otel_dl.reference import Reference
 from tests.support import SpanList
@@ -87,7 +86,7 @@ def test_one_span_with_model_provenance_and_confidence(
     assert attrs[semconv.DL_MODEL_NAME] == "classifier"
     assert attrs[semconv.DL_MODEL_PATH] == str(model_file)
     assert attrs[semconv.DL_MODEL_FINGERPRINT] == file_fingerprint(model_file)
-    assert list(attrs[DL_MODEL_EXECUTION_PROVIDERS]) == ["CPUExecutionProvider"]
+    assert list(attrs[semconv.DL_MODEL_EXECUTION_PROVIDERS]) == ["CPUExecutionProvider"]
     assert attrs[semconv.DL_BATCH_SIZE] == 64
     assert attrs[semconv.DL_PREDICTION_COUNT] == 64
     assert attrs[semconv.DL_CONFIDENCE_MEAN] == pytest.approx(probs.max(axis=1).mean(), rel=1e-5)

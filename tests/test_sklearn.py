@@ -23,7 +23,6 @@ from sklearn.preprocessing import StandardScaler
 
 import otel_dl
 from otel_dl import semconv
-from otel_dl.instrumentors.sklearn import DL_MODEL_CLASS, DL_MODEL_METHOD, DL_MODEL_STEPS
 from tests.support import SpanList
 
 X, Y = make_classification(
@@ -41,7 +40,7 @@ def handle() -> Iterator[otel_dl.Instrumentation]:
 
 def _one(spans: SpanList) -> dict:
     got = spans.get(semconv.SPAN_INFERENCE)
-    assert len(got) == 1, [s.attributes.get(DL_MODEL_CLASS) for s in got]
+    assert len(got) == 1, [s.attributes.get(semconv.DL_MODEL_CLASS) for s in got]
     assert got[0].status.status_code is StatusCode.UNSET
     return dict(got[0].attributes)
 
@@ -58,8 +57,8 @@ def test_logistic_regression_predict_proba(spans: SpanList, tracer) -> None:
     assert attrs[semconv.DL_COMPONENT] == "sklearn"
     assert attrs[semconv.DL_MODEL_FRAMEWORK] == "sklearn"
     assert attrs[semconv.DL_MODEL_NAME] == "LogisticRegression"
-    assert attrs[DL_MODEL_CLASS].endswith(".LogisticRegression")
-    assert attrs[DL_MODEL_METHOD] == "predict_proba"
+    assert attrs[semconv.DL_MODEL_CLASS].endswith(".LogisticRegression")
+    assert attrs[semconv.DL_MODEL_METHOD] == "predict_proba"
     assert len(attrs[semconv.DL_MODEL_FINGERPRINT]) == 32
     assert attrs[semconv.DL_BATCH_SIZE] == 50
     assert attrs[semconv.DL_PREDICTION_COUNT] == 50
@@ -72,13 +71,13 @@ def test_predict_calling_other_methods_makes_one_span(spans: SpanList) -> None:
     model = LogisticRegression(max_iter=200).fit(X, Y)
     model.predict(X[:10])  # runs decision_function inside
     attrs = _one(spans)
-    assert attrs[DL_MODEL_METHOD] == "predict"
+    assert attrs[semconv.DL_MODEL_METHOD] == "predict"
     assert attrs[semconv.DL_PREDICTION_COUNT] == 10
     assert semconv.DL_CONFIDENCE_MEAN not in attrs
     spans.clear()
     scores = model.decision_function(X[:10])
     attrs = _one(spans)
-    assert attrs[DL_MODEL_METHOD] == "decision_function"
+    assert attrs[semconv.DL_MODEL_METHOD] == "decision_function"
     assert scores.shape == (10, 3)
     assert 0.0 < attrs[semconv.DL_CONFIDENCE_MEAN] <= 1.0
 
@@ -87,7 +86,7 @@ def test_random_forest_trees_on_threads_make_no_spans(spans: SpanList) -> None:
     model = RandomForestClassifier(n_estimators=8, n_jobs=2, random_state=0).fit(X, Y)
     spans.clear()
     model.predict(X[:20])
-    assert _one(spans)[DL_MODEL_METHOD] == "predict"
+    assert _one(spans)[semconv.DL_MODEL_METHOD] == "predict"
     spans.clear()
     proba = model.predict_proba(X[:20])
     attrs = _one(spans)
@@ -101,7 +100,7 @@ def test_hist_gradient_boosting(spans: SpanList) -> None:
     for method in ("predict", "predict_proba", "decision_function"):
         getattr(model, method)(X[:30])
         attrs = _one(spans)
-        assert attrs[DL_MODEL_METHOD] == method
+        assert attrs[semconv.DL_MODEL_METHOD] == method
         assert attrs[semconv.DL_PREDICTION_COUNT] == 30
         spans.clear()
 
@@ -119,8 +118,8 @@ def test_pipeline_makes_one_span_for_all_its_steps(spans: SpanList) -> None:
     proba = pipe.predict_proba(X[:40])
     attrs = _one(spans)
     assert attrs[semconv.DL_MODEL_NAME] == "Pipeline"
-    assert attrs[DL_MODEL_CLASS] == "sklearn.pipeline.Pipeline"
-    assert list(attrs[DL_MODEL_STEPS]) == ["StandardScaler", "LogisticRegression"]
+    assert attrs[semconv.DL_MODEL_CLASS] == "sklearn.pipeline.Pipeline"
+    assert list(attrs[semconv.DL_MODEL_STEPS]) == ["StandardScaler", "LogisticRegression"]
     assert attrs[semconv.DL_CONFIDENCE_MEAN] == pytest.approx(proba.max(axis=1).mean())
     assert hasattr(pipe, "predict_proba")
     no_proba = Pipeline([("scale", StandardScaler())])

@@ -26,14 +26,6 @@ from transformers import (
 
 import otel_dl
 from otel_dl import semconv
-from otel_dl.instrumentors.transformers import (
-    DL_MODEL_TASK,
-    GEN_AI_OPERATION_NAME,
-    GEN_AI_REQUEST_MAX_TOKENS,
-    GEN_AI_REQUEST_MODEL,
-    GEN_AI_USAGE_INPUT_TOKENS,
-    GEN_AI_USAGE_OUTPUT_TOKENS,
-)
 from tests.support import SpanList
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "good", "bad", "movie", "very", "the", "is", "a"]
@@ -115,7 +107,7 @@ def test_classification_span_with_provenance_and_confidence(
     assert attrs[semconv.DL_STAGE] == "inference"
     assert attrs[semconv.DL_COMPONENT] == "transformers"
     assert attrs[semconv.DL_MODEL_FRAMEWORK] == "transformers"
-    assert attrs[DL_MODEL_TASK] == "text-classification"
+    assert attrs[semconv.DL_MODEL_TASK] == "text-classification"
     assert attrs[semconv.DL_MODEL_NAME] == str(classifier_dir)
     assert attrs[semconv.DL_MODEL_PATH] == str(classifier_dir)
     assert attrs[semconv.DL_MODEL_VERSION] == COMMIT
@@ -148,16 +140,16 @@ def test_text_generation_uses_gen_ai_attributes(spans: SpanList, generate) -> No
     (answer,) = generate("good movie", max_new_tokens=6, do_sample=False)
     (span,) = spans.get()  # one span for the whole generation, not one per token
     attrs = span.attributes
-    assert attrs[DL_MODEL_TASK] == "text-generation"
-    assert attrs[GEN_AI_OPERATION_NAME] == "text_completion"
-    assert attrs[GEN_AI_REQUEST_MODEL] == "GPT2LMHeadModel"
-    assert attrs[GEN_AI_REQUEST_MAX_TOKENS] == 6
-    assert attrs[GEN_AI_USAGE_INPUT_TOKENS] == 2
+    assert attrs[semconv.DL_MODEL_TASK] == "text-generation"
+    assert attrs[semconv.GEN_AI_OPERATION_NAME] == "text_completion"
+    assert attrs[semconv.GEN_AI_REQUEST_MODEL] == "GPT2LMHeadModel"
+    assert attrs[semconv.GEN_AI_REQUEST_MAX_TOKENS] == 6
+    assert attrs[semconv.GEN_AI_USAGE_INPUT_TOKENS] == 2
     with suppress_instrumentation():
         prompt = torch.tensor([[WORDS.index("good"), WORDS.index("movie")]])
         new = generate.model.generate(prompt, max_new_tokens=6, do_sample=False)[0, 2:].tolist()
     expected = new.index(SEP) + 1 if SEP in new else len(new)
-    assert attrs[GEN_AI_USAGE_OUTPUT_TOKENS] == expected
+    assert attrs[semconv.GEN_AI_USAGE_OUTPUT_TOKENS] == expected
     assert attrs[semconv.DL_PREDICTION_COUNT] == 1
     assert answer["generated_text"].startswith("good movie")
 
