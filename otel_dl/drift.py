@@ -247,19 +247,14 @@ def _finish_numeric(
     out.methods.update((names[j], method) for j in kept)
 
 
-def _shares(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    finite = counts.sum(axis=0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return counts / finite, finite
-
-
 def _binned_scores(reference: Reference, counts: np.ndarray, method: str) -> np.ndarray:
-    shares, _ = _shares(counts)
     ref_shares = reference.numeric.shares
+    if method == "psi":
+        # A feature with no finite value gets shares of 0 here and no score later; the
+        # floor keeps the logarithm finite, so no error state needs silencing.
+        return psi_from_shares(ref_shares, counts / np.maximum(counts.sum(axis=0), 1))
     with np.errstate(divide="ignore", invalid="ignore"):
-        if method == "psi":
-            return psi_from_shares(ref_shares, shares)
-        return js_from_shares(ref_shares, shares)
+        return js_from_shares(ref_shares, counts / counts.sum(axis=0))
 
 
 def _profile_scores(reference: Reference, values: np.ndarray, method: str) -> np.ndarray:
@@ -330,22 +325,106 @@ def worst(scores: DriftScores) -> tuple[str, float] | None:
 
 # --- Streaming ---------------------------------------------------------------------------
 
+_CUBE_ELEMENTS = 1 << 17
+"""Threshold values materialised per row block (512 KiB in float32): comparing against
+a full (thresholds, rows, features) array runs numpy's contiguous loop, several times
+faster than broadcasting a row of thresholds over an inner loop as short as one row."""
+
+
+class _Binner:
+    """The slot of every value against one profile's thresholds, in one float dtype.
+
+    Thresholds per feature, in order: the lowest finite number, the range's lo, the bin
+    edges, the range's hi, +inf. The slot of a value is how many of them it reaches, so
+    one comparison cube summed over the thresholds gives, per value::
+
+        0        NaN or -inf
+        1        finite, below the reference minimum (drift bin 0)
+        2 + b    finite, in range, drift bin b (b = 0 .. k, k the feature's real edges)
+        k + 3    finite, above the reference maximum (drift bin k, the last real one)
+        K + 4    +inf (K = edges including the +inf padding of collapsed ones)
+
+    That ordering needs lo <= every edge below +inf <= hi and no NaN threshold, which
+    every fitted profile satisfies. When a loaded file breaks it (``fused`` is False),
+    lo and hi become -max and +inf, non-finite values are sent to slot 0 explicitly,
+    and the out-of-range share has to be computed on its own.
+    """
+
+    def __init__(self, reference: Reference, dtype: np.dtype) -> None:
+        edges = reference.edges_for(dtype)
+        lo, hi = reference.range_for(dtype)
+        lo = np.where(np.isnan(lo), np.inf, lo).astype(dtype)  # no range: never "inside"
+        hi = np.where(np.isnan(hi), np.inf, hi).astype(dtype)
+        bins, features = edges.shape
+        real = np.where(edges < np.inf, edges, lo)  # padding never breaks the order
+        self.fused = bool(
+            not np.isnan(edges).any()
+            and np.all(real >= lo)
+            and np.all(np.where(edges < np.inf, edges, hi) <= hi)
+            and np.all(lo <= hi)
+        )
+        if not self.fused:
+            lo = np.full(features, np.finfo(dtype).min, dtype=dtype)
+            hi = np.full(features, np.inf, dtype=dtype)
+        self.known = np.isfinite(reference.range_for(dtype)[0])
+        self.slots = bins + 5
+        thresholds = np.concatenate(
+            [
+                np.full((1, features), np.finfo(dtype).min, dtype=dtype),
+                lo[None],
+                edges.astype(dtype, copy=False),
+                hi[None],
+                np.full((1, features), np.inf, dtype=dtype),
+            ]
+        )
+        self._block = max(1, _CUBE_ELEMENTS // max(1, thresholds.size))
+        self._cube = np.ascontiguousarray(
+            np.broadcast_to(thresholds[:, None, :], (len(thresholds), self._block, features))
+        )
+        self._slot_dtype = np.uint8 if self.slots <= 256 else np.uint16
+
+    def slot(self, values: np.ndarray) -> np.ndarray:
+        """(rows, features) slot per value; see the class docstring."""
+        rows, features = values.shape
+        out = np.empty((rows, features), dtype=self._slot_dtype)
+        step = self._block
+        for start in range(0, rows, step):
+            part = values[start : start + step]
+            reached = np.greater_equal(part[None], self._cube[:, : len(part)])
+            # A uint8 accumulator (out=) keeps numpy on its fast loop; slots fit in it.
+            np.add.reduce(
+                reached.view(np.uint8), axis=0, dtype=out.dtype, out=out[start : start + step]
+            )
+        if not self.fused:
+            out[~np.isfinite(values)] = 0
+        return out
+
+
+class _BatchQuality(NamedTuple):
+    """Quality counts of one batch, taken from its drift slots."""
+
+    nonfinite: int  # NaN and +-Inf values over all numeric features
+    outside: int | None  # finite values outside the reference range (None: not fused)
+    finite_known: int  # finite values of features with a reference range
+
 
 @dataclass
 class _Chunk:
     rows: int
-    values: np.ndarray
-    counts: np.ndarray | None  # numeric bin counts, psi/js only
+    values: np.ndarray | None  # ks/wasserstein only
+    slots: np.ndarray | None  # psi/js only: _Binner.slot of each value
+    counts: np.ndarray | None  # psi/js only: _Binner.count of the slots
     codes: dict[str, np.ndarray]
 
 
 class DriftTracker:
     """Drift of the last ``window_rows`` rows against a reference, updated batch by batch.
 
-    psi and js keep per-bin counts of the window, so an update costs time proportional to
-    the batch. ks and wasserstein compare the whole window's values with the profile's
-    quantile atoms at each update (cost grows with the window; sample with
-    ``drift_every`` and ``drift_max_rows`` in the monitor). Thread-safe.
+    psi and js keep per-bin counts of the window and one byte per value (its bin), so an
+    update costs time proportional to the batch, and rows leaving the window are
+    uncounted from their stored bins. ks and wasserstein compare the whole window's
+    values with the profile's quantile atoms at each update (cost grows with the window;
+    sample with ``drift_every`` and ``drift_max_rows`` in the monitor). Thread-safe.
     """
 
     def __init__(
@@ -367,13 +446,27 @@ class DriftTracker:
         self._lock = threading.Lock()
         self._chunks: deque[_Chunk] = deque()
         self._rows = 0
-        bins = reference.numeric.edges.shape[0] + 1
-        self._counts = np.zeros((bins, len(reference.numeric_names)), dtype=np.int64)
+        self._binned = method in ("psi", "js")
+        self._binners: dict[np.dtype, _Binner] = {}
+        edges = reference.numeric.edges
+        features = len(reference.numeric_names)
+        self._bins = edges.shape[0] + 1
+        # The last real bin per feature, the bin of finite values above the range. It is
+        # the same in float32 and float64: an edge that is +inf only in float32 lies
+        # above float32's largest value, so no float32 value is ever above that range.
+        self._top = (edges < np.inf).sum(axis=0)
+        self._above = self._top + 3  # the slot of finite values above the range
+        self._columns = np.arange(features)
+        slots = self._bins + 4
+        keys = features * slots
+        key_dtype = np.uint16 if keys <= 1 << 16 else np.uint32 if keys <= 1 << 32 else np.intp
+        self._offsets = (np.arange(features) * slots).astype(key_dtype)
+        self._counts = np.zeros((features, slots), dtype=np.int64)
         self._cat_counts = {
             name: np.zeros(len(cat.categories) + 1, dtype=np.int64)
             for name, cat in reference.categorical.items()
         }
-        self._present = np.zeros(len(reference.numeric_names), dtype=bool)
+        self._present = np.zeros(features, dtype=bool)
         self._cat_present: set[str] = set()
 
     @property
@@ -381,15 +474,43 @@ class DriftTracker:
         """Rows now in the window."""
         return self._rows
 
+    def _binner(self, dtype: np.dtype) -> _Binner:
+        binner = self._binners.get(dtype)
+        if binner is None:
+            binner = self._binners[dtype] = _Binner(self.reference, dtype)
+        return binner
+
     def _chunk(self, values: np.ndarray, codes: dict[str, np.ndarray]) -> _Chunk:
-        counts = None
-        if self.method in ("psi", "js"):
-            counts = bin_counts(values, self.reference.edges_for(values.dtype))
-        return _Chunk(len(values), values, counts, codes)
+        if not self._binned:
+            return _Chunk(len(values), values, None, None, codes)
+        slots = self._binner(values.dtype).slot(values)
+        return _Chunk(len(values), None, slots, self._count(slots), codes)
+
+    def _count(self, slots: np.ndarray) -> np.ndarray:
+        """(features, slots) count of each slot: one bincount over all features."""
+        keys = np.add(slots, self._offsets, dtype=self._offsets.dtype)
+        counts = np.bincount(keys.ravel(), minlength=self._counts.size)
+        return counts.reshape(self._counts.shape)
+
+    def _part(self, chunk: _Chunk, part: slice, counts: np.ndarray | None = None) -> _Chunk:
+        """Rows ``part`` of a chunk; psi/js slot counts are ``counts`` or counted here."""
+        slots = None if chunk.slots is None else chunk.slots[part]
+        if slots is not None and counts is None:
+            counts = self._count(slots)
+        return _Chunk(
+            len(range(chunk.rows)[part]),
+            None if chunk.values is None else chunk.values[part],
+            slots,
+            counts,
+            {k: v[part] for k, v in chunk.codes.items()},
+        )
 
     def _add(self, chunk: _Chunk, sign: int) -> None:
         if chunk.counts is not None:
-            self._counts += sign * chunk.counts
+            if sign > 0:
+                self._counts += chunk.counts
+            else:
+                self._counts -= chunk.counts
         for name, codes in chunk.codes.items():
             counts = np.bincount(codes[codes >= 0], minlength=len(self._cat_counts[name]))
             self._cat_counts[name] += sign * counts
@@ -399,6 +520,11 @@ class DriftTracker:
         """Add ``batch`` (anything :func:`~otel_dl.reference.to_table` reads, or a Table)
         to the window and return the window's worst feature."""
         table = batch if isinstance(batch, Table) else self.reference.read(batch)
+        return self._update(table)[0]
+
+    def _update(self, table: Table) -> tuple[DriftResult, _BatchQuality | None]:
+        """:meth:`update`, plus the batch's quality counts when its drift slots cover every
+        numeric column (psi/js, and the table's numeric features are the profile's)."""
         aligned = _align(self.reference, table)
         codes = {
             name: self.reference.category_codes(name, values)
@@ -406,13 +532,26 @@ class DriftTracker:
             if name in self._cat_counts
         }
         chunk = self._chunk(aligned.values, codes)
+        quality = None
+        if chunk.counts is not None and table.numeric_names == self.reference.numeric_names:
+            quality = self._quality(chunk.counts, self._binners[aligned.values.dtype])
         with self._lock:
             self._present |= aligned.present
             self._cat_present.update(codes)
             self._chunks.append(chunk)
             self._add(chunk, +1)
             self._evict()
-            return self._result()
+            return self._result(), quality
+
+    def _quality(self, counts: np.ndarray, binner: _Binner) -> _BatchQuality:
+        nonfinite = int(counts[:, 0].sum() + counts[:, -1].sum())
+        if not binner.fused:
+            return _BatchQuality(nonfinite, None, 0)
+        outside = counts[:, 1] + counts[self._columns, self._above]
+        finite = counts[:, 1:-1].sum(axis=1)
+        if not binner.known.all():
+            outside, finite = outside[binner.known], finite[binner.known]
+        return _BatchQuality(nonfinite, int(outside.sum()), int(finite.sum()))
 
     def _evict(self) -> None:
         while self._rows - self._chunks[0].rows >= self.window_rows:
@@ -421,27 +560,36 @@ class DriftTracker:
         if excess <= 0:
             return
         oldest = self._chunks.popleft()
-        kept_values = oldest.values[excess:]
-        kept_codes = {k: v[excess:] for k, v in oldest.codes.items()}
-        # Take out the dropped rows' counts; count whichever part of the chunk is smaller.
+        gone, kept = slice(None, excess), slice(excess, None)
+        # Count whichever part of the chunk is smaller; the other is the difference.
         if oldest.counts is None or excess <= oldest.rows // 2:
-            gone_codes = {k: v[:excess] for k, v in oldest.codes.items()}
-            gone = self._chunk(oldest.values[:excess], gone_codes)
-            self._add(gone, -1)
-            kept_counts = None if oldest.counts is None else oldest.counts - gone.counts
-            self._chunks.appendleft(_Chunk(len(kept_values), kept_values, kept_counts, kept_codes))
+            removed = self._part(oldest, gone)
+            self._add(removed, -1)
+            rest = None if oldest.counts is None else oldest.counts - removed.counts
+            self._chunks.appendleft(self._part(oldest, kept, rest))
         else:
+            remaining = self._part(oldest, kept)
             self._add(oldest, -1)
-            kept = self._chunk(kept_values, kept_codes)
-            self._add(kept, +1)
-            self._chunks.appendleft(kept)
+            self._add(remaining, +1)
+            self._chunks.appendleft(remaining)
+
+    def _bin_counts(self) -> np.ndarray:
+        """(bins, features) counts of the window's finite values, from its slot counts."""
+        slots = self._counts
+        counts = slots[:, 2:-1].T.copy()  # bins 0 .. K, then the slot above the range
+        counts[0] += slots[:, 1]
+        top, above, columns = self._top, self._top + 1, self._columns
+        counts[top, columns] += counts[above, columns]
+        counts[above, columns] = 0
+        return counts[:-1]
 
     def _result(self) -> DriftResult:
         method = self.method
         out = DriftScores()
-        if method in ("psi", "js"):
-            values = _binned_scores(self.reference, self._counts, method)
-            finite_count = self._counts.sum(axis=0)
+        if self._binned:
+            counts = self._bin_counts()
+            values = _binned_scores(self.reference, counts, method)
+            finite_count = counts.sum(axis=0)
         else:
             window = np.concatenate([c.values for c in self._chunks], axis=0)
             values = _profile_scores(self.reference, window, method)

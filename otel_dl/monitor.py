@@ -30,7 +30,7 @@ from otel_dl._config import Config, get_config
 from otel_dl.confidence import summarize
 from otel_dl.drift import DriftTracker
 from otel_dl.provenance import data_fingerprint
-from otel_dl.quality import nan_fraction, out_of_range_fraction
+from otel_dl.quality import _missing_categories, nan_fraction, out_of_range_fraction
 from otel_dl.reference import Reference, Table, to_table
 
 AttributeValue = str | bool | int | float
@@ -149,10 +149,8 @@ class FeatureMonitor:
         fingerprint = data_fingerprint(table)
         if fingerprint is not None:
             out[semconv.DL_DATA_FINGERPRINT] = fingerprint
-        nan_share = nan_fraction(table)
-        if nan_share is not None:
-            out[semconv.DL_QUALITY_NAN_FRACTION] = nan_share
         if reference is None:
+            _set(out, semconv.DL_QUALITY_NAN_FRACTION, nan_fraction(table))
             if table.rows:
                 with self._lock:
                     if self._reference is None:
@@ -161,17 +159,52 @@ class FeatureMonitor:
         out[semconv.DL_QUALITY_SCHEMA_MISMATCH] = (
             table.schema_fingerprint != reference.schema_fingerprint
         )
-        outside = out_of_range_fraction(reference, table)
-        if outside is not None:
-            out[semconv.DL_QUALITY_OUT_OF_RANGE_FRACTION] = outside
-        if not drift_now or self._tracker is None or table.rows == 0:
+        tracker = self._tracker
+        if not drift_now or tracker is None or table.rows == 0:
+            self._quality(reference, table, out)
             return
-        result = self._tracker.update(_subsample(table, self.config.drift_max_rows))
+        limit = self.config.drift_max_rows
+        result, counted = tracker._update(_subsample(table, limit))
+        # A batch fed to drift whole has had every value binned against thresholds that
+        # include the reference range: its quality counts come from those bins for free.
+        if counted is None or table.rows > limit:
+            self._quality(reference, table, out)
+        else:
+            missing = counted.nonfinite + _missing_categories(table)
+            _set(out, semconv.DL_QUALITY_NAN_FRACTION, _share(missing, _values(table)))
+            if counted.outside is None:
+                _set(
+                    out,
+                    semconv.DL_QUALITY_OUT_OF_RANGE_FRACTION,
+                    out_of_range_fraction(reference, table),
+                )
+            else:
+                share = _share(counted.outside, counted.finite_known)
+                _set(out, semconv.DL_QUALITY_OUT_OF_RANGE_FRACTION, share)
         if result.score is not None and result.feature is not None and result.status:
             out[semconv.DL_DRIFT_SCORE] = result.score
             out[semconv.DL_DRIFT_METHOD] = result.method
             out[semconv.DL_DRIFT_FEATURE] = result.feature
             out[semconv.DL_DRIFT_STATUS] = result.status
+
+    @staticmethod
+    def _quality(reference: Reference, table: Table, out: dict[str, AttributeValue]) -> None:
+        _set(out, semconv.DL_QUALITY_NAN_FRACTION, nan_fraction(table))
+        outside = out_of_range_fraction(reference, table)
+        _set(out, semconv.DL_QUALITY_OUT_OF_RANGE_FRACTION, outside)
+
+
+def _set(out: dict[str, AttributeValue], key: str, value: float | None) -> None:
+    if value is not None:
+        out[key] = value
+
+
+def _values(table: Table) -> int:
+    return table.numeric.size + table.rows * len(table.categorical)
+
+
+def _share(part: int, total: int) -> float | None:
+    return float(part / total) if total else None
 
 
 def _slice(table: Table, rows: int) -> Table:

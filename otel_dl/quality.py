@@ -34,9 +34,12 @@ def nan_fraction(data: Any) -> float | None:
     if total == 0:
         return None
     bad = numeric.size - np.count_nonzero(np.isfinite(numeric)) if numeric.size else 0
-    for values in table.categorical.values():
-        bad += sum(1 for v in values if v is None)
-    return float(bad / total)
+    return float((bad + _missing_categories(table)) / total)
+
+
+def _missing_categories(table: Table) -> int:
+    """Missing values (``None``) over the categorical columns of ``table``."""
+    return sum(int(np.count_nonzero(np.equal(v, None))) for v in table.categorical.values())
 
 
 def out_of_range_fraction(reference: Reference, data: Any) -> float | None:

@@ -75,6 +75,11 @@ def _schema_digest(schema: tuple[Any, ...]) -> str:
 
 
 @lru_cache(maxsize=64)
+def _dtype_name(dtype: np.dtype) -> str:
+    return str(dtype)  # numpy builds this string in Python on every call
+
+
+@lru_cache(maxsize=64)
 def _index_names(count: int) -> tuple[str, ...]:
     return tuple(str(i) for i in range(count))
 
@@ -193,7 +198,7 @@ def to_table(data: Any) -> Table:
     names = _index_names(rows.shape[1])
     if numeric is not None:
         return Table(
-            rows.shape[0], names, numeric, names, {}, ("array", str(array.dtype), trailing)
+            rows.shape[0], names, numeric, names, {}, ("array", _dtype_name(array.dtype), trailing)
         )
     columns = [(names[j], rows[:, j], str(array.dtype), ()) for j in range(rows.shape[1])]
     return _table_from_columns(columns, ("array", str(array.dtype), trailing))
@@ -244,7 +249,8 @@ def _table_from_columns(
 
 def ceil_to_float32(thresholds: np.ndarray) -> np.ndarray:
     """Smallest float32 >= each float64 threshold, so ``x32 >= t32`` iff ``x32 >= t64``."""
-    rounded = thresholds.astype(np.float32)
+    with np.errstate(over="ignore"):  # beyond float32's range: +-inf, still exact
+        rounded = thresholds.astype(np.float32)
     low = rounded.astype(np.float64) < thresholds
     rounded[low] = np.nextafter(rounded[low], np.float32(np.inf))
     return rounded
@@ -344,6 +350,7 @@ class Reference:
         self._numeric = numeric
         self._categorical = categorical
         self._index = {name: i for i, name in enumerate(numeric.names)}
+        self._numeric_names = tuple(numeric.names)
         self._edges32: np.ndarray | None = None
         self._ranges: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._category_index = {
@@ -353,7 +360,7 @@ class Reference:
     # Read-only views used by drift and quality.
     @property
     def numeric_names(self) -> tuple[str, ...]:
-        return tuple(self._numeric.names)
+        return self._numeric_names
 
     @property
     def categorical_names(self) -> tuple[str, ...]:

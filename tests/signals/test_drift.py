@@ -5,7 +5,7 @@ import pytest
 from scipy.spatial.distance import jensenshannon
 from scipy.stats import ks_2samp, wasserstein_distance
 
-from otel_dl import drift
+from otel_dl import drift, quality
 from otel_dl.reference import Reference
 
 
@@ -149,3 +149,70 @@ def test_tracker_window_equals_batch_score_of_last_rows(method):
     assert result.feature == max(expected, key=expected.__getitem__)
     assert result.score == pytest.approx(expected[result.feature], abs=1e-12)
     assert result.status == drift.drift_status(result.score, method)
+
+
+def _window_counts_match(tracker, profile, window, method):
+    expected = drift.score(profile, window, method=method)
+    result = tracker._result()
+    assert dict(result.scores) == pytest.approx(dict(expected), abs=1e-12)
+    assert result.scores.reasons == expected.reasons
+
+
+@pytest.mark.parametrize("method", ["psi", "js"])
+def test_tracker_bins_survive_eviction_nonfinite_and_dtype_changes(method):
+    """Rows leave the window through their stored bins, whatever part of a chunk goes."""
+    rng = np.random.default_rng(9)
+    ref = rng.standard_normal((3000, 3))
+    ref[:, 2] = np.round(ref[:, 2])  # ties: collapsed edges
+    profile = Reference.fit(ref)
+    tracker = drift.DriftTracker(profile, method=method, window_rows=250)
+    seen = []
+    for i in range(40):
+        rows = int(rng.integers(1, 300))
+        batch = rng.standard_normal((rows, 3)) * (1 + i / 20) + 5 * (i % 7 == 0)
+        batch[rng.random(batch.shape) < 0.05] = np.nan
+        batch[rng.random(batch.shape) < 0.02] = np.inf
+        batch[rng.random(batch.shape) < 0.02] = -np.inf
+        if i % 3 == 0:
+            batch = batch.astype(np.float32)
+        seen.append(batch.astype(np.float64) if batch.dtype == np.float32 else batch)
+        tracker.update(batch)
+        window = np.concatenate(seen)[-250:]
+        assert tracker.rows == len(window)
+        # float32 rows bin exactly as their float64 values do
+        _window_counts_match(tracker, profile, window, method)
+
+
+def test_tracker_quality_counts_equal_the_quality_functions():
+    rng = np.random.default_rng(10)
+    profile = Reference.fit(rng.standard_normal((500, 4)).astype(np.float32))
+    tracker = drift.DriftTracker(profile, window_rows=100)
+    for dtype in (np.float32, np.float64):
+        batch = (rng.standard_normal((60, 4)) * 2).astype(dtype)
+        batch[0, 0], batch[1, 1], batch[2, 2] = np.nan, np.inf, -np.inf
+        batch[3, 3] = profile.numeric.maximum[3]  # the range is closed: inside
+        table = profile.read(batch)
+        _, counted = tracker._update(table)
+        outside = quality.out_of_range_fraction(profile, table)
+        assert counted.outside / counted.finite_known == outside
+        assert counted.nonfinite / batch.size == quality.nan_fraction(table)
+
+
+def test_tracker_with_a_profile_whose_range_does_not_hold_its_edges(tmp_path):
+    """A hand-edited file may put edges outside [min, max]: bins stay exact, and the
+    range share is left to the quality function."""
+    rng = np.random.default_rng(12)
+    profile = Reference.fit(rng.standard_normal((400, 2)))
+    document = profile.to_dict()
+    document["features"][0]["min"] = 0.5  # above the lower edges
+    edited = Reference.from_dict(document)
+    tracker = drift.DriftTracker(edited, window_rows=120)
+    seen = []
+    for _ in range(5):
+        batch = rng.standard_normal((70, 2))
+        batch[0, 0] = np.inf
+        seen.append(batch)
+        _, counted = tracker._update(edited.read(batch))
+        assert counted.outside is None
+        assert counted.nonfinite == 1
+    _window_counts_match(tracker, edited, np.concatenate(seen)[-120:], "psi")
