@@ -21,6 +21,7 @@ classes [1 - p, p]. Rows holding NaN or +-Inf are left out of every statistic.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -30,6 +31,9 @@ from otel_dl.reference import _to_numpy
 
 KINDS = ("auto", "probabilities", "logits")
 ROW_SUM_TOLERANCE = 1e-3
+_CLASS_MAJOR_MAX = 64
+"""Up to this many classes summarize works on a classes x rows copy: a reduction along
+a short row costs numpy one inner-loop call per row, one along a long row only one."""
 
 
 class Summary(dict[str, float]):
@@ -162,6 +166,55 @@ def to_probabilities(outputs: Any, kind: str = "auto") -> np.ndarray:
         return e / e.sum(axis=1, keepdims=True)
 
 
+def _class_major(scores: np.ndarray, threshold: float, kind: str) -> Summary | None:
+    """:func:`summarize` for a few classes, from a classes x rows copy; None when some row
+    is not a finite number (the row-major path then drops exactly those rows)."""
+    t = np.ascontiguousarray(scores.T)
+    rows = t.shape[1]
+    if kind == "auto":
+        low, high = np.minimum.reduce(t, axis=None), np.maximum.reduce(t, axis=None)
+        probabilities = bool(
+            low >= 0
+            and high <= 1
+            and np.abs(np.add.reduce(t, axis=0) - 1).max() <= ROW_SUM_TOLERANCE
+        )
+        kind = "probabilities" if probabilities else "logits"
+    top = scores.argmax(axis=1)
+    columns = np.arange(rows)
+    # conf, margin, entropy: computed in the scores' dtype as the row path does, stored in
+    # float64 (exactly), so one reduction sums all three in float64.
+    stats = np.empty((3, rows))
+    if kind == "probabilities":
+        # As in _from_probabilities: 0 * ln(0 + tiny) is exactly 0.
+        np.negative(np.add.reduce(t * np.log(t + np.finfo(t.dtype).tiny), axis=0), out=stats[2])
+        conf = t[top, columns]
+        t[top, columns] = -np.inf  # one instance of the top: a tie leaves margin 0
+        np.subtract(conf, np.maximum.reduce(t, axis=0), out=stats[1])
+    else:
+        # As in _from_logits, with the same shifted exp pass.
+        d = t - t[top, columns]
+        e = np.exp(d)
+        total = np.add.reduce(e, axis=0)
+        weighted = np.add.reduce(e * d, axis=0)
+        e[top, columns] = -1.0
+        conf = 1 / total
+        np.divide(1 - np.maximum.reduce(e, axis=0), total, out=stats[1])
+        np.subtract(np.log(total), weighted / total, out=stats[2])
+    stats[0] = conf
+    mean, margin, entropy = np.add.reduce(stats, axis=1).tolist()
+    # A NaN/Inf row (or a masked -inf logit, whose 0 * -inf the row path handles) makes
+    # a sum non-finite; finite sums mean every row counts.
+    if not (math.isfinite(mean) and math.isfinite(margin) and math.isfinite(entropy)):
+        return None
+    summary = Summary(rows)
+    summary["mean"] = mean / rows
+    summary["min"] = float(np.minimum.reduce(conf))
+    summary["margin_mean"] = margin / rows
+    summary["entropy_mean"] = entropy / rows
+    summary["low_fraction"] = np.count_nonzero(conf < threshold) / rows
+    return summary
+
+
 def summarize(outputs: Any, threshold: float = 0.5, kind: str = "auto") -> Summary:
     """Confidence statistics of one call's predictions; see the module docstring.
 
@@ -177,10 +230,13 @@ def summarize(outputs: Any, threshold: float = 0.5, kind: str = "auto") -> Summa
     count = scores.shape[0]
     if count == 0 or scores.shape[1] == 0:
         return Summary(count, "no predictions")
-    if kind == "auto":
-        with np.errstate(invalid="ignore"):
-            kind = "probabilities" if _looks_like_probabilities(scores) else "logits"
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        if 1 < scores.shape[1] <= _CLASS_MAJOR_MAX:
+            summary = _class_major(scores, threshold, kind)
+            if summary is not None:
+                return summary
+        if kind == "auto":
+            kind = "probabilities" if _looks_like_probabilities(scores) else "logits"
         if scores.shape[1] == 1:
             column = scores[:, 0]
             conf, margin, entropy = _binary(column if kind == "probabilities" else _sigmoid(column))

@@ -96,3 +96,28 @@ def test_tracker_matches_batch_ece_and_bounds_pending():
     for i in range(50, 300):
         assert tracker.feedback(i, int(y[i]))
     assert tracker.ece() == pytest.approx(expected_calibration_error(p[50:], y[50:]))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("classes", [2, 3, 10, 64])
+def test_class_major_path_equals_row_path(monkeypatch, dtype, classes):
+    """Few classes take a classes x rows path; it must agree with the row path, ties,
+    masked logits and NaN rows included (those two go to the row path)."""
+    from otel_dl import confidence
+
+    rng = np.random.default_rng(classes)
+    z = (rng.standard_normal((300, classes)) * 3).astype(dtype)
+    z[:20, 1] = z[:20, 0]  # ties for the top
+    p = _softmax(z.astype(np.float64)).astype(dtype)
+    masked = z.copy()
+    masked[5, 0] = -np.inf
+    broken = z.copy()
+    broken[7, 1] = np.nan
+    inputs = [z, p, np.round(p, 1), masked, broken]
+    fast = [summarize(x, threshold=0.4) for x in inputs]
+    monkeypatch.setattr(confidence, "_CLASS_MAJOR_MAX", 0)
+    slow = [summarize(x, threshold=0.4) for x in inputs]
+    rel = 1e-5 if dtype == np.float32 else 1e-12
+    for got, expected in zip(fast, slow, strict=True):
+        assert got.keys() == expected.keys()
+        assert got == pytest.approx(expected, rel=rel, abs=1e-7)
