@@ -104,14 +104,15 @@ def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
 
 
 def _capturing() -> bool:
-    """True while torch.jit.trace, torch.export or dynamo records the model's graph.
+    """True while torch.jit.trace or torch.export records the model's graph.
 
     The hooks must then do nothing: a trace records what runs, and otel-dl is not part
-    of the model. Checked first, so dynamo sees a constant branch and no graph break.
+    of the model. (Under ``torch.compile(model)`` the hooks of the original module run
+    outside the compiled region, as ordinary calls, and trace normally.)
     """
     import torch
 
-    return bool(torch._C._is_tracing() or torch.compiler.is_compiling())
+    return bool(torch._C._is_tracing() or torch.compiler.is_exporting())
 
 
 class TorchModelInstrumentor(DlInstrumentor):
@@ -189,14 +190,11 @@ class TorchModelInstrumentor(DlInstrumentor):
                 entry.path, entry.fingerprint = path, fingerprint
 
     def _add_hooks(self, model: Any, entry: _Traced) -> None:
-        import torch
 
-        # Disabled for dynamo: under torch.compile(model) the hooks run eagerly, outside
-        # the compiled region, instead of being compiled as frames of their own.
-        pre = torch.compiler.disable(self._pre_hook)
-        post = torch.compiler.disable(self._post_hook)
-        entry.pre = model.register_forward_pre_hook(pre, with_kwargs=True)
-        entry.post = model.register_forward_hook(post, with_kwargs=True, always_call=True)
+        entry.pre = model.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+        entry.post = model.register_forward_hook(
+            self._post_hook, with_kwargs=True, always_call=True
+        )
 
     def _wrap_jit_script(self, wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
         """Script the model without otel-dl's hooks, which TorchScript cannot compile."""

@@ -111,7 +111,9 @@ class stage:
             return None
         if self.stage == semconv.STAGE_INFERENCE:
             # A model's output: its confidence, as the model instrumentors record it.
-            return confidence_attributes(value, get_config().confidence_threshold)
+            attrs: Attributes = {}
+            attrs.update(confidence_attributes(value, get_config().confidence_threshold))
+            return attrs
         return dict(_state_for(self.name, self.stage, self.reference).monitor().observe(value))
 
     # -- decorator ----------------------------------------------------------------------
