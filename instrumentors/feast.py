@@ -76,16 +76,14 @@ from opentelemetry.trace import Span
 
 from otel_dl import semconv
 from otel_dl._config import get_config
-from otel_dl._guard import instrumentation_enabled, report_internal_error
+from otel_dl._guard import report_internal_error
 from otel_dl._span import (
     NO_HOOKS,
     Attributes,
     DlCall,
     Hooks,
-    base_attributes,
     finish_span,
     record_error,
-    start_span,
     traced_call,
 )
 from otel_dl._watch import ensure_state
@@ -494,59 +492,29 @@ class FeastInstrumentor(DlInstrumentor):
 
     # -- historical reads ---------------------------------------------------------------
     def _wrap_historical(self, wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-        if not instrumentation_enabled():
-            return wrapped(*args, **kwargs)
-        span: Span | None = None
-        token = None
-        call = DlCall(semconv.COMPONENT_FEAST, instance, args, kwargs)
-        start_ns = time.time_ns()
-        try:
-            attrs = base_attributes(
-                semconv.STAGE_FEATURE_STORE, semconv.COMPONENT_FEAST, self._historical_before(call)
-            )
-            span = start_span(
-                semconv.SPAN_FEATURE_STORE_PREFIX + "get_historical_features",
-                attrs,
-                start_time=start_ns,
-            )
-            token = context.attach(trace.set_span_in_context(span))
-        except Exception:
-            report_internal_error(f"{_SITE}.historical")
-        if span is not None and self._hooks.request is not None:
-            try:
-                self._hooks.request(span, call)
-            except Exception:
-                report_internal_error(f"{_SITE}.historical.request_hook")
-        try:
-            job = wrapped(*args, **kwargs)
-        except BaseException as exc:
-            end_ns = time.time_ns()
-            if token is not None:
-                context.detach(token)
-            if span is not None:
-                try:
-                    record_error(span, exc)
-                    finish_span(span, {}, start_ns, end_ns)
-                except Exception:
-                    report_internal_error(f"{_SITE}.historical")
-            raise
-        end_ns = time.time_ns()
-        if token is not None:
-            context.detach(token)
-        if span is not None:
-            try:
-                entity_df = _arg(call, 0, "entity_df")
-                keys = {str(c) for c in getattr(entity_df, "columns", ())}
-                pending = _PendingJob(instance, span, start_ns, keys)
-                pending.finalizer = weakref.finalize(
-                    job, _end_unmaterialised, span, start_ns, end_ns
-                )
-                with self._lock:
-                    self._pending[job] = pending
-            except Exception:
-                report_internal_error(f"{_SITE}.historical")
-                span.end(end_time=end_ns)
-        return job
+        return traced_call(
+            wrapped,
+            instance,
+            args,
+            kwargs,
+            site=f"{_SITE}.historical",
+            name=semconv.SPAN_FEATURE_STORE_PREFIX + "get_historical_features",
+            stage=semconv.STAGE_FEATURE_STORE,
+            component=semconv.COMPONENT_FEAST,
+            before=self._historical_before,
+            hooks=self._hooks,
+            keep_open=self._park_job,
+        )
+
+    def _park_job(self, span: Span, call: DlCall, job: Any, start_ns: int, end_ns: int) -> bool:
+        """Keep the span open until the lazy retrieval job is materialised."""
+        entity_df = _arg(call, 0, "entity_df")
+        keys = {str(c) for c in getattr(entity_df, "columns", ())}
+        pending = _PendingJob(call.instance, span, start_ns, keys)
+        pending.finalizer = weakref.finalize(job, _end_unmaterialised, span, start_ns, end_ns)
+        with self._lock:
+            self._pending[job] = pending
+        return True
 
     @staticmethod
     def _historical_before(call: DlCall) -> Attributes:

@@ -193,6 +193,7 @@ def _span_attributes(span: Span) -> Mapping[str, AttributeValue]:
 
 Extractor = Callable[[DlCall], Attributes | None]
 ResultExtractor = Callable[[DlCall, Any], Attributes | None]
+KeepOpen = Callable[[Span, DlCall, Any, int, int], bool]
 
 
 def traced_call(
@@ -209,11 +210,15 @@ def traced_call(
     after: ResultExtractor | None = None,
     hooks: Hooks = NO_HOOKS,
     attributes: Mapping[str, AttributeValue] | None = None,
+    keep_open: KeepOpen | None = None,
 ) -> Any:
     """Call ``wrapped(*args, **kwargs)`` inside an otel-dl span; see the module docstring.
 
     ``before`` runs before the call and may return attributes; ``after`` runs on the
     result and may return attributes (the signals). Neither can break the call.
+    ``keep_open(span, call, result, start_ns, end_ns)`` returning True leaves the span
+    open after a successful call, for work the result does later (a lazy job); the
+    caller then ends it.
     """
     if not instrumentation_enabled():
         return wrapped(*args, **kwargs)
@@ -263,6 +268,10 @@ def traced_call(
             except Exception:
                 report_internal_error(f"{site}.response_hook")
         try:
+            if keep_open is not None and keep_open(span, call, result, start_ns, end_ns):
+                if extracted:
+                    span.set_attributes(extracted)
+                return result
             finish_span(span, extracted or {}, start_ns, end_ns)
         except Exception:
             report_internal_error(site)
