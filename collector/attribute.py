@@ -120,10 +120,10 @@ class Baselines:
         # A quantile query walks the sketch's bins; refresh it only as samples accumulate.
         cached = self._quantiles.get(key)
         if cached is None or sketch.count - cached[0] >= _REFRESH_SAMPLES:
-            cached = self._quantiles[key] = (
-                sketch.count,
-                sketch.get_quantile_value(_BASELINE_QUANTILE),
-            )
+            value = sketch.get_quantile_value(_BASELINE_QUANTILE)
+            if value is None:
+                return None
+            cached = self._quantiles[key] = (sketch.count, float(value))
         return cached[1]
 
     def learn(self, key: tuple[str, str, str], value: float) -> None:

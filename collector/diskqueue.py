@@ -29,6 +29,7 @@ import threading
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 _HEADER = struct.Struct("<II")
 _SEGMENT_BYTES = 16 * 1024 * 1024
@@ -95,7 +96,7 @@ class _SegmentLog:
         self.lock = threading.Lock()
         self.segments = sorted(self._seq(p) for p in self.dir.glob(f"{prefix}-*.log"))
         self.active = (self.segments[-1] + 1) if self.segments else 0
-        self._fh = None
+        self._fh: BinaryIO | None = None
         self._active_size = 0
 
     def _seq(self, path: Path) -> int:

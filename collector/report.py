@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TextIO
 
 from otel_dl import semconv
 
@@ -194,16 +195,16 @@ th{{background:#eee}}</style></head><body>
 """
 
 
-def report(store: Path, since: str, html_path: Path | None, out: object = sys.stdout) -> int:
+def report(store: Path, since: str, html_path: Path | None, out: TextIO = sys.stdout) -> int:
     """Print the root-cause table; write the HTML report when ``html_path`` is given."""
     start = parse_since(since)
     faults = query_faults(store, since=start, limit=100_000)
     rows = summarise(faults)
-    print(format_table(rows), file=out)  # type: ignore[arg-type]
+    print(format_table(rows), file=out)
     if html_path is not None:
         page = render_html(rows, faults, query_edges(store), query_signals(store, start), since)
         html_path.write_text(page, encoding="utf-8")
-        print(f"wrote {html_path}", file=out)  # type: ignore[arg-type]
+        print(f"wrote {html_path}", file=out)
     return 0
 
 

@@ -19,6 +19,7 @@ Tables:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 import threading
@@ -190,7 +191,11 @@ def query_faults(
         ).fetchall()
     finally:
         conn.close()
-    return [FaultRow(*r[:13], tuple(json.loads(r[13]))) for r in rows]
+    names = [f.name for f in dataclasses.fields(FaultRow)]
+    return [
+        FaultRow(**{**dict(zip(names, r, strict=True)), "candidates": tuple(json.loads(r[13]))})
+        for r in rows
+    ]
 
 
 def query_signals(path: Path, since: float = 0.0) -> list[tuple[float, str, str, float]]:
