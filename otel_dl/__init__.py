@@ -26,6 +26,7 @@ from otel_dl._watch import watch
 from otel_dl.calibration import CalibrationTracker
 from otel_dl.monitor import FeatureMonitor
 from otel_dl.reference import Reference, ReferenceFileError
+from otel_dl.sampling import SignalAwareSpanProcessor
 
 __all__ = [
     "CalibrationTracker",
@@ -37,6 +38,7 @@ __all__ = [
     "Instrumentation",
     "Reference",
     "ReferenceFileError",
+    "SignalAwareSpanProcessor",
     "StageSpan",
     "__version__",
     "attributes",

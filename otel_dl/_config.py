@@ -79,11 +79,14 @@ class Config:
     drift_warn: float | None = None
     drift_alert: float | None = None
     drift_window_rows: int = 10_000
+    drift_min_rows: int = 500
     drift_max_rows: int = 1024
     drift_every: int = 1
     baseline_rows: int = 1000
     confidence_threshold: float = 0.5
     metrics_max_features: int = 32
+    sample_every: int = 1
+    sample_latency: float | None = None
     trace_training: bool = False
     code_version: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
@@ -168,6 +171,13 @@ OPTIONS: tuple[Option, ...] = (
         _positive,
     ),
     Option(
+        "drift_min_rows",
+        "OTEL_DL_DRIFT_MIN_ROWS",
+        int,
+        "rows the drift window must hold before drift is reported",
+        _positive,
+    ),
+    Option(
         "drift_max_rows",
         "OTEL_DL_DRIFT_MAX_ROWS",
         int,
@@ -194,6 +204,20 @@ OPTIONS: tuple[Option, ...] = (
         "OTEL_DL_METRICS_MAX_FEATURES",
         int,
         "per-feature metric attributes only up to this many features",
+    ),
+    Option(
+        "sample_every",
+        "OTEL_DL_SAMPLE_EVERY",
+        int,
+        "keep every abnormal otel-dl span and 1 in N of the normal ones (1: keep all)",
+        _positive,
+    ),
+    Option(
+        "sample_latency",
+        "OTEL_DL_SAMPLE_LATENCY",
+        _parse_optional_float,
+        "seconds above which an otel-dl span counts as abnormal for sampling",
+        _positive,
     ),
     Option(
         "trace_training",

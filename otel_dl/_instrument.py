@@ -23,7 +23,7 @@ from opentelemetry.sdk.metrics.export import (
     PeriodicExportingMetricReader,
 )
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     ConsoleSpanExporter,
@@ -32,6 +32,7 @@ from opentelemetry.sdk.trace.export import (
 
 from otel_dl._config import Config, resolve_config, set_config
 from otel_dl._span import Hooks, RequestHook, ResponseHook
+from otel_dl.sampling import SignalAwareSpanProcessor
 
 logger = logging.getLogger("otel_dl")
 
@@ -220,7 +221,10 @@ def instrument(
             provider = TracerProvider(resource=_resource(config))
             exporter = _span_exporter(config)
             if exporter is not None:
-                provider.add_span_processor(BatchSpanProcessor(exporter))
+                processor: SpanProcessor = BatchSpanProcessor(exporter)
+                if config.sample_every > 1:
+                    processor = SignalAwareSpanProcessor(processor, config.sample_every)
+                provider.add_span_processor(processor)
             trace.set_tracer_provider(provider)
             handle.tracer_provider = provider
         if not _meter_provider_is_set():

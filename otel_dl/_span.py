@@ -31,6 +31,7 @@ from otel_dl._config import get_config
 from otel_dl._context import current_attributes
 from otel_dl._guard import instrumentation_enabled, report_internal_error
 from otel_dl._version import __version__
+from otel_dl.sampling import sampling_rate
 
 Attributes = dict[str, AttributeValue]
 
@@ -181,9 +182,16 @@ def finish_span(
     if attrs:
         span.set_attributes(attrs)
     if span.is_recording():
-        record_metrics(
-            {**_span_attributes(span), **attrs}, (end_ns - start_ns) / 1e9, feature_count
-        )
+        every = {**_span_attributes(span), **attrs}
+        duration_s = (end_ns - start_ns) / 1e9
+        record_metrics(every, duration_s, feature_count)
+        config = get_config()
+        if config.sample_every > 1:
+            status = getattr(span, "status", None)
+            error = status is not None and status.status_code is StatusCode.ERROR
+            span.set_attribute(
+                semconv.DL_SAMPLING_RATE, sampling_rate(every, error, duration_s, config)
+            )
     span.end(end_time=end_ns)
 
 

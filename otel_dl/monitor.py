@@ -9,9 +9,10 @@ It turns each batch into span attributes named by :mod:`otel_dl.semconv`::
 Every batch gets ``dl.batch.size``, ``dl.quality.nan_fraction`` and the data and schema
 fingerprints. With a reference it also gets ``dl.quality.out_of_range_fraction``,
 ``dl.quality.schema_mismatch`` and, every ``drift_every``-th batch, the drift of the
-last ``drift_window_rows`` rows (``dl.drift.score``/``method``/``feature``/``status``).
+last ``drift_window_rows`` rows (``dl.drift.score``/``method``/``feature``/``status``),
+once that window holds at least ``drift_min_rows`` rows.
 Without a reference the monitor keeps the first ``baseline_rows`` rows, fits one from
-them (auto-baseline) and reports drift from the next batch on.
+them (auto-baseline) and reports drift once ``drift_min_rows`` more rows are in.
 
 Batches larger than ``drift_max_rows`` feed drift with a deterministic subsample (evenly
 spaced rows). Nothing here raises on data: whatever cannot be computed is left out.
@@ -181,6 +182,10 @@ class FeatureMonitor:
             else:
                 share = _share(counted.outside, counted.finite_known)
                 _set(out, semconv.DL_QUALITY_OUT_OF_RANGE_FRACTION, share)
+        # A window of a few dozen rows scores high on noise alone (psi's expected value
+        # grows like bins/rows): report drift only once the window is large enough.
+        if tracker.rows < self.config.drift_min_rows:
+            return
         if result.score is not None and result.feature is not None and result.status:
             out[semconv.DL_DRIFT_SCORE] = result.score
             out[semconv.DL_DRIFT_METHOD] = result.method

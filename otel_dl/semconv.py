@@ -211,6 +211,14 @@ DL_PREDICTION_COUNT: Final = _attr(
     "dl.prediction.count", "int", "{prediction}", "predictions in the call"
 )
 
+# --- Sampling ---------------------------------------------------------------------------
+DL_SAMPLING_RATE: Final = _attr(
+    "dl.sampling.rate",
+    "int",
+    "1",
+    "spans this kept span stands for under signal-aware sampling: 1 if abnormal, else N",
+)
+
 # --- Fault attribution, written by the otel-dl collector ----------------------------------
 DL_FAULT_ROOT_CAUSE: Final = _attr(
     "dl.fault.root_cause", "boolean", "", "true on the span that caused the trace's fault"

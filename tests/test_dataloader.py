@@ -116,8 +116,9 @@ def test_batches_carry_drift_quality_and_fingerprints(spans: SpanList) -> None:
     assert h.config.baseline_rows == 1000
     list(loader)
     got = spans.get(semconv.SPAN_DATALOADER_BATCH)
-    assert not any(semconv.DL_DRIFT_SCORE in s.attributes for s in got[:3])
-    first, before, last = got[0], got[4], got[-1]
+    # baseline: batches 0-3; the drift window reaches drift_min_rows (500) at batch 5
+    assert not any(semconv.DL_DRIFT_SCORE in s.attributes for s in got[:5])
+    first, before, last = got[0], got[5], got[-1]
     assert first.attributes[semconv.DL_QUALITY_NAN_FRACTION] == pytest.approx(1 / 1000)
     assert before.attributes[semconv.DL_DRIFT_STATUS] == "ok"
     assert last.attributes[semconv.DL_DRIFT_STATUS] == "alert"

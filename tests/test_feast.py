@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterator
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -20,7 +21,7 @@ from feast.value_type import ValueType
 from opentelemetry.trace import StatusCode
 
 import otel_dl
-from otel_dl import semconv
+from otel_dl import _config, semconv
 from otel_dl.instrumentors import feast as feast_instrumentor
 from tests.support import SpanList
 
@@ -141,8 +142,10 @@ def test_freshness_grows_and_crosses_the_threshold_when_materialisation_stops(
 
 
 def test_feature_service_and_drift_against_a_watched_reference(
-    materialised: FeatureStore, spans: SpanList
+    materialised: FeatureStore, spans: SpanList, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # One read of 100 entities is the whole drift window here.
+    monkeypatch.setattr(_config, "_active", replace(_config.get_config(), drift_min_rows=100))
     baseline = {
         "conv_rate": np.random.default_rng(1).random(1000) + 5.0,  # far from the served data
         "trips": np.random.default_rng(2).integers(0, 50, 1000).astype("float64"),

@@ -22,7 +22,8 @@ DRIFT_KEYS = {
 
 
 def test_auto_baseline_then_drift():
-    monitor = FeatureMonitor(config=resolve_config({"baseline_rows": 100}))
+    config = resolve_config({"baseline_rows": 100, "drift_min_rows": 1})
+    monitor = FeatureMonitor(config=config)
     rng = np.random.default_rng(0)
     first = monitor.observe(rng.standard_normal((60, 3)))
     assert not DRIFT_KEYS & first.keys() and monitor.reference is None
@@ -38,11 +39,21 @@ def test_auto_baseline_then_drift():
 def test_drift_every_and_row_cap():
     rng = np.random.default_rng(1)
     ref = Reference.fit(rng.standard_normal((500, 2)))
-    config = resolve_config({"drift_every": 2, "drift_max_rows": 10, "drift_window_rows": 50})
+    config = resolve_config(
+        {"drift_every": 2, "drift_max_rows": 10, "drift_window_rows": 50, "drift_min_rows": 1}
+    )
     monitor = FeatureMonitor(ref, config=config)
     assert not DRIFT_KEYS & monitor.observe(rng.standard_normal((40, 2))).keys()
     assert monitor.observe(rng.standard_normal((40, 2))).keys() >= DRIFT_KEYS
     assert monitor._tracker.rows == 10
+
+
+def test_no_drift_until_the_window_holds_drift_min_rows():
+    rng = np.random.default_rng(4)
+    ref = Reference.fit(rng.standard_normal((2000, 2)))
+    monitor = FeatureMonitor(ref, config=resolve_config({"drift_min_rows": 300}))
+    assert not DRIFT_KEYS & monitor.observe(rng.standard_normal((200, 2))).keys()
+    assert monitor.observe(rng.standard_normal((200, 2))).keys() >= DRIFT_KEYS
 
 
 def test_quality_attributes():

@@ -67,7 +67,7 @@ def test_object_columns(values):
 
 def test_huge_values_and_unseen_categories():
     ref = Reference.fit({"x": np.array([1e308, -1e308, 0.0]), "c": np.array(["a", "b", "a"])})
-    monitor = FeatureMonitor(ref)
+    monitor = FeatureMonitor(ref, config=resolve_config({"drift_min_rows": 1}))
     attributes = monitor.observe({"x": np.array([np.inf, 1e308, 5.0]), "c": np.array(["z"] * 3)})
     assert attributes["dl.quality.nan_fraction"] == 1 / 6
     assert attributes["dl.drift.feature"] == "c"
