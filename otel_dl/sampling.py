@@ -8,6 +8,9 @@ decides there:
   value, more than 5% of values outside the reference range, a schema mismatch, stale
   features, mean confidence under ``confidence_threshold``, an error status, or a
   duration above ``sample_latency`` (when set);
+- also kept: the first span of a model whose fingerprint changed, and a span far slower
+  or with far staler features than its name usually has (judged across spans by the
+  processor, against a baseline learned from normal spans);
 - **normal** otel-dl spans are kept 1 in ``sample_every``, chosen by span id, so the
   choice is uniform and needs no shared state;
 - every kept otel-dl span carries ``dl.sampling.rate``: 1 for an abnormal span, N for a
@@ -41,12 +44,17 @@ from opentelemetry.util.types import AttributeValue
 
 from otel_dl import semconv
 from otel_dl._config import Config, get_config
+from otel_dl.drift import DEFAULT_THRESHOLDS, drift_status
 
 # A few values past the reference's min/max are normal for any sample (about 2/n of
 # them for a reference of n rows); the collector's catalog flags data quality at 5%.
 OUT_OF_RANGE_ABNORMAL = 0.05
 _REMOTE_KINDS = (SpanKind.CLIENT, SpanKind.SERVER, SpanKind.PRODUCER, SpanKind.CONSUMER)
 _MAX_MARKED_PARENTS = 100_000
+_MAX_BASELINES = 10_000
+BASELINE_WARMUP = 30
+OUTLIER_SIGMAS = 4.0
+OUTLIER_RATIO = 1.5
 
 
 def is_abnormal(
@@ -59,10 +67,16 @@ def is_abnormal(
     config = config or get_config()
     if error:
         return True
-    if attrs.get(semconv.DL_DRIFT_STATUS) in (
-        semconv.DRIFT_STATUS_WARN,
-        semconv.DRIFT_STATUS_ALERT,
-    ):
+    status = attrs.get(semconv.DL_DRIFT_STATUS)
+    score = attrs.get(semconv.DL_DRIFT_SCORE)
+    if status is None and isinstance(score, float):
+        # A span made by other code may carry a score alone: judge it by the defaults.
+        method = attrs.get(semconv.DL_DRIFT_METHOD)
+        known = isinstance(method, str) and method in DEFAULT_THRESHOLDS
+        status = drift_status(
+            score, method if known else config.drift_method, config.drift_warn, config.drift_alert
+        )
+    if status in (semconv.DRIFT_STATUS_WARN, semconv.DRIFT_STATUS_ALERT):
         return True
     nan_share = attrs.get(semconv.DL_QUALITY_NAN_FRACTION)
     if isinstance(nan_share, float) and nan_share > 0.0:
@@ -87,10 +101,38 @@ def sampling_rate(
     return 1 if is_abnormal(attrs, error, duration_s, config) else config.sample_every
 
 
+class _Baseline:
+    """Running mean and variance of one span name's value (Welford), from normal spans only."""
+
+    __slots__ = ("m2", "mean", "n")
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.mean = 0.0
+        self.m2 = 0.0
+
+    def is_outlier(self, value: float) -> bool:
+        if self.n < BASELINE_WARMUP:
+            return False
+        std = (self.m2 / (self.n - 1)) ** 0.5
+        return value > self.mean + OUTLIER_SIGMAS * std and value > OUTLIER_RATIO * self.mean
+
+    def learn(self, value: float) -> None:
+        self.n += 1
+        delta = value - self.mean
+        self.mean += delta / self.n
+        self.m2 += delta * (value - self.mean)
+
+
 class SignalAwareSpanProcessor(SpanProcessor):
     """Forwards every span to ``inner`` except the normal otel-dl spans not sampled.
 
-    See the module docstring for the rules.
+    Besides the span's own signals (``dl.sampling.rate``, set when the span ended), it
+    keeps anomalies only visible across spans: a model whose fingerprint differs from the
+    previous span of the same ``dl.model.name``, and a duration or a
+    ``dl.feature.freshness`` far above what that span name usually has (more than 4
+    standard deviations and 1.5 times the mean of its normal spans, after 30 of them).
+    See the module docstring.
     """
 
     def __init__(self, inner: SpanProcessor, sample_every: int) -> None:
@@ -100,6 +142,8 @@ class SignalAwareSpanProcessor(SpanProcessor):
         self.sample_every = sample_every
         self._lock = threading.Lock()
         self._kept_children: OrderedDict[int, None] = OrderedDict()
+        self._fingerprints: dict[AttributeValue, AttributeValue] = {}
+        self._baselines: dict[tuple[str, str], _Baseline] = {}
         self.kept = 0
         self.dropped = 0
 
@@ -119,23 +163,58 @@ class SignalAwareSpanProcessor(SpanProcessor):
     def _keep(self, span: ReadableSpan) -> bool:
         attrs = span.attributes or {}
         context = span.get_span_context()
+        if semconv.DL_STAGE not in attrs:
+            return True
+        error = span.status.status_code is StatusCode.ERROR
+        duration_s = ((span.end_time or 0) - (span.start_time or 0)) / 1e9
+        rate = attrs.get(semconv.DL_SAMPLING_RATE)
+        if rate is None:  # a dl.* span made by other code: judge its signals here
+            rate = 1 if is_abnormal(attrs, error, duration_s) else self.sample_every
         with self._lock:
             has_kept_child = context.span_id in self._kept_children
             if has_kept_child:
                 del self._kept_children[context.span_id]
-        rate = attrs.get(semconv.DL_SAMPLING_RATE)
+            changed = self._model_changed(attrs)
+            learn = rate != 1 and not changed
+            slow = self._outlier((span.name, "duration"), duration_s, learn)
+            freshness = attrs.get(semconv.DL_FEATURE_FRESHNESS)
+            stale = isinstance(freshness, float) and self._outlier(
+                (span.name, "freshness"), freshness, learn
+            )
         if (
-            semconv.DL_STAGE not in attrs
-            or rate == 1
+            rate == 1
+            or changed
+            or slow
+            or stale
             or has_kept_child
             or span.kind in _REMOTE_KINDS
-            or span.status.status_code is StatusCode.ERROR
+            or error
             or context.span_id % self.sample_every == 0
         ):
             self.kept += 1
             return True
         self.dropped += 1
         return False
+
+    def _model_changed(self, attrs: Mapping[str, AttributeValue]) -> bool:
+        name = attrs.get(semconv.DL_MODEL_NAME)
+        fingerprint = attrs.get(semconv.DL_MODEL_FINGERPRINT)
+        if name is None or fingerprint is None:
+            return False
+        previous = self._fingerprints.get(name)
+        self._fingerprints[name] = fingerprint
+        return previous is not None and previous != fingerprint
+
+    def _outlier(self, key: tuple[str, str], value: float, learn: bool) -> bool:
+        stats = self._baselines.get(key)
+        if stats is None:
+            if len(self._baselines) >= _MAX_BASELINES:
+                return False
+            stats = self._baselines[key] = _Baseline()
+        outlier = stats.is_outlier(value)
+        if learn and not outlier:
+            stats.learn(value)
+        return outlier
 
     def shutdown(self) -> None:
         self.inner.shutdown()
