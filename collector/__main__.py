@@ -44,6 +44,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", help="SQLite file for attributed faults, or none (./otel-dl.sqlite)")
     p.add_argument("--catalog", help="YAML file with extra or overriding failure modes")
     p.add_argument("--api-port", dest="api_port", help="fault API and metrics port (8889)")
+    p.add_argument(
+        "--max-request-bytes",
+        dest="max_request_bytes",
+        help="largest OTLP request accepted, after decompression (67108864)",
+    )
+    # No flag for auth_token: a command line is visible to every user in the process list.
+    p.add_argument("--tls-cert", dest="tls_cert", help="PEM server certificate: serve TLS")
+    p.add_argument("--tls-key", dest="tls_key", help="PEM private key of --tls-cert")
+    p.add_argument(
+        "--tls-client-ca",
+        dest="tls_client_ca",
+        help="PEM CA bundle: require client certificates it signed (mTLS)",
+    )
     p.add_argument("--log-level", default="INFO", help="logging level (INFO)")
     return p
 
@@ -64,6 +77,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "store",
             "catalog",
             "api_port",
+            "max_request_bytes",
+            "tls_cert",
+            "tls_key",
+            "tls_client_ca",
         )
     }
     try:
@@ -77,11 +94,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"otel-dl-collector: {exc}", file=sys.stderr)
         return 2
     logging.getLogger("otel_dl.collector").info(
-        "listening on %s: OTLP/gRPC %d, OTLP/HTTP %d, API %d; exporting to %s",
+        "listening on %s: OTLP/gRPC %d, OTLP/HTTP %d, API %d (%s, %s); exporting to %s",
         config.host,
         collector.grpc_port,
         collector.http_port,
         collector.api_port,
+        "mTLS" if config.tls_client_ca else "TLS" if config.tls_cert else "plain text",
+        "bearer token required" if config.auth_token else "no auth",
         config.export_endpoint or "the store only",
     )
     done = threading.Event()

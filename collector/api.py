@@ -8,6 +8,10 @@ Served on ``--api-port`` by :func:`api_routes`:
   ``since`` and ``until`` (unix seconds, or ``since=15m`` / ``2h`` / ``1d`` back from
   now), ``limit`` (default 100, at most 10000), ``service`` and ``kind`` filters.
 - ``GET /metrics``: the Prometheus text exposition of :class:`~.metrics.CollectorMetrics`.
+
+With ``auth_token`` set, both need ``Authorization: Bearer <token>`` (401 otherwise).
+Faults carry names and aggregates only (services, spans, modes, scores), never
+attribute values a sender put on its spans.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from .metrics import CollectorMetrics
+from .security import UNAUTHENTICATED_MESSAGE, BearerAuth
 from .store import query_faults
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -34,8 +39,27 @@ def parse_since(text: str, now: float | None = None) -> float:
     return float(text)
 
 
-def api_routes(app: web.Application, store: Path | None, metrics: CollectorMetrics) -> None:
+def api_routes(
+    app: web.Application,
+    store: Path | None,
+    metrics: CollectorMetrics,
+    auth: BearerAuth | None = None,
+) -> None:
     """Add ``/api/faults`` and ``/metrics`` to an aiohttp application."""
+    if auth is not None and auth.enabled:
+        checker = auth
+
+        @web.middleware
+        async def require_token(request: web.Request, handler):  # type: ignore[no-untyped-def]
+            if not checker.allows(request.headers.get("Authorization")):
+                return web.json_response(
+                    {"error": UNAUTHENTICATED_MESSAGE},
+                    status=401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+            return await handler(request)
+
+        app.middlewares.append(require_token)
 
     async def faults(request: web.Request) -> web.Response:
         if store is None:

@@ -30,9 +30,22 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationSc
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
+from otel_dl import semconv
+
 _SERVICE_NAME = "service.name"
 _UNKNOWN_SERVICE = "unknown_service"
 _STATUS_ERROR = Status.STATUS_CODE_ERROR
+_ZERO_TRACE_ID = bytes(16)
+_ZERO_SPAN_ID = bytes(8)
+# Python types of the AnyValue each semantic-convention type may arrive as.
+_SEMCONV_TYPES: dict[str, tuple[type, ...]] = {
+    "string": (str,),
+    "int": (int,),
+    "double": (float, int),
+    "boolean": (bool,),
+    "string[]": (tuple,),
+}
+_SCALARS = (str, bool, int, float)
 
 
 class PayloadError(ValueError):
@@ -67,6 +80,7 @@ class SpanRecord:
         "exception",
         "journal_segment",
         "kind",
+        "mistyped",
         "name",
         "parent_id",
         "resource",
@@ -91,9 +105,16 @@ class SpanRecord:
         self.end: int = span.end_time_unix_nano
         self.status_error: bool = span.status.code == _STATUS_ERROR
         self.exception: bool = any(e.name == "exception" for e in span.events)
-        self.attrs: dict[str, Any] = {
-            kv.key: any_value(kv.value) for kv in span.attributes if kv.key in wanted
-        }
+        self.attrs: dict[str, Any] = {}
+        # Attribute names a sender typed wrongly: ignored for attribution, not refused.
+        self.mistyped: list[str] = []
+        for kv in span.attributes:
+            if kv.key in wanted:
+                value = any_value(kv.value)
+                if _usable(kv.key, value):
+                    self.attrs[kv.key] = value
+                else:
+                    self.mistyped.append(kv.key)
         self.journal_segment: int = -1
 
     @property
@@ -104,6 +125,33 @@ class SpanRecord:
     def duration(self) -> float:
         """Duration in seconds (0 when the end precedes the start)."""
         return max(0, self.end - self.start) / 1e9
+
+
+def _usable(key: str, value: Any) -> bool:
+    """Whether ``value`` has the contract's type for ``key`` (or, off the contract, is a
+    scalar or a flat array), so catalog operators can compare and hash it."""
+    spec = semconv.ATTRIBUTES.get(key)
+    if spec is not None:
+        types = _SEMCONV_TYPES.get(spec.type, _SCALARS)
+        if isinstance(value, bool) and bool not in types:
+            return False
+        if not isinstance(value, types):
+            return False
+        return not isinstance(value, tuple) or all(isinstance(v, str) for v in value)
+    if isinstance(value, tuple):
+        return all(isinstance(v, _SCALARS) for v in value)
+    return isinstance(value, _SCALARS)
+
+
+def _id_problem(span: Span) -> str | None:
+    if len(span.trace_id) != 16 or span.trace_id == _ZERO_TRACE_ID:
+        return "trace_id must be 16 bytes, not all zero"
+    if len(span.span_id) != 8 or span.span_id == _ZERO_SPAN_ID:
+        return "span_id must be 8 bytes, not all zero"
+    parent = span.parent_span_id
+    if parent and (len(parent) != 8 or parent == _ZERO_SPAN_ID):
+        return "parent_span_id must be empty or 8 bytes, not all zero"
+    return None
 
 
 def any_value(value: AnyValue) -> Any:
@@ -123,11 +171,16 @@ def flatten(
 ) -> tuple[list[SpanRecord], int, str]:
     """Turn a request into records; return ``(records, rejected, error_message)``.
 
-    Spans with a trace id other than 16 bytes or a span id other than 8 bytes are
-    rejected (OTLP partial success) rather than failing the whole request.
+    Spans with an invalid id (a trace id other than 16 bytes, a span id other than 8,
+    a parent id neither empty nor 8 bytes, or any all-zero id) are rejected (OTLP
+    partial success) rather than failing the whole request. Spans whose known ``dl.*``
+    attributes have the wrong value type are kept and forwarded unchanged, but those
+    attributes are ignored for attribution; the message then carries a warning (OTLP
+    partial success with 0 rejected spans). Messages name fields, never values.
     """
     records: list[SpanRecord] = []
-    rejected = 0
+    problems: dict[str, int] = {}
+    mistyped: set[str] = set()
     for rs in request.resource_spans:
         service = _UNKNOWN_SERVICE
         for kv in rs.resource.attributes:
@@ -140,16 +193,22 @@ def flatten(
             skey = ss.scope.SerializeToString(deterministic=True) + ss.schema_url.encode()
             sref = ScopeRef(ss.scope, ss.schema_url, skey)
             for span in ss.spans:
-                if len(span.trace_id) != 16 or len(span.span_id) != 8:
-                    rejected += 1
+                problem = _id_problem(span)
+                if problem is not None:
+                    problems[problem] = problems.get(problem, 0) + 1
                     continue
-                records.append(SpanRecord(span, rref, sref, wanted))
-    message = (
-        f"{rejected} span(s) rejected: trace_id must be 16 bytes and span_id 8 bytes"
-        if rejected
-        else ""
-    )
-    return records, rejected, message
+                rec = SpanRecord(span, rref, sref, wanted)
+                if rec.mistyped:
+                    mistyped.update(rec.mistyped)
+                records.append(rec)
+    rejected = sum(problems.values())
+    parts = [f"{n} span(s) rejected: {problem}" for problem, n in problems.items()]
+    if mistyped:
+        parts.append(
+            "attributes with the wrong value type, ignored for fault attribution (see "
+            f"docs/semantic-conventions.md): {', '.join(sorted(mistyped))}"
+        )
+    return records, rejected, "; ".join(parts)
 
 
 @dataclass

@@ -267,7 +267,14 @@ class Attributor:
         stack: list[tuple[SpanRecord, bool]] = [
             (s, False) for s in sorted(roots, key=lambda r: r.start, reverse=True)
         ]
-        while stack:
+        while True:
+            if not stack:
+                # Spans on a parent cycle are reachable from no root; walk them from
+                # their earliest span so they are still evaluated.
+                rest = [s for s in spans if s.span_id not in seen]
+                if not rest:
+                    break
+                stack.append((min(rest, key=lambda r: r.start), False))
             span, expanded = stack.pop()
             if expanded:
                 order.append(span)

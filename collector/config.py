@@ -50,6 +50,10 @@ class CollectorConfig:
     queue_max_bytes: int = 256 * 1024 * 1024
     min_baseline_samples: int = 30
     max_request_bytes: int = 64 * 1024 * 1024
+    auth_token: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
 
 
 def _int(value: Any) -> int:
@@ -126,6 +130,26 @@ def _endpoint(value: str | None) -> str | None:
     return None
 
 
+def _token(value: str | None) -> str | None:
+    if value is None:
+        return None
+    # The token travels in an HTTP header and gRPC metadata: printable ASCII, no spaces.
+    if not all("!" <= ch <= "~" for ch in value):
+        return "must be printable ASCII without spaces"
+    return None
+
+
+def _readable_file(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        with open(value, "rb"):
+            pass
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror}); give the path of an existing PEM file"
+    return None
+
+
 @dataclass(frozen=True)
 class Option:
     """One configuration key: how to parse it and what makes it valid."""
@@ -134,6 +158,8 @@ class Option:
     parse: Callable[[Any], Any]
     check: Callable[[Any], str | None]
     help: str
+    # A secret's value never appears in error messages (they reach logs and terminals).
+    secret: bool = False
 
     @property
     def env(self) -> str:
@@ -170,19 +196,35 @@ OPTIONS: tuple[Option, ...] = (
     Option("queue_max_bytes", _int, _positive, "disk bytes before senders get back-pressure"),
     Option("min_baseline_samples", _int, _positive, "samples before a learned baseline is used"),
     Option("max_request_bytes", _int, _positive, "largest accepted OTLP request, bytes"),
+    Option(
+        "auth_token",
+        _optional_str,
+        _token,
+        "bearer token senders and API clients must present; unset disables auth",
+        secret=True,
+    ),
+    Option("tls_cert", _optional_str, _readable_file, "PEM server certificate (chain) for TLS"),
+    Option("tls_key", _optional_str, _readable_file, "PEM private key of --tls-cert"),
+    Option(
+        "tls_client_ca",
+        _optional_str,
+        _readable_file,
+        "PEM CA bundle; when set, clients must present a certificate it signed (mTLS)",
+    ),
 )
 _BY_KEY = {o.key: o for o in OPTIONS}
 assert set(_BY_KEY) == {f.name for f in fields(CollectorConfig)}
 
 
 def _apply(option: Option, raw: Any, source: str) -> Any:
+    shown = "the value" if option.secret else repr(raw)
     try:
         value = option.parse(raw)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{source}: invalid value {raw!r} ({exc}); {option.help}") from exc
+        raise ConfigError(f"{source}: invalid {shown} ({exc}); {option.help}") from exc
     problem = option.check(value)
     if problem:
-        raise ConfigError(f"{source}: {raw!r} {problem}; {option.help}")
+        raise ConfigError(f"{source}: {shown} {problem}; {option.help}")
     return value
 
 
@@ -230,4 +272,10 @@ def load_config(
             f"catalog {config.catalog!r} is not a file; pass an existing YAML catalog "
             "with --catalog or leave it unset to use the shipped one"
         )
+    if (config.tls_cert is None) != (config.tls_key is None):
+        raise ConfigError(
+            "tls_cert and tls_key go together: set both to serve TLS, or neither for plain text"
+        )
+    if config.tls_client_ca is not None and config.tls_cert is None:
+        raise ConfigError("tls_client_ca (mTLS) needs TLS: set tls_cert and tls_key as well")
     return config

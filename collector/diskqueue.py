@@ -92,7 +92,7 @@ class _SegmentLog:
         self.dir = directory
         self.prefix = prefix
         self.budget = budget
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.lock = threading.Lock()
         self.segments = sorted(self._seq(p) for p in self.dir.glob(f"{prefix}-*.log"))
         self.active = (self.segments[-1] + 1) if self.segments else 0
@@ -122,7 +122,9 @@ class _SegmentLog:
         if self._fh is not None:
             self._fh.close()
             self.active += 1
-        self._fh = self.path(self.active).open("ab")
+        # Segments hold whole requests, attribute values included: owner only.
+        fd = os.open(self.path(self.active), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._fh = os.fdopen(fd, "ab")
         self._active_size = 0
         self.segments.append(self.active)
         _fsync_dir(self.dir)

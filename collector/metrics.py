@@ -56,6 +56,11 @@ class CollectorMetrics:
             "Traces decided early because the buffer was full",
             registry=r,
         )
+        self.decision_errors = Counter(
+            "otel_dl_collector_decision_errors",
+            "Traces (or decision rounds) that attribution failed on; forwarded unattributed",
+            registry=r,
+        )
         self.faults = Counter(
             "otel_dl_collector_faults", "Traces attributed a fault", ["kind"], registry=r
         )

@@ -37,6 +37,7 @@ from .enrich import enrich, enrich_late
 from .export import Exporter, queue_item
 from .metrics import CollectorMetrics
 from .receive import add_grpc_receiver, http_routes
+from .security import BearerAuth, grpc_credentials, server_ssl_context
 from .store import FaultStore
 
 _log = logging.getLogger(__name__)
@@ -83,6 +84,10 @@ class Collector:
         self._loop_thread: threading.Thread | None = None
         self._runners: list[web.AppRunner] = []
         self.grpc_port = self.http_port = self.api_port = 0
+        self._auth = BearerAuth(config.auth_token)
+        # Built here so a bad certificate stops the collector before anything starts.
+        self._ssl = server_ssl_context(config)
+        self._grpc_credentials = grpc_credentials(config)
 
     # --- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -112,10 +117,16 @@ class Collector:
     def _start_grpc(self) -> None:
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="otel-dl-grpc"),
+            interceptors=self._auth.grpc_interceptors(),
+            # grpc answers a larger message (after decompression) with RESOURCE_EXHAUSTED.
             options=[("grpc.max_receive_message_length", self.config.max_request_bytes)],
         )
         add_grpc_receiver(server, self.ingest)
-        self.grpc_port = server.add_insecure_port(f"{self.config.host}:{self.config.grpc_port}")
+        address = f"{self.config.host}:{self.config.grpc_port}"
+        if self._grpc_credentials is not None:
+            self.grpc_port = server.add_secure_port(address, self._grpc_credentials)
+        else:
+            self.grpc_port = server.add_insecure_port(address)
         if self.grpc_port == 0:
             raise OSError(
                 f"cannot listen for OTLP/gRPC on {self.config.host}:{self.config.grpc_port}; "
@@ -131,14 +142,19 @@ class Collector:
 
         async def setup() -> None:
             otlp = web.Application(client_max_size=self.config.max_request_bytes)
-            http_routes(otlp, self.ingest)
+            http_routes(otlp, self.ingest, self.config.max_request_bytes, self._auth)
             api = web.Application()
-            api_routes(api, Path(self.config.store) if self.config.store else None, self.metrics)
+            api_routes(
+                api,
+                Path(self.config.store) if self.config.store else None,
+                self.metrics,
+                self._auth,
+            )
             ports = []
             for app, port in ((otlp, self.config.http_port), (api, self.config.api_port)):
                 runner = web.AppRunner(app, access_log=None)
                 await runner.setup()
-                site = web.TCPSite(runner, self.config.host, port)
+                site = web.TCPSite(runner, self.config.host, port, ssl_context=self._ssl)
                 await site.start()
                 self._runners.append(runner)
                 ports.append(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
@@ -225,10 +241,20 @@ class Collector:
     # --- decision loop --------------------------------------------------------------------
     def _decide_loop(self) -> None:
         while not self._stop.wait(_TICK_SECONDS):
-            self.decide_now()
+            self._decide_guarded(final=False)
         with self._lock:
             self._evicted.extend(self.buffer.pop_all())
-        self.decide_now(final=True)
+        self._decide_guarded(final=True)
+
+    def _decide_guarded(self, final: bool) -> None:
+        # The one decision thread must outlive any bug a strange trace may hit: a dead
+        # decider would stop every forward. Spans of a failed round stay in the journal
+        # and are replayed at the next start.
+        try:
+            self.decide_now(final)
+        except Exception:
+            self.metrics.decision_errors.inc()
+            _log.exception("decision round failed; the decision thread goes on")
 
     def decide_now(self, final: bool = False) -> int:
         """Decide every complete trace; return how many were decided."""
@@ -248,8 +274,18 @@ class Collector:
         stored: list[tuple[Decision, list[SpanRecord]]] = []
         for trace in traces:
             started = time.perf_counter()
-            decision = self.attributor.decide(trace.trace_id, trace.spans)
-            enrich(decision)
+            try:
+                decision = self.attributor.decide(trace.trace_id, trace.spans)
+                enrich(decision)
+            except Exception as exc:
+                # Forward the trace unattributed rather than lose it; log no values.
+                self.metrics.decision_errors.inc()
+                _log.error(
+                    "could not attribute trace %s (%s); forwarding it unattributed",
+                    trace.trace_id.hex(),
+                    type(exc).__name__,
+                )
+                decision = Decision(trace.trace_id, fault=False)
             self.metrics.attribution_seconds.observe(time.perf_counter() - started)
             if decision.fault and decision.root is not None and decision.mode is not None:
                 self.decisions.put(

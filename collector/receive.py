@@ -9,7 +9,13 @@ Both receivers decode a request and hand it to a *sink*, a callable
   were refused;
 - a payload that cannot be decoded: gRPC ``INVALID_ARGUMENT`` / HTTP 400, not retryable;
 - back-pressure when the disk queue is full: gRPC ``RESOURCE_EXHAUSTED`` with a
-  ``RetryInfo`` detail, HTTP 429 with ``Retry-After``; the sender retries later.
+  ``RetryInfo`` detail, HTTP 429 with ``Retry-After``; the sender retries later;
+- a request over ``max_request_bytes`` (after decompression): HTTP 413, gRPC
+  ``RESOURCE_EXHAUSTED`` without ``RetryInfo`` (so the sender does not retry it);
+- a missing or wrong bearer token (when ``auth_token`` is set): HTTP 401, gRPC
+  ``UNAUTHENTICATED``, before the body is decoded.
+
+Payload values never reach the logs: error messages go back to the sender only.
 
 Use :func:`add_grpc_receiver` on a ``grpc.server`` and :func:`http_routes` on an aiohttp
 application.
@@ -20,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -29,7 +34,6 @@ from aiohttp import web
 from google.protobuf import json_format
 from google.protobuf.duration_pb2 import Duration
 from google.rpc import code_pb2, error_details_pb2, status_pb2
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -37,31 +41,44 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 
 from .assemble import PayloadError
 from .diskqueue import QueueFull
+from .security import UNAUTHENTICATED_MESSAGE, BearerAuth
 
 Sink = Callable[[ExportTraceServiceRequest, bytes | None], tuple[int, str]]
-_log = logging.getLogger(__name__)
 RETRY_AFTER_SECONDS = 1
+# Protobuf refuses messages nested deeper than 100; JSON gets the same bound.
+MAX_JSON_DEPTH = 100
 _PROTOBUF = "application/x-protobuf"
 _JSON = "application/json"
 _ID_FIELDS = ("traceId", "spanId", "parentSpanId")
+_SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
 
 
-def _hex_ids_to_base64(node: Any) -> None:
-    """OTLP/JSON writes ids as hex; protobuf's JSON mapping expects base64 for bytes."""
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key in _ID_FIELDS and isinstance(value, str) and value:
-                try:
-                    node[key] = base64.b64encode(bytes.fromhex(value)).decode()
-                except ValueError as exc:
-                    raise PayloadError(
-                        f"field {key} = {value!r} is not hex; OTLP/JSON ids are hex strings"
-                    ) from exc
-            else:
-                _hex_ids_to_base64(value)
-    elif isinstance(node, list):
-        for item in node:
-            _hex_ids_to_base64(item)
+def _hex_ids_to_base64(data: Any) -> None:
+    """OTLP/JSON writes ids as hex; protobuf's JSON mapping expects base64 for bytes.
+
+    Walks iteratively and bounds the depth, so a deeply nested body is refused
+    instead of exhausting the stack.
+    """
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise PayloadError(
+                f"JSON nested deeper than {MAX_JSON_DEPTH} levels; OTLP requests are shallow"
+            )
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in _ID_FIELDS and isinstance(value, str) and value:
+                    try:
+                        node[key] = base64.b64encode(bytes.fromhex(value)).decode()
+                    except ValueError as exc:
+                        raise PayloadError(
+                            f"field {key} is not hex; OTLP/JSON ids are hex strings"
+                        ) from exc
+                elif isinstance(value, (dict, list)):
+                    stack.append((value, depth + 1))
+        elif isinstance(node, list):
+            stack.extend((item, depth + 1) for item in node if isinstance(item, (dict, list)))
 
 
 def decode_json(body: bytes) -> ExportTraceServiceRequest:
@@ -70,15 +87,30 @@ def decode_json(body: bytes) -> ExportTraceServiceRequest:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise PayloadError(f"body is not JSON ({exc}); send OTLP/JSON or protobuf") from exc
+    except RecursionError as exc:
+        raise PayloadError(
+            f"JSON nested deeper than {MAX_JSON_DEPTH} levels; OTLP requests are shallow"
+        ) from exc
     if not isinstance(data, dict):
         raise PayloadError("OTLP/JSON body must be an object with 'resourceSpans'")
     _hex_ids_to_base64(data)
     request = ExportTraceServiceRequest()
     try:
         json_format.ParseDict(data, request, ignore_unknown_fields=True)
-    except json_format.ParseError as exc:
-        raise PayloadError(f"not an OTLP/JSON trace request: {exc}") from exc
+    except (json_format.ParseError, RecursionError, ValueError, TypeError) as exc:
+        # The parser's message can quote the offending value; name the field path only.
+        raise PayloadError(
+            f"not an OTLP/JSON trace request ({type(exc).__name__}: {_field_path(exc)}); "
+            "see the OTLP/JSON encoding of ExportTraceServiceRequest"
+        ) from exc
     return request
+
+
+def _field_path(exc: Exception) -> str:
+    text = str(exc)
+    # json_format names the path first ("Failed to parse x field: ..."), values later.
+    head = text.split(":", 1)[0]
+    return head if len(head) < 200 else "invalid field"
 
 
 def decode_protobuf(body: bytes) -> ExportTraceServiceRequest:
@@ -91,6 +123,14 @@ def decode_protobuf(body: bytes) -> ExportTraceServiceRequest:
         ) from exc
 
 
+_RPC_CODES = {
+    400: code_pb2.INVALID_ARGUMENT,
+    401: code_pb2.UNAUTHENTICATED,
+    413: code_pb2.INVALID_ARGUMENT,
+    415: code_pb2.INVALID_ARGUMENT,
+}
+
+
 def _retry_info_trailer() -> tuple[tuple[str, bytes], ...]:
     info = error_details_pb2.RetryInfo(retry_delay=Duration(seconds=RETRY_AFTER_SECONDS))
     status = status_pb2.Status(
@@ -100,40 +140,55 @@ def _retry_info_trailer() -> tuple[tuple[str, bytes], ...]:
     return (("grpc-status-details-bin", status.SerializeToString()),)
 
 
-class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
-    def __init__(self, sink: Sink) -> None:
-        self._sink = sink
+def _response(rejected: int, message: str) -> ExportTraceServiceResponse:
+    response = ExportTraceServiceResponse()
+    # rejected 0 with a message is the specification's way to send a warning.
+    if rejected or message:
+        response.partial_success.rejected_spans = rejected
+        response.partial_success.error_message = message
+    return response
 
-    def Export(
-        self, request: ExportTraceServiceRequest, context: grpc.ServicerContext
-    ) -> ExportTraceServiceResponse:
+
+def add_grpc_receiver(server: grpc.Server, sink: Sink) -> None:
+    """Register the OTLP ``TraceService/Export`` method on ``server``.
+
+    The request arrives as raw bytes and is decoded here, so undecodable protobuf gets
+    ``INVALID_ARGUMENT`` with the cause rather than grpc's generic ``INTERNAL``, and a
+    valid request is journaled as received, without a second serialization.
+    """
+
+    def export(body: bytes, context: grpc.ServicerContext) -> ExportTraceServiceResponse:
         try:
-            rejected, message = self._sink(request, None)
+            rejected, message = sink(decode_protobuf(body), body)
         except QueueFull as exc:
             context.set_trailing_metadata(_retry_info_trailer())
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; retry later")
         except PayloadError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        response = ExportTraceServiceResponse()
-        if rejected:
-            response.partial_success.rejected_spans = rejected
-            response.partial_success.error_message = message
-        return response
+        return _response(rejected, message)
+
+    handler = grpc.unary_unary_rpc_method_handler(
+        export, response_serializer=ExportTraceServiceResponse.SerializeToString
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(_SERVICE, {"Export": handler}),)
+    )
 
 
-def add_grpc_receiver(server: grpc.Server, sink: Sink) -> None:
-    """Register the OTLP ``TraceService`` on ``server``."""
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_TraceService(sink), server)
-
-
-def _check_encoding(encoding: str) -> None:
+def _supported_encoding(encoding: str) -> bool:
     # aiohttp has already inflated gzip and deflate bodies when the handler reads them.
-    if encoding.strip().lower() not in ("", "identity", "gzip", "deflate"):
-        raise PayloadError(f"Content-Encoding {encoding!r} is not supported; use gzip or none")
+    return encoding.strip().lower() in ("", "identity", "gzip", "deflate")
 
 
-def http_routes(app: web.Application, sink: Sink) -> None:
-    """Add ``POST /v1/traces`` to an aiohttp application."""
+def http_routes(
+    app: web.Application, sink: Sink, max_bytes: int, auth: BearerAuth | None = None
+) -> None:
+    """Add ``POST /v1/traces`` to an aiohttp application.
+
+    ``max_bytes`` bounds the body after decompression; give the application the same
+    ``client_max_size`` so aiohttp stops reading at that size.
+    """
+    auth = auth or BearerAuth(None)
 
     def respond(
         as_json: bool, response: ExportTraceServiceResponse, status: int = 200
@@ -148,10 +203,7 @@ def http_routes(app: web.Application, sink: Sink) -> None:
     def error(
         as_json: bool, status: int, message: str, headers: dict[str, str] | None = None
     ) -> web.Response:
-        st = status_pb2.Status(
-            code=code_pb2.INVALID_ARGUMENT if status == 400 else code_pb2.UNAVAILABLE,
-            message=message,
-        )
+        st = status_pb2.Status(code=_RPC_CODES.get(status, code_pb2.UNAVAILABLE), message=message)
         if as_json:
             return web.Response(
                 status=status,
@@ -163,39 +215,47 @@ def http_routes(app: web.Application, sink: Sink) -> None:
             status=status, body=st.SerializeToString(), content_type=_PROTOBUF, headers=headers
         )
 
-    def handle_sync(body: bytes, encoding: str, as_json: bool) -> tuple[int, str]:
-        _check_encoding(encoding)
-        raw = body
+    def handle_sync(body: bytes, as_json: bool) -> tuple[int, str]:
         if as_json:
-            return sink(decode_json(raw), None)
-        return sink(decode_protobuf(raw), raw)
+            return sink(decode_json(body), None)
+        return sink(decode_protobuf(body), body)
+
+    too_large = (
+        f"request body over max_request_bytes ({max_bytes} bytes, after decompression); "
+        "send smaller batches or raise max_request_bytes"
+    )
 
     async def traces(request: web.Request) -> web.Response:
         ctype = request.content_type
+        as_json = ctype == _JSON
+        if not auth.allows(request.headers.get("Authorization")):
+            return error(as_json, 401, UNAUTHENTICATED_MESSAGE, {"WWW-Authenticate": "Bearer"})
         if ctype not in (_PROTOBUF, _JSON):
             return web.Response(
                 status=415,
                 text=f"Content-Type {ctype!r} is not supported; use {_PROTOBUF} or {_JSON}",
             )
-        as_json = ctype == _JSON
-        body = await request.read()
         encoding = request.headers.get("Content-Encoding", "")
+        if not _supported_encoding(encoding):
+            return error(
+                as_json, 415, f"Content-Encoding {encoding!r} is not supported; use gzip or none"
+            )
+        if request.content_length is not None and request.content_length > max_bytes:
+            return error(as_json, 413, too_large)
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return error(as_json, 413, too_large)
         loop = asyncio.get_running_loop()
         try:
             # Decoding and the fsync'd journal write block; keep them off the event loop.
-            rejected, message = await loop.run_in_executor(
-                None, handle_sync, body, encoding, as_json
-            )
+            rejected, message = await loop.run_in_executor(None, handle_sync, body, as_json)
         except QueueFull as exc:
             return error(
                 as_json, 429, f"{exc}; retry later", {"Retry-After": str(RETRY_AFTER_SECONDS)}
             )
         except PayloadError as exc:
             return error(as_json, 400, str(exc))
-        response = ExportTraceServiceResponse()
-        if rejected:
-            response.partial_success.rejected_spans = rejected
-            response.partial_success.error_message = message
-        return respond(as_json, response)
+        return respond(as_json, _response(rejected, message))
 
     app.router.add_post("/v1/traces", traces)

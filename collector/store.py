@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Iterable, Sequence
@@ -98,11 +99,25 @@ def _connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+def _create_private(path: Path) -> None:
+    """Create ``path`` readable by its owner only (SQLite gives its -wal and -shm files
+    the same mode), and tighten a store left by an older version."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
 class FaultStore:
-    """Writer side of the store, used by the collector's decision loop."""
+    """Writer side of the store, used by the collector's decision loop.
+
+    The file is created with mode 0600: it names services, spans and owners.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        _create_private(path)
         self._conn = _connect(path)
         self._lock = threading.Lock()
         self._last_sample: dict[tuple[str, str], int] = {}
