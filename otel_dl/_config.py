@@ -81,6 +81,7 @@ class Config:
     drift_window_rows: int = 10_000
     drift_min_rows: int = 500
     drift_max_rows: int = 1024
+    drift_max_features: int = 256
     drift_every: int = 1
     baseline_rows: int = 1000
     confidence_threshold: float = 0.5
@@ -182,6 +183,13 @@ OPTIONS: tuple[Option, ...] = (
         "OTEL_DL_DRIFT_MAX_ROWS",
         int,
         "rows per batch used for drift (deterministic subsample above it)",
+        _positive,
+    ),
+    Option(
+        "drift_max_features",
+        "OTEL_DL_DRIFT_MAX_FEATURES",
+        int,
+        "numeric features per batch used for drift (evenly spaced subset above it)",
         _positive,
     ),
     Option("drift_every", "OTEL_DL_DRIFT_EVERY", int, "compute drift every k-th batch", _positive),

@@ -15,7 +15,10 @@ Without a reference the monitor keeps the first ``baseline_rows`` rows, fits one
 them (auto-baseline) and reports drift once ``drift_min_rows`` more rows are in.
 
 Batches larger than ``drift_max_rows`` feed drift with a deterministic subsample (evenly
-spaced rows). Nothing here raises on data: whatever cannot be computed is left out.
+spaced rows), and batches with more than ``drift_max_features`` numeric features (an
+image flattens to thousands) profile and score an evenly spaced subset of them; quality
+and fingerprints still cover every value. Nothing here raises on data: whatever cannot be
+computed is left out.
 """
 
 from __future__ import annotations
@@ -58,6 +61,24 @@ def _subsample(table: Table, limit: int) -> Table:
         table.numeric[rows],
         table.numeric_names,
         {k: v[rows] for k, v in table.categorical.items()},
+        table.schema,
+    )
+
+
+def _narrow(table: Table, limit: int) -> Table:
+    """At most ``limit`` numeric features, evenly spaced: an image batch has thousands of
+    pixel features, and drift on every one costs far more than it tells."""
+    count = len(table.numeric_names)
+    if count <= limit:
+        return table
+    columns = (np.arange(limit) * count) // limit
+    keep = {table.numeric_names[i] for i in columns}
+    return Table(
+        table.rows,
+        tuple(n for n in table.names if n in keep or n in table.categorical),
+        table.numeric[:, columns],
+        tuple(table.numeric_names[i] for i in columns),
+        table.categorical,
         table.schema,
     )
 
@@ -143,15 +164,20 @@ class FeatureMonitor:
             reference = self._reference
             self._batches += 1
             drift_now = self._batches % self.config.drift_every == 0
-        table = reference.read(batch) if reference is not None else to_table(batch)
-        out[semconv.DL_BATCH_SIZE] = table.rows
-        self._feature_count = len(table.names)
-        out[semconv.DL_DATA_SCHEMA_FINGERPRINT] = table.schema_fingerprint
-        fingerprint = data_fingerprint(table)
+        full = reference.read(batch) if reference is not None else to_table(batch)
+        out[semconv.DL_BATCH_SIZE] = full.rows
+        self._feature_count = len(full.names)
+        out[semconv.DL_DATA_SCHEMA_FINGERPRINT] = full.schema_fingerprint
+        fingerprint = data_fingerprint(full)
         if fingerprint is not None:
             out[semconv.DL_DATA_FINGERPRINT] = fingerprint
+        table = _narrow(full, self.config.drift_max_features)
+        if table is not full:
+            # Quality counts every value; only the reference and drift use the subset.
+            _set(out, semconv.DL_QUALITY_NAN_FRACTION, nan_fraction(full))
         if reference is None:
-            _set(out, semconv.DL_QUALITY_NAN_FRACTION, nan_fraction(table))
+            if table is full:
+                _set(out, semconv.DL_QUALITY_NAN_FRACTION, nan_fraction(table))
             if table.rows:
                 with self._lock:
                     if self._reference is None:
@@ -162,14 +188,14 @@ class FeatureMonitor:
         )
         tracker = self._tracker
         if not drift_now or tracker is None or table.rows == 0:
-            self._quality(reference, table, out)
+            self._quality(reference, table, out, nan=table is full)
             return
         limit = self.config.drift_max_rows
         result, counted = tracker._update(_subsample(table, limit))
         # A batch fed to drift whole has had every value binned against thresholds that
         # include the reference range: its quality counts come from those bins for free.
-        if counted is None or table.rows > limit:
-            self._quality(reference, table, out)
+        if counted is None or table.rows > limit or table is not full:
+            self._quality(reference, table, out, nan=table is full)
         else:
             missing = counted.nonfinite + _missing_categories(table)
             _set(out, semconv.DL_QUALITY_NAN_FRACTION, _share(missing, _values(table)))
@@ -193,8 +219,11 @@ class FeatureMonitor:
             out[semconv.DL_DRIFT_STATUS] = result.status
 
     @staticmethod
-    def _quality(reference: Reference, table: Table, out: dict[str, AttributeValue]) -> None:
-        _set(out, semconv.DL_QUALITY_NAN_FRACTION, nan_fraction(table))
+    def _quality(
+        reference: Reference, table: Table, out: dict[str, AttributeValue], nan: bool = True
+    ) -> None:
+        if nan:
+            _set(out, semconv.DL_QUALITY_NAN_FRACTION, nan_fraction(table))
         outside = out_of_range_fraction(reference, table)
         _set(out, semconv.DL_QUALITY_OUT_OF_RANGE_FRACTION, outside)
 

@@ -107,3 +107,21 @@ def test_code_version(monkeypatch):
     monkeypatch.setenv("OTEL_DL_CODE_VERSION", "v1.2")
     assert code_version() == "v1.2"
     assert code_version("explicit") == "explicit"
+
+
+def test_wide_batches_drift_on_an_evenly_spaced_feature_subset():
+    rng = np.random.default_rng(5)
+    config = resolve_config({"baseline_rows": 200, "drift_min_rows": 50, "drift_max_features": 8})
+    monitor = FeatureMonitor(config=config)
+    for _ in range(4):
+        monitor.observe(rng.standard_normal((50, 2, 10)))  # 20 features, flattened
+    assert monitor.reference is not None
+    assert list(monitor.reference.numeric_names) == [str((k * 20) // 8) for k in range(8)]
+    batch = rng.standard_normal((50, 2, 10))
+    batch[:, 0, 5] += 4.0  # feature "5" is in the subset ((2 * 20) // 8 == 5)
+    batch[0, 1, 9] = np.nan  # feature "19" is not: quality still counts it
+    attributes = monitor.observe(batch)
+    assert attributes[semconv.DL_QUALITY_NAN_FRACTION] == 1 / 1000
+    assert attributes[semconv.DL_DRIFT_FEATURE] == "5"
+    assert attributes[semconv.DL_DRIFT_STATUS] == "alert"
+    assert monitor.feature_count == 20
