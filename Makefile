@@ -16,12 +16,16 @@ $(PY):
 
 venv: $(PY)
 
+# `make demo FAULT=<name>` picks the injected fault; see examples/pipeline/common.py.
+FAULT ?= upstream_drift
+
 demo: venv
-	$(UV) pip install --python $(PY) --quiet -e '.[torch]'
-	$(PY) examples/quickstart.py
+	$(UV) pip install --python $(PY) --quiet -e '.[torch,feast,http,collector]' fastapi uvicorn
+	$(PY) examples/pipeline/run.py --fault $(FAULT)
 
 test: venv
 	$(UV) pip install --python $(PY) --quiet -e '.[test]'
+	$(PY) -m tests.e2e.jaeger
 	$(BIN)/ruff check .
 	$(PY) -m pytest
 
