@@ -24,11 +24,7 @@ from opentelemetry.sdk.metrics.export import (
 )
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import (
-    BatchSpanProcessor,
-    ConsoleSpanExporter,
-    SpanExporter,
-)
+from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SpanExporter
 
 from otel_dl._config import Config, resolve_config, set_config
 from otel_dl._span import Hooks, RequestHook, ResponseHook
@@ -65,19 +61,24 @@ def _span_exporter(config: Config) -> SpanExporter | None:
     if config.traces_exporter == "console":
         return ConsoleSpanExporter()
     kwargs: dict[str, Any] = {}
+    fast = config.exporter_encoder == "fast"
     if config.protocol == "http/protobuf":
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
+        from otel_dl.export import FastOTLPHTTPSpanExporter
+
         if config.endpoint:
             kwargs["endpoint"] = config.endpoint.rstrip("/") + "/v1/traces"
-        return OTLPSpanExporter(**kwargs)
+        return FastOTLPHTTPSpanExporter(**kwargs) if fast else OTLPSpanExporter(**kwargs)
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
         OTLPSpanExporter as GrpcSpanExporter,
     )
 
+    from otel_dl.export import FastOTLPSpanExporter
+
     if config.endpoint:
         kwargs["endpoint"] = config.endpoint
-    return GrpcSpanExporter(**kwargs)
+    return FastOTLPSpanExporter(**kwargs) if fast else GrpcSpanExporter(**kwargs)
 
 
 def _metric_reader(config: Config) -> MetricReader | None:
@@ -221,7 +222,9 @@ def instrument(
             provider = TracerProvider(resource=_resource(config))
             exporter = _span_exporter(config)
             if exporter is not None:
-                processor: SpanProcessor = BatchSpanProcessor(exporter)
+                from otel_dl.export import DropCountingSpanProcessor
+
+                processor: SpanProcessor = DropCountingSpanProcessor(exporter)
                 if config.sample_every > 1:
                     processor = SignalAwareSpanProcessor(processor, config.sample_every)
                 provider.add_span_processor(processor)

@@ -377,3 +377,9 @@ METRIC_INTERNAL_ERRORS: Final = _metric(
     "{error}",
     "exceptions raised inside otel-dl instrumentation and swallowed by its guard",
 )
+METRIC_EXPORT_DROPPED_SPANS: Final = _metric(
+    "otel_dl.export.dropped_spans",
+    "counter",
+    "{span}",
+    "finished spans dropped because the span export queue was full",
+)
