@@ -20,8 +20,9 @@ tensor argument against the model's reference (or a learned baseline), the confi
 the output when it is a 2-D floating tensor of class scores, and ``dl.prediction.count``.
 
 It works under ``torch.no_grad`` and ``torch.inference_mode``, and with
-``torch.compile(model)``: the hooks of the compiled module's original run outside the
-compiled region, so they add no graph break.
+``torch.compile(model)`` and ``model.compile()``: when a traced model is compiled, its
+hooks are re-registered wrapped in ``torch.compiler.disable``, so they run eagerly,
+outside the compiled region, and add no graph break.
 
 CUDA: when the output is on a GPU, the span ends when the GPU has finished the call (the
 hook synchronises on a CUDA event recorded after the forward), so its duration is the
@@ -92,6 +93,7 @@ class _Traced:
     post: Any
     path: str | None = None
     fingerprint: str | None = None
+    compiled: bool = False  # hooks kept out of dynamo (the model was compiled)
 
 
 def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -123,6 +125,9 @@ class TorchModelInstrumentor(DlInstrumentor):
     # Class-level: BaseInstrumentor is a singleton whose __init__ runs on every call.
     _traced: ClassVar[weakref.WeakKeyDictionary[Any, _Traced]] = weakref.WeakKeyDictionary()
     _lock = threading.Lock()
+    _enabled = False
+    _dynamo_hook_registered = False
+    _dynamo_patched = False
 
     def instrumentation_dependencies(self) -> Collection[str]:
         return ("torch >= 2.1",)
@@ -130,6 +135,7 @@ class TorchModelInstrumentor(DlInstrumentor):
     # -- patching -----------------------------------------------------------------------
     def _instrument(self, **kwargs: Any) -> None:
         self._hooks = self.hooks_from(kwargs)
+        type(self)._enabled = True
         wrapt.wrap_function_wrapper("torch.nn.modules.module", "Module.train", self._wrap_train)
         wrapt.wrap_function_wrapper(
             "torch.nn.modules.module", "Module.load_state_dict", self._wrap_load_state_dict
@@ -143,6 +149,14 @@ class TorchModelInstrumentor(DlInstrumentor):
             "torch.jit._script", "RecursiveScriptModule.__call__", self._wrap_script_call
         )
         wrapt.wrap_function_wrapper("torch.jit", "script", self._wrap_jit_script)
+        if not type(self)._dynamo_hook_registered:
+            # torch._dynamo takes seconds to import: patch it only once the app imports it
+            # (torch.compile does). wrapt's import hooks cannot be removed, so once only.
+            type(self)._dynamo_hook_registered = True
+            wrapt.register_post_import_hook(self._on_dynamo_import, "torch._dynamo.eval_frame")
+        wrapt.wrap_function_wrapper(
+            "torch.nn.modules.module", "Module.compile", self._wrap_module_compile
+        )
         add_watch_listener(self._on_watch)
 
     def _uninstrument(self, **kwargs: Any) -> None:
@@ -150,6 +164,7 @@ class TorchModelInstrumentor(DlInstrumentor):
         import torch.jit._script
         import torch.nn.modules.module as module
 
+        type(self)._enabled = False
         remove_watch_listener(self._on_watch)
         unwrap(module.Module, "train")
         unwrap(module.Module, "load_state_dict")
@@ -158,6 +173,11 @@ class TorchModelInstrumentor(DlInstrumentor):
         unwrap(torch.jit, "load")
         unwrap(torch.jit._script.RecursiveScriptModule, "__call__")
         unwrap(torch.jit, "script")
+        eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+        if eval_frame is not None and type(self)._dynamo_patched:
+            unwrap(eval_frame.OptimizedModule, "__init__")
+            type(self)._dynamo_patched = False
+        unwrap(module.Module, "compile")
         with self._lock:
             traced = list(self._traced.items())
             self._traced.clear()
@@ -190,11 +210,48 @@ class TorchModelInstrumentor(DlInstrumentor):
                 entry.path, entry.fingerprint = path, fingerprint
 
     def _add_hooks(self, model: Any, entry: _Traced) -> None:
+        pre, post = self._pre_hook, self._post_hook
+        if entry.compiled:
+            import torch
 
-        entry.pre = model.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
-        entry.post = model.register_forward_hook(
-            self._post_hook, with_kwargs=True, always_call=True
+            # Run eagerly, never captured by dynamo as frames of their own. Only for
+            # compiled models: the disable wrapper costs more than the hook itself.
+            pre, post = torch.compiler.disable(pre), torch.compiler.disable(post)
+        entry.pre = model.register_forward_pre_hook(pre, with_kwargs=True)
+        entry.post = model.register_forward_hook(post, with_kwargs=True, always_call=True)
+
+    def _on_compile(self, model: Any) -> None:
+        with self._lock:
+            entry = self._traced.get(model)
+            if entry is None or entry.pre is None or entry.compiled:
+                return
+            entry.pre.remove()
+            entry.post.remove()
+            entry.compiled = True
+            self._add_hooks(model, entry)
+
+    def _on_dynamo_import(self, eval_frame: Any) -> None:
+        if not type(self)._enabled or type(self)._dynamo_patched:
+            return
+        wrapt.wrap_function_wrapper(
+            eval_frame, "OptimizedModule.__init__", self._wrap_optimized_init
         )
+        type(self)._dynamo_patched = True
+
+    def _wrap_optimized_init(self, wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        result = wrapped(*args, **kwargs)
+        try:
+            self._on_compile(instance._orig_mod)
+        except Exception:
+            report_internal_error("torch.compile")
+        return result
+
+    def _wrap_module_compile(self, wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        try:
+            self._on_compile(instance)
+        except Exception:
+            report_internal_error("torch.compile")
+        return wrapped(*args, **kwargs)
 
     def _wrap_jit_script(self, wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
         """Script the model without otel-dl's hooks, which TorchScript cannot compile."""

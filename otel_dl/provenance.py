@@ -28,7 +28,7 @@ import pickle
 import subprocess
 import threading
 import weakref
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any
 
 import numpy as np
@@ -135,6 +135,10 @@ def _compute_model_fingerprint(model: Any) -> str | None:
         return None
 
 
+def _forget(key: int, _ref: object) -> None:
+    _model_cache.pop(key, None)
+
+
 def model_fingerprint(model: Any, *, refresh: bool = False) -> str | None:
     """Fingerprint of a model object, path or bytes, computed once per object.
 
@@ -151,7 +155,7 @@ def model_fingerprint(model: Any, *, refresh: bool = False) -> str | None:
     try:
         # The entry goes when the model does, so a new object reusing the id is not served
         # the old fingerprint.
-        ref = weakref.ref(model, lambda _ref, key=key: _model_cache.pop(key, None))
+        ref = weakref.ref(model, partial(_forget, key))
     except TypeError:
         return value
     with _lock:

@@ -39,7 +39,10 @@ def nan_fraction(data: Any) -> float | None:
 
 def _missing_categories(table: Table) -> int:
     """Missing values (``None``) over the categorical columns of ``table``."""
-    return sum(int(np.count_nonzero(np.equal(v, None))) for v in table.categorical.values())
+    missing = 0
+    for values in table.categorical.values():
+        missing += int(np.count_nonzero(np.equal(values, None)))  # type: ignore[call-overload]
+    return missing
 
 
 def out_of_range_fraction(reference: Reference, data: Any) -> float | None:

@@ -200,7 +200,8 @@ def to_table(data: Any) -> Table:
         return Table(
             rows.shape[0], names, numeric, names, {}, ("array", _dtype_name(array.dtype), trailing)
         )
-    columns = [(names[j], rows[:, j], str(array.dtype), ()) for j in range(rows.shape[1])]
+    no_shape: tuple[int, ...] = ()
+    columns = [(names[j], rows[:, j], str(array.dtype), no_shape) for j in range(rows.shape[1])]
     return _table_from_columns(columns, ("array", str(array.dtype), trailing))
 
 

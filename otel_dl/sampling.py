@@ -72,10 +72,9 @@ def is_abnormal(
     if status is None and isinstance(score, float):
         # A span made by other code may carry a score alone: judge it by the defaults.
         method = attrs.get(semconv.DL_DRIFT_METHOD)
-        known = isinstance(method, str) and method in DEFAULT_THRESHOLDS
-        status = drift_status(
-            score, method if known else config.drift_method, config.drift_warn, config.drift_alert
-        )
+        if not isinstance(method, str) or method not in DEFAULT_THRESHOLDS:
+            method = config.drift_method
+        status = drift_status(score, method, config.drift_warn, config.drift_alert)
     if status in (semconv.DRIFT_STATUS_WARN, semconv.DRIFT_STATUS_ALERT):
         return True
     nan_share = attrs.get(semconv.DL_QUALITY_NAN_FRACTION)
@@ -163,7 +162,7 @@ class SignalAwareSpanProcessor(SpanProcessor):
     def _keep(self, span: ReadableSpan) -> bool:
         attrs = span.attributes or {}
         context = span.get_span_context()
-        if semconv.DL_STAGE not in attrs:
+        if semconv.DL_STAGE not in attrs or context is None:
             return True
         error = span.status.status_code is StatusCode.ERROR
         duration_s = ((span.end_time or 0) - (span.start_time or 0)) / 1e9

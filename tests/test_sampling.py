@@ -60,7 +60,7 @@ def test_abnormal_spans_all_kept_normal_ones_one_in_n_and_parents_intact() -> No
         rate = attrs[span.span_id][semconv.DL_SAMPLING_RATE].int_value
         assert rate == (1 if 100 <= index[span.span_id] < 110 else 10)
     normal_kept = len(batches) - len(nan_batches)
-    assert 3 <= normal_kept <= 25, f"about 1 in 10 of 190 normal batches, got {normal_kept}"
+    assert 5 <= normal_kept <= 40, f"about 1 in 10 of 190 normal batches, got {normal_kept}"
     (epoch,) = [s for s in spans if s.name == "epoch"]
     kept_ids = {s.span_id for s in spans}
     assert all(s.parent_span_id in kept_ids for s in batches)
