@@ -148,8 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="otel-dl-demo-"))
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    # SIGTERM ends the runner like Ctrl-C does, through the finally below.
+    # SIGTERM ends the runner like Ctrl-C does, through the finally below; SIGINT is set
+    # explicitly because a shell starting the runner in the background ignores it.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     ports = {name: free_port() for name in ("grpc", "http", "api", INFERENCE, FEATURES, EXTERNAL)}
     api = f"http://127.0.0.1:{ports['api']}"
@@ -254,4 +256,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted; every demo process was stopped", file=sys.stderr)
+        sys.exit(130)

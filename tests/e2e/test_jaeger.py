@@ -86,7 +86,7 @@ def demo(jaeger: Jaeger, tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
         [
             *(sys.executable, str(RUNNER), "--fault", FAULT, "--work-dir", str(work)),
             *("--export-endpoint", jaeger.otlp_grpc, "--summary", str(summary)),
-            *("--normal-batches", "40", "--fault-batches", "8"),
+            *("--normal-batches", "40", "--fault-batches", "12"),
         ],
         env=_env(),
         capture_output=True,
