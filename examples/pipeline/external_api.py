@@ -13,20 +13,18 @@ from __future__ import annotations
 import argparse
 import time
 
-import fastapi
 import numpy as np
 import uvicorn
 from common import EXTERNAL, merchant_risk
+from fastapi import FastAPI, HTTPException
 
 import otel_dl
 
 SLOWDOWN_SECONDS = 0.4
 
 
-def build_app(latency: float, fault: str) -> fastapi.FastAPI:
-    # fastapi.FastAPI is looked up after otel_dl.instrument(), which swaps in the traced
-    # class; a name imported before it would build an untraced app.
-    app = fastapi.FastAPI(title=EXTERNAL)
+def build_app(latency: float, fault: str) -> FastAPI:
+    app = FastAPI(title=EXTERNAL)
     state = {"fault": fault}
 
     @app.post("/admin/fault")
@@ -39,7 +37,7 @@ def build_app(latency: float, fault: str) -> fastapi.FastAPI:
         delay = latency + (SLOWDOWN_SECONDS if state["fault"] == "external_slowdown" else 0.0)
         time.sleep(delay)
         if state["fault"] == "external_outage":
-            raise fastapi.HTTPException(503, "enrichment backend unavailable")
+            raise HTTPException(503, "enrichment backend unavailable")
         ids = np.asarray(body.get("customer_ids", []), dtype=np.int64)
         return {"merchant_risk": merchant_risk(ids).tolist()}
 

@@ -23,10 +23,10 @@ import argparse
 import datetime as dt
 from pathlib import Path
 
-import fastapi
 import pandas as pd
 import uvicorn
 from common import CUSTOMER_FEATURES, FEATURES, customer_features
+from fastapi import FastAPI
 from feast import Entity, FeatureStore, FeatureView, Field, FileSource
 from feast.types import Float32, Int64
 from feast.value_type import ValueType
@@ -87,10 +87,8 @@ def make_stale(store: FeatureStore) -> None:
     store.write_to_online_store(VIEW, stale)
 
 
-def build_app(store: FeatureStore, fault: str) -> fastapi.FastAPI:
-    # fastapi.FastAPI is looked up after otel_dl.instrument(), which swaps in the traced
-    # class; a name imported before it would build an untraced app.
-    app = fastapi.FastAPI(title=FEATURES)
+def build_app(store: FeatureStore, fault: str) -> FastAPI:
+    app = FastAPI(title=FEATURES)
     state = {"fault": ""}
     refs = [f"{VIEW}:{name}" for name in CUSTOMER_FEATURES]
 

