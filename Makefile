@@ -1,4 +1,4 @@
-# otel-dl: `make demo` runs the demo, `make test` runs the whole suite.
+# otel-dl: `make demo` runs the demo pipeline, `make test` runs the whole suite.
 # Both create .venv and install what they need; uv keeps its downloads (torch among
 # them) under ~/.cache/uv, so a second run installs in seconds.
 
@@ -12,9 +12,13 @@ PY := $(BIN)/python
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
+
+# uv installs the project (fast, cached); a venv made without pip gets it first.
+$(UV): | $(PY)
+	$(PY) -m ensurepip --upgrade >/dev/null 2>&1 || true
 	$(PY) -m pip install --quiet --disable-pip-version-check uv
 
-venv: $(PY)
+venv: $(UV)
 
 # `make demo FAULT=<name>` picks the injected fault; see examples/pipeline/common.py.
 FAULT ?= upstream_drift
