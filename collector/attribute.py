@@ -31,9 +31,10 @@ Algorithm (docs/collector.md has the long form):
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from ddsketch import DDSketch
 
@@ -54,9 +55,28 @@ _MAX_CANDIDATES = 5
 _MAX_VALUES_PER_KEY = 1024
 _REFRESH_SAMPLES = 32
 _SPAN_KIND_NAMES = {1: "internal", 2: "server", 3: "client", 4: "producer", 5: "consumer"}
+#: Attributes naming the remote peer of a client span, in the order they are trusted.
+#: Instrumentations differ: current semconv writes ``server.address`` (gRPC also
+#: ``rpc.service``), the requests/urllib instrumentations in their default (old) semconv
+#: mode write only ``http.url`` and sometimes ``net.peer.name`` or ``http.host``.
+PEER_NAME_ATTRIBUTES = (
+    "server.address",
+    "peer.service",
+    "net.peer.name",
+    "http.host",
+    "rpc.service",
+)
+#: URL attributes the peer host is parsed from when no name attribute is set.
+PEER_URL_ATTRIBUTES = ("url.full", "http.url")
 #: Span attributes read besides the catalog's own signals.
 CORE_ATTRIBUTES = frozenset(
-    {"error.type", "server.address", "peer.service", semconv.DL_MODEL_NAME, semconv.DL_STAGE}
+    {
+        "error.type",
+        *PEER_NAME_ATTRIBUTES,
+        *PEER_URL_ATTRIBUTES,
+        semconv.DL_MODEL_NAME,
+        semconv.DL_STAGE,
+    }
 )
 
 
@@ -96,6 +116,26 @@ def _strength_below(value: float, limit: float) -> float:
     if limit <= 0:
         return 0.8
     return min(1.0, 0.6 + 0.4 * (limit - value) / limit)
+
+
+def peer_host(attrs: Mapping[str, Any]) -> str | None:
+    """The remote peer a span names, or None: a peer name attribute, else a URL's host."""
+    for key in PEER_NAME_ATTRIBUTES:
+        value = attrs.get(key)
+        if isinstance(value, str) and value.strip():
+            return value
+    for key in PEER_URL_ATTRIBUTES:
+        value = attrs.get(key)
+        if not isinstance(value, str):
+            continue
+        try:
+            host = urlsplit(value.strip()).hostname
+        except ValueError:
+            # A malformed URL (an unclosed IPv6 bracket...) names no usable peer.
+            continue
+        if host:
+            return host
+    return None
 
 
 def _number(value: Any) -> float | None:
@@ -191,7 +231,7 @@ class Attributor:
         if signal == "span.kind":
             return _SPAN_KIND_NAMES.get(span.kind, "unspecified")
         if signal == "peer":
-            return "server.address" in span.attrs or "peer.service" in span.attrs
+            return peer_host(span.attrs) is not None
         return span.attrs.get(signal)
 
     def _fires(self, span: SpanRecord, cond: Condition) -> tuple[float, str] | None:

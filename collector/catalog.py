@@ -11,7 +11,8 @@ A mode matches a span when every ``where`` condition holds and at least one
 ``detect`` condition fires. Conditions read one *signal*: a span attribute name
 (``dl.drift.score``), or one of the span facts ``duration`` (seconds),
 ``status.error``, ``exception``, ``span.kind`` and ``peer`` (the span calls a named
-remote peer). Each condition has exactly one operator:
+remote peer: a peer name attribute or the host of its URL, see
+``attribute.peer_host``). Each condition has exactly one operator:
 
 - ``above`` / ``below``: a fixed threshold;
 - ``equals``: a string, number or boolean;

@@ -132,3 +132,41 @@ def test_latency_baseline_is_not_poisoned_by_slow_spans():
         decision = attributor.decide(records[0].trace_id, records)
         assert decision.fault and decision.root.name == "transform"
         assert decision.mode.kind == semconv.FAULT_KIND_LATENCY
+
+
+def test_requests_client_span_naming_its_peer_only_by_url_is_a_dependency_outage():
+    # opentelemetry-instrumentation-requests in its default semconv mode writes only
+    # http.url on the client span: no server.address, no peer.service.
+    for peer in (
+        {"http.url": "https://api.partner.example:8443/v1/score?q=1"},
+        {"url.full": "https://api.partner.example/v1/score"},
+        {"net.peer.name": "api.partner.example"},
+        {"http.host": "api.partner.example"},
+        {"rpc.service": "scoring.Scorer"},
+    ):
+        attributor = _attributor()
+        rows = _pipeline(infer={"error": True}, root={"error": True})
+        service, name, parent, start, end, _ = rows[5]
+        rows[5] = (service, name, parent, start, end, {**peer, "client": True, "error": True})
+        records = _trace(rows)
+        decision = attributor.decide(records[0].trace_id, records)
+        assert decision.mode.id == "external-dependency-error", peer
+        assert decision.root.service == "external-api"
+
+
+def test_a_url_without_a_host_names_no_peer():
+    attributor = _attributor()
+    rows = _pipeline()
+    for url in ("/v1/score", "http://[::1/broken"):
+        service, name, parent, start, end, _ = rows[5]
+        rows[5] = (
+            service,
+            name,
+            parent,
+            start,
+            end,
+            {"http.url": url, "client": True, "error": True},
+        )
+        records = _trace(rows)
+        decision = attributor.decide(records[0].trace_id, records)
+        assert decision.mode.id == "internal-error", url
