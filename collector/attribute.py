@@ -268,7 +268,7 @@ class Attributor:
         if p99 is None:
             return None
         limit = p99 * cond.value
-        if number > limit:
+        if number > limit and number - p99 > cond.min_excess:
             return (
                 _strength_above(number, limit),
                 f"{cond.signal}={number:.4g} > {cond.value}x learned p99 {p99:.4g}",

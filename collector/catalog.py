@@ -17,7 +17,9 @@ remote peer: a peer name attribute or the host of its URL, see
 - ``above`` / ``below``: a fixed threshold;
 - ``equals``: a string, number or boolean;
 - ``above_baseline``: the value exceeds ``factor`` times the learned p99 of that signal
-  for the same (service, span name);
+  for the same (service, span name), and the p99 by more than ``min_excess`` (an optional
+  key of the condition; 0.01 s for ``duration``, 0 otherwise), so scheduler jitter on a
+  sub-millisecond span is not a fault;
 - ``changed``: the value differs from every value established for the same key
   (``dl.model.name`` for model fingerprints, otherwise service and span name).
 
@@ -26,6 +28,7 @@ An invalid catalog raises :class:`CatalogError` naming the file, the mode and th
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +44,10 @@ SPAN_SIGNALS = frozenset({"duration", "status.error", "exception", "span.kind", 
 OPERATORS = ("above", "below", "equals", "above_baseline", "changed")
 SEVERITIES = ("low", "medium", "high", "critical")
 _SPAN_KINDS = ("internal", "server", "client", "producer", "consumer")
+#: Default ``min_excess`` of ``above_baseline`` conditions, by signal. A sub-millisecond
+#: span (an ASGI ``http send``) has a p99 so small that milliseconds of scheduler jitter
+#: are many times it; 10 ms is below any slowdown worth an alert.
+DEFAULT_MIN_EXCESS = {"duration": 0.01}
 
 
 class CatalogError(ValueError):
@@ -54,6 +61,8 @@ class Condition:
     signal: str
     op: str
     value: Any
+    #: For ``above_baseline``: how far past the learned p99 the value must also be.
+    min_excess: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -110,7 +119,7 @@ def _condition(path: Path, where: str, raw: Any) -> Condition:
     signal = raw["signal"]
     if signal not in SPAN_SIGNALS and not signal.strip():
         raise _fail(path, where, "'signal' must not be empty")
-    ops = [k for k in raw if k != "signal"]
+    ops = [k for k in raw if k not in ("signal", "min_excess")]
     if len(ops) != 1 or ops[0] not in OPERATORS:
         raise _fail(
             path,
@@ -125,6 +134,21 @@ def _condition(path: Path, where: str, raw: Any) -> Condition:
         raise _fail(path, f"{where} (signal {signal})", f"'{op}' must be a number, got {value!r}")
     if op == "above_baseline" and value <= 0:
         raise _fail(path, f"{where} (signal {signal})", "'above_baseline' must be > 0")
+    min_excess = raw.get("min_excess", DEFAULT_MIN_EXCESS.get(signal, 0.0))
+    if "min_excess" in raw and op != "above_baseline":
+        raise _fail(
+            path, f"{where} (signal {signal})", "'min_excess' goes only with 'above_baseline'"
+        )
+    if (
+        isinstance(min_excess, bool)
+        or not isinstance(min_excess, (int, float))
+        or not 0 <= min_excess < math.inf
+    ):
+        raise _fail(
+            path,
+            f"{where} (signal {signal})",
+            f"'min_excess' must be a number >= 0, got {min_excess!r}",
+        )
     if op == "changed" and value is not True:
         raise _fail(path, f"{where} (signal {signal})", "'changed' takes only the value true")
     if signal == "span.kind" and (op != "equals" or value not in _SPAN_KINDS):
@@ -133,7 +157,7 @@ def _condition(path: Path, where: str, raw: Any) -> Condition:
             f"{where} (signal span.kind)",
             f"use 'equals' with one of {', '.join(_SPAN_KINDS)}",
         )
-    return Condition(signal, op, value)
+    return Condition(signal, op, value, float(min_excess) if op == "above_baseline" else 0.0)
 
 
 def _conditions(path: Path, where: str, raw: Any, required: bool) -> tuple[Condition, ...]:

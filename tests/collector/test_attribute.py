@@ -170,3 +170,44 @@ def test_a_url_without_a_host_names_no_peer():
         records = _trace(rows)
         decision = attributor.decide(records[0].trace_id, records)
         assert decision.mode.id == "internal-error", url
+
+
+def _asgi_send_trace(send_seconds: float) -> list:
+    """A FastAPI-like request whose ASGI ``http send`` span is sub-millisecond."""
+    return _trace(
+        [
+            ("api", "POST /predict", None, 0.0, 0.05, {}),
+            ("api", "POST /predict http send", 0, 0.04, 0.04 + send_seconds, {}),
+        ]
+    )
+
+
+def _attributor_with(catalog) -> Attributor:
+    attributor = Attributor(catalog, min_baseline_samples=5)
+    _trace.attributor = attributor  # type: ignore[attr-defined]
+    for i in range(20):
+        records = _asgi_send_trace(0.0001 + i * 0.00001)
+        assert not attributor.decide(records[0].trace_id, records).fault
+    return attributor
+
+
+def test_jitter_on_a_sub_millisecond_span_is_not_a_latency_fault():
+    attributor = _attributor_with(load_catalog())
+    # 6 ms is 20x the learned p99 of ~0.3 ms, but only scheduler jitter.
+    records = _asgi_send_trace(0.006)
+    assert not attributor.decide(records[0].trace_id, records).fault
+    records = _asgi_send_trace(0.05)
+    decision = attributor.decide(records[0].trace_id, records)
+    assert decision.fault and decision.mode.id == "slow-operation"
+
+
+def test_min_excess_is_configurable_per_detect_rule(tmp_path):
+    extra = tmp_path / "modes.yaml"
+    extra.write_text(
+        "modes:\n  - id: slow-operation\n    kind: latency\n    origin: internal\n"
+        "    detect: [{signal: duration, above_baseline: 2.0, min_excess: 0.001}]\n"
+        "    severity: low\n    owner: o\n    mitigation: m\n    runbook: r\n"
+    )
+    attributor = _attributor_with(load_catalog(extra))
+    records = _asgi_send_trace(0.006)
+    assert attributor.decide(records[0].trace_id, records).mode.id == "slow-operation"

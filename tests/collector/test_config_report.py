@@ -105,3 +105,22 @@ def test_report_table_and_html(tmp_path, make_collector, wait_for):
     page = html_path.read_text()
     assert "data:image/png;base64" in page and "https://otel-dl.dev/runbooks/error" in page
     assert report_main(["report", "--store", str(tmp_path / "missing.sqlite")]) == 2
+
+
+@pytest.mark.parametrize(
+    ("condition", "needle"),
+    [
+        ("{signal: duration, above_baseline: 2.0, min_excess: -1}", "'min_excess' must be"),
+        ("{signal: duration, above_baseline: 2.0, min_excess: .nan}", "'min_excess' must be"),
+        ("{signal: duration, above: 2.0, min_excess: 0.1}", "only with 'above_baseline'"),
+    ],
+)
+def test_catalog_refuses_a_bad_min_excess(tmp_path, condition, needle):
+    extra = tmp_path / "modes.yaml"
+    extra.write_text(
+        f"modes:\n  - id: x\n    kind: latency\n    origin: internal\n"
+        f"    detect: [{condition}]\n"
+        "    severity: low\n    owner: o\n    mitigation: m\n    runbook: r\n"
+    )
+    with pytest.raises(CatalogError, match=needle):
+        load_catalog(extra)
