@@ -131,10 +131,11 @@ def test_watch_names_the_model_and_drift_uses_the_reference(
         team="risk",
     )
     session.run(None, {"x": train[:256]})
+    session.run(None, {"x": train[256:512]})  # the window now holds drift_min_rows (500)
     shifted = train[:256].copy()
     shifted[:, 2] += 5.0
     session.run(None, {"x": shifted})
-    ok, drifted = spans.get(semconv.SPAN_INFERENCE)
+    _, ok, drifted = spans.get(semconv.SPAN_INFERENCE)
     assert ok.attributes[semconv.DL_MODEL_NAME] == "fraud"
     assert ok.attributes[semconv.DL_MODEL_VERSION] == "7"
     assert ok.attributes["team"] == "risk"

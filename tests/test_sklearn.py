@@ -131,7 +131,7 @@ def test_watch_and_drift_against_a_learned_baseline(spans: SpanList) -> None:
         LogisticRegression(max_iter=200).fit(X, Y), name="churn", version="3", owner="growth"
     )
     model.predict(np.tile(X, (4, 1)))  # 1,200 rows: the baseline
-    shifted = X.copy()
+    shifted = np.tile(X, (2, 1))  # 600 rows: past drift_min_rows
     shifted[:, 1] += 10.0
     model.predict(shifted)
     first, second = spans.get(semconv.SPAN_INFERENCE)
