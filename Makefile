@@ -31,6 +31,7 @@ test: venv
 	$(UV) pip install --python $(PY) --quiet -e '.[test]'
 	$(PY) -m tests.e2e.jaeger
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(PY) -m pytest
 
 lint: venv

@@ -24,6 +24,11 @@ from otel_dl._stage import StageSpan, stage
 from otel_dl._version import __version__
 from otel_dl._watch import watch
 from otel_dl.calibration import CalibrationTracker
+from otel_dl.export import (
+    DropCountingSpanProcessor,
+    FastOTLPHTTPSpanExporter,
+    FastOTLPSpanExporter,
+)
 from otel_dl.monitor import FeatureMonitor
 from otel_dl.reference import Reference, ReferenceFileError
 from otel_dl.sampling import SignalAwareSpanProcessor
@@ -33,6 +38,9 @@ __all__ = [
     "Config",
     "ConfigError",
     "DlCall",
+    "DropCountingSpanProcessor",
+    "FastOTLPHTTPSpanExporter",
+    "FastOTLPSpanExporter",
     "FeatureMonitor",
     "Hooks",
     "Instrumentation",

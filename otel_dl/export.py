@@ -185,7 +185,7 @@ def _fill_span(out: Span, span: ReadableSpan) -> None:
         out.dropped_links_count = span.dropped_links
     # The official encoder always sends a Status message, unset included; so do we.
     status = span.status
-    out.status.code = status.status_code.value
+    out.status.code = status.status_code.value  # type: ignore[assignment]
     if status.description:
         out.status.message = status.description
 
