@@ -71,16 +71,41 @@ def _narrow(table: Table, limit: int) -> Table:
     count = len(table.numeric_names)
     if count <= limit:
         return table
-    columns = (np.arange(limit) * count) // limit
-    keep = {table.numeric_names[i] for i in columns}
+    columns, numeric_names, names = _narrowed_names(table.names, table.numeric_names, limit)
     return Table(
         table.rows,
-        tuple(n for n in table.names if n in keep or n in table.categorical),
+        names,
         table.numeric[:, columns],
-        tuple(table.numeric_names[i] for i in columns),
+        numeric_names,
         table.categorical,
         table.schema,
     )
+
+
+_narrow_cache: dict[tuple[int, int, int], tuple[Any, ...]] = {}
+
+
+def _narrowed_names(
+    names: tuple[str, ...], numeric_names: tuple[str, ...], limit: int
+) -> tuple[np.ndarray, tuple[str, ...], tuple[str, ...]]:
+    """The kept columns and names, cached: batches of one width share their name tuples."""
+    key = (id(names), id(numeric_names), limit)
+    cached = _narrow_cache.get(key)
+    if cached is not None and cached[0] is names and cached[1] is numeric_names:
+        return cached[2], cached[3], cached[4]
+    count = len(numeric_names)
+    columns = (np.arange(limit) * count) // limit
+    kept = tuple(numeric_names[i] for i in columns)
+    if len(names) == count:
+        kept_names = kept
+    else:
+        keep = set(kept)
+        numeric = set(numeric_names)
+        kept_names = tuple(n for n in names if n in keep or n not in numeric)
+    if len(_narrow_cache) > 64:
+        _narrow_cache.clear()
+    _narrow_cache[key] = (names, numeric_names, columns, kept, kept_names)
+    return columns, kept, kept_names
 
 
 def _concat(tables: list[Table]) -> Table:

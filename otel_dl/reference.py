@@ -382,6 +382,8 @@ class Reference:
         names = self.array_names
         if names and table.schema[0] == "array" and len(table.names) == len(names):
             table = _renamed(table, list(names))
+        if not self._categorical:
+            return table
         forced = set(self._categorical).intersection(table.numeric_names)
         return _with_forced_categorical(table, forced) if forced else table
 
