@@ -19,9 +19,10 @@ Algorithm (docs/collector.md has the long form):
    time: callees come before their caller and earlier siblings before later ones, so
    a span's *upstream* (the work whose output it consumed) is everything before it.
 3. Ranking. An anomalous span with another anomalous span upstream is *explained*:
-   its score is discounted, strongly for symptom kinds (low confidence, latency,
-   error), mildly for cause kinds. The highest score is the root cause; the services of
-   the ranked candidates form ``dl.fault.candidates``.
+   its score is discounted: a symptom kind (low confidence, latency, error) strongly by
+   any upstream anomaly, a cause kind mildly and only by an upstream cause kind.
+   The highest score is the root cause (at equal scores a cause kind, then the
+   earliest); the services of the ranked candidates form ``dl.fault.candidates``.
 4. Learning. Baselines (DDSketch quantiles of ``above_baseline`` signals per service
    and span name) learn only from spans that fired no mode, so faults never poison
    them. A ``changed`` value becomes established once seen ``min_baseline_samples``
@@ -217,6 +218,8 @@ class Attributor:
         self._changed_signals = frozenset(
             c.signal for m in catalog.modes for c in m.detect if c.op == "changed"
         )
+        # Span ids with a child span in the trace being decided (see the peer signal).
+        self._callers: frozenset[bytes] = frozenset()
         # Specific modes first, cause kinds before symptom kinds: see the module docstring.
         self._modes = sorted(catalog.modes, key=lambda m: (not m.where, m.kind in SYMPTOM_KINDS))
 
@@ -231,7 +234,8 @@ class Attributor:
         if signal == "span.kind":
             return _SPAN_KIND_NAMES.get(span.kind, "unspecified")
         if signal == "peer":
-            return peer_host(span.attrs) is not None
+            # A callee with spans in the trace is traced: its own spans show its fault.
+            return peer_host(span.attrs) is not None and span.span_id not in self._callers
         return span.attrs.get(signal)
 
     def _fires(self, span: SpanRecord, cond: Condition) -> tuple[float, str] | None:
@@ -330,6 +334,7 @@ class Attributor:
     def decide(self, trace_id: bytes, spans: Sequence[SpanRecord]) -> Decision:
         """Attribute one whole trace and learn from its healthy spans."""
         order = self._post_order(spans)
+        self._callers = frozenset(s.parent_id for s in spans if s.parent_id)
         found: list[tuple[SpanRecord, Evidence]] = []
         for span in order:
             ev = self.evidence(span)
@@ -342,12 +347,21 @@ class Attributor:
         if not found:
             return Decision(trace_id, fault=False, trace_root=trace_root)
         scored: list[tuple[float, int, SpanRecord, Evidence]] = []
+        cause_upstream = False
         for position, (span, ev) in enumerate(found):
             score = ev.strength
-            if position > 0:
-                score *= _EXPLAINED_SYMPTOM if ev.mode.kind in SYMPTOM_KINDS else _EXPLAINED_CAUSE
+            if ev.mode.kind in SYMPTOM_KINDS:
+                if position > 0:
+                    score *= _EXPLAINED_SYMPTOM
+            else:
+                # Only a cause explains a cause: an upstream latency blip or error (the
+                # ASGI spans run before the handler) does not account for stale data.
+                if cause_upstream:
+                    score *= _EXPLAINED_CAUSE
+                cause_upstream = True
             scored.append((score, position, span, ev))
-        scored.sort(key=lambda t: (-t[0], t[1]))
+        # At equal scores a cause kind is the better explanation of the trace's fault.
+        scored.sort(key=lambda t: (-t[0], t[3].mode.kind in SYMPTOM_KINDS, t[1]))
         best_score, _, root, ev = scored[0]
         total = sum(t[0] for t in scored)
         candidates: list[str] = []

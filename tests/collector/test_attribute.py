@@ -211,3 +211,40 @@ def test_min_excess_is_configurable_per_detect_rule(tmp_path):
     attributor = _attributor_with(load_catalog(extra))
     records = _asgi_send_trace(0.006)
     assert attributor.decide(records[0].trace_id, records).mode.id == "slow-operation"
+
+
+def test_an_upstream_symptom_does_not_explain_a_later_cause():
+    attributor = _attributor()
+    # A slow ingest span (latency, a symptom kind) runs before three-day-old features.
+    slow = _pipeline(features={semconv.DL_FEATURE_FRESHNESS: 3 * 86400.0})
+    slow[1] = (*slow[1][:3], 0.01, 0.5, slow[1][5])
+    records = _trace(slow)
+    decision = attributor.decide(records[0].trace_id, records)
+    assert decision.mode.kind == semconv.FAULT_KIND_STALE_FEATURES
+    assert decision.root.service == "features"
+    assert decision.candidates[:2] == ("features", "ingest")
+
+
+def test_an_upstream_cause_still_explains_a_later_cause():
+    attributor = _attributor()
+    records = _trace(
+        _pipeline(
+            ingest={semconv.DL_DRIFT_SCORE: 0.9},
+            features={semconv.DL_FEATURE_FRESHNESS: 3 * 86400.0},
+        )
+    )
+    decision = attributor.decide(records[0].trace_id, records)
+    assert decision.mode.kind == semconv.FAULT_KIND_DATA_DRIFT
+
+
+def test_a_client_span_to_a_traced_service_is_not_an_external_outage():
+    attributor = _attributor()
+    rows = _pipeline(infer={"error": True}, root={"error": True})
+    parent, start, end = rows[5][2:5]
+    url = {"http.url": "http://127.0.0.1:8002/score"}
+    rows[5] = ("inference", "POST", parent, start, end, {**url, "client": True, "error": True})
+    rows.append(("scorer", "POST /score", 5, 0.41, 0.49, {"error": True}))
+    records = _trace(rows)
+    decision = attributor.decide(records[0].trace_id, records)
+    assert decision.root.service == "scorer"
+    assert decision.mode.id == "internal-error"
