@@ -331,6 +331,20 @@ class Attributor:
             stack.extend((k, False) for k in sorted(kids, key=lambda r: r.start, reverse=True))
         return order
 
+    @staticmethod
+    def _depths(spans: Sequence[SpanRecord]) -> dict[bytes, int]:
+        """Each span's number of ancestors in the trace (a parent cycle stops the count)."""
+        parent = {s.span_id: s.parent_id for s in spans}
+        depths: dict[bytes, int] = {}
+        for span_id in parent:
+            depth, seen, cur = 0, {span_id}, parent[span_id]
+            while cur in parent and cur not in seen:
+                seen.add(cur)
+                depth += 1
+                cur = parent[cur]
+            depths[span_id] = depth
+        return depths
+
     def decide(self, trace_id: bytes, spans: Sequence[SpanRecord]) -> Decision:
         """Attribute one whole trace and learn from its healthy spans."""
         order = self._post_order(spans)
@@ -363,6 +377,20 @@ class Attributor:
         # At equal scores a cause kind is the better explanation of the trace's fault.
         scored.sort(key=lambda t: (-t[0], t[3].mode.kind in SYMPTOM_KINDS, t[1]))
         best_score, _, root, ev = scored[0]
+        if not root.exception:
+            # The ASGI ``http send`` span of a 5xx ends in error before its server span,
+            # which carries the exception; the span that raised is the one to fix.
+            raised = [
+                t
+                for t in scored
+                if t[2].exception and t[2].service == root.service and t[3].mode is ev.mode
+            ]
+            if raised:
+                depth = self._depths(spans)
+                pick = max(raised, key=lambda t: (depth.get(t[2].span_id, 0), -t[1]))
+                scored.remove(pick)
+                scored.insert(0, (best_score, pick[1], pick[2], pick[3]))
+                root, ev = pick[2], pick[3]
         total = sum(t[0] for t in scored)
         candidates: list[str] = []
         for _, _, span, _ in scored:

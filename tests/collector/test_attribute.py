@@ -248,3 +248,32 @@ def test_a_client_span_to_a_traced_service_is_not_an_external_outage():
     decision = attributor.decide(records[0].trace_id, records)
     assert decision.root.service == "scorer"
     assert decision.mode.id == "internal-error"
+
+
+def _with_exception(records: list, name: str) -> list:
+    for record in records:
+        if record.name == name:
+            record.span.events.add().name = "exception"
+            record.exception = True
+    return records
+
+
+def test_a_5xx_is_rooted_at_the_span_that_raised_not_the_asgi_send_span():
+    attributor = _attributor()
+    spec = [
+        ("api", "POST /predict", None, 0.0, 0.05, {"error": True}),
+        ("api", "handler", 0, 0.001, 0.03, {}),
+        ("api", "model.forward", 1, 0.002, 0.02, {}),
+        ("api", "POST /predict http send", 0, 0.04, 0.041, {"error": True}),
+    ]
+    # FastAPI records the exception on the server span only; http send ends first.
+    records = _with_exception(_trace(spec), "POST /predict")
+    decision = attributor.decide(records[0].trace_id, records)
+    assert decision.root.name == "POST /predict"
+    assert decision.ranked_spans[0] is decision.root
+    # When several spans raised, the deepest is where the error started.
+    spec[1] = (*spec[1][:5], {"error": True})
+    records = _with_exception(_with_exception(_trace(spec), "POST /predict"), "handler")
+    decision = attributor.decide(records[0].trace_id, records)
+    assert decision.root.name == "handler"
+    assert decision.mode.id == "internal-error"
