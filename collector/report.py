@@ -15,6 +15,7 @@ import argparse
 import base64
 import html
 import io
+import itertools
 import math
 import sys
 from collections.abc import Sequence
@@ -79,6 +80,32 @@ def format_table(rows: Sequence[RootCauseRow]) -> str:
     return "\n".join(lines)
 
 
+#: A gap longer than this many median sample intervals breaks a timeline's line.
+_GAP_INTERVALS = 3
+
+
+def plural(count: int, noun: str) -> str:
+    """``"1 fault"``, ``"2 faults"``."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def break_gaps(xs: Sequence[float], ys: Sequence[float]) -> tuple[list[float], list[float]]:
+    """The series with a NaN point inside every gap over a few sample intervals, so the
+    plotted line stops there instead of suggesting a steady change across missing data."""
+    if len(xs) < 3:
+        return list(xs), list(ys)
+    steps = sorted(b - a for a, b in itertools.pairwise(xs))
+    limit = _GAP_INTERVALS * max(steps[len(steps) // 2], 1e-9)
+    out_x, out_y = [xs[0]], [ys[0]]
+    for (x0, x1), y in zip(itertools.pairwise(xs), ys[1:], strict=False):
+        if x1 - x0 > limit:
+            out_x.append((x0 + x1) / 2)
+            out_y.append(math.nan)
+        out_x.append(x1)
+        out_y.append(y)
+    return out_x, out_y
+
+
 def _png(fig: object) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")  # type: ignore[attr-defined]
@@ -112,7 +139,9 @@ def _service_graph(edges: Sequence[tuple[str, str, int]], causes: dict[str, int]
     for s, (x, y) in pos.items():
         hit = causes.get(s, 0)
         ax.scatter([x], [y], s=900, color="#d62728" if hit else "#1f77b4", zorder=3)
-        ax.text(x, y - 0.2, f"{s}" + (f"\n{hit} faults" if hit else ""), ha="center", va="top")
+        ax.text(
+            x, y - 0.2, f"{s}" + (f"\n{plural(hit, 'fault')}" if hit else ""), ha="center", va="top"
+        )
     ax.set_title("Service graph (red: root-cause services)")
     ax.set_xlim(-1.5, 1.5)
     ax.set_ylim(-1.6, 1.4)
@@ -139,7 +168,7 @@ def _timelines(samples: Sequence[tuple[float, str, str, float]]) -> str:
                 xs.append(t - samples[0][0])
                 ys.append(value)
         for service, (xs, ys) in sorted(series.items()):
-            ax.plot(xs, ys, ".-", label=service, markersize=3)
+            ax.plot(*break_gaps(xs, ys), ".-", label=service, markersize=3)
         ax.set_ylabel(signal)
         if series:
             ax.legend(fontsize=7)
@@ -176,13 +205,14 @@ def render_html(
         f"<td>{esc(f.evidence)}</td></tr>"
         for f in faults[:50]
     )
+    count = plural(len(faults), "attributed fault")
     img = lambda data, alt: f'<img alt="{alt}" src="data:image/png;base64,{data}">' if data else ""  # noqa: E731
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>otel-dl fault report</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px;vertical-align:top}}
 th{{background:#eee}}</style></head><body>
-<h1>otel-dl fault report</h1><p>Window: {esc(window)}. {len(faults)} attributed faults.</p>
+<h1>otel-dl fault report</h1><p>Window: {esc(window)}. {count}.</p>
 <h2>Top root causes</h2>
 <table><tr><th>service</th><th>kind</th><th>count</th><th>mode</th><th>owner</th>
 <th>runbook</th><th>latest traces</th></tr>{table}</table>

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import subprocess
 import sys
 
@@ -124,3 +125,27 @@ def test_catalog_refuses_a_bad_min_excess(tmp_path, condition, needle):
     )
     with pytest.raises(CatalogError, match=needle):
         load_catalog(extra)
+
+
+def test_timelines_break_the_line_across_gaps():
+    from otel_dl.collector.report import break_gaps
+
+    xs, ys = break_gaps([0, 1, 2, 3, 60, 61, 62], [1, 1, 1, 1, 9, 9, 9])
+    assert len(xs) == 8 and math.isnan(ys[4]) and 3 < xs[4] < 60
+    # Evenly spaced samples stay one line.
+    assert break_gaps([0, 1, 2, 3], [1, 2, 3, 4]) == ([0, 1, 2, 3], [1, 2, 3, 4])
+
+
+def test_report_counts_are_pluralised():
+    from otel_dl.collector.report import plural, render_html, summarise
+    from otel_dl.collector.store import FaultRow
+
+    assert (plural(1, "fault"), plural(2, "fault"), plural(0, "fault")) == (
+        "1 fault",
+        "2 faults",
+        "0 faults",
+    )
+    row = FaultRow(
+        "ab", 0.0, "svc", "cd", "span", "error", "m", "internal", 1.0, "high", "o", "r", "e", ()
+    )
+    assert "1 attributed fault." in render_html(summarise([row]), [row], [], [], "1h")
