@@ -51,8 +51,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="which slice of the partition")
     parser.add_argument("--fault", default="", help="upstream_drift")
     args = parser.parse_args()
-    # A short drift window, so a drifted partition shows within a few batches.
-    handle = otel_dl.instrument(SCORER, drift_window_rows=2 * BATCH_ROWS)
+    # A short drift window, reported from the first batch on, so a drifted partition
+    # shows at once (the reference is fitted on the whole training partition).
+    handle = otel_dl.instrument(SCORER, drift_window_rows=2 * BATCH_ROWS, drift_min_rows=BATCH_ROWS)
     torch.set_num_threads(1)
     paths = write_partitions(args.work_dir, rows=(args.seed + 1) * args.batches * BATCH_ROWS)
     source = paths["drifted" if args.fault == "upstream_drift" else "today"]
