@@ -16,8 +16,7 @@ import argparse
 import datetime as dt
 import statistics
 import tempfile
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,25 +25,14 @@ import pandas as pd
 from opentelemetry import trace
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from timing import Discard, per_call
 
 import otel_dl
 
 ENTITIES = 100
 FEATURES = 10
 PARQUET_BYTES = 10 << 20
-
-
-class _Discard(SpanExporter):
-    def export(self, spans: Sequence[Any]) -> SpanExportResult:
-        return SpanExportResult.SUCCESS
-
-
-def _per_call(fn: Callable[[], Any], calls: int) -> float:
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls
 
 
 def _paired(fn: Callable[[], Any], calls: int, repeats: int) -> tuple[float, float]:
@@ -55,11 +43,11 @@ def _paired(fn: Callable[[], Any], calls: int, repeats: int) -> tuple[float, flo
             return fn()
 
     for warm in (bare, fn):
-        _per_call(warm, max(calls // 5, 1))
+        per_call(warm, max(calls // 5, 1))
     b, t = [], []
     for _ in range(repeats):
-        b.append(_per_call(bare, calls))
-        t.append(_per_call(fn, calls))
+        b.append(per_call(bare, calls))
+        t.append(per_call(fn, calls))
     return statistics.median(b), statistics.median(t)
 
 
@@ -113,7 +101,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     repeats = parser.parse_args().repeats
     provider = TracerProvider()
-    provider.add_span_processor(BatchSpanProcessor(_Discard(), max_queue_size=100_000))
+    provider.add_span_processor(BatchSpanProcessor(Discard(), max_queue_size=100_000))
     trace.set_tracer_provider(provider)
     handle = otel_dl.instrument(metrics_exporter="none", include=["feast", "ingest"])
     with tempfile.TemporaryDirectory() as tmp:

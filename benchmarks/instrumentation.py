@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -23,23 +22,12 @@ import torch
 from opentelemetry import trace
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from timing import Discard, per_call
 from torch.utils.data import DataLoader, TensorDataset
 
 import otel_dl
 from otel_dl import semconv
-
-
-class _Discard(SpanExporter):
-    def export(self, spans: Sequence[Any]) -> SpanExportResult:
-        return SpanExportResult.SUCCESS
-
-
-def _per_call(fn: Callable[[], Any], calls: int) -> float:
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls
 
 
 def _paired(
@@ -47,11 +35,11 @@ def _paired(
 ) -> tuple[float, float]:
     """Median seconds per call of ``bare`` and ``traced``, alternating blocks."""
     for fn in (bare, traced):
-        _per_call(fn, max(calls // 5, 1))
+        per_call(fn, max(calls // 5, 1))
     b, t = [], []
     for _ in range(repeats):
-        b.append(_per_call(bare, calls))
-        t.append(_per_call(traced, calls))
+        b.append(per_call(bare, calls))
+        t.append(per_call(traced, calls))
     return statistics.median(b), statistics.median(t)
 
 
@@ -73,7 +61,7 @@ def _floor(repeats: int) -> float:
     def one() -> None:
         tracer.start_span("inference", attributes=attrs).end()
 
-    return statistics.median(_per_call(one, 2000) for _ in range(repeats))
+    return statistics.median(per_call(one, 2000) for _ in range(repeats))
 
 
 def _mlp() -> torch.nn.Module:
@@ -138,11 +126,11 @@ def _dataloader_case(repeats: int, with_model: bool = False) -> tuple[float, flo
     for _ in range(repeats):
         for instrumentor in instrumentors:
             instrumentor.uninstrument()
-        bare.append(_per_call(epoch, 1) / len(loader))
+        bare.append(per_call(epoch, 1) / len(loader))
         for instrumentor in instrumentors:
             instrumentor.instrument()
         otel_dl.watch(model, name="bench-mlp")
-        traced.append(_per_call(epoch, 1) / len(loader))
+        traced.append(per_call(epoch, 1) / len(loader))
     return statistics.median(bare), statistics.median(traced)
 
 
@@ -175,7 +163,7 @@ def main() -> None:
     repeats = parser.parse_args().repeats
     torch.set_num_threads(1)
     provider = TracerProvider()
-    provider.add_span_processor(BatchSpanProcessor(_Discard(), max_queue_size=100_000))
+    provider.add_span_processor(BatchSpanProcessor(Discard(), max_queue_size=100_000))
     trace.set_tracer_provider(provider)
     handle = otel_dl.instrument(metrics_exporter="none")
     rows: list[tuple[str, float, float, str]] = []

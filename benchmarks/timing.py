@@ -1,0 +1,24 @@
+"""Helpers shared by the overhead benchmarks: a span exporter that discards, and a timer."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+
+class Discard(SpanExporter):
+    """Accepts every batch and keeps nothing: export cost stays out of the measurement."""
+
+    def export(self, spans: Sequence[Any]) -> SpanExportResult:
+        return SpanExportResult.SUCCESS
+
+
+def per_call(fn: Callable[[], Any], calls: int) -> float:
+    """Mean seconds per call of ``fn`` over ``calls`` calls."""
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls
