@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 UV := $(BIN)/uv
 PY := $(BIN)/python
 
-.PHONY: demo test lint bench venv clean
+.PHONY: demo test lint bench reliability venv clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,11 @@ lint: venv
 bench: venv
 	$(UV) pip install --python $(PY) --quiet -e '.[test]'
 	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
+
+# Every reliability test at full scale; rewrites docs/reliability.md (tens of minutes).
+reliability: venv
+	$(UV) pip install --python $(PY) --quiet -e '.[test]'
+	$(PY) -m tests.reliability
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache
