@@ -29,7 +29,7 @@ demo: venv
 
 test: venv
 	$(UV) pip install --python $(PY) --quiet -e '.[test]'
-	$(PY) -m tests.e2e.jaeger
+	$(PY) -m tests.e2e.binaries
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(PY) -m pytest

@@ -1,16 +1,9 @@
-"""A real Jaeger for the end-to-end tests: installed once, started per test session.
+"""A real Jaeger for the end-to-end tests, started per test session.
 
-``jaeger_binary()`` returns the Jaeger all-in-one binary cached in
-``~/.cache/otel-dl/bin`` (``OTEL_DL_JAEGER_BIN`` overrides the path), building it with
-``go install`` into that folder the first time, or raises ``NoGoToolchain`` when it is
-not cached and no ``go`` command exists. ``python -m tests.e2e.jaeger`` does the install
-alone (the Makefile's test target runs it, so the build is not counted in a test's
-timeout).
-
-Version: v1.48.0, the last all-in-one of Jaeger v1, which has an OTLP receiver. (Jaeger
-v2, ``cmd/jaeger``, at its v2.20.0 commit, is what the end-to-end issue names, but the Go
-module proxy answers 403 "This module version is not available" for both the commit and
-the tag, so v1.48.0 is what runs.)
+The binary comes from ``tests.e2e.binaries.jaeger_binary()``: Jaeger all-in-one
+v1.48.0, the last all-in-one of Jaeger v1, which has an OTLP receiver. (Jaeger v2 at its
+v2.20.0 commit is what the end-to-end issue names, but the Go module proxy answers 403
+"This module version is not available" for both the commit and the tag.)
 
 ``Jaeger`` starts it with in-memory storage and every listener on a loopback port the OS
 picks, and wraps the query HTTP API the tests read::
@@ -24,11 +17,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
@@ -36,42 +26,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-VERSION = "v1.48.0"
-MODULE = "github.com/jaegertracing/jaeger/cmd/all-in-one"
-CACHE_BIN = Path.home() / ".cache" / "otel-dl" / "bin"
-INSTALL_TIMEOUT_SECONDS = 1800
-
-
-class NoGoToolchain(RuntimeError):
-    """Jaeger is not cached and cannot be built: there is no ``go`` command."""
-
-
-def jaeger_binary() -> Path:
-    """The cached Jaeger all-in-one binary, built with ``go install`` when missing."""
-    override = os.environ.get("OTEL_DL_JAEGER_BIN")
-    binary = Path(override) if override else CACHE_BIN / "all-in-one"
-    if binary.is_file() and os.access(binary, os.X_OK):
-        return binary
-    go = shutil.which("go")
-    if go is None:
-        raise NoGoToolchain(
-            f"Jaeger {VERSION} is not in {binary.parent} and no `go` command is on PATH to "
-            f"build it (go install {MODULE}@{VERSION})"
-        )
-    binary.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        [go, "install", f"{MODULE}@{VERSION}"],
-        env={**os.environ, "GOBIN": str(binary.parent)},
-        check=True,
-        timeout=INSTALL_TIMEOUT_SECONDS,
-    )
-    return binary
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.e2e.binaries import free_port
 
 
 class Jaeger:
@@ -81,7 +36,7 @@ class Jaeger:
         self.binary = binary
         self.log = log
         self.ports = {
-            name: _free_port()
+            name: free_port()
             for name in (
                 *("otlp_grpc", "otlp_http", "query", "query_grpc", "admin", "collector_grpc"),
                 *("collector_http", "sampling", "compact", "binary", "zipkin_compact"),
@@ -192,10 +147,3 @@ def tag_map(span: dict[str, Any]) -> dict[str, Any]:
 def tag_types(span: dict[str, Any]) -> dict[str, str]:
     """A Jaeger JSON span's tags as ``{key: Jaeger type}`` (string, bool, int64, float64)."""
     return {t["key"]: t["type"] for t in span.get("tags", [])}
-
-
-if __name__ == "__main__":
-    try:
-        print(jaeger_binary())
-    except NoGoToolchain as exc:
-        print(f"skipping the Jaeger install: {exc}", file=sys.stderr)

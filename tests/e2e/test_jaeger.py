@@ -25,7 +25,8 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.jaeger import Jaeger, NoGoToolchain, jaeger_binary, tag_map, tag_types
+from tests.e2e.binaries import NoGoToolchain, jaeger_binary
+from tests.e2e.jaeger import Jaeger, tag_map, tag_types
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNNER = ROOT / "examples" / "pipeline" / "run.py"

@@ -1,0 +1,137 @@
+"""Go-built programs the end-to-end tests and benchmarks run, built once and cached.
+
+Each function returns a binary under ``~/.cache/otel-dl/bin``, building it the first
+time, or raises ``NoGoToolchain`` when it is not cached and no ``go`` command exists.
+``python -m tests.e2e.binaries`` builds them all (the Makefile's test target runs it,
+so a build is never counted in a test's timeout); the first build on a bare machine
+takes several minutes each, later runs reuse the cache.
+
+- ``jaeger_binary()``: Jaeger all-in-one v1.48.0 (``go install``), the end-to-end tests'
+  backend. ``OTEL_DL_JAEGER_BIN`` overrides the path.
+- ``jaeger_v2_binary()``: Jaeger v2 (``cmd/jaeger``), an OpenTelemetry Collector
+  distribution with ``tail_sampling``, for the side-by-side benchmark. The proxy refuses
+  the v2.20.0 commit; the newest tag it serves, v1.76.0 (the module's v1 tag of a v2
+  release), has a ``replace`` directive that ``go install`` rejects, so the module is
+  downloaded and built as the main module instead.
+- ``otelcol_binary()``: a small OpenTelemetry Collector built with the official builder
+  from ``examples/deploy/otelcol/builder.yaml`` (otlp receiver, loadbalancing and otlp
+  exporters, tail_sampling). The cached name carries a hash of the manifest, so editing
+  the manifest rebuilds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+CACHE_BIN = Path.home() / ".cache" / "otel-dl" / "bin"
+BUILD_TIMEOUT_SECONDS = 2400
+
+JAEGER_V1 = ("github.com/jaegertracing/jaeger/cmd/all-in-one", "v1.48.0")
+JAEGER_V2 = ("github.com/jaegertracing/jaeger", "v1.76.0")
+BUILDER = ("go.opentelemetry.io/collector/cmd/builder", "v0.160.0")
+OTELCOL_MANIFEST = ROOT / "examples" / "deploy" / "otelcol" / "builder.yaml"
+
+
+class NoGoToolchain(RuntimeError):
+    """A binary is not cached and cannot be built: there is no ``go`` command."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _cached(binary: Path) -> bool:
+    return binary.is_file() and os.access(binary, os.X_OK)
+
+
+def _go(what: str) -> str:
+    go = shutil.which("go")
+    if go is None:
+        raise NoGoToolchain(
+            f"{what} is not in {CACHE_BIN} and no `go` command is on PATH to build it"
+        )
+    return go
+
+
+def _go_install(module: str, version: str, binary: Path) -> Path:
+    go = _go(f"{module}@{version}")
+    CACHE_BIN.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [go, "install", f"{module}@{version}"],
+        env={**os.environ, "GOBIN": str(CACHE_BIN)},
+        check=True,
+        timeout=BUILD_TIMEOUT_SECONDS,
+    )
+    return binary
+
+
+def jaeger_binary() -> Path:
+    """Jaeger all-in-one v1.48.0."""
+    override = os.environ.get("OTEL_DL_JAEGER_BIN")
+    binary = Path(override) if override else CACHE_BIN / "all-in-one"
+    return binary if _cached(binary) else _go_install(*JAEGER_V1, binary)
+
+
+def jaeger_v2_binary() -> Path:
+    """Jaeger v2 (an OpenTelemetry Collector distribution), built from its module."""
+    module, version = JAEGER_V2
+    binary = CACHE_BIN / f"jaeger-{version}"
+    if _cached(binary):
+        return binary
+    go = _go(f"Jaeger v2 ({module}@{version})")
+    downloaded = subprocess.run(
+        [go, "mod", "download", "-json", f"{module}@{version}"],
+        check=True,
+        capture_output=True,
+        timeout=BUILD_TIMEOUT_SECONDS,
+    )
+    source = json.loads(downloaded.stdout)["Dir"]
+    CACHE_BIN.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [go, "build", "-o", str(binary), "./cmd/jaeger"],
+        cwd=source,
+        check=True,
+        timeout=BUILD_TIMEOUT_SECONDS,
+    )
+    return binary
+
+
+def otelcol_binary() -> Path:
+    """The OpenTelemetry Collector of ``examples/deploy/otelcol/builder.yaml``."""
+    manifest = OTELCOL_MANIFEST.read_bytes()
+    binary = CACHE_BIN / f"otelcol-otel-dl-{hashlib.sha256(manifest).hexdigest()[:10]}"
+    if _cached(binary):
+        return binary
+    builder = CACHE_BIN / "builder"
+    if not _cached(builder):
+        _go_install(*BUILDER, builder)
+    with tempfile.TemporaryDirectory(prefix="otel-dl-ocb-") as work:
+        (Path(work) / "builder.yaml").write_bytes(manifest)
+        subprocess.run(
+            [str(builder), "--config", "builder.yaml"],
+            cwd=work,
+            check=True,
+            timeout=BUILD_TIMEOUT_SECONDS,
+        )
+        shutil.move(Path(work) / "otelcol-otel-dl" / "otelcol-otel-dl", binary)
+    return binary
+
+
+if __name__ == "__main__":
+    for build in (jaeger_binary, jaeger_v2_binary, otelcol_binary):
+        try:
+            print(build())
+        except NoGoToolchain as exc:
+            print(f"skipping a Go build: {exc}", file=sys.stderr)
