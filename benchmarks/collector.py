@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from faultsim import TRUTH, Sink, System, start_sink
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
 )
@@ -43,6 +42,9 @@ from otel_dl import semconv
 from otel_dl.collector.assemble import any_value
 from otel_dl.collector.config import load_config
 from otel_dl.collector.pipeline import Collector
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.faultsim import TRUTH, Sink, System, preserialised_requests, start_sink
 
 
 # --- 1. accuracy ------------------------------------------------------------------------
@@ -188,45 +190,6 @@ def accuracy(per_kind: int, normal: int, warmup: int, seed: int) -> None:
 
 
 # --- 2. throughput ----------------------------------------------------------------------
-def _requests(n_requests: int, traces_per_request: int, seed: int) -> list[bytes]:
-    """Pre-serialised requests: each trace is 5 spans across 3 services."""
-    rng = random.Random(seed)
-    out = []
-    trace_no = 0
-    for _ in range(n_requests):
-        req = ExportTraceServiceRequest()
-        by_service = {}
-        for service in ("gateway", "preprocess", "inference"):
-            rs = req.resource_spans.add()
-            kv = rs.resource.attributes.add()
-            kv.key, kv.value.string_value = "service.name", service
-            by_service[service] = rs.scope_spans.add()
-        for _ in range(traces_per_request):
-            trace_no += 1
-            tid = trace_no.to_bytes(16, "big")
-            base = 1_700_000_000_000_000_000 + trace_no * 1000
-            for i, (service, name, parent) in enumerate(
-                (
-                    ("gateway", "predict", None),
-                    ("preprocess", "transform", 0),
-                    ("inference", "inference", 0),
-                    ("inference", "tokenize", 2),
-                    ("inference", "forward", 2),
-                )
-            ):
-                s = by_service[service].spans.add()
-                s.trace_id, s.span_id = tid, (trace_no * 8 + i).to_bytes(8, "big")
-                if parent is not None:
-                    s.parent_span_id = (trace_no * 8 + parent).to_bytes(8, "big")
-                s.name = name
-                s.start_time_unix_nano = base
-                s.end_time_unix_nano = base + int(rng.lognormvariate(15, 0.1))
-                kv = s.attributes.add()
-                kv.key, kv.value.double_value = semconv.DL_CONFIDENCE_MEAN, rng.uniform(0.8, 0.95)
-        out.append(req.SerializeToString())
-    return out
-
-
 def _rss_kib() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -235,7 +198,7 @@ def _rss_kib() -> int:
 
 
 def throughput(n_requests: int, traces_per_request: int, connections: int) -> None:
-    payloads = _requests(n_requests, traces_per_request, seed=1)
+    payloads = preserialised_requests(n_requests, traces_per_request, seed=1)
     spans_total = n_requests * traces_per_request * 5
     sink, sink_server, sink_port = start_sink(keep=False)
     tmp = tempfile.mkdtemp(prefix="otel-dl-bench-")
@@ -320,7 +283,7 @@ def throughput(n_requests: int, traces_per_request: int, connections: int) -> No
 
 def memory_and_profile(spans: int) -> None:
     """RSS per 10k buffered spans and a profile of the in-process hot path."""
-    payloads = _requests(spans // 500, 100, seed=2)
+    payloads = preserialised_requests(spans // 500, 100, seed=2)
     tmp = tempfile.mkdtemp(prefix="otel-dl-bench-")
     collector = Collector(
         load_config(

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/sampling.py [--every 10] [--per-kind 40] [--normal 400]
 
-The simulated six-service system of ``faultsim.py`` (the one the collector's accuracy
+The simulated six-service system of ``tests/faultsim.py`` (the one the collector's accuracy
 benchmark uses) exports through ``SignalAwareSpanProcessor(BatchSpanProcessor(OTLP),
 every)`` in each service to an in-process OTLP sink. After warm-up traffic, every fault
 kind is injected ``--per-kind`` times at random magnitudes, mixed with ``--normal``
@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 import time
+from pathlib import Path
 
-from faultsim import TRUTH, System, start_sink
 from opentelemetry.sdk.trace import SpanProcessor
 
 from otel_dl import semconv
 from otel_dl.sampling import SignalAwareSpanProcessor
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.faultsim import TRUTH, System, start_sink
 
 # The otel-dl spans of one simulated trace (the others are SERVER/CLIENT spans, never dropped).
 DL_SPANS = ("ingest.read", "feature_store.get", "preprocess.transform", "inference")

@@ -1,4 +1,4 @@
-"""A simulated DL system with injected faults, shared by the collector and sampling benchmarks.
+"""A simulated DL system with injected faults, shared by benchmarks and tests.
 
 Six services (gateway, ingest, feature-store, preprocess, inference, external-api), each
 with its own real SDK TracerProvider exporting over OTLP/gRPC, emit one trace per
@@ -214,3 +214,43 @@ class System:
     def shutdown(self) -> None:
         for provider in self.providers.values():
             provider.shutdown()
+
+
+def preserialised_requests(n_requests: int, traces_per_request: int, seed: int) -> list[bytes]:
+    """Pre-serialised OTLP requests for throughput runs: each trace is 5 spans across 3
+    services (gateway → preprocess, inference → tokenize, forward), one attribute each."""
+    rng = random.Random(seed)
+    out = []
+    trace_no = 0
+    for _ in range(n_requests):
+        req = ExportTraceServiceRequest()
+        by_service = {}
+        for service in ("gateway", "preprocess", "inference"):
+            rs = req.resource_spans.add()
+            kv = rs.resource.attributes.add()
+            kv.key, kv.value.string_value = "service.name", service
+            by_service[service] = rs.scope_spans.add()
+        for _ in range(traces_per_request):
+            trace_no += 1
+            tid = trace_no.to_bytes(16, "big")
+            base = 1_700_000_000_000_000_000 + trace_no * 1000
+            for i, (service, name, parent) in enumerate(
+                (
+                    ("gateway", "predict", None),
+                    ("preprocess", "transform", 0),
+                    ("inference", "inference", 0),
+                    ("inference", "tokenize", 2),
+                    ("inference", "forward", 2),
+                )
+            ):
+                s = by_service[service].spans.add()
+                s.trace_id, s.span_id = tid, (trace_no * 8 + i).to_bytes(8, "big")
+                if parent is not None:
+                    s.parent_span_id = (trace_no * 8 + parent).to_bytes(8, "big")
+                s.name = name
+                s.start_time_unix_nano = base
+                s.end_time_unix_nano = base + int(rng.lognormvariate(15, 0.1))
+                kv = s.attributes.add()
+                kv.key, kv.value.double_value = semconv.DL_CONFIDENCE_MEAN, rng.uniform(0.8, 0.95)
+        out.append(req.SerializeToString())
+    return out
