@@ -31,7 +31,6 @@ import tempfile
 import time
 from concurrent import futures
 from pathlib import Path
-from typing import Any
 
 import grpc
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -39,48 +38,21 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 
 from otel_dl import semconv
-from otel_dl.collector.assemble import any_value
 from otel_dl.collector.config import load_config
 from otel_dl.collector.pipeline import Collector
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.faultsim import TRUTH, Sink, System, preserialised_requests, start_sink
+from tests.faultsim import (
+    TRUTH,
+    System,
+    collect_traces,
+    collector_ranking,
+    preserialised_requests,
+    start_sink,
+)
 
 
 # --- 1. accuracy ------------------------------------------------------------------------
-def _collect(sink: Sink) -> dict[str, list[dict[str, Any]]]:
-    traces: dict[str, list[dict[str, Any]]] = {}
-    for req in sink.requests:
-        for rs in req.resource_spans:
-            service = next(
-                kv.value.string_value for kv in rs.resource.attributes if kv.key == "service.name"
-            )
-            for ss in rs.scope_spans:
-                for s in ss.spans:
-                    attrs = {kv.key: any_value(kv.value) for kv in s.attributes}
-                    traces.setdefault(s.trace_id.hex(), []).append(
-                        {
-                            "service": service,
-                            "name": s.name,
-                            "span_id": s.span_id.hex(),
-                            "parent": s.parent_span_id.hex(),
-                            "error": s.status.code == 2,
-                            "duration": (s.end_time_unix_nano - s.start_time_unix_nano) / 1e9,
-                            "attrs": attrs,
-                        }
-                    )
-    return traces
-
-
-def _ranking_collector(spans: list[dict[str, Any]]) -> tuple[list[str], str | None]:
-    root = next((s for s in spans if not s["parent"]), None)
-    if root is None or semconv.DL_FAULT_CANDIDATES not in root["attrs"]:
-        return [], None
-    return list(root["attrs"][semconv.DL_FAULT_CANDIDATES]), root["attrs"].get(
-        semconv.DL_FAULT_ROOT_CAUSE_SPAN_ID
-    )
-
-
 def _ranking_random(spans, rng) -> tuple[list[str], str | None]:
     services = list(dict.fromkeys(s["service"] for s in spans))
     rng.shuffle(services)
@@ -146,7 +118,7 @@ def accuracy(per_kind: int, normal: int, warmup: int, seed: int) -> None:
     system.shutdown()
     collector.stop()
     sink_server.stop(None)
-    traces = _collect(sink)
+    traces = collect_traces(sink)
 
     durations: dict[tuple[str, str], list[float]] = {}
     for tid, spans in traces.items():
@@ -155,7 +127,7 @@ def accuracy(per_kind: int, normal: int, warmup: int, seed: int) -> None:
                 durations.setdefault((s["service"], s["name"]), []).append(s["duration"])
     stats = {k: (statistics.fmean(v), statistics.pstdev(v)) for k, v in durations.items()}
     methods = {
-        "otel-dl": lambda sp: _ranking_collector(sp),
+        "otel-dl": lambda sp: collector_ranking(sp),
         "random": lambda sp: _ranking_random(sp, rng),
         "most-errors": _ranking_errors,
         "latency-z": lambda sp: _ranking_zscore(sp, stats),
@@ -182,7 +154,7 @@ def accuracy(per_kind: int, normal: int, warmup: int, seed: int) -> None:
                 f"{sum(hits) / 5 / n:>6.2f} {span_hits / n:>9.2f}"
             )
     normals = [tid for tid, (k, _) in truth.items() if k is None and tid in traces]
-    fps = sum(bool(_ranking_collector(traces[t])[0]) for t in normals)
+    fps = sum(bool(collector_ranking(traces[t])[0]) for t in normals)
     print(
         f"\nfalse positives on normal traces: {fps}/{len(normals)} "
         f"= {fps / max(1, len(normals)):.3%}"

@@ -30,6 +30,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from otel_dl import semconv
+from otel_dl.collector.assemble import any_value
 
 SERVICES = ("gateway", "ingest", "feature-store", "preprocess", "inference", "external-api")
 # Ground truth per kind: (service, span name) where the fault is injected.
@@ -214,6 +215,41 @@ class System:
     def shutdown(self) -> None:
         for provider in self.providers.values():
             provider.shutdown()
+
+
+def collect_traces(sink: Sink) -> dict[str, list[dict[str, Any]]]:
+    """The spans a keeping sink received, by trace id hex, as plain dicts."""
+    traces: dict[str, list[dict[str, Any]]] = {}
+    for req in sink.requests:
+        for rs in req.resource_spans:
+            service = next(
+                kv.value.string_value for kv in rs.resource.attributes if kv.key == "service.name"
+            )
+            for ss in rs.scope_spans:
+                for s in ss.spans:
+                    attrs = {kv.key: any_value(kv.value) for kv in s.attributes}
+                    traces.setdefault(s.trace_id.hex(), []).append(
+                        {
+                            "service": service,
+                            "name": s.name,
+                            "span_id": s.span_id.hex(),
+                            "parent": s.parent_span_id.hex(),
+                            "error": s.status.code == 2,
+                            "duration": (s.end_time_unix_nano - s.start_time_unix_nano) / 1e9,
+                            "attrs": attrs,
+                        }
+                    )
+    return traces
+
+
+def collector_ranking(spans: list[dict[str, Any]]) -> tuple[list[str], str | None]:
+    """The collector's verdict on one trace: (candidate services ranked, root-cause span id)."""
+    root = next((s for s in spans if not s["parent"]), None)
+    if root is None or semconv.DL_FAULT_CANDIDATES not in root["attrs"]:
+        return [], None
+    return list(root["attrs"][semconv.DL_FAULT_CANDIDATES]), root["attrs"].get(
+        semconv.DL_FAULT_ROOT_CAUSE_SPAN_ID
+    )
 
 
 def preserialised_requests(n_requests: int, traces_per_request: int, seed: int) -> list[bytes]:
