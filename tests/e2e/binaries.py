@@ -6,13 +6,13 @@ time, or raises ``NoGoToolchain`` when it is not cached and no ``go`` command ex
 so a build is never counted in a test's timeout); the first build on a bare machine
 takes several minutes each, later runs reuse the cache.
 
-- ``jaeger_binary()``: Jaeger all-in-one v1.48.0 (``go install``), the end-to-end tests'
-  backend. ``OTEL_DL_JAEGER_BIN`` overrides the path.
-- ``jaeger_v2_binary()``: Jaeger v2 (``cmd/jaeger``), an OpenTelemetry Collector
-  distribution with ``tail_sampling``, for the side-by-side benchmark. The proxy refuses
-  the v2.20.0 commit; the newest tag it serves, v1.76.0 (the module's v1 tag of a v2
-  release), has a ``replace`` directive that ``go install`` rejects, so the module is
-  downloaded and built as the main module instead.
+- ``jaeger_binary()``: Jaeger v2 (``cmd/jaeger``), an OpenTelemetry Collector
+  distribution: the end-to-end tests' backend, and the ``tail_sampling`` pipeline of the
+  side-by-side benchmark. The Go module proxy refuses the v2.20.0 commit and tag ("This
+  module version is not available"); the newest tag it serves, v1.76.0 (the module's v1
+  tag of a Jaeger v2 release, built on Collector v0.140), has a ``replace`` directive that
+  ``go install`` rejects, so the module is downloaded (``go mod download``) and built as
+  the main module instead. ``OTEL_DL_JAEGER_BIN`` overrides the path.
 - ``otelcol_binary()``: a small OpenTelemetry Collector built with the official builder
   from ``examples/deploy/otelcol/builder.yaml`` (otlp receiver, loadbalancing and otlp
   exporters, tail_sampling). The cached name carries a hash of the manifest, so editing
@@ -35,8 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CACHE_BIN = Path.home() / ".cache" / "otel-dl" / "bin"
 BUILD_TIMEOUT_SECONDS = 2400
 
-JAEGER_V1 = ("github.com/jaegertracing/jaeger/cmd/all-in-one", "v1.48.0")
-JAEGER_V2 = ("github.com/jaegertracing/jaeger", "v1.76.0")
+JAEGER = ("github.com/jaegertracing/jaeger", "v1.76.0")
 BUILDER = ("go.opentelemetry.io/collector/cmd/builder", "v0.160.0")
 OTELCOL_MANIFEST = ROOT / "examples" / "deploy" / "otelcol" / "builder.yaml"
 
@@ -78,16 +77,10 @@ def _go_install(module: str, version: str, binary: Path) -> Path:
 
 
 def jaeger_binary() -> Path:
-    """Jaeger all-in-one v1.48.0."""
-    override = os.environ.get("OTEL_DL_JAEGER_BIN")
-    binary = Path(override) if override else CACHE_BIN / "all-in-one"
-    return binary if _cached(binary) else _go_install(*JAEGER_V1, binary)
-
-
-def jaeger_v2_binary() -> Path:
     """Jaeger v2 (an OpenTelemetry Collector distribution), built from its module."""
-    module, version = JAEGER_V2
-    binary = CACHE_BIN / f"jaeger-{version}"
+    module, version = JAEGER
+    override = os.environ.get("OTEL_DL_JAEGER_BIN")
+    binary = Path(override) if override else CACHE_BIN / f"jaeger-{version}"
     if _cached(binary):
         return binary
     go = _go(f"Jaeger v2 ({module}@{version})")
@@ -130,7 +123,7 @@ def otelcol_binary() -> Path:
 
 
 if __name__ == "__main__":
-    for build in (jaeger_binary, jaeger_v2_binary, otelcol_binary):
+    for build in (jaeger_binary, otelcol_binary):
         try:
             print(build())
         except NoGoToolchain as exc:

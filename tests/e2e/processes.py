@@ -17,6 +17,7 @@ import time
 import urllib.request
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 import grpc
 import yaml
@@ -68,7 +69,7 @@ class Process:
             self.proc.wait(timeout=10)
         self.proc = None
 
-    def __enter__(self) -> Process:
+    def __enter__(self) -> Self:
         self.start()
         return self
 

@@ -1,7 +1,7 @@
 """End to end against a real Jaeger: the demo pipeline with a fault, and the SDK alone.
 
-Jaeger (all-in-one v1.48.0, see ``jaeger.py``) runs with in-memory storage on loopback
-ports. ``test_demo_fault_reaches_jaeger_attributed`` runs ``examples/pipeline/run.py``
+Jaeger v2 (see ``jaeger.py`` and ``binaries.py``) runs with in-memory storage on
+loopback ports. ``test_demo_fault_reaches_jaeger_attributed`` runs ``examples/pipeline/run.py``
 (four services and the otel-dl collector as processes, stale features injected), the
 collector exporting to Jaeger, and reads everything back through Jaeger's query API.
 ``test_sdk_alone_puts_dl_attributes_in_jaeger`` has a plain program, with
@@ -40,7 +40,7 @@ def jaeger(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Jaeger]:
         binary = jaeger_binary()
     except NoGoToolchain as exc:
         pytest.skip(str(exc))
-    with Jaeger(binary, tmp_path_factory.mktemp("jaeger") / "jaeger.log") as running:
+    with Jaeger(binary, tmp_path_factory.mktemp("jaeger")) as running:
         yield running
 
 
