@@ -42,7 +42,7 @@ from ddsketch import DDSketch
 from otel_dl import semconv
 
 from .assemble import SpanRecord
-from .catalog import Catalog, Condition, FailureMode
+from .catalog import SPAN_SIGNALS, Catalog, Condition, FailureMode
 
 #: Kinds that usually show a fault rather than cause it; discounted when explained.
 SYMPTOM_KINDS = frozenset(
@@ -221,7 +221,18 @@ class Attributor:
         # Span ids with a child span in the trace being decided (see the peer signal).
         self._callers: frozenset[bytes] = frozenset()
         # Specific modes first, cause kinds before symptom kinds: see the module docstring.
-        self._modes = sorted(catalog.modes, key=lambda m: (not m.where, m.kind in SYMPTOM_KINDS))
+        modes = sorted(catalog.modes, key=lambda m: (not m.where, m.kind in SYMPTOM_KINDS))
+        # A condition on a span attribute cannot fire on a span without that attribute,
+        # so evidence() skips those without reading them: most spans carry few dl.* keys.
+        self._plan = [
+            (
+                mode,
+                (not mode.where, mode.kind in SYMPTOM_KINDS),
+                frozenset(c.signal for c in mode.where if c.signal not in SPAN_SIGNALS),
+                tuple((c, c.signal in SPAN_SIGNALS) for c in mode.detect),
+            )
+            for mode in modes
+        ]
 
     # --- evidence -------------------------------------------------------------------------
     def _signal(self, span: SpanRecord, signal: str) -> Any:
@@ -283,13 +294,17 @@ class Attributor:
         """The mode ``span`` fires, or None when it looks healthy."""
         best: Evidence | None = None
         best_rank: tuple[bool, bool] | None = None
-        for mode in self._modes:
-            rank = (not mode.where, mode.kind in SYMPTOM_KINDS)
+        attrs = span.attrs
+        for mode, rank, where_attributes, detect in self._plan:
             if best_rank is not None and rank > best_rank:
                 break
-            if not all(self._fires(span, c) for c in mode.where):
+            if where_attributes and not where_attributes <= attrs.keys():
                 continue
-            for cond in mode.detect:
+            if mode.where and not all(self._fires(span, c) for c in mode.where):
+                continue
+            for cond, builtin in detect:
+                if not builtin and cond.signal not in attrs:
+                    continue
                 hit = self._fires(span, cond)
                 if hit and (best is None or hit[0] > best.strength):
                     best, best_rank = Evidence(mode, hit[0], hit[1]), rank
