@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # The otel-dl collector image; with more extras, also the image of the demo pipeline's
 # services (examples/deploy/docker-compose.yaml builds both from this file).
 #
