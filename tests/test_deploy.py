@@ -683,9 +683,10 @@ TRACEQL_NUMERIC_FUNCTIONS = {
 RESOURCE_ATTRIBUTES = {SERVICE_NAME}
 ALLOWED_VALUES = {
     semconv.DL_DRIFT_STATUS: {
-        semconv.DRIFT_STATUS_OK,
-        semconv.DRIFT_STATUS_WARN,
-        semconv.DRIFT_STATUS_ALERT,
+        getattr(semconv, n) for n in dir(semconv) if n.startswith("DRIFT_STATUS_")
+    },
+    semconv.DL_FAULT_KIND: {
+        getattr(semconv, n) for n in dir(semconv) if n.startswith("FAULT_KIND_")
     },
 }
 
@@ -733,6 +734,7 @@ def _check_traceql(query: str) -> None:
         '{ span.dl.fault.root_cause = "true" }',  # a boolean compared to a string
         "{ span.dl.drift.state = 1 }",  # no such attribute
         '{ span.dl.drift.status = "alarm" }',  # no such status
+        '{ span.dl.fault.kind = "stale" }',  # no such fault kind
         "{ span.dl.drift.score > 0 } | quantile_over_time(span.dl.drift.status, 0.9)",
         "{ span.dl.drift.score > 0 | rate()",
         "{ resource.k8s.pod.name = 1 }",
@@ -755,6 +757,14 @@ def test_dashboard_traceql_uses_otel_dl_attributes() -> None:
     grouped = " ".join(q for q in queries if "by (resource.service.name" in q)
     for name in (semconv.DL_DRIFT_SCORE, semconv.DL_CONFIDENCE_MEAN, semconv.DL_FAULT_ROOT_CAUSE):
         assert f"span.{name}" in grouped
+
+
+def test_deploy_doc_traceql_uses_otel_dl_attributes() -> None:
+    doc = (ROOT / "docs" / "deploy.md").read_text(encoding="utf-8")
+    queries = re.findall(r"```traceql\n(.*?)\n```", doc, re.DOTALL)
+    assert len(queries) >= 3
+    for query in queries:
+        _check_traceql(query)
 
 
 def test_tempo_serves_traceql_metrics_over_internal_spans() -> None:
