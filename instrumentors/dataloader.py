@@ -22,11 +22,18 @@ The span is made in the main process, after the batch arrives, so it works the s
 ``num_workers > 0``, ``persistent_workers``, ``pin_memory`` and every multiprocessing
 start method. The end of an epoch (``StopIteration``) makes no span; an exception from
 the loader (a worker error, say) is recorded on the span and re-raised unchanged.
+
+Spans that the dataset's own code makes in a worker are flushed when the worker exits
+(see ``otel_dl.instrument``). Persistent workers still running when the application
+exits would be terminated by multiprocessing, their last spans with them, so at exit
+their loaders' workers are shut down the way deleting the loader would.
 """
 
 from __future__ import annotations
 
+import atexit
 import time
+import weakref
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
@@ -86,10 +93,29 @@ def select_features(batch: Any, features: Sequence[Any] | None) -> Any:
     return None
 
 
+# Iterators with worker processes, so their workers can be shut down at exit.
+_worker_iterators: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _shutdown_workers_at_exit() -> None:
+    """Shut down the workers of live iterators as deleting their loaders would.
+
+    Registered after torch is imported, so it runs before torch marks the interpreter as
+    exiting and before multiprocessing terminates its daemonic children: the workers
+    finish their loop and flush their spans on the way out.
+    """
+    for iterator in list(_worker_iterators):
+        try:
+            iterator._shutdown_workers()
+        except Exception:
+            report_internal_error("dataloader.exit")
+
+
 class DataLoaderInstrumentor(DlInstrumentor):
     """Traces ``torch.utils.data.DataLoader`` iteration; see the module docstring."""
 
     _hooks: Hooks = NO_HOOKS
+    _exit_hook_registered = False
 
     def instrumentation_dependencies(self) -> Collection[str]:
         return ("torch >= 2.1",)
@@ -98,6 +124,9 @@ class DataLoaderInstrumentor(DlInstrumentor):
         self._hooks = self.hooks_from(kwargs)
         wrapt.wrap_function_wrapper(_MODULE, "DataLoader.__iter__", self._wrap_iter)
         wrapt.wrap_function_wrapper(_MODULE, "_BaseDataLoaderIter.__next__", self._wrap_next)
+        if not DataLoaderInstrumentor._exit_hook_registered:
+            DataLoaderInstrumentor._exit_hook_registered = True
+            atexit.register(_shutdown_workers_at_exit)
 
     def _uninstrument(self, **kwargs: Any) -> None:
         import torch.utils.data.dataloader as dataloader
@@ -109,6 +138,8 @@ class DataLoaderInstrumentor(DlInstrumentor):
         iterator = wrapped(*args, **kwargs)
         try:
             setattr(iterator, _STATE_ATTR, ensure_state(instance))
+            if getattr(iterator, "_workers", None):
+                _worker_iterators.add(iterator)
         except Exception:
             report_internal_error("dataloader.iter")
         return iterator

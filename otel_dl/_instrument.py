@@ -8,11 +8,18 @@ It is idempotent: a second call returns the same handle and instruments nothing 
 
 from __future__ import annotations
 
+import atexit
 import logging
+import multiprocessing
+import os
+import signal
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
+from multiprocessing import util as _mp_util
 from typing import Any
 
 from opentelemetry import metrics, trace
@@ -117,13 +124,44 @@ def _resource(config: Config) -> Resource:
     return Resource.create(attributes)
 
 
+SHUTDOWN_TIMEOUT_MILLIS = 10_000
+"""How long ``Instrumentation.shutdown()`` (and so the exit of the application) may wait
+for a backend that is down or does not answer: one OTLP exporter timeout."""
+
+
+def _bounded(work: Callable[[], Any], timeout_s: float) -> bool:
+    """Run ``work`` on a daemon thread and wait at most ``timeout_s`` for it.
+
+    The SDK's batch processor ignores the timeout of ``force_flush`` and its shutdown may
+    wait for several export attempts, each as long as the exporter's timeout; behind a
+    dead or hanging backend that made an application's exit take over a minute. Work
+    still running at the deadline is left to finish (or die with the process) on its own
+    thread. True when ``work`` finished in time.
+    """
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            work()
+        except Exception:
+            logger.warning("otel-dl: flushing or shutting down telemetry failed", exc_info=True)
+        finally:
+            done.set()
+
+    try:
+        threading.Thread(target=run, name="otel-dl-flush", daemon=True).start()
+    except RuntimeError:  # no new threads at interpreter shutdown: run it here
+        run()
+    return done.wait(max(timeout_s, 0.0))
+
+
 @dataclass
 class Instrumentation:
     """The handle ``instrument()`` returns.
 
     ``instrumented`` names the instrumentors it enabled; ``skipped`` maps the others to
     the reason. ``shutdown()`` flushes, uninstruments, and shuts down the providers
-    ``instrument()`` created (never the application's own).
+    ``instrument()`` created (never the application's own), within its timeout.
     """
 
     config: Config
@@ -134,34 +172,137 @@ class Instrumentation:
     _instrumentors: list[Any] = field(default_factory=list, repr=False)
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
-        """Export every finished span and metric now."""
-        ok = True
-        tp = self.tracer_provider or trace.get_tracer_provider()
-        if hasattr(tp, "force_flush"):
-            ok = bool(tp.force_flush(timeout_millis)) and ok
-        mp = self.meter_provider or metrics.get_meter_provider()
-        if hasattr(mp, "force_flush"):
-            ok = bool(mp.force_flush(timeout_millis)) and ok
-        return ok
+        """Export every finished span and metric now, waiting at most ``timeout_millis``.
 
-    def shutdown(self) -> None:
-        """Flush, uninstrument every instrumentor, shut down the providers we created."""
+        False when the providers said the flush failed or it did not finish in time.
+        """
+        deadline = time.monotonic() + timeout_millis / 1000
+        results: list[bool] = []
+
+        def flush() -> None:
+            tp = self.tracer_provider or trace.get_tracer_provider()
+            if hasattr(tp, "force_flush"):
+                results.append(bool(tp.force_flush(timeout_millis)))
+            mp = self.meter_provider or metrics.get_meter_provider()
+            if hasattr(mp, "force_flush"):
+                remaining = max(int((deadline - time.monotonic()) * 1000), 0)
+                results.append(bool(mp.force_flush(remaining)))
+
+        finished = _bounded(flush, deadline - time.monotonic())
+        return finished and all(results)
+
+    def shutdown(self, timeout_millis: int = SHUTDOWN_TIMEOUT_MILLIS) -> None:
+        """Flush, uninstrument every instrumentor, shut down the providers we created.
+
+        Returns within about ``timeout_millis`` even when the backend is down or never
+        answers; spans not exported by then are lost (and a warning says so).
+        """
         global _active
-        self.force_flush()
+        deadline = time.monotonic() + timeout_millis / 1000
+        flushed = self.force_flush(timeout_millis)
         for instrumentor in reversed(self._instrumentors):
             try:
                 instrumentor.uninstrument()
             except Exception:
                 logger.warning("otel-dl: uninstrumenting %r failed", instrumentor, exc_info=True)
         self._instrumentors.clear()
-        if self.tracer_provider is not None:
-            self.tracer_provider.shutdown()
-        if self.meter_provider is not None:
-            self.meter_provider.shutdown()
+        providers = [p for p in (self.tracer_provider, self.meter_provider) if p is not None]
+        stopped = _bounded(
+            lambda: [provider.shutdown() for provider in providers],
+            deadline - time.monotonic(),
+        )
+        if not (flushed and stopped):
+            logger.warning(
+                "otel-dl: telemetry could not be flushed within %.1f s (is the OTLP backend"
+                " down or not answering?); what was not exported by then is lost",
+                timeout_millis / 1000,
+            )
         with _lock:
             if _active is self:
                 _active = None
                 set_config(None)
+
+
+_HELD_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextmanager
+def _termination_signals_held() -> Iterator[None]:
+    """Hold SIGTERM and SIGINT back while the block runs; they take effect right after.
+
+    A process on its way out is often sent SIGTERM as well (a pre-fork server stopping
+    its workers), and a handler that raises SystemExit then would cut the flush short,
+    losing the spans it was sending. The flush is bounded, so the delay is too. Only the
+    main thread can set handlers; elsewhere, and for handlers set outside Python, the
+    block runs as it is.
+    """
+    caught: list[int] = []
+    previous: dict[int, Any] = {}
+
+    def hold(number: int, _frame: Any) -> None:
+        caught.append(number)
+
+    if threading.current_thread() is threading.main_thread():
+        for held in _HELD_SIGNALS:
+            if signal.getsignal(held) is not None:
+                previous[held] = signal.signal(held, hold)
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for number in dict.fromkeys(caught):
+            signal.raise_signal(number)
+
+
+def _shutdown_at_exit() -> None:
+    """atexit: shut down the active handle, bounded, in place of the SDK's own unbounded
+    shutdown of the providers ``instrument()`` created."""
+    handle = _active
+    if handle is not None:
+        with _termination_signals_held():
+            handle.shutdown()
+
+
+def _flush_at_child_exit() -> None:
+    """multiprocessing finalizer: flush what a child process queued before it exits.
+
+    multiprocessing ends a child (``fork`` and ``forkserver`` start methods, DataLoader
+    workers among them) with ``os._exit()``, which skips atexit and so every provider's
+    shutdown: the spans still queued in the child's batch processor were lost. It runs
+    its own finalizers first, and this is one of them.
+    """
+    handle = _active
+    if handle is not None:
+        with _termination_signals_held():
+            handle.force_flush(SHUTDOWN_TIMEOUT_MILLIS)
+
+
+class _ChildExitHook:
+    """Registers :func:`_flush_at_child_exit` in this process when it is a multiprocessing
+    child, and in every multiprocessing child forked from it later (multiprocessing drops
+    the finalizers a child inherits, then calls the hooks registered for after a fork)."""
+
+    def __init__(self) -> None:
+        self.pid: int | None = None
+
+    def install(self) -> None:
+        pid = os.getpid()
+        if self.pid == pid:
+            return
+        if self.pid is None:  # a forked child inherits the registration
+            _mp_util.register_after_fork(self, _ChildExitHook._in_child)
+        self.pid = pid
+        if multiprocessing.parent_process() is not None:
+            _mp_util.Finalize(None, _flush_at_child_exit, exitpriority=10)
+
+    def _in_child(self) -> None:
+        self.pid = os.getpid()
+        _mp_util.Finalize(None, _flush_at_child_exit, exitpriority=10)
+
+
+_child_exit_hook = _ChildExitHook()
+_atexit_registered = False
 
 
 _lock = threading.RLock()
@@ -208,7 +349,7 @@ def instrument(
 
     Providers already set by the application are used as they are, never replaced.
     """
-    global _active
+    global _active, _atexit_registered
     with _lock:
         if _active is not None:
             logger.debug("otel_dl.instrument() called again; returning the active handle")
@@ -219,7 +360,8 @@ def instrument(
         set_config(config)
         handle = Instrumentation(config=config)
         if not _tracer_provider_is_set():
-            provider = TracerProvider(resource=_resource(config))
+            # The bounded shutdown registered below replaces the SDK's exit hook.
+            provider = TracerProvider(resource=_resource(config), shutdown_on_exit=False)
             exporter = _span_exporter(config)
             if exporter is not None:
                 from otel_dl.export import DropCountingSpanProcessor
@@ -233,7 +375,9 @@ def instrument(
         if not _meter_provider_is_set():
             reader = _metric_reader(config)
             meter_provider = MeterProvider(
-                resource=_resource(config), metric_readers=[reader] if reader else []
+                resource=_resource(config),
+                metric_readers=[reader] if reader else [],
+                shutdown_on_exit=False,
             )
             metrics.set_meter_provider(meter_provider)
             handle.meter_provider = meter_provider
@@ -245,6 +389,10 @@ def instrument(
             if reason is not None:
                 handle.skipped[ep.name] = reason
         _active = handle
+        if not _atexit_registered:
+            _atexit_registered = True
+            atexit.register(_shutdown_at_exit)
+        _child_exit_hook.install()
         logger.debug("otel-dl instrumented %s; skipped %s", handle.instrumented, handle.skipped)
         return handle
 
