@@ -99,17 +99,18 @@ def _dataloader_app(method: str, size: int, epochs: int, workers: int) -> None:
     if method == "forkserver":
         multiprocessing.set_forkserver_preload(["torch", "otel_dl", MODULE])
     otel_dl.instrument("dataloader-app")
-    loaders = {
-        f"{method}/{'persistent' if persistent else 'per-epoch'}": DataLoader(
-            Samples(f"{method}/{'persistent' if persistent else 'per-epoch'}", size),
+    loaders: dict[str, Any] = {}
+    for persistent in (False, True):
+        case = f"{method}/{'persistent' if persistent else 'per-epoch'}"
+        dataset: Any = Samples(case, size)
+        loaders[case] = DataLoader(
+            dataset,
             batch_size=BATCH,
             num_workers=workers,
             multiprocessing_context=method,
             persistent_workers=persistent,
             worker_init_fn=None if method == "fork" else _init_worker,
         )
-        for persistent in (False, True)
-    }
     # Both loaders' workers start at once: with spawn, their start-up is mostly imports.
     first_epoch = {case: iter(loader) for case, loader in loaders.items()}
     for case, loader in loaders.items():
@@ -160,7 +161,7 @@ def _serve(listener: socket.socket, per_worker: int, case: str) -> None:
 
 
 def _prefork_app(method: str, workers: int, per_worker: int) -> None:
-    context = multiprocessing.get_context(method)
+    context: Any = multiprocessing.get_context(method)
     if method == "forkserver":
         context.set_forkserver_preload(["otel_dl", MODULE])
     otel_dl.instrument("prefork-server", include=["ingest"], propagation=False)
