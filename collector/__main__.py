@@ -49,6 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
         dest="max_request_bytes",
         help="largest OTLP request accepted, after decompression (67108864)",
     )
+    p.add_argument(
+        "--max-request-wait",
+        dest="max_request_wait",
+        metavar="SECONDS",
+        help="refuse (back-pressure) a request that waited longer for a worker (2; 0: never)",
+    )
+    p.add_argument(
+        "--memory-limit-mib",
+        dest="memory_limit_mib",
+        metavar="MIB",
+        help="resident memory to stay under: back-pressure above 80 %% of it (0: no limit)",
+    )
     # No flag for auth_token: a command line is visible to every user in the process list.
     p.add_argument("--tls-cert", dest="tls_cert", help="PEM server certificate: serve TLS")
     p.add_argument("--tls-key", dest="tls_key", help="PEM private key of --tls-cert")
@@ -78,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "catalog",
             "api_port",
             "max_request_bytes",
+            "max_request_wait",
+            "memory_limit_mib",
             "tls_cert",
             "tls_key",
             "tls_client_ca",

@@ -50,6 +50,8 @@ class CollectorConfig:
     queue_max_bytes: int = 256 * 1024 * 1024
     min_baseline_samples: int = 30
     max_request_bytes: int = 64 * 1024 * 1024
+    max_request_wait: float = 2.0
+    memory_limit_mib: int = 0
     auth_token: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -196,6 +198,20 @@ OPTIONS: tuple[Option, ...] = (
     Option("queue_max_bytes", _int, _positive, "disk bytes before senders get back-pressure"),
     Option("min_baseline_samples", _int, _positive, "samples before a learned baseline is used"),
     Option("max_request_bytes", _int, _positive, "largest accepted OTLP request, bytes"),
+    Option(
+        "max_request_wait",
+        _float,
+        _non_negative,
+        "seconds a request may wait for a worker before it is refused with back-pressure; "
+        "0 never refuses",
+    ),
+    Option(
+        "memory_limit_mib",
+        _int,
+        _non_negative,
+        "resident memory (MiB) to stay under: new data is refused with back-pressure above "
+        "80 % of it; 0 sets no limit",
+    ),
     Option(
         "auth_token",
         _optional_str,

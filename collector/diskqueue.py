@@ -32,7 +32,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 _HEADER = struct.Struct("<II")
-_SEGMENT_BYTES = 16 * 1024 * 1024
+# A journal segment is deleted once none of its spans is pending, so after a crash its
+# spans already handed on are replayed (and forwarded twice): keep journal segments small.
+_JOURNAL_SEGMENT_BYTES = 1024 * 1024
+_EXPORT_SEGMENT_BYTES = 16 * 1024 * 1024
+_MIN_SEGMENT_BYTES = 64 * 1024
 
 
 class QueueFull(RuntimeError):
@@ -88,12 +92,17 @@ def _read_records(path: Path) -> Iterator[tuple[int, bytes]]:
 class _SegmentLog:
     """Numbered segment files in one directory, appended under a lock."""
 
-    def __init__(self, directory: Path, prefix: str, budget: DiskBudget) -> None:
+    def __init__(
+        self, directory: Path, prefix: str, budget: DiskBudget, segment_bytes: int
+    ) -> None:
         self.dir = directory
         self.prefix = prefix
         self.budget = budget
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.lock = threading.Lock()
+        # A segment is deleted only once nothing in it is pending, so a segment is the
+        # unit in which disk is given back: keep it a small part of the budget.
+        self.segment_bytes = max(_MIN_SEGMENT_BYTES, min(segment_bytes, budget.max_bytes // 8))
         self.segments = sorted(self._seq(p) for p in self.dir.glob(f"{prefix}-*.log"))
         self.active = (self.segments[-1] + 1) if self.segments else 0
         self._fh: BinaryIO | None = None
@@ -109,7 +118,7 @@ class _SegmentLog:
         """Append and fsync one record; return its segment. Call with ``lock`` held."""
         record = _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
         self.budget.reserve(len(record), force)
-        if self._fh is None or self._active_size >= _SEGMENT_BYTES:
+        if self._fh is None or self._active_size >= self.segment_bytes:
             self._rotate()
         assert self._fh is not None
         self._fh.write(record)
@@ -154,7 +163,7 @@ class Journal:
     """Received requests kept on disk until every span in them has been handed on."""
 
     def __init__(self, directory: Path, budget: DiskBudget) -> None:
-        self._log = _SegmentLog(directory, "inbox", budget)
+        self._log = _SegmentLog(directory, "inbox", budget, _JOURNAL_SEGMENT_BYTES)
         self._old = list(self._log.segments)
         for seq in self._old:
             budget.used += self._log.path(seq).stat().st_size
@@ -202,7 +211,7 @@ class ExportQueue:
     """Enriched requests waiting for the backend, in order, with a persisted read cursor."""
 
     def __init__(self, directory: Path, budget: DiskBudget) -> None:
-        self._log = _SegmentLog(directory, "export", budget)
+        self._log = _SegmentLog(directory, "export", budget, _EXPORT_SEGMENT_BYTES)
         self._cursor_path = directory / "cursor"
         self._cond = threading.Condition(self._log.lock)
         seq, offset = 0, 0
@@ -213,6 +222,9 @@ class ExportQueue:
         for old in list(self._log.segments):
             if old < seq:
                 self._log.delete(old)
+        # Once drained, every segment is deleted; new ones must still sort after the
+        # cursor, or the reader would skip them.
+        self._log.active = max(self._log.active, seq + 1)
         self._pos = (seq, offset)
         self._buffer: list[tuple[tuple[int, int], bytes]] = []
         self.length = 0
@@ -223,10 +235,14 @@ class ExportQueue:
                 if (s, end) > self._pos:
                     self.length += 1
 
-    def append(self, payload: bytes) -> None:
-        """Persist one request for export; raise :class:`QueueFull` when the budget is spent."""
+    def append(self, payload: bytes, force: bool = False) -> None:
+        """Persist one request for export; raise :class:`QueueFull` when the budget is spent.
+
+        ``force`` skips the budget check, for spans that already count against it in the
+        journal (refusing them would keep the journal from ever being released).
+        """
         with self._cond:
-            self._log.write(payload)
+            self._log.write(payload, force)
             self.length += 1
             self._cond.notify_all()
 

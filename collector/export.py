@@ -14,8 +14,11 @@ the URL has no path), and acknowledges it only once the backend accepted it::
 Retryable failures (gRPC UNAVAILABLE, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, ...;
 HTTP 429, 502, 503, 504 or no connection) are retried with exponential backoff and
 jitter up to ``max_backoff`` seconds, for as long as it takes: the request stays on
-disk meanwhile. A permanent failure (any other status) drops the request and counts
-its spans as dropped, as the OTLP specification asks.
+disk meanwhile. While nothing accepts connections at the backend's address, the wait
+is cut short as soon as a TCP connection to it succeeds (tried once a second), so
+delivery resumes within about a second of the backend's return, not at the end of a
+backoff that grew during the outage. A permanent failure (any other status) drops the
+request and counts its spans as dropped, as the OTLP specification asks.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ from __future__ import annotations
 import gzip
 import logging
 import random
+import socket
 import struct
 import threading
+import time
 from collections.abc import Iterable
 from urllib.parse import urlparse
 
@@ -53,10 +58,26 @@ _RETRYABLE_GRPC = frozenset(
     }
 )
 _RETRYABLE_HTTP = frozenset({429, 502, 503, 504})
+_FIRST_BACKOFF = 0.05
+_PROBE_SECONDS = 1.0
+# The channel's own reconnect backoff (grpc's default grows to 120 s) must not outlast
+# the backend's return once a probe saw it back.
+_GRPC_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+)
 
 
 class _Retryable(Exception):
-    """The backend did not take the request this time; try again later."""
+    """The backend did not take the request this time; try again later.
+
+    ``unreachable``: nothing accepted a connection at the backend's address.
+    """
+
+    def __init__(self, message: str, unreachable: bool = False) -> None:
+        super().__init__(message)
+        self.unreachable = unreachable
 
 
 class _Permanent(Exception):
@@ -94,7 +115,9 @@ def queue_item(records: list[SpanRecord]) -> bytes:
 
 class _GrpcSender:
     def __init__(self, endpoint: str, headers: tuple[tuple[str, str], ...], timeout: float):
-        self._channel = grpc.insecure_channel(endpoint, compression=grpc.Compression.Gzip)
+        self._channel = grpc.insecure_channel(
+            endpoint, options=_GRPC_OPTIONS, compression=grpc.Compression.Gzip
+        )
         self._call = self._channel.unary_unary(
             _EXPORT_METHOD,
             request_serializer=None,
@@ -110,7 +133,8 @@ class _GrpcSender:
             code = exc.code()  # type: ignore[attr-defined]
             message = f"gRPC {code.name}: {exc.details()}"  # type: ignore[attr-defined]
             if code in _RETRYABLE_GRPC:
-                raise _Retryable(message) from exc
+                unreachable = code == grpc.StatusCode.UNAVAILABLE and "connect" in message.lower()
+                raise _Retryable(message, unreachable) from exc
             raise _Permanent(message) from exc
         return response.partial_success.rejected_spans
 
@@ -138,7 +162,8 @@ class _HttpSender:
                 timeout=self._timeout,
             )
         except requests.RequestException as exc:
-            raise _Retryable(f"HTTP request failed: {exc}") from exc
+            unreachable = isinstance(exc, requests.ConnectionError)
+            raise _Retryable(f"HTTP request failed: {exc}", unreachable) from exc
         if resp.status_code in _RETRYABLE_HTTP:
             raise _Retryable(f"HTTP {resp.status_code}")
         if resp.status_code >= 300:
@@ -148,6 +173,23 @@ class _HttpSender:
                 resp.content
             ).partial_success.rejected_spans
         return 0
+
+
+def _address(endpoint: str) -> tuple[str, int]:
+    """``(host, port)`` of an OTLP/gRPC ``host:port`` or OTLP/HTTP URL endpoint."""
+    if endpoint.startswith(("http://", "https://")):
+        url = urlparse(endpoint)
+        return url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    host, _, port = endpoint.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _accepts_connections(address: tuple[str, int]) -> bool:
+    try:
+        with socket.create_connection(address, timeout=_PROBE_SECONDS):
+            return True
+    except OSError:
+        return False
 
 
 class Exporter(threading.Thread):
@@ -167,6 +209,7 @@ class Exporter(threading.Thread):
         self._metrics = metrics
         self._max_backoff = max_backoff
         self._halt = threading.Event()
+        self._address = _address(endpoint)
         if endpoint.startswith(("http://", "https://")):
             self._sender: _GrpcSender | _HttpSender = _HttpSender(endpoint, headers, timeout)
         else:
@@ -179,8 +222,19 @@ class Exporter(threading.Thread):
         if isinstance(self._sender, _GrpcSender):
             self._sender.close()
 
+    def _wait(self, seconds: float, unreachable: bool) -> bool:
+        """Wait ``seconds`` before a retry; return True when cut short because the
+        backend, unreachable so far, accepts connections again."""
+        deadline = time.monotonic() + seconds
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or self._halt.wait(min(left, _PROBE_SECONDS)):
+                return False
+            if unreachable and _accepts_connections(self._address):
+                return True
+
     def run(self) -> None:
-        backoff = 0.05
+        backoff = _FIRST_BACKOFF
         while not self._halt.is_set():
             item = self._queue.peek(timeout=0.2)
             if item is None:
@@ -194,15 +248,15 @@ class Exporter(threading.Thread):
             except _Retryable as exc:
                 self._metrics.export_retries.inc()
                 _log.warning("export failed, retrying in %.2fs: %s", backoff, exc)
-                self._halt.wait(backoff * (0.5 + random.random()))
-                backoff = min(self._max_backoff, backoff * 2)
+                back = self._wait(backoff * (0.5 + random.random()), exc.unreachable)
+                backoff = _FIRST_BACKOFF if back else min(self._max_backoff, backoff * 2)
                 continue
             except _Permanent as exc:
                 _log.error("backend refused %d spans for good, dropping them: %s", spans, exc)
                 self._metrics.spans_dropped.inc(spans)
                 rejected = 0
                 spans = 0
-            backoff = 0.05
+            backoff = _FIRST_BACKOFF
             self._queue.ack(position)
             self._metrics.spans_forwarded.inc(spans - rejected)
             if rejected:

@@ -42,7 +42,9 @@ class CollectorMetrics:
         )
         self.requests_throttled = Counter(
             "otel_dl_collector_requests_throttled",
-            "Requests answered with back-pressure because the disk queue was full",
+            "Requests answered with back-pressure, by reason: disk (queue_max_bytes spent), "
+            "memory (RSS over the soft limit) or overload (waited over max_request_wait)",
+            ["reason"],
             registry=r,
         )
         self.export_retries = Counter(
@@ -75,6 +77,11 @@ class CollectorMetrics:
         self.queue_bytes = Gauge(
             "otel_dl_collector_queue_bytes",
             "Bytes in the persistent journal and export queue",
+            registry=r,
+        )
+        self.rss_bytes = Gauge(
+            "otel_dl_collector_rss_bytes",
+            "Resident memory, sampled when memory_limit_mib is set",
             registry=r,
         )
         self.attribution_seconds = Histogram(

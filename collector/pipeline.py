@@ -20,18 +20,18 @@ import asyncio
 import logging
 import threading
 import time
-from concurrent import futures
 from pathlib import Path
 
 import grpc
 from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+from .admission import MemoryGuard, TimedExecutor, rss_bytes, rss_supported
 from .api import api_routes
 from .assemble import DecisionCache, SpanRecord, Trace, TraceBuffer, flatten
 from .attribute import Attributor, Decision
 from .catalog import Catalog, load_catalog
-from .config import CollectorConfig
+from .config import CollectorConfig, ConfigError
 from .diskqueue import DiskBudget, ExportQueue, Journal, QueueFull
 from .enrich import enrich, enrich_late
 from .export import Exporter, queue_item
@@ -88,6 +88,25 @@ class Collector:
         # Built here so a bad certificate stops the collector before anything starts.
         self._ssl = server_ssl_context(config)
         self._grpc_credentials = grpc_credentials(config)
+        self.memory = self._memory_guard(config.memory_limit_mib)
+
+    def _memory_guard(self, limit_mib: int) -> MemoryGuard | None:
+        if not limit_mib:
+            return None
+        if not rss_supported():
+            raise ConfigError(
+                "memory_limit_mib needs /proc/self/statm to read resident memory (Linux); "
+                "leave it 0 on this system"
+            )
+        guard = MemoryGuard(limit_mib << 20, self.metrics.rss_bytes.set)
+        rss = rss_bytes()
+        if rss >= guard.soft_limit:
+            raise ConfigError(
+                f"memory_limit_mib {limit_mib}: the collector already uses {rss >> 20} MiB "
+                f"before taking any data, over 80 % of the limit; give at least "
+                f"{int(rss / (1 << 20) / 0.8) + 64}"
+            )
+        return guard
 
     # --- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -101,6 +120,8 @@ class Collector:
         if replayed:
             _log.info("replayed %d journaled requests from the previous run", replayed)
         self._decider.start()
+        if self.memory is not None:
+            self.memory.start()
         if self.queue is not None and self.config.export_endpoint:
             self._exporter = Exporter(
                 self.config.export_endpoint,
@@ -116,12 +137,13 @@ class Collector:
 
     def _start_grpc(self) -> None:
         server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="otel-dl-grpc"),
+            # Timed, so a request that waited too long for a worker can be refused.
+            TimedExecutor(max_workers=8, thread_name_prefix="otel-dl-grpc"),
             interceptors=self._auth.grpc_interceptors(),
             # grpc answers a larger message (after decompression) with RESOURCE_EXHAUSTED.
             options=[("grpc.max_receive_message_length", self.config.max_request_bytes)],
         )
-        add_grpc_receiver(server, self.ingest)
+        add_grpc_receiver(server, self.ingest, self.admit)
         address = f"{self.config.host}:{self.config.grpc_port}"
         if self._grpc_credentials is not None:
             self.grpc_port = server.add_secure_port(address, self._grpc_credentials)
@@ -142,7 +164,7 @@ class Collector:
 
         async def setup() -> None:
             otlp = web.Application(client_max_size=self.config.max_request_bytes)
-            http_routes(otlp, self.ingest, self.config.max_request_bytes, self._auth)
+            http_routes(otlp, self.ingest, self.config.max_request_bytes, self._auth, self.admit)
             api = web.Application()
             api_routes(
                 api,
@@ -162,6 +184,7 @@ class Collector:
 
         def run() -> None:
             asyncio.set_event_loop(loop)
+            loop.set_default_executor(TimedExecutor(thread_name_prefix="otel-dl-http"))
             try:
                 loop.run_until_complete(setup())
             except BaseException as exc:  # reported to start() below
@@ -198,6 +221,8 @@ class Collector:
                 loop.call_soon_threadsafe(loop.stop)
                 self._loop_thread.join(timeout=10)
             loop.close()
+        if self.memory is not None:
+            self.memory.stop()
         self._stop.set()
         if self._decider.is_alive():
             self._decider.join(timeout=10)
@@ -210,13 +235,40 @@ class Collector:
             self.store.close()
 
     # --- receive side ---------------------------------------------------------------------
+    def admit(self, waited: float = 0.0) -> None:
+        """Raise :class:`QueueFull` (back-pressure) when no request should be taken now.
+
+        ``waited``: seconds the request waited for a worker thread. See admission.py.
+        """
+        if self.budget.full:
+            self.metrics.requests_throttled.labels("disk").inc()
+            raise QueueFull(
+                f"disk queue holds {self.budget.used} of {self.budget.max_bytes} bytes "
+                "(queue_max_bytes)"
+            )
+        if self.memory is not None and self.memory.over:
+            self.metrics.requests_throttled.labels("memory").inc()
+            raise QueueFull(
+                f"collector memory {self.memory.rss >> 20} MiB is over its soft limit of "
+                f"{self.memory.soft_limit >> 20} MiB (80 % of memory_limit_mib)"
+            )
+        limit = self.config.max_request_wait
+        if limit and waited > limit:
+            self.metrics.requests_throttled.labels("overload").inc()
+            raise QueueFull(
+                f"overloaded: the request waited {waited:.1f} s for a worker "
+                f"(max_request_wait {limit:g} s)"
+            )
+
     def ingest(
         self, request: ExportTraceServiceRequest, raw: bytes | None, force: bool = False
     ) -> tuple[int, str]:
-        """Journal and buffer one request; return ``(rejected spans, message)``."""
-        if self.budget.full and not force:
-            self.metrics.requests_throttled.inc()
-            raise QueueFull(f"disk queue holds {self.budget.used} of {self.budget.max_bytes} bytes")
+        """Journal and buffer one request; return ``(rejected spans, message)``.
+
+        Raises :class:`QueueFull` (see :meth:`admit`) unless ``force``, which replays use.
+        """
+        if not force:
+            self.admit()
         records, rejected, message = flatten(request, self._wanted)
         if rejected:
             self.metrics.spans_rejected.inc(rejected)
@@ -226,7 +278,7 @@ class Collector:
         try:
             segment = self.journal.append(payload, len(records), force)
         except QueueFull:
-            self.metrics.requests_throttled.inc()
+            self.metrics.requests_throttled.labels("disk").inc()
             raise
         for rec in records:
             rec.journal_segment = segment
@@ -241,27 +293,27 @@ class Collector:
     # --- decision loop --------------------------------------------------------------------
     def _decide_loop(self) -> None:
         while not self._stop.wait(_TICK_SECONDS):
-            self._decide_guarded(final=False)
+            self._decide_guarded()
         with self._lock:
             self._evicted.extend(self.buffer.pop_all())
-        self._decide_guarded(final=True)
+        self._decide_guarded()
 
-    def _decide_guarded(self, final: bool) -> None:
+    def _decide_guarded(self) -> None:
         # The one decision thread must outlive any bug a strange trace may hit: a dead
         # decider would stop every forward. Spans of a failed round stay in the journal
         # and are replayed at the next start.
         try:
-            self.decide_now(final)
+            self.decide_now()
         except Exception:
             self.metrics.decision_errors.inc()
             _log.exception("decision round failed; the decision thread goes on")
 
-    def decide_now(self, final: bool = False) -> int:
+    def decide_now(self) -> int:
         """Decide every complete trace; return how many were decided."""
         with self._decide_lock:
-            return self._decide(final)
+            return self._decide()
 
-    def _decide(self, final: bool) -> int:
+    def _decide(self) -> int:
         now = time.monotonic()
         with self._lock:
             done = self.buffer.pop_complete(now)
@@ -312,29 +364,28 @@ class Collector:
                 _log.exception("could not write faults to the store %s", self.store.path)
         if out:
             self._backlog.append((out, _segments(out)))
-        self._hand_on(final)
+        self._hand_on()
         self.metrics.queue_bytes.set(self.budget.used)
         return len(traces)
 
-    def _hand_on(self, final: bool) -> None:
-        """Move decided spans into the export queue, then release them from the journal."""
+    def _hand_on(self) -> None:
+        """Move decided spans into the export queue, then release them from the journal.
+
+        The export queue takes them even when the disk budget is spent: they already
+        count against it in the journal, which is given back only once they moved.
+        Refusing them there would hold the journal, and the budget, for good.
+        """
         while self._backlog:
             records, segments = self._backlog[0]
             if self.queue is not None:
                 step = self.config.export_batch_spans
-                try:
-                    while records:
-                        chunk = records[:step]
-                        self.queue.append(queue_item(chunk))
-                        self.metrics.spans_queued.inc(len(chunk))
-                        # A partly queued batch must not be queued twice on retry.
-                        records = records[step:]
-                        self._backlog[0] = (records, segments)
-                except QueueFull:
-                    if not final:
-                        return
-                    _log.warning("export queue full at shutdown; spans stay in the journal")
-                    return
+                while records:
+                    chunk = records[:step]
+                    self.queue.append(queue_item(chunk), force=True)
+                    self.metrics.spans_queued.inc(len(chunk))
+                    # A partly queued batch must not be queued twice on retry.
+                    records = records[step:]
+                    self._backlog[0] = (records, segments)
             self._backlog.pop(0)
             self.journal.release(segments)
 

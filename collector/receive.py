@@ -3,13 +3,18 @@
 Both receivers decode a request and hand it to a *sink*, a callable
 ``sink(request, raw) -> (rejected_spans, error_message)`` (the collector's
 ``ingest``), which may raise :class:`~.diskqueue.QueueFull` or
-:class:`~.assemble.PayloadError`. Responses follow the OTLP specification:
+:class:`~.assemble.PayloadError`. Before decoding they ask a *gate*,
+``gate(waited)`` (the collector's ``admit``; ``waited`` is how long the request waited
+for a worker thread), which raises :class:`~.diskqueue.QueueFull` to refuse it; the
+HTTP receiver asks once more before it reads the body. Responses follow the OTLP
+specification:
 
 - success, with ``partial_success`` (rejected spans and a message) when some spans
   were refused;
 - a payload that cannot be decoded: gRPC ``INVALID_ARGUMENT`` / HTTP 400, not retryable;
-- back-pressure when the disk queue is full: gRPC ``RESOURCE_EXHAUSTED`` with a
-  ``RetryInfo`` detail, HTTP 429 with ``Retry-After``; the sender retries later;
+- back-pressure when the disk queue is full, memory is over its limit or the
+  collector is overloaded: gRPC ``RESOURCE_EXHAUSTED`` with a ``RetryInfo`` detail,
+  HTTP 429 with ``Retry-After``; the sender retries later;
 - a request over ``max_request_bytes`` (after decompression): HTTP 413, gRPC
   ``RESOURCE_EXHAUSTED`` without ``RetryInfo`` (so the sender does not retry it);
 - a missing or wrong bearer token (when ``auth_token`` is set): HTTP 401, gRPC
@@ -39,11 +44,13 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
+from .admission import waited
 from .assemble import PayloadError
 from .diskqueue import QueueFull
 from .security import UNAUTHENTICATED_MESSAGE, BearerAuth
 
 Sink = Callable[[ExportTraceServiceRequest, bytes | None], tuple[int, str]]
+Gate = Callable[[float], None]
 RETRY_AFTER_SECONDS = 1
 # Protobuf refuses messages nested deeper than 100; JSON gets the same bound.
 MAX_JSON_DEPTH = 100
@@ -149,7 +156,11 @@ def _response(rejected: int, message: str) -> ExportTraceServiceResponse:
     return response
 
 
-def add_grpc_receiver(server: grpc.Server, sink: Sink) -> None:
+def _open(_waited: float) -> None:
+    """A gate that takes every request."""
+
+
+def add_grpc_receiver(server: grpc.Server, sink: Sink, gate: Gate = _open) -> None:
     """Register the OTLP ``TraceService/Export`` method on ``server``.
 
     The request arrives as raw bytes and is decoded here, so undecodable protobuf gets
@@ -159,6 +170,7 @@ def add_grpc_receiver(server: grpc.Server, sink: Sink) -> None:
 
     def export(body: bytes, context: grpc.ServicerContext) -> ExportTraceServiceResponse:
         try:
+            gate(waited())
             rejected, message = sink(decode_protobuf(body), body)
         except QueueFull as exc:
             context.set_trailing_metadata(_retry_info_trailer())
@@ -181,7 +193,11 @@ def _supported_encoding(encoding: str) -> bool:
 
 
 def http_routes(
-    app: web.Application, sink: Sink, max_bytes: int, auth: BearerAuth | None = None
+    app: web.Application,
+    sink: Sink,
+    max_bytes: int,
+    auth: BearerAuth | None = None,
+    gate: Gate = _open,
 ) -> None:
     """Add ``POST /v1/traces`` to an aiohttp application.
 
@@ -216,9 +232,13 @@ def http_routes(
         )
 
     def handle_sync(body: bytes, as_json: bool) -> tuple[int, str]:
+        gate(waited())
         if as_json:
             return sink(decode_json(body), None)
         return sink(decode_protobuf(body), body)
+
+    def backpressure(as_json: bool, exc: QueueFull) -> web.Response:
+        return error(as_json, 429, f"{exc}; retry later", {"Retry-After": str(RETRY_AFTER_SECONDS)})
 
     too_large = (
         f"request body over max_request_bytes ({max_bytes} bytes, after decompression); "
@@ -243,6 +263,10 @@ def http_routes(
         if request.content_length is not None and request.content_length > max_bytes:
             return error(as_json, 413, too_large)
         try:
+            gate(0.0)  # refused before the body is read: no memory spent on it
+        except QueueFull as exc:
+            return backpressure(as_json, exc)
+        try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             return error(as_json, 413, too_large)
@@ -251,9 +275,7 @@ def http_routes(
             # Decoding and the fsync'd journal write block; keep them off the event loop.
             rejected, message = await loop.run_in_executor(None, handle_sync, body, as_json)
         except QueueFull as exc:
-            return error(
-                as_json, 429, f"{exc}; retry later", {"Retry-After": str(RETRY_AFTER_SECONDS)}
-            )
+            return backpressure(as_json, exc)
         except PayloadError as exc:
             return error(as_json, 400, str(exc))
         return respond(as_json, _response(rejected, message))
