@@ -180,7 +180,7 @@ def test_a_restart_after_the_export_queue_drained_exports_new_spans(tmp_path: Pa
         collector.start()
         return collector
 
-    runs = int(scale(3, 5))
+    runs = int(scale(2, 5))
     delivered: list[int] = []
     acked: list[int] = []
     with SinkServer(Sink(keep=False)) as backend:

@@ -29,9 +29,9 @@ from tests.collector.conftest import (
 )
 from tests.reliability.findings import record, scale
 
-BEFORE = scale(2.0, 10.0)
+BEFORE = scale(1.5, 10.0)
 OUTAGE = scale(4.0, 60.0)
-AFTER = scale(4.0, 20.0)
+AFTER = scale(3.0, 20.0)
 RATE = scale(30, 40)  # requests/s, 100 spans each
 BUDGET = int(scale(1 << 20, 12 << 20))
 DEFAULT_BUDGET = 256 << 20

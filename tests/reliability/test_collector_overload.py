@@ -1,0 +1,350 @@
+"""Overload: senders offer three times what the collector was measured to sustain.
+
+The collector runs as its CLI with a data directory and ``memory_limit_mib`` set,
+exporting to a real OTLP/gRPC sink on loopback. Its capacity is measured first in the
+same run: closed-loop senders (each sends its next request once the last is answered)
+over OTLP/gRPC and OTLP/HTTP, spans acknowledged per second. Then an open-loop client
+offers three times that, on schedule whatever the answers. The collector must answer
+the excess with back-pressure (HTTP 429 with Retry-After, gRPC RESOURCE_EXHAUSTED with
+a RetryInfo), keep its peak RSS (``VmHWM``) under the limit, and deliver every span it
+acknowledged. A second test holds traces in memory so that only the memory limit can
+stop RSS from growing; a third checks the option itself.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from otel_dl.collector.config import load_config
+from tests.collector.conftest import (
+    BACKPRESSURE,
+    OK,
+    CollectorProcess,
+    Sink,
+    SinkServer,
+    Traffic,
+    time_until,
+)
+from tests.reliability.findings import record, scale
+
+LIMIT_MIB = 256
+SENDERS = 8
+WARMUP = scale(1.0, 3.0)
+MEASURE = scale(2.5, 20.0)
+OVERLOAD = scale(4.0, 60.0)
+FACTOR = 3
+DRAIN_SECONDS = scale(60, 180)
+_THROTTLED = "otel_dl_collector_requests_throttled_total"
+
+
+def _mib(n: float) -> str:
+    return f"{n / (1 << 20):.0f} MiB"
+
+
+class _Watch(threading.Thread):
+    """Samples the collector's RSS and throttling every 0.2 s; can switch the traffic's
+    phase when the first refusal for memory is seen."""
+
+    def __init__(self, collector: CollectorProcess, traffic: Traffic | None = None) -> None:
+        super().__init__(name="collector-watch", daemon=True)
+        self.collector = collector
+        self.traffic = traffic
+        self.halt = threading.Event()
+        self.peak_rss = 0
+        self.memory_refusals_seen = False
+
+    def run(self) -> None:
+        while not self.halt.wait(0.2):
+            try:
+                rss, _ = self.collector.memory()
+                self.peak_rss = max(self.peak_rss, rss)
+                if self.traffic is not None and not self.memory_refusals_seen:
+                    memory = self.collector.metrics().get(f'{_THROTTLED}{{reason="memory"}}', 0)
+                    if memory:
+                        self.memory_refusals_seen = True
+                        self.traffic.phase = "after the first refusal"
+            except (OSError, KeyError):
+                continue
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.join(timeout=10)
+
+
+def _rate(count: float, seconds: float) -> str:
+    return f"{count / seconds:,.0f}"
+
+
+def test_overload_at_three_times_capacity_gets_back_pressure_within_the_memory_limit(
+    tmp_path: Path,
+) -> None:
+    with (
+        SinkServer(Sink(keep=False)) as backend,
+        CollectorProcess(
+            tmp_path / "data",
+            export_endpoint=f"127.0.0.1:{backend.port}",
+            memory_limit_mib=LIMIT_MIB,
+        ) as collector,
+    ):
+        collector.start()
+        idle_rss, _ = collector.memory()
+        watch = _Watch(collector)
+        watch.start()
+        try:
+            # 1. capacity: spans acknowledged per second to closed-loop senders.
+            with Traffic(collector, senders=SENDERS, traces_per_request=20) as closed:
+                time.sleep(WARMUP)
+                acked0, delivered0 = closed.acked_spans(), backend.sink.unique()
+                time.sleep(MEASURE)
+                acked1, delivered1 = closed.acked_spans(), backend.sink.unique()
+            capacity_rss = watch.peak_rss
+            acked_rate = (acked1 - acked0) / MEASURE
+            delivered_rate = (delivered1 - delivered0) / MEASURE
+            capacity = acked_rate
+            time_until(lambda: backend.sink.missing(closed.acked_keys()) == 0, 30, 0.2)
+            throttled_before = collector.metrics()
+
+            # 2. three times that, open loop.
+            rate = FACTOR * capacity / 100  # requests/s of 100 spans
+            watch.peak_rss = 0
+            with Traffic(
+                collector, senders=SENDERS, traces_per_request=20, rate=rate, first_index=101
+            ) as flood:
+                flood.phase = "overload"
+                delivered0 = backend.sink.unique()
+                time.sleep(OVERLOAD)
+                delivered_in_overload = backend.sink.unique() - delivered0
+            overload_rss = watch.peak_rss
+            metrics = collector.metrics()
+            drained = time_until(
+                lambda: backend.sink.missing(flood.acked_keys()) == 0, DRAIN_SECONDS, 0.2
+            )
+
+            # 3. afterwards: a closed-loop burst is taken with no refusal.
+            with Traffic(collector, senders=4, first_index=201) as after:
+                time.sleep(1.0)
+            time_until(lambda: backend.sink.missing(after.acked_keys()) == 0, 30, 0.2)
+        finally:
+            watch.stop()
+        _, peak_rss = collector.memory()
+        missing = sum(backend.sink.missing(t.acked_keys()) for t in (closed, flood, after))
+        exit_status = collector.stop()
+
+    offered = flood.offered_requests() * flood.spans_per_request
+    answers = flood.answers()
+    grpc, http = flood.answers(protocol="grpc"), flood.answers(protocol="http")
+    others = {a: n for a, n in answers.items() if a not in (OK, BACKPRESSURE)}
+    reasons = {
+        reason: int(metrics.get(f'{_THROTTLED}{{reason="{reason}"}}', 0))
+        - int(throttled_before.get(f'{_THROTTLED}{{reason="{reason}"}}', 0))
+        for reason in ("overload", "memory", "disk")
+    }
+    after_answers = after.answers()
+    limit = LIMIT_MIB << 20
+    factor = offered / OVERLOAD / capacity
+    share = flood.acked_spans() / OVERLOAD / capacity
+    table = [
+        ["phase", "seconds", "offered spans/s", "acknowledged spans/s", "delivered spans/s",
+         "back-pressure answers", "peak RSS"],
+        ["capacity (closed loop)", f"{MEASURE:g}", "as answered", f"{acked_rate:,.0f}",
+         f"{delivered_rate:,.0f}", f"{closed.answers()[BACKPRESSURE]:,}", _mib(capacity_rss)],
+        [f"{FACTOR}x (open loop)", f"{OVERLOAD:g}", _rate(offered, OVERLOAD),
+         _rate(flood.acked_spans(), OVERLOAD), _rate(delivered_in_overload, OVERLOAD),
+         f"{answers[BACKPRESSURE]:,} (gRPC {grpc[BACKPRESSURE]:,}, HTTP {http[BACKPRESSURE]:,})",
+         _mib(overload_rss)],
+    ]  # fmt: skip
+    held, did_not_hold = [], []
+    (held if factor >= 0.9 * FACTOR else did_not_hold).append(
+        f"The open-loop client offered {factor:.2f}x the measured capacity of "
+        f"{capacity:,.0f} spans/s ({SENDERS} senders, half OTLP/gRPC, half OTLP/HTTP, "
+        f"{flood.offered_requests():,} requests of 100 spans in {OVERLOAD:.0f} s)."
+    )
+    (held if answers[BACKPRESSURE] and not flood.no_retry_hint() else did_not_hold).append(
+        f"The collector acknowledged {answers[OK]:,} requests "
+        f"({share:.0%} of capacity) and refused "
+        f"{answers[BACKPRESSURE]:,} with back-pressure, {flood.no_retry_hint()} of them "
+        "without a retry hint (HTTP 429 with Retry-After, gRPC RESOURCE_EXHAUSTED with a "
+        f"RetryInfo); by reason: {reasons['overload']:,} waited over max_request_wait (2 s), "
+        f"{reasons['memory']:,} memory, {reasons['disk']:,} disk."
+    )
+    if share > 1.1:
+        held.append(
+            f"Overloaded, the collector acknowledged {share:.0%} of the closed-loop capacity: "
+            "with the open loop every worker thread always has a request waiting, where "
+            "closed-loop senders leave gaps between an answer and their next request, and "
+            "requests queued in the first seconds are still taken until they have waited "
+            "max_request_wait."
+        )
+    (did_not_hold if others else held).append(
+        "No request got any other answer (no timeout, no 5xx)."
+        if not others
+        else f"Requests got other answers: {others}."
+    )
+    (held if peak_rss < limit else did_not_hold).append(
+        f"Peak RSS over the whole run (VmHWM) was {_mib(peak_rss)}, under memory_limit_mib "
+        f"{LIMIT_MIB} (idle {_mib(idle_rss)}; {_mib(overload_rss)} at most while overloaded)."
+    )
+    (did_not_hold if missing else held).append(
+        f"{flood.acked_spans() + closed.acked_spans() + after.acked_spans() - missing:,} of "
+        f"{flood.acked_spans() + closed.acked_spans() + after.acked_spans():,} acknowledged "
+        "spans reached the backend"
+        + (f"; those of the overload all {drained:.1f} s after it ended." if drained else ".")
+    )
+    (did_not_hold if after_answers[BACKPRESSURE] or not after_answers[OK] else held).append(
+        f"Right after the overload a 1 s closed-loop burst got {after_answers[OK]:,} requests "
+        f"accepted and {after_answers[BACKPRESSURE]:,} refused."
+    )
+    record(
+        "collector-overload",
+        tried=[
+            f"The collector CLI with memory_limit_mib {LIMIT_MIB}, exporting to an OTLP/gRPC "
+            f"sink on loopback: its capacity measured with {SENDERS} closed-loop senders for "
+            f"{MEASURE:.0f} s, then {FACTOR}x that offered for {OVERLOAD:.0f} s by an "
+            "open-loop client (requests on schedule whatever the answers, up to 2,000 in "
+            "flight, not sent again when refused).",
+        ],
+        table=table,
+        held=held,
+        did_not_hold=did_not_hold,
+        notes=[
+            "Found and fixed by this test: overloaded, the collector answered nothing with "
+            "back-pressure. Every request was queued for a worker thread and answered "
+            "after up to 8 s (1,000 in flight at 3x), close to the senders' 10 s timeout, "
+            "after which a sender sends its request again. A request that waited longer "
+            "than max_request_wait (2 s by default) for a worker is now refused before it "
+            "is decoded, which costs the collector almost nothing.",
+        ],
+    )
+    assert factor >= 0.9 * FACTOR, f"offered only {factor:.2f}x capacity"
+    assert answers[BACKPRESSURE] > 0
+    assert flood.no_retry_hint() == 0
+    assert not others, others
+    assert peak_rss < limit, f"peak RSS {peak_rss >> 20} MiB"
+    assert missing == 0, f"{missing} acknowledged spans lost"
+    assert after_answers[OK] > 0 and after_answers[BACKPRESSURE] == 0
+    assert exit_status == 0
+
+
+def test_memory_limit_refuses_data_before_rss_reaches_it(tmp_path: Path) -> None:
+    """Traces held in memory for their decision: only the limit stops RSS growing."""
+    limit_mib = int(scale(192, 256))
+    hold = scale(3.0, 10.0)
+    seconds = scale(5.0, 30.0)
+    with (
+        SinkServer(Sink(keep=False)) as backend,
+        CollectorProcess(
+            tmp_path / "data",
+            export_endpoint=f"127.0.0.1:{backend.port}",
+            memory_limit_mib=limit_mib,
+            decision_wait=hold,
+            early_grace=hold,
+        ) as collector,
+    ):
+        collector.start()
+        idle_rss, _ = collector.memory()
+        with Traffic(collector, senders=4, traces_per_request=20) as traffic:
+            watch = _Watch(collector, traffic)
+            watch.start()
+            try:
+                time.sleep(seconds)
+            finally:
+                watch.stop()
+        drained = time_until(
+            lambda: backend.sink.missing(traffic.acked_keys()) == 0, DRAIN_SECONDS, 0.2
+        )
+        _, peak_rss = collector.memory()
+        memory_refusals = collector.metrics().get(f'{_THROTTLED}{{reason="memory"}}', 0)
+        missing = backend.sink.missing(traffic.acked_keys())
+        exit_status = collector.stop()
+
+    limit = limit_mib << 20
+    later = traffic.answers("after the first refusal")
+    held, did_not_hold = [], []
+    (held if memory_refusals and peak_rss < limit else did_not_hold).append(
+        f"With traces held {hold:.0f} s for their decision and 4 closed-loop senders for "
+        f"{seconds:.0f} s, the collector refused {memory_refusals:,.0f} requests because its "
+        f"RSS was over the soft limit ({_mib(limit * 0.8)}, 80 % of memory_limit_mib "
+        f"{limit_mib}); peak RSS (VmHWM) was {_mib(peak_rss)}, idle {_mib(idle_rss)}."
+    )
+    (held if later[OK] else did_not_hold).append(
+        f"It took data again as held traces were handed on: after the first refusal, "
+        f"{later[OK]:,} requests were accepted and {later[BACKPRESSURE]:,} refused."
+    )
+    (did_not_hold if missing else held).append(
+        f"{traffic.acked_spans() - missing:,} of {traffic.acked_spans():,} acknowledged "
+        "spans reached the backend"
+        + (f", all {drained:.1f} s after the senders stopped." if drained is not None else ".")
+    )
+    record(
+        "collector-overload",
+        tried=[
+            f"The memory limit alone: the collector CLI with memory_limit_mib {limit_mib} and "
+            f"decision_wait = early_grace = {hold:.0f} s, so that every span is held in "
+            f"memory that long; 4 closed-loop senders for {seconds:.0f} s.",
+        ],
+        held=held,
+        did_not_hold=did_not_hold,
+    )
+    assert memory_refusals > 0, "RSS never reached the soft limit"
+    assert peak_rss < limit, f"peak RSS {peak_rss >> 20} MiB"
+    assert later[OK] > 0
+    assert missing == 0
+    assert exit_status == 0
+
+
+def test_memory_limit_option_from_file_environment_and_flag(tmp_path: Path) -> None:
+    path = tmp_path / "collector.yaml"
+    path.write_text("memory_limit_mib: 300\nmax_request_wait: 1.5\n")
+    env = {"OTEL_DL_COLLECTOR_MEMORY_LIMIT_MIB": "400"}
+    from_file = load_config(path)
+    from_env = load_config(path, env)
+    from_flag = load_config(path, env, {"memory_limit_mib": "500", "max_request_wait": "0"})
+    resolved = (from_file.memory_limit_mib, from_env.memory_limit_mib, from_flag.memory_limit_mib)
+    cli_env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_DL_COLLECTOR_")}
+    too_low = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "otel_dl.collector",
+            "--memory-limit-mib",
+            "64",
+            "--grpc-port",
+            "0",
+            "--http-port",
+            "0",
+            "--api-port",
+            "0",
+            "--store",
+            "none",
+        ],
+        cwd=tmp_path,
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    message = too_low.stderr.strip().splitlines()[-1] if too_low.stderr.strip() else ""
+    held = []
+    if resolved == (300, 400, 500) and from_flag.max_request_wait == 0:
+        held.append(
+            "memory_limit_mib resolves flag over environment over file (300 from the file, "
+            "400 from OTEL_DL_COLLECTOR_MEMORY_LIMIT_MIB, 500 from --memory-limit-mib); "
+            "max_request_wait likewise, 0 turning the wait bound off."
+        )
+    if too_low.returncode == 2 and "memory_limit_mib 64" in message:
+        held.append(f"A limit under the collector's own start-up memory stops it: `{message}`.")
+    record(
+        "collector-overload",
+        tried=["The memory_limit_mib option from a file, the environment and a flag."],
+        held=held,
+        did_not_hold=[] if len(held) == 2 else [f"Resolved {resolved}; CLI said {message!r}."],
+    )
+    assert resolved == (300, 400, 500)
+    assert from_file.max_request_wait == 1.5 and from_flag.max_request_wait == 0
+    assert too_low.returncode == 2, too_low.stderr
+    assert "give at least" in message
