@@ -169,7 +169,9 @@ def to_probabilities(outputs: Any, kind: str = "auto") -> np.ndarray:
 def _class_major(scores: np.ndarray, threshold: float, kind: str) -> Summary | None:
     """:func:`summarize` for a few classes, from a classes x rows copy; None when some row
     is not a finite number (the row-major path then drops exactly those rows)."""
-    t = np.ascontiguousarray(scores.T)
+    # A copy always: for a single row, scores.T is already contiguous and would be a view
+    # of the caller's outputs, which the margin below overwrites.
+    t = np.array(scores.T, order="C")
     rows = t.shape[1]
     if kind == "auto":
         low, high = np.minimum.reduce(t, axis=None), np.maximum.reduce(t, axis=None)

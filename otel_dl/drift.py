@@ -276,7 +276,8 @@ def score(reference: Any, current: Any, method: str = "psi", bins: int = 10) -> 
     own bins are used). ks and wasserstein are exact from raw reference data and use the
     profile's quantile atoms from a :class:`Reference`. Features are matched by name;
     unmatched or unscorable features are absent, with the cause in ``.reasons``.
-    Raises ``ValueError`` only for an unknown method or data with no tabular reading.
+    Raises ``ValueError`` for an unknown method, and ``ValueError`` or ``TypeError`` (as
+    :func:`~otel_dl.reference.to_table` does) for data with no tabular reading.
     """
     _check_method(method)
     raw = None if isinstance(reference, Reference) else to_table(reference)
@@ -482,7 +483,9 @@ class DriftTracker:
 
     def _chunk(self, values: np.ndarray, codes: dict[str, np.ndarray]) -> _Chunk:
         if not self._binned:
-            return _Chunk(len(values), values, None, None, codes)
+            # The window outlives this call: a copy, never a view of the caller's buffer,
+            # which the caller may refill with the next batch.
+            return _Chunk(len(values), np.array(values), None, None, codes)
         slots = self._binner(values.dtype).slot(values)
         return _Chunk(len(values), None, slots, self._count(slots), codes)
 

@@ -124,10 +124,19 @@ def _compute_model_fingerprint(model: Any) -> str | None:
             if not hasattr(tensor, "detach"):
                 digest.update(repr((name, tensor)).encode())
                 continue
-            t = tensor.detach().cpu().contiguous()
+            t = tensor.detach()
+            if t.device.type == "meta":  # no values to read: its name, dtype and shape
+                digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}:meta".encode())
+                continue
             digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}:".encode())
-            raw = t.reshape(-1).view(torch.uint8).numpy()
-            digest.update(_sampled(raw, MODEL_SAMPLE_BYTES))
+            if t.layout != torch.strided:  # sparse: its indices and values
+                coo = t.to_sparse_coo().coalesce().cpu()
+                parts = [coo.indices(), coo.values()]
+            else:
+                parts = [t.cpu()]
+            for part in parts:
+                raw = part.contiguous().reshape(-1).view(torch.uint8).numpy()
+                digest.update(_sampled(raw, MODEL_SAMPLE_BYTES))
         return digest.hexdigest()
     try:
         return hashlib.blake2b(pickle.dumps(model), digest_size=16).hexdigest()

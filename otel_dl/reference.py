@@ -91,6 +91,8 @@ def _to_numpy(value: Any) -> np.ndarray:
     module = type(value).__module__
     if module.startswith("torch") and hasattr(value, "detach"):
         tensor = value.detach()
+        if tensor.device.type == "meta":
+            raise TypeError("a tensor on the meta device holds no values")
         if tensor.device.type != "cpu":
             tensor = tensor.cpu()
         if tensor.is_complex():
@@ -100,7 +102,10 @@ def _to_numpy(value: Any) -> np.ndarray:
         return tensor.numpy()
     if module.startswith("pandas"):
         return value.to_numpy()
-    return np.asarray(value)
+    try:
+        return np.asarray(value)
+    except RuntimeError as exc:  # torch refusing a nested tensor (grad, meta, sparse)
+        raise TypeError(f"no array reading of {type(value).__name__}: {exc}") from exc
 
 
 def _as_rows(array: np.ndarray) -> np.ndarray:
