@@ -360,6 +360,12 @@ class CollectorProcess:
                 values[key] = int(rest.split()[0]) * 1024
         return values["VmRSS"], values["VmHWM"]
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the running process has used."""
+        assert self.proc is not None
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def metrics(self) -> dict[str, float]:
         """The collector's Prometheus metrics: each series under its full name
         (``name{label="x"}``), and labelled series also summed under their bare name."""

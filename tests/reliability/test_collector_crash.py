@@ -39,6 +39,10 @@ DRAIN_SECONDS = scale(60, 180)
 _REPLAYED = re.compile(r"replayed (\d+) journaled requests")
 
 
+def _times(n: int) -> str:
+    return "once" if n == 1 else f"{n} times"
+
+
 def _mib(n: float) -> str:
     return f"{n / (1 << 20):.1f} MiB"
 
@@ -101,7 +105,8 @@ def test_every_acknowledged_span_is_exported_after_kill_9_and_restart(tmp_path: 
         f"{acked_spans - missing:,} of {acked_spans:,} acknowledged spans "
         f"({traffic.acked_requests():,} requests: {grpc_ok:,} over OTLP/gRPC, {http_ok:,} over "
         f"OTLP/HTTP, from {SENDERS} concurrent senders in {sent_for:.0f} s) reached the "
-        f"backend after {KILLS} kill -9 and restart(s) on the same data directory"
+        f"backend, the collector killed with kill -9 and restarted {_times(KILLS)} on the "
+        "same data directory"
         + (
             f"; all were there {drained_in:.1f} s after the senders stopped."
             if not missing
@@ -136,7 +141,7 @@ def test_every_acknowledged_span_is_exported_after_kill_9_and_restart(tmp_path: 
             f"{SENDERS} closed-loop senders (half OTLP/gRPC, half OTLP/HTTP, 100 spans per "
             "request in 20 five-span traces over 3 services) sent raw OTLP requests to the "
             "collector CLI, which exported to an OTLP/gRPC sink on loopback; the collector "
-            f"was SIGKILLed {KILLS} time(s) at random points (seed {SEED}) while they sent, "
+            f"was SIGKILLed {_times(KILLS)} at random points (seed {SEED}) while they sent, "
             "and restarted each time on the same data directory and ports.",
         ],
         table=[
@@ -215,7 +220,7 @@ def test_a_restart_after_the_export_queue_drained_exports_new_spans(tmp_path: Pa
             if d != a
         ],
         notes=[
-            "Found and fixed by this test: once the export queue had drained it deleted "
+            "**Found and fixed by this test.** Once the export queue had drained it deleted "
             "every segment, and a restarted collector numbered its new segments from 0 "
             "again, behind the persisted read cursor, so nothing queued after a restart "
             "was ever exported (and the exporter thread spun on the empty read).",

@@ -276,7 +276,7 @@ def test_a_disk_budget_spent_by_held_traces_is_given_back(tmp_path: Path) -> Non
         held=held,
         did_not_hold=did_not_hold,
         notes=[
-            "Found and fixed by this test: decided spans could not move from the journal "
+            "**Found and fixed by this test.** Decided spans could not move from the journal "
             "to the export queue while the budget was spent, and only that move gives the "
             "journal's share back, so once held traces had filled the budget the collector "
             "refused every request and forwarded nothing, for good (restarts replayed into "
