@@ -30,6 +30,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -52,6 +53,7 @@ from tests.otlp_sink import OtlpSink
 from tests.reliability.findings import record, scale
 
 ROOT = Path(__file__).resolve().parents[2]
+PYCACHE = str(Path(tempfile.gettempdir()) / "otel-dl-reliability-pycache")
 MODULE = "tests.reliability.test_sdk_exporter"
 PROTOCOLS = {"grpc": "grpc", "http": "http/protobuf"}
 CONDITIONS = ("down", "slow", "failing", "healthy")  # healthy last: the others exit meanwhile
@@ -281,12 +283,19 @@ class _Run:
 def _start(
     protocol: str, condition: str, backend: _Backend, log: Path, calls: int, flush_ms: int
 ) -> _Run:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("OTEL_") and k != "PYTHONDONTWRITEBYTECODE"
+    }
     env.update(
         OTEL_EXPORTER_OTLP_ENDPOINT=backend.endpoint,
         OTEL_EXPORTER_OTLP_PROTOCOL=PROTOCOLS[protocol],
         OTEL_METRICS_EXPORTER="none",
         PYTHONPATH=str(ROOT),
+        # Compiled bytecode in a cache of the children's own: the second child to import
+        # torch or otel-dl does not compile it again.
+        PYTHONPYCACHEPREFIX=PYCACHE,
     )
     process = subprocess.Popen(
         [sys.executable, "-m", MODULE, "app", str(calls), str(flush_ms)],

@@ -33,6 +33,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -49,6 +50,7 @@ from tests.otlp_sink import OtlpSink
 from tests.reliability.findings import record, scale
 
 ROOT = Path(__file__).resolve().parents[2]
+PYCACHE = str(Path(tempfile.gettempdir()) / "otel-dl-reliability-pycache")
 MODULE = "tests.reliability.test_sdk_processes"
 BATCH = 8
 WORKERS = 2
@@ -124,18 +126,20 @@ def _dataloader_app(method: str, size: int, epochs: int, workers: int) -> None:
     print(json.dumps({"loaders": len(loaders)}), flush=True)
 
 
+_STOPPING = threading.Event()
+
+
 def _serve(listener: socket.socket, per_worker: int, case: str) -> None:
     """A pre-fork worker: serve ``per_worker`` requests, then exit to be replaced.
 
     SIGTERM stops it gracefully, as gunicorn's workers do: it finishes the request in
     hand and returns.
     """
-    stopping = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGTERM, lambda *_: _STOPPING.set())
     otel_dl.instrument("prefork-worker", include=["ingest"], propagation=False)
     listener.settimeout(0.05)  # every worker polls, so each sees its stop flag
     served = 0
-    while served < per_worker and not stopping.is_set():
+    while served < per_worker and not _STOPPING.is_set():
         try:
             conn, _address = listener.accept()
         except TimeoutError:
@@ -166,20 +170,14 @@ def _prefork_app(method: str, workers: int, per_worker: int) -> None:
         context.set_forkserver_preload(["otel_dl", MODULE])
     otel_dl.instrument("prefork-server", include=["ingest"], propagation=False)
     listener = socket.create_server(("127.0.0.1", 0), backlog=128)
-    stop = threading.Event()
-    server = os.getpid()
-
-    def on_sigterm(*_: object) -> None:
-        if os.getpid() != server:  # a forked worker before it set its own handler
-            sys.exit(0)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_sigterm)
+    # One flag for the server and its workers: a worker forked a moment before SIGTERM
+    # still runs this handler, and its _serve() then returns at once.
+    signal.signal(signal.SIGTERM, lambda *_: _STOPPING.set())
     case = f"prefork/{method}"
     slots: dict[int, Any] = {}
     started = 0
     print(listener.getsockname()[1], flush=True)
-    while not stop.is_set():
+    while not _STOPPING.is_set():
         for slot in range(workers):
             worker = slots.get(slot)
             if worker is None or not worker.is_alive():
@@ -188,7 +186,7 @@ def _prefork_app(method: str, workers: int, per_worker: int) -> None:
                 slots[slot] = context.Process(target=_serve, args=(listener, per_worker, case))
                 slots[slot].start()
                 started += 1
-        stop.wait(0.02)
+        _STOPPING.wait(0.02)
     for worker in slots.values():
         worker.terminate()  # SIGTERM: the worker stops after the request in hand
     for worker in slots.values():
@@ -253,11 +251,18 @@ class _UnavailableOnce(OtlpSink):
 
 
 def _env(sink: OtlpSink, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("OTEL_") and k != "PYTHONDONTWRITEBYTECODE"
+    }
     env.update(
         OTEL_EXPORTER_OTLP_ENDPOINT=sink.endpoint,
         OTEL_METRICS_EXPORTER="none",  # the sink receives traces only
         PYTHONPATH=str(ROOT),
+        # Compiled bytecode in a cache of the children's own: the second child to import
+        # torch or otel-dl does not compile it again.
+        PYTHONPYCACHEPREFIX=PYCACHE,
         **extra,
     )
     return env
@@ -309,12 +314,13 @@ def _free_port() -> int:
 
 
 def _stop(process: subprocess.Popen[str], timeout: float = 60) -> None:
-    """SIGTERM the server and wait for it to exit."""
+    """SIGTERM the server and wait for it to exit; on a timeout, kill its process group
+    (it was started in a session of its own), workers included."""
     process.send_signal(signal.SIGTERM)
     try:
         process.wait(timeout)
     except subprocess.TimeoutExpired:
-        process.kill()
+        os.killpg(process.pid, signal.SIGKILL)
         process.wait()
 
 
@@ -355,6 +361,7 @@ def test_spans_from_dataloader_workers_reach_the_backend(tmp_path: Path) -> None
                 cwd=ROOT,
                 stdout=subprocess.DEVNULL,
                 stderr=(tmp_path / f"{method}.log").open("w"),
+                start_new_session=True,
             )
             for method in START_METHODS
         }
@@ -362,7 +369,7 @@ def test_spans_from_dataloader_workers_reach_the_backend(tmp_path: Path) -> None
             try:
                 code = app.wait(600)
             except subprocess.TimeoutExpired:
-                app.kill()
+                os.killpg(app.pid, signal.SIGKILL)  # its workers too
                 code = app.wait()
             elapsed[method] = time.monotonic() - start
             if code != 0:
@@ -429,6 +436,7 @@ def _prefork(method: str, workers: int, per_worker: int, sink: OtlpSink, log: Pa
             stdout=subprocess.PIPE,
             stderr=log.open("w"),
             text=True,
+            start_new_session=True,
         )
         assert process.stdout is not None
         port = int(process.stdout.readline())
@@ -465,8 +473,13 @@ def _gunicorn(preload: bool, per_worker: int, sink: OtlpSink, log: Path):
             stdout=subprocess.DEVNULL,
             stderr=log.open("w"),
             text=True,
+            start_new_session=True,
         )
-        _wait_for_port(port, process)
+        try:
+            _wait_for_port(port, process)
+        except AssertionError:
+            _stop(process, timeout=5)
+            raise
         return process, port
 
     return start
