@@ -24,6 +24,7 @@ from otel_dl.collector.config import load_config
 from tests.collector.conftest import (
     BACKPRESSURE,
     OK,
+    TOO_MANY_IN_FLIGHT,
     CollectorProcess,
     Sink,
     SinkServer,
@@ -139,7 +140,8 @@ def test_overload_at_three_times_capacity_gets_back_pressure_within_the_memory_l
         missing = sum(backend.sink.missing(t.acked_keys()) for t in (closed, flood, after))
         exit_status = collector.stop()
 
-    offered = flood.offered_requests() * flood.spans_per_request
+    not_sent = flood.answers()[TOO_MANY_IN_FLIGHT]
+    offered = (flood.offered_requests() - not_sent) * flood.spans_per_request
     answers = flood.answers()
     grpc, http = flood.answers(protocol="grpc"), flood.answers(protocol="http")
     others = {a: n for a, n in answers.items() if a not in (OK, BACKPRESSURE)}
@@ -167,7 +169,7 @@ def test_overload_at_three_times_capacity_gets_back_pressure_within_the_memory_l
     (held if factor >= 0.9 * FACTOR else did_not_hold).append(
         f"The open-loop client offered {factor:.2f}x the measured capacity of "
         f"{capacity:,.0f} spans/s ({SENDERS} senders, half OTLP/gRPC, half OTLP/HTTP, "
-        f"{flood.offered_requests():,} requests of 100 spans in {OVERLOAD:.0f} s)."
+        f"{flood.offered_requests() - not_sent:,} requests of 100 spans in {OVERLOAD:.0f} s)."
     )
     (held if answers[BACKPRESSURE] and not flood.no_retry_hint() else did_not_hold).append(
         f"The collector acknowledged {answers[OK]:,} requests "
@@ -193,6 +195,13 @@ def test_overload_at_three_times_capacity_gets_back_pressure_within_the_memory_l
             "closed-loop senders leave gaps between an answer and their next request, and "
             "requests queued in the first seconds are still taken until they have waited "
             "max_request_wait."
+        )
+    if capacity_cpu < 0.8:
+        did_not_hold.append(
+            f"The collector used only {capacity_cpu:.0%} of a core while its capacity was "
+            "measured: the closed-loop senders, or other work on the machine, limited the "
+            "figure, so the load offered was less than three times what the collector "
+            "could take."
         )
     (did_not_hold if others else held).append(
         "No request got any other answer (no timeout, no 5xx)."
@@ -246,9 +255,9 @@ def test_overload_at_three_times_capacity_gets_back_pressure_within_the_memory_l
 
 def test_memory_limit_refuses_data_before_rss_reaches_it(tmp_path: Path) -> None:
     """Traces held in memory for their decision: only the limit stops RSS growing."""
-    limit_mib = int(scale(192, 256))
-    hold = scale(3.0, 10.0)
-    seconds = scale(5.0, 30.0)
+    limit_mib = int(scale(160, 256))  # idle RSS is about 80 MiB
+    hold = scale(4.0, 10.0)
+    seconds = scale(6.0, 30.0)
     with (
         SinkServer(Sink(keep=False)) as backend,
         CollectorProcess(
