@@ -9,7 +9,8 @@
 
 Threads: gRPC handlers and the HTTP event loop only decode, journal (fsync) and buffer
 requests; one decision thread completes traces, attributes, enriches, queues them for
-export and writes the store; one exporter thread drains the queue to the backend.
+export and writes the store; one exporter thread drains the queue to the backend; with
+``memory_limit_mib`` set, one thread samples resident memory (see admission.py).
 Spans are acknowledged to the sender once journaled, and released from the journal
 only once they sit in the export queue (or, without an endpoint, in the store).
 """

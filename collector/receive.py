@@ -6,7 +6,7 @@ Both receivers decode a request and hand it to a *sink*, a callable
 :class:`~.assemble.PayloadError`. Before decoding they ask a *gate*,
 ``gate(waited)`` (the collector's ``admit``; ``waited`` is how long the request waited
 for a worker thread), which raises :class:`~.diskqueue.QueueFull` to refuse it; the
-HTTP receiver asks once more before it reads the body. Responses follow the OTLP
+HTTP receiver also asks before it reads the body. Responses follow the OTLP
 specification:
 
 - success, with ``partial_success`` (rejected spans and a message) when some spans
