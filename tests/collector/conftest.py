@@ -4,7 +4,7 @@ providers exporting to them over loopback, and concurrent senders of raw OTLP re
 that count what the collector acknowledged.
 
 The reliability tests (tests/reliability/test_collector_*.py) import the helpers
-(:class:`SinkServer`, :class:`CollectorProcess`, :class:`Traffic`, :func:`wait_until`)
+(:class:`SinkServer`, :class:`CollectorProcess`, :class:`Traffic`, :func:`time_until`)
 and use them as context managers, which stop every server, process and thread on exit.
 """
 
@@ -471,6 +471,7 @@ TIMEOUT = "timeout"
 TOO_MANY_IN_FLIGHT = "not sent (2,000 requests in flight)"
 _MAX_IN_FLIGHT = 2000
 _TIMEOUT_SECONDS = 10.0
+_PROTOBUF = {"Content-Type": "application/x-protobuf"}
 
 
 @dataclass
@@ -602,9 +603,6 @@ class _ClosedLoopSender(threading.Thread):
                 self._channel.close()
             if self._http is not None:
                 self._http.close()
-
-
-_PROTOBUF = {"Content-Type": "application/x-protobuf"}
 
 
 class Traffic:
