@@ -25,8 +25,9 @@ The span carries the model name (the ``watch`` name, else the class name), versi
 (``dl.model.method``), a Pipeline's step classes (``dl.model.steps``), the fingerprint
 of the fitted estimator (of its pickle, computed once per estimator object: refit a new
 object to get a new fingerprint), the drift, quality and fingerprint of ``X`` (the
-columns named by ``watch(estimator, features=[...])`` when given; sparse input gives no
-data signals), and ``dl.prediction.count``. ``predict_proba`` adds the confidence of the
+columns given by ``watch(estimator, features=[...])``: a DataFrame's column names, or
+positions; input without them, and sparse input, gives no data signals), and
+``dl.prediction.count``. ``predict_proba`` adds the confidence of the
 probabilities; ``decision_function`` the confidence of its scores read as logits.
 """
 
@@ -93,13 +94,28 @@ def _input(call: DlCall) -> Any:
     return call.args[0] if call.args else call.kwargs.get("X")
 
 
+def _positions(features: Sequence[Any], width: int) -> list[int] | None:
+    """``features`` as column positions, or None when they are not all positions in range."""
+    if all(
+        isinstance(f, int) and not isinstance(f, bool) and -width <= f < width for f in features
+    ):
+        return list(features)
+    return None
+
+
 def _select(X: Any, features: Sequence[Any] | None) -> Any:
+    """The watched feature columns of ``X``: names of a DataFrame's columns, or positions;
+    None when ``X`` has no such columns (the span then has no input signals)."""
     if features is None:
         return X
     if hasattr(X, "columns"):
-        return X[list(features)]
-    if getattr(X, "ndim", 0) == 2 and all(isinstance(f, int) for f in features):
-        return X[:, list(features)]
+        if all(f in X.columns for f in features):
+            return X[list(features)]
+        positions = _positions(features, len(X.columns))
+        return None if positions is None else X.iloc[:, positions]
+    if getattr(X, "ndim", 0) == 2:
+        positions = _positions(features, X.shape[1])
+        return None if positions is None else X[:, positions]
     return X
 
 
@@ -292,7 +308,9 @@ class SklearnInstrumentor(DlInstrumentor):
         if config.signals:
             try:
                 state = ensure_state(call.instance)
-                attrs.update(state.monitor().observe(_select(X, state.features)))
+                selected = _select(X, state.features)
+                if selected is not None:
+                    attrs.update(state.monitor().observe(selected))
             except Exception:
                 # The span still goes out, with the output's signals.
                 report_internal_error("sklearn.input_signals")

@@ -47,7 +47,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from opentelemetry.instrumentation.utils import suppress_instrumentation
@@ -686,6 +686,10 @@ def test_model_forward_on_odd_tensors_unchanged(models: dict[str, torch.nn.Modul
         ),
         st.sampled_from(["grad", "no_grad", "inference_mode"]),
     )
+    # Found here before: a model on the meta device made no span; a single row of class
+    # probabilities came back with its top probability overwritten.
+    @example("scorer on meta", torch.empty(2, FEATURES, device="meta"), "grad")
+    @example("classifier", torch.ones(1, FEATURES), "no_grad")
     def run(name: str, x: Any, mode: str) -> None:
         model = models[name]
 
@@ -907,6 +911,12 @@ def test_sklearn_predict_and_transform_on_odd_inputs_unchanged(estimators: dict[
 
     @_settings(80, 2_000)
     @given(st.sampled_from(calls), sklearn_inputs())
+    # Found here before: the watched columns are positions, the frame's are names.
+    @example(("watched LogisticRegression", "predict_proba"), pd.DataFrame(np.zeros((1, 4))))
+    @example(
+        ("watched LogisticRegression", "predict"),
+        pd.DataFrame(np.zeros((2, 4)), columns=["a", "b", "c", "d"]),
+    )
     def run(chosen: tuple[str, str], X: Any) -> None:
         name, method = chosen
         call = getattr(estimators[name], method)
