@@ -68,7 +68,7 @@ def _settings(fast: int, full: int) -> Any:
         derandomize=True,
         database=None,
         # Each example makes real library calls (ONNX, Feast, a transformer), twice.
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        suppress_health_check=[HealthCheck.too_slow],
     )
 
 
@@ -1299,7 +1299,20 @@ def test_reference_functions(tmp_path: Path) -> None:
             NO_TABLE,
         )
         ref = fitted.value if fitted.error is None else REFERENCE
-        _expect("Reference.read", lambda: ref.read(read), read, NO_TABLE)
+        read_table = _expect("Reference.read", lambda: ref.read(read), read, NO_TABLE).value
+        if isinstance(read_table, reference.Table):
+            names = read_table.names
+            _expect("Reference.column_index", lambda: ref.column_index(names), names)
+            for name, values in read_table.categorical.items():
+                if name in ref.categorical:
+                    _expect(
+                        "Reference.category_codes",
+                        lambda n=name, v=values: ref.category_codes(n, v),
+                        values,
+                    )
+        for dtype in (np.dtype(np.float32), np.dtype(np.float64)):
+            _expect("Reference.edges_for", lambda d=dtype: ref.edges_for(d), dtype)
+            _expect("Reference.range_for", lambda d=dtype: ref.range_for(d), dtype)
         path = tmp_path / "reference.json"
 
         def round_trip() -> bool:
