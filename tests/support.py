@@ -7,6 +7,9 @@ clears them around each test.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -45,3 +48,40 @@ def metric_points(name: str) -> list[object]:
                 if metric.name == name:
                     points.extend(metric.data.data_points)
     return points
+
+
+def feast_driver_repo(root: Path, project: str) -> Any:
+    """A real Feast repository on SQLite in ``root``, over ``root/drivers.parquet``
+    (columns driver_id, conv_rate, trips, city, event_timestamp, created): the entity
+    ``driver``, the view ``driver_stats`` (1-day TTL) and the service ``driver_service``,
+    applied. Feast is imported here, not at module level: most tests do not need it."""
+    import datetime as dt
+
+    from feast import Entity, FeatureService, FeatureStore, FeatureView, Field, FileSource
+    from feast.types import Float32, Int64, String
+    from feast.value_type import ValueType
+
+    (root / "feature_store.yaml").write_text(
+        f"project: {project}\nregistry: {root / 'registry.db'}\nprovider: local\n"
+        f"online_store:\n  type: sqlite\n  path: {root / 'online.db'}\n"
+        "offline_store:\n  type: file\nentity_key_serialization_version: 3\n"
+    )
+    repo = FeatureStore(repo_path=str(root))
+    driver = Entity(name="driver", join_keys=["driver_id"], value_type=ValueType.INT64)
+    view = FeatureView(
+        name="driver_stats",
+        entities=[driver],
+        ttl=dt.timedelta(days=1),
+        schema=[
+            Field(name="conv_rate", dtype=Float32),
+            Field(name="trips", dtype=Int64),
+            Field(name="city", dtype=String),
+        ],
+        source=FileSource(
+            path=str(root / "drivers.parquet"),
+            timestamp_field="event_timestamp",
+            created_timestamp_column="created",
+        ),
+    )
+    repo.apply([driver, view, FeatureService(name="driver_service", features=[view])])
+    return repo

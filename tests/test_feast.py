@@ -15,16 +15,14 @@ from dataclasses import replace
 import numpy as np
 import pandas as pd
 import pytest
-from feast import Entity, FeatureService, FeatureStore, FeatureView, Field, FileSource
+from feast import FeatureStore
 from feast.errors import FeatureViewNotFoundException
-from feast.types import Float32, Int64, String
-from feast.value_type import ValueType
 from opentelemetry.trace import StatusCode
 
 import otel_dl
 from otel_dl import _config, semconv
 from otel_dl.instrumentors import feast as feast_instrumentor
-from tests.support import SpanList
+from tests.support import SpanList, feast_driver_repo
 
 ONLINE = "feature_store.get_online_features"
 HISTORICAL = "feature_store.get_historical_features"
@@ -48,29 +46,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> FeatureStore:
             "created": [NOW] * DRIVERS,
         }
     ).to_parquet(root / "drivers.parquet")
-    (root / "feature_store.yaml").write_text(
-        f"project: rides\nregistry: {root / 'registry.db'}\nprovider: local\n"
-        f"online_store:\n  type: sqlite\n  path: {root / 'online.db'}\n"
-        "offline_store:\n  type: file\nentity_key_serialization_version: 3\n"
-    )
-    repo = FeatureStore(repo_path=str(root))
-    driver = Entity(name="driver", join_keys=["driver_id"], value_type=ValueType.INT64)
-    view = FeatureView(
-        name="driver_stats",
-        entities=[driver],
-        ttl=dt.timedelta(days=1),
-        schema=[
-            Field(name="conv_rate", dtype=Float32),
-            Field(name="trips", dtype=Int64),
-            Field(name="city", dtype=String),
-        ],
-        source=FileSource(
-            path=str(root / "drivers.parquet"),
-            timestamp_field="event_timestamp",
-            created_timestamp_column="created",
-        ),
-    )
-    repo.apply([driver, view, FeatureService(name="driver_service", features=[view])])
+    repo = feast_driver_repo(root, "rides")
     return repo
 
 

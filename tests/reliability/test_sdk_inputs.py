@@ -29,7 +29,6 @@ in ``otel_dl.internal.errors``) are reported by site.
 from __future__ import annotations
 
 import copy
-import datetime as dt
 import math
 import os
 import re
@@ -56,7 +55,7 @@ import otel_dl
 from otel_dl import calibration, confidence, drift, monitor, provenance, quality, reference
 from otel_dl._config import resolve_config
 from tests.reliability.findings import record, scale
-from tests.support import EXPORTER
+from tests.support import EXPORTER, feast_driver_repo
 
 SECTION = "sdk-adversarial"
 
@@ -1021,9 +1020,6 @@ FEAST_FEATURES = ["driver_stats:conv_rate", "driver_stats:trips", "driver_stats:
 @pytest.fixture(scope="module")
 def store(handle: otel_dl.Instrumentation, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A real Feast repository: parquet source, local provider, SQLite online store."""
-    from feast import Entity, FeatureService, FeatureStore, FeatureView, Field, FileSource
-    from feast.types import Float32, Int64, String
-    from feast.value_type import ValueType
 
     root = tmp_path_factory.mktemp("feast_repo")
     now = pd.Timestamp.now(tz="UTC").floor("s")
@@ -1040,29 +1036,7 @@ def store(handle: otel_dl.Instrumentation, tmp_path_factory: pytest.TempPathFact
             "created": [now] * DRIVERS,
         }
     ).to_parquet(root / "drivers.parquet")
-    (root / "feature_store.yaml").write_text(
-        f"project: adversarial\nregistry: {root / 'registry.db'}\nprovider: local\n"
-        f"online_store:\n  type: sqlite\n  path: {root / 'online.db'}\n"
-        "offline_store:\n  type: file\nentity_key_serialization_version: 3\n"
-    )
-    repo = FeatureStore(repo_path=str(root))
-    driver = Entity(name="driver", join_keys=["driver_id"], value_type=ValueType.INT64)
-    view = FeatureView(
-        name="driver_stats",
-        entities=[driver],
-        ttl=dt.timedelta(days=1),
-        schema=[
-            Field(name="conv_rate", dtype=Float32),
-            Field(name="trips", dtype=Int64),
-            Field(name="city", dtype=String),
-        ],
-        source=FileSource(
-            path=str(root / "drivers.parquet"),
-            timestamp_field="event_timestamp",
-            created_timestamp_column="created",
-        ),
-    )
-    repo.apply([driver, view, FeatureService(name="driver_service", features=[view])])
+    repo = feast_driver_repo(root, "adversarial")
     repo.materialize(
         (now - pd.Timedelta(days=3)).to_pydatetime(), now.to_pydatetime(), ["driver_stats"]
     )
