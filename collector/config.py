@@ -52,6 +52,7 @@ class CollectorConfig:
     max_request_bytes: int = 64 * 1024 * 1024
     max_request_wait: float = 2.0
     memory_limit_mib: int = 0
+    max_metric_services: int = 100
     auth_token: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -211,6 +212,12 @@ OPTIONS: tuple[Option, ...] = (
         _non_negative,
         "resident memory (MiB) to stay under: new data is refused with back-pressure above "
         "80 % of it; 0 sets no limit",
+    ),
+    Option(
+        "max_metric_services",
+        _int,
+        _positive,
+        "service names the per-service Prometheus metrics label; later ones count as (other)",
     ),
     Option(
         "auth_token",

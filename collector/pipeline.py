@@ -36,7 +36,7 @@ from .config import CollectorConfig, ConfigError
 from .diskqueue import DiskBudget, ExportQueue, Journal, QueueFull
 from .enrich import enrich, enrich_late
 from .export import Exporter, queue_item
-from .metrics import CollectorMetrics
+from .metrics import SIGNAL_ATTRIBUTES, CollectorMetrics
 from .receive import add_grpc_receiver, http_routes
 from .security import BearerAuth, grpc_credentials, server_ssl_context
 from .store import FaultStore
@@ -52,9 +52,9 @@ class Collector:
     def __init__(self, config: CollectorConfig, catalog: Catalog | None = None) -> None:
         self.config = config
         self.catalog = catalog or load_catalog(Path(config.catalog) if config.catalog else None)
-        self.metrics = CollectorMetrics()
+        self.metrics = CollectorMetrics(config.max_metric_services)
         self.attributor = Attributor(self.catalog, config.min_baseline_samples)
-        self._wanted = self.attributor.wanted_attributes
+        self._wanted = self.attributor.wanted_attributes | SIGNAL_ATTRIBUTES
         self.decisions = DecisionCache(config.decision_cache_size)
         self.buffer = TraceBuffer(
             config.decision_wait,
@@ -344,7 +344,7 @@ class Collector:
                 self.decisions.put(
                     trace.trace_id, (decision.root.service, decision.root.span_id.hex())
                 )
-                self.metrics.faults.labels(decision.mode.kind).inc()
+                self.metrics.count_fault(decision.root.service, decision.mode.kind)
                 stored.append((decision, trace.spans))
             else:
                 self.decisions.put(trace.trace_id, _HEALTHY)
@@ -358,6 +358,7 @@ class Collector:
                 enrich_late(rec, cause)
         self.metrics.spans_late.inc(len(late))
         out.extend(late)
+        self.metrics.observe_signals(out)
         if self.store is not None and stored:
             try:
                 self.store.record(stored)

@@ -13,6 +13,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from otel_dl import semconv
+
 
 class ConfigError(ValueError):
     """A configuration value that cannot be used; the message names the option and the fix."""
@@ -156,7 +158,7 @@ OPTIONS: tuple[Option, ...] = (
         "OTEL_DL_DRIFT_METHOD",
         str,
         "`psi`, `js`, `ks` or `wasserstein`",
-        _one_of("psi", "js", "ks", "wasserstein"),
+        _one_of(*semconv.DRIFT_METHODS),
     ),
     Option("drift_bins", "OTEL_DL_DRIFT_BINS", int, "bins per numeric feature", _positive),
     Option(

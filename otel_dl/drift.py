@@ -29,9 +29,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from otel_dl import semconv
 from otel_dl.reference import Reference, Table, bin_counts, to_table
 
-METHODS = ("psi", "js", "ks", "wasserstein")
+METHODS = semconv.DRIFT_METHODS
 FLOOR = 1e-4
 """psi floors each bin share at this value (no renormalisation)."""
 STD_FLOOR = 1e-3

@@ -312,6 +312,8 @@ COMPONENT_USER: Final = "user"
 DRIFT_STATUS_OK: Final = "ok"
 DRIFT_STATUS_WARN: Final = "warn"
 DRIFT_STATUS_ALERT: Final = "alert"
+DRIFT_STATUSES: Final = (DRIFT_STATUS_OK, DRIFT_STATUS_WARN, DRIFT_STATUS_ALERT)
+DRIFT_METHODS: Final = ("psi", "js", "ks", "wasserstein")
 
 FAULT_KIND_DATA_DRIFT: Final = "data_drift"
 FAULT_KIND_DATA_QUALITY: Final = "data_quality"

@@ -119,13 +119,24 @@ class System:
         ids["predict"] = format(root.get_span_context().span_id, "016x")
         t = t0 + 100_000
         drift = 0.3 + 0.6 * mag if kind == semconv.FAULT_KIND_DATA_DRIFT else r.uniform(0.01, 0.1)
+        # The SDK's default psi thresholds: warn 0.1, alert 0.25.
+        status = semconv.DRIFT_STATUS_OK
+        if drift >= 0.25:
+            status = semconv.DRIFT_STATUS_ALERT
+        elif drift >= 0.1:
+            status = semconv.DRIFT_STATUS_WARN
         s, t = span(
             "ingest",
             "ingest.read",
             root,
             t,
             self._d(5),
-            {semconv.DL_STAGE: semconv.STAGE_INGEST, semconv.DL_DRIFT_SCORE: drift},
+            {
+                semconv.DL_STAGE: semconv.STAGE_INGEST,
+                semconv.DL_DRIFT_SCORE: drift,
+                semconv.DL_DRIFT_METHOD: "psi",
+                semconv.DL_DRIFT_STATUS: status,
+            },
         )
         s.end(end_time=t)
         fresh = r.uniform(30, 90) * (

@@ -47,7 +47,7 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from otel_dl import semconv
 from otel_dl.collector.config import CollectorConfig, load_config
-from otel_dl.collector.metrics import CollectorMetrics
+from otel_dl.collector.metrics import UNKNOWN_METHOD, CollectorMetrics, SignalHistogram
 from tests.e2e.binaries import BUILD_TIMEOUT_SECONDS, NoGoToolchain, jaeger_binary, otelcol_binary
 
 if sys.version_info >= (3, 11):
@@ -78,6 +78,12 @@ GRAFANA_DEFAULT_PORT = 3000
 # Series Prometheus adds to every scrape target, and the labels it attaches to them.
 PROMETHEUS_TARGET_SERIES = {"up"}
 PROMETHEUS_TARGET_LABELS = {"instance", "job"}
+# Values a dashboard may select for the collector's bounded labels.
+PROMETHEUS_LABEL_VALUES = {
+    "kind": set(semconv.FAULT_KINDS),
+    "status": set(semconv.DRIFT_STATUSES),
+    "method": {*semconv.DRIFT_METHODS, UNKNOWN_METHOD},
+}
 # Grafana's range variables, replaced by a duration before a query is parsed.
 GRAFANA_RANGE_VARIABLES = re.compile(r"\$(?:__rate_interval|__interval|__range)\b")
 
@@ -591,10 +597,13 @@ def _exported_metrics() -> tuple[set[str], dict[str, set[str]]]:
     }
     labels: dict[str, set[str]] = {}
     for metric in vars(metrics).values():
-        if not isinstance(metric, MetricWrapperBase):
+        if isinstance(metric, MetricWrapperBase):
+            # prometheus_client keeps a metric's label names only on the metric itself.
+            label_names = set(metric._labelnames)
+        elif isinstance(metric, SignalHistogram):
+            label_names = set(metric.labelnames)
+        else:
             continue
-        # prometheus_client keeps a metric's label names only on the metric itself.
-        label_names = set(metric._labelnames)
         for family in metric.describe():
             for suffix in suffixes[family.type]:
                 labels[family.name + suffix] = set(label_names)
@@ -618,6 +627,7 @@ def test_dashboard_promql_uses_only_exported_metrics_and_labels() -> None:
     targets = list(_targets("prometheus"))
     assert targets, "the dashboard has no Prometheus panel"
     used: set[str] = set()
+    per_service: set[str] = set()
     for where, target in targets:
         selectors: list[Any] = []
         groupings: set[str] = set()
@@ -639,17 +649,28 @@ def test_dashboard_promql_uses_only_exported_metrics_and_labels() -> None:
             allowed |= labels.get(selector.name, set())
             for matcher in selector.matchers.matchers:
                 assert matcher.name in allowed, f"{where}: label {matcher.name}"
+                if matcher.op == promql_parser.MatchOp.Equal:
+                    values = PROMETHEUS_LABEL_VALUES.get(matcher.name)
+                    assert values is None or matcher.value in values, f"{where}: {matcher}"
         assert groupings <= allowed, f"{where}: unknown labels {groupings - allowed}"
+        if "service_name" in groupings:
+            per_service.update(s.name for s in selectors)
         for label in re.findall(r"\{\{\s*(\w+)\s*\}\}", target.get("legendFormat", "")):
             assert label in groupings, f"{where}: legend label {label} is aggregated away"
-    # The dashboard shows the collectors' faults by kind, spans, backlog and attribution.
+    # The dashboard shows the collectors' spans, backlog and attribution time, and per
+    # service their fault counts, drift alerts, drift scores and confidence.
     for wanted in (
-        "otel_dl_collector_faults_total",
         "otel_dl_collector_spans_received_total",
         "otel_dl_collector_spans_queued",
         "otel_dl_collector_attribution_seconds_bucket",
     ):
         assert wanted in used
+    assert per_service >= {
+        "otel_dl_collector_faults_total",
+        "otel_dl_collector_drift_status_total",
+        "otel_dl_collector_drift_score_bucket",
+        "otel_dl_collector_confidence_mean_bucket",
+    }
 
 
 # TraceQL: attribute references, comparisons and pipeline functions.
@@ -753,10 +774,6 @@ def test_dashboard_traceql_uses_otel_dl_attributes() -> None:
         _check_traceql(target["query"])
     assert "{ span.dl.fault.root_cause = true }" in queries
     assert '{ span.dl.drift.status = "alert" }' in queries
-    # Per-service drift and confidence come from TraceQL metrics over the spans.
-    grouped = " ".join(q for q in queries if "by (resource.service.name" in q)
-    for name in (semconv.DL_DRIFT_SCORE, semconv.DL_CONFIDENCE_MEAN, semconv.DL_FAULT_ROOT_CAUSE):
-        assert f"span.{name}" in grouped
 
 
 def test_deploy_doc_traceql_uses_otel_dl_attributes() -> None:

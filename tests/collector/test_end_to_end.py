@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 
+import pytest
 import requests
 from opentelemetry import context
 from opentelemetry.trace import SpanKind, Status, StatusCode
+from prometheus_client.parser import text_string_to_metric_families
 
 from otel_dl import semconv
 
@@ -62,6 +65,108 @@ def test_grpc_fault_is_attributed_enriched_forwarded_and_stored(
             in requests.get(f"{api}/metrics", timeout=5).text
         )
     )
+
+
+def _series(api: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of the collector's /metrics: (name, labels) -> value."""
+    text = requests.get(f"{api}/metrics", timeout=5).text
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def _value(series: dict, name: str, **labels: str) -> float | None:
+    return series.get((name, frozenset(labels.items())))
+
+
+def test_metrics_count_faults_drift_and_confidence_per_service(
+    sink, make_collector, make_provider, wait_for
+):
+    servicer, sink_port = sink
+    collector = make_collector(
+        export_endpoint=f"127.0.0.1:{sink_port}", max_metric_services=3, store="none"
+    )
+    api = f"http://127.0.0.1:{collector.api_port}"
+    endpoint = f"127.0.0.1:{collector.grpc_port}"
+    frontend = make_provider("frontend", endpoint)
+    features = make_provider("feature-service", endpoint)
+    ingest = make_provider("ingest", endpoint)
+    labeller = make_provider("labeller", endpoint)
+
+    # feature-service: stale features (a fault); frontend: one inference at 0.9 confidence.
+    _pipeline_trace(frontend, features, freshness=200_000.0)
+    wait_for(
+        lambda: _value(
+            _series(api), "otel_dl_collector_confidence_mean_count", service_name="frontend"
+        )
+    )
+    # ingest: one span per drift result, each its own trace; the third service labelled.
+    reads = [
+        (0.05, "ok", "psi"),
+        (0.4, "alert", "psi"),  # a data_drift fault
+        (0.12, "warn", "ks"),
+        (math.nan, None, "psi"),  # no bucket takes NaN: not observed
+        (0.3, "alarm", "chi2"),  # a data_drift fault (score); status and method unknown
+    ]
+    tracer = ingest.get_tracer("test")
+    for score, status, method in reads:
+        with tracer.start_as_current_span("ingest.read") as span:
+            span.set_attribute(semconv.DL_DRIFT_SCORE, score)
+            span.set_attribute(semconv.DL_DRIFT_METHOD, method)
+            if status is not None:
+                span.set_attribute(semconv.DL_DRIFT_STATUS, status)
+    wait_for(lambda: servicer.count() == 3 + len(reads))
+    wait_for(
+        lambda: _value(
+            _series(api),
+            "otel_dl_collector_drift_score_count",
+            service_name="ingest",
+            method="unknown",
+        )
+    )
+    # A fourth service is past max_metric_services.
+    with labeller.get_tracer("test").start_as_current_span("label") as span:
+        span.set_attribute(semconv.DL_CONFIDENCE_MEAN, 0.3)
+    wait_for(
+        lambda: _value(
+            _series(api), "otel_dl_collector_confidence_mean_count", service_name="(other)"
+        )
+    )
+
+    series = _series(api)
+    faults = "otel_dl_collector_faults_total"
+    assert _value(series, faults, service_name="feature-service", kind="stale_features") == 1
+    assert _value(series, faults, service_name="ingest", kind="data_drift") == 2
+    # 0.3 is low confidence: the service past the cap is named (other) there too.
+    assert _value(series, faults, service_name="(other)", kind="low_confidence") == 1
+    assert sum(v for (name, _), v in series.items() if name == faults) == 4
+
+    drift = "otel_dl_collector_drift_score"
+    assert _value(series, drift + "_count", service_name="ingest", method="psi") == 2
+    assert _value(series, drift + "_sum", service_name="ingest", method="psi") == pytest.approx(
+        0.45
+    )
+    assert _value(series, drift + "_bucket", service_name="ingest", method="psi", le="0.25") == 1
+    assert _value(series, drift + "_bucket", service_name="ingest", method="psi", le="0.5") == 2
+    assert _value(series, drift + "_count", service_name="ingest", method="ks") == 1
+    assert _value(series, drift + "_count", service_name="ingest", method="unknown") == 1
+
+    status = "otel_dl_collector_drift_status_total"
+    by_status = {
+        dict(labels)["status"]: v for (name, labels), v in series.items() if name == status
+    }
+    assert by_status == {"ok": 1, "warn": 1, "alert": 1}
+
+    confidence = "otel_dl_collector_confidence_mean"
+    assert _value(series, confidence + "_count", service_name="frontend") == 1
+    assert _value(series, confidence + "_sum", service_name="frontend") == pytest.approx(0.9)
+    assert _value(series, confidence + "_bucket", service_name="frontend", le="0.8") == 0
+    assert _value(series, confidence + "_bucket", service_name="frontend", le="0.9") == 1
+    assert _value(series, confidence + "_count", service_name="(other)") == 1
+    services = {dict(labels).get("service_name") for _, labels in series}
+    assert services - {None} == {"frontend", "feature-service", "ingest", "(other)"}
 
 
 def test_http_protobuf_healthy_trace_gets_no_fault_attributes(

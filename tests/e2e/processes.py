@@ -5,6 +5,7 @@ own process group, waits until it serves, and kills the group on exit::
     with OtelDlCollector(tmp / "a", export="127.0.0.1:4317") as member:
         member.otlp_grpc            # "127.0.0.1:port"
         member.metric("otel_dl_collector_spans_received_total")
+        member.series("otel_dl_collector_faults_total")   # {labels: value}
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Self
 
 import grpc
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.binaries import free_port
 
@@ -126,12 +128,21 @@ class OtelDlCollector(Process):
         with urllib.request.urlopen(url, timeout=5) as reply:
             return str(reply.read().decode())
 
+    def series(self, name: str) -> dict[frozenset[tuple[str, str]], float]:
+        """The Prometheus samples named ``name`` (``..._faults_total``), by their labels."""
+        return {
+            frozenset(sample.labels.items()): sample.value
+            for family in text_string_to_metric_families(self.metrics_text())
+            for sample in family.samples
+            if sample.name == name
+        }
+
     def metric(self, name: str) -> float:
         """The value of one unlabelled Prometheus sample, e.g. ``..._spans_received_total``."""
-        for line in self.metrics_text().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-        raise KeyError(name)
+        try:
+            return self.series(name)[frozenset()]
+        except KeyError:
+            raise KeyError(name) from None
 
 
 class OtelCol(Process):

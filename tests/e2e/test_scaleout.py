@@ -141,6 +141,34 @@ class Topology:
     def member_totals(self, name: str) -> list[float]:
         return [m.metric(name) for m in self.members]
 
+    def member_sums(self, name: str) -> Counter[frozenset[tuple[str, str]]]:
+        """Samples of ``name`` summed over the members by their labels, as Prometheus
+        ``sum by`` every label would give."""
+        out: Counter[frozenset[tuple[str, str]]] = Counter()
+        for member in self.members:
+            out.update(member.series(name))
+        return out
+
+
+# The per-service series a dashboard sums over the members.
+SIGNAL_SERIES = (
+    "otel_dl_collector_drift_score_count",
+    "otel_dl_collector_drift_score_bucket",
+    "otel_dl_collector_drift_status_total",
+    "otel_dl_collector_confidence_mean_count",
+    "otel_dl_collector_confidence_mean_bucket",
+)
+
+
+def _root_causes(sink: Sink) -> Counter[frozenset[tuple[str, str]]]:
+    """Root-cause spans a sink received, counted under the labels of ``faults_total``."""
+    return Counter(
+        frozenset({("service_name", s["service"]), ("kind", s["attrs"][semconv.DL_FAULT_KIND])})
+        for spans in collect_traces(sink).values()
+        for s in spans
+        if s["attrs"].get(semconv.DL_FAULT_ROOT_CAUSE) is True
+    )
+
 
 def _plan(rng: random.Random) -> list[str | None]:
     plan: list[str | None] = [k for k in semconv.FAULT_KINDS for _ in range(PER_KIND)]
@@ -170,6 +198,10 @@ def test_members_attribute_each_trace_once_like_one_collector(
         received = top.member_totals("otel_dl_collector_spans_received_total")
         assembled = top.member_totals("otel_dl_collector_traces_assembled_total")
         single_assembled = top.single.metric("otel_dl_collector_traces_assembled_total")
+        faults = top.member_sums("otel_dl_collector_faults_total")
+        single_faults = Counter(top.single.series("otel_dl_collector_faults_total"))
+        signals = {name: top.member_sums(name) for name in SIGNAL_SERIES}
+        single_signals = {name: Counter(top.single.series(name)) for name in SIGNAL_SERIES}
 
     cluster, single = _verdicts(top.cluster_sink), _verdicts(top.single_sink)
     span_ids = Counter(
@@ -194,7 +226,9 @@ def test_members_attribute_each_trace_once_like_one_collector(
         f"(shares {', '.join(f'{s:.0%}' for s in share)}); traces decided by the members "
         f"{sum(assembled):.0f}, by the collector alone {single_assembled:.0f}; "
         f"AC@1 alone {ac1_single:.3f}, three members {ac1_cluster:.3f}; verdicts that "
-        f"differ {len(differ)}/{len(truth)}: {Counter(k for k, _, _ in differ.values())}"
+        f"differ {len(differ)}/{len(truth)}: {Counter(k for k, _, _ in differ.values())}; "
+        f"faults_total summed over the members: {sum(faults.values()):.0f} in {len(faults)} "
+        f"series, alone {sum(single_faults.values()):.0f} in {len(single_faults)}"
     )
 
     assert sum(received) == total and len(span_ids) == total
@@ -205,6 +239,13 @@ def test_members_attribute_each_trace_once_like_one_collector(
     # Stateless failure modes get the very same verdict; baselines and `changed` signals
     # are learned per member, so those may differ (docs/deploy.md gives the figures).
     assert not {t: d for t, d in differ.items() if d[0] not in STATEFUL_KINDS}
+    # The per-service Prometheus series: summed over the members, fault counts are the
+    # root causes the members wrote into the traces, and the drift and confidence series,
+    # which need no learned state, are exactly those of the collector alone.
+    assert faults == _root_causes(top.cluster_sink) and sum(faults.values()) > 0
+    assert single_faults == _root_causes(top.single_sink)
+    for name in SIGNAL_SERIES:
+        assert signals[name] == single_signals[name] and signals[name], name
     if warmup == WARMUP:
         assert ac1_cluster >= ac1_single - 0.05
 
