@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.client
+import math
 import os
 import re
 import signal
@@ -468,8 +469,7 @@ OK = "accepted"
 BACKPRESSURE = "back-pressure"  # HTTP 429/503, gRPC RESOURCE_EXHAUSTED
 NO_CONNECTION = "connection refused or lost"  # the collector is down, or was killed
 TIMEOUT = "timeout"
-TOO_MANY_IN_FLIGHT = "not sent (2,000 requests in flight)"
-_MAX_IN_FLIGHT = 2000
+TOO_MANY_IN_FLIGHT = "not sent (the client's in-flight limit)"
 _TIMEOUT_SECONDS = 10.0
 _PROTOBUF = {"Content-Type": "application/x-protobuf"}
 
@@ -617,8 +617,12 @@ class Traffic:
     the last is answered; what was not acknowledged is sent again). With ``rate``
     (requests/s, all senders together) the load is offered in an open loop from one
     asyncio thread (grpc.aio and aiohttp): requests go on schedule whatever the answers,
-    concurrently (up to 2,000 in flight), and one that was not acknowledged is not sent
-    again, so the offered load stays at ``rate``. ``phase`` labels the answers.
+    concurrently, and one that was not acknowledged is not sent again, so the offered
+    load stays at ``rate``. Every request times out after 10 s, so at most ``rate`` x
+    10 s are in flight; the client holds back (``TOO_MANY_IN_FLIGHT``) only past
+    ``max_in_flight``, one second more than that, when its own event loop falls behind.
+    ``peak_in_flight`` and ``latencies`` (seconds from send to answer, by answer) say how
+    promptly the open loop was answered. ``phase`` labels the answers.
     Leaving the block stops the senders and waits for the requests in flight.
     """
 
@@ -635,6 +639,9 @@ class Traffic:
         self.stopping = threading.Event()
         self.phase = "run"
         self.last_ack = 0.0
+        self.peak_in_flight = 0
+        self.latencies: dict[str, list[float]] = {}
+        self.max_in_flight = 0 if rate is None else math.ceil(rate * (_TIMEOUT_SECONDS + 1))
         self._lock = threading.Lock()
         self.tallies = [
             Tally(first_index + i, "grpc" if i % 2 == 0 else "http") for i in range(senders)
@@ -688,6 +695,7 @@ class Traffic:
             async def send(tally: Tally, seq: int) -> None:
                 body = span_request(tally.index, seq, self.traces_per_request)
                 rejected, no_hint = 0, False
+                sent_at = time.monotonic()
                 try:
                     if tally.protocol == "grpc":
                         response = await calls[tally.index](body, timeout=_TIMEOUT_SECONDS)
@@ -709,6 +717,7 @@ class Traffic:
                     answer = TIMEOUT
                 except aiohttp.ClientError:
                     answer = NO_CONNECTION
+                self.latencies.setdefault(answer, []).append(time.monotonic() - sent_at)
                 self.count(tally, answer, no_hint, seq, rejected)
 
             tasks: set[asyncio.Task[None]] = set()
@@ -721,11 +730,12 @@ class Traffic:
                 tally = self.tallies[n % len(self.tallies)]
                 seq, tally.sent = tally.sent, tally.sent + 1
                 n += 1
-                if len(tasks) >= _MAX_IN_FLIGHT:
+                if len(tasks) >= self.max_in_flight:
                     self.count(tally, TOO_MANY_IN_FLIGHT, False, seq, 0)
                     continue
                 task = asyncio.create_task(send(tally, seq))
                 tasks.add(task)
+                self.peak_in_flight = max(self.peak_in_flight, len(tasks))
                 task.add_done_callback(tasks.discard)
             if tasks:
                 await asyncio.wait(tasks)
