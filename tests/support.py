@@ -85,3 +85,42 @@ def feast_driver_repo(root: Path, project: str) -> Any:
     )
     repo.apply([driver, view, FeatureService(name="driver_service", features=[view])])
     return repo
+
+
+# The tiny Hugging Face parts: built in the test, so no test ever reaches the Hub.
+TINY_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "good", "bad", "movie", "very", "the", "is", "a"]
+
+
+def tiny_tokenizer() -> Any:
+    """A word-level ``PreTrainedTokenizerFast`` over ``TINY_WORDS``, built locally."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    word_level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(TINY_WORDS)}, "[UNK]"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=word_level,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+    )
+
+
+def tiny_bert_classifier(num_labels: int) -> Any:
+    """A one-layer ``BertForSequenceClassification`` over ``TINY_WORDS``, seeded, in eval
+    mode."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(TINY_WORDS),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        num_labels=num_labels,
+    )
+    return BertForSequenceClassification(config).eval()

@@ -14,9 +14,7 @@ import pytest
 import torch
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.trace import StatusCode
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
-    BertConfig,
     BertForSequenceClassification,
     GPT2Config,
     GPT2LMHeadModel,
@@ -26,9 +24,8 @@ from transformers import (
 
 import otel_dl
 from otel_dl import semconv
-from tests.support import SpanList
+from tests.support import TINY_WORDS, SpanList, tiny_bert_classifier, tiny_tokenizer
 
-WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "good", "bad", "movie", "very", "the", "is", "a"]
 PAD, SEP = 0, 3
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -42,32 +39,14 @@ def handle() -> Iterator[otel_dl.Instrumentation]:
 
 @pytest.fixture(scope="module")
 def tokenizer() -> PreTrainedTokenizerFast:
-    word_level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, "[UNK]"))
-    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=word_level,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-    )
+    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def classifier_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny BERT saved where the Hub cache would put commit COMMIT."""
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(WORDS),
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=32,
-        num_labels=3,
-    )
     path = tmp_path_factory.mktemp("hub") / "snapshots" / COMMIT
-    BertForSequenceClassification(config).save_pretrained(path)
+    tiny_bert_classifier(num_labels=3).save_pretrained(path)
     return path
 
 
@@ -81,7 +60,7 @@ def classify(classifier_dir: Path, tokenizer: PreTrainedTokenizerFast):
 def generate(tokenizer: PreTrainedTokenizerFast):
     torch.manual_seed(0)
     config = GPT2Config(
-        vocab_size=len(WORDS),
+        vocab_size=len(TINY_WORDS),
         n_embd=16,
         n_layer=1,
         n_head=2,
@@ -146,7 +125,7 @@ def test_text_generation_uses_gen_ai_attributes(spans: SpanList, generate) -> No
     assert attrs[semconv.GEN_AI_REQUEST_MAX_TOKENS] == 6
     assert attrs[semconv.GEN_AI_USAGE_INPUT_TOKENS] == 2
     with suppress_instrumentation():
-        prompt = torch.tensor([[WORDS.index("good"), WORDS.index("movie")]])
+        prompt = torch.tensor([[TINY_WORDS.index("good"), TINY_WORDS.index("movie")]])
         new = generate.model.generate(prompt, max_new_tokens=6, do_sample=False)[0, 2:].tolist()
     expected = new.index(SEP) + 1 if SEP in new else len(new)
     assert attrs[semconv.GEN_AI_USAGE_OUTPUT_TOKENS] == expected

@@ -55,7 +55,13 @@ import otel_dl
 from otel_dl import calibration, confidence, drift, monitor, provenance, quality, reference
 from otel_dl._config import resolve_config
 from tests.reliability.findings import record, scale
-from tests.support import EXPORTER, feast_driver_repo
+from tests.support import (
+    EXPORTER,
+    TINY_WORDS,
+    feast_driver_repo,
+    tiny_bert_classifier,
+    tiny_tokenizer,
+)
 
 SECTION = "sdk-adversarial"
 
@@ -931,46 +937,18 @@ def test_sklearn_predict_and_transform_on_odd_inputs_unchanged(estimators: dict[
 
 # --- transformers --------------------------------------------------------------------
 
-WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "good", "bad", "movie", "very", "the", "is", "a"]
-
 
 @pytest.fixture(scope="module")
 def classify(handle: otel_dl.Instrumentation) -> Any:
-    from tokenizers import Tokenizer, pre_tokenizers
-    from tokenizers import models as tokenizer_models
-    from transformers import (
-        BertConfig,
-        BertForSequenceClassification,
-        PreTrainedTokenizerFast,
-        pipeline,
-    )
+    from transformers import pipeline
 
-    word_level = Tokenizer(tokenizer_models.WordLevel({w: i for i, w in enumerate(WORDS)}, "[UNK]"))
-    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=word_level,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-    )
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(WORDS),
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=32,
-        num_labels=CLASSES,
-    )
-    model = BertForSequenceClassification(config).eval()
-    return pipeline("text-classification", model=model, tokenizer=tokenizer)
+    model = tiny_bert_classifier(CLASSES)
+    return pipeline("text-classification", model=model, tokenizer=tiny_tokenizer())
 
 
-sentences = st.lists(st.sampled_from([*WORDS[4:], "unknown", "é", "[SEP]", ""]), max_size=40).map(
-    " ".join
-)
+sentences = st.lists(
+    st.sampled_from([*TINY_WORDS[4:], "unknown", "é", "[SEP]", ""]), max_size=40
+).map(" ".join)
 texts = st.one_of(sentences, st.text(max_size=30))
 
 
