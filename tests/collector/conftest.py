@@ -45,6 +45,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from prometheus_client.parser import text_string_to_metric_families
 
 from otel_dl import semconv
 from otel_dl.collector.assemble import any_value
@@ -238,6 +239,20 @@ def make_provider() -> Iterator[Callable[..., TracerProvider]]:
 
 
 # --- the collector CLI as a child process ---------------------------------------------------
+Labels = frozenset[tuple[str, str]]
+
+
+def prometheus_samples(api: str) -> dict[tuple[str, Labels], float]:
+    """Every sample the collector API at ``api`` (``http://host:port``) serves on
+    ``/metrics``, parsed by prometheus_client: ``(sample name, labels) -> value``."""
+    text = requests.get(f"{api}/metrics", timeout=10).text
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
 _LISTENING = re.compile(r"listening on \S+: OTLP/gRPC (\d+), OTLP/HTTP (\d+), API (\d+)")
 
 
@@ -250,6 +265,9 @@ class CollectorProcess:
 
         with CollectorProcess(tmp_path / "data", export_endpoint="127.0.0.1:4317") as c:
             c.start()
+            c.otlp_grpc         # "127.0.0.1:port"
+            c.metric("otel_dl_collector_spans_received_total")
+            c.series("otel_dl_collector_faults_total")   # {labels: value}
             c.kill()            # SIGKILL to the whole process group
             c.start()           # same data directory, same ports
             assert c.stop() == 0
@@ -284,7 +302,8 @@ class CollectorProcess:
         if self.grpc_port:
             argv += ["--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port)]
             argv += ["--api-port", str(self.api_port)]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_DL_COLLECTOR_")}
+        # Its configuration is the file and the flags alone: no OTEL_* from the tests' own.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         started = time.monotonic()
         with self.log_path.open("ab") as log:
@@ -312,6 +331,14 @@ class CollectorProcess:
             time.sleep(0.02)
         self.close()
         raise AssertionError(f"collector did not start; log tail:\n{self.log_tail()}")
+
+    @property
+    def otlp_grpc(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
 
     @property
     def running(self) -> bool:
@@ -368,19 +395,31 @@ class CollectorProcess:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def metrics(self) -> dict[str, float]:
-        """The collector's Prometheus metrics: each series under its full name
-        (``name{label="x"}``), and labelled series also summed under their bare name."""
-        text = requests.get(f"http://127.0.0.1:{self.api_port}/metrics", timeout=10).text
+        """The collector's Prometheus metrics: each sample under its full name
+        (``name{a="x",b="y"}``, labels in name order), and labelled samples also summed
+        under their bare name."""
         out: dict[str, float] = {}
-        for line in text.splitlines():
-            if not line or line.startswith("#"):
-                continue
-            series, _, value = line.rpartition(" ")
-            out[series] = float(value)
-            if "{" in series:
-                name = series.split("{", 1)[0]
-                out[name] = out.get(name, 0.0) + float(value)
+        for (name, labels), value in prometheus_samples(self.api).items():
+            if labels:
+                inner = ",".join(f'{k}="{v}"' for k, v in sorted(labels))
+                out[f"{name}{{{inner}}}"] = value
+            out[name] = out.get(name, 0.0) + value
         return out
+
+    def series(self, name: str) -> dict[Labels, float]:
+        """The samples named ``name`` (``..._faults_total``), by their labels."""
+        return {
+            labels: value
+            for (sample, labels), value in prometheus_samples(self.api).items()
+            if sample == name
+        }
+
+    def metric(self, name: str) -> float:
+        """The value of one unlabelled sample, e.g. ``..._spans_received_total``."""
+        try:
+            return self.series(name)[frozenset()]
+        except KeyError:
+            raise KeyError(name) from None
 
     def disk_bytes(self) -> int:
         """Bytes of the journal and export-queue files on disk."""

@@ -10,9 +10,9 @@ import pytest
 import requests
 from opentelemetry import context
 from opentelemetry.trace import SpanKind, Status, StatusCode
-from prometheus_client.parser import text_string_to_metric_families
 
 from otel_dl import semconv
+from tests.collector.conftest import prometheus_samples
 
 
 def _pipeline_trace(frontend, features, *, freshness: float = 10.0) -> None:
@@ -67,16 +67,6 @@ def test_grpc_fault_is_attributed_enriched_forwarded_and_stored(
     )
 
 
-def _series(api: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    """Every sample of the collector's /metrics: (name, labels) -> value."""
-    text = requests.get(f"{api}/metrics", timeout=5).text
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
 def _value(series: dict, name: str, **labels: str) -> float | None:
     return series.get((name, frozenset(labels.items())))
 
@@ -99,7 +89,9 @@ def test_metrics_count_faults_drift_and_confidence_per_service(
     _pipeline_trace(frontend, features, freshness=200_000.0)
     wait_for(
         lambda: _value(
-            _series(api), "otel_dl_collector_confidence_mean_count", service_name="frontend"
+            prometheus_samples(api),
+            "otel_dl_collector_confidence_mean_count",
+            service_name="frontend",
         )
     )
     # ingest: one span per drift result, each its own trace; the third service labelled.
@@ -120,7 +112,7 @@ def test_metrics_count_faults_drift_and_confidence_per_service(
     wait_for(lambda: servicer.count() == 3 + len(reads))
     wait_for(
         lambda: _value(
-            _series(api),
+            prometheus_samples(api),
             "otel_dl_collector_drift_score_count",
             service_name="ingest",
             method="unknown",
@@ -131,11 +123,13 @@ def test_metrics_count_faults_drift_and_confidence_per_service(
         span.set_attribute(semconv.DL_CONFIDENCE_MEAN, 0.3)
     wait_for(
         lambda: _value(
-            _series(api), "otel_dl_collector_confidence_mean_count", service_name="(other)"
+            prometheus_samples(api),
+            "otel_dl_collector_confidence_mean_count",
+            service_name="(other)",
         )
     )
 
-    series = _series(api)
+    series = prometheus_samples(api)
     faults = "otel_dl_collector_faults_total"
     assert _value(series, faults, service_name="feature-service", kind="stale_features") == 1
     assert _value(series, faults, service_name="ingest", kind="data_drift") == 2

@@ -1,11 +1,11 @@
-"""Pipeline processes the end-to-end tests start on loopback: otel-dl collectors and an
-OpenTelemetry Collector. Each is a context manager that starts the real program in its
-own process group, waits until it serves, and kills the group on exit::
+"""Third-party programs the end-to-end tests start on loopback (an OpenTelemetry
+Collector; Jaeger in jaeger.py). Each is a context manager that starts the real program
+in its own process group, waits until it serves, and kills the group on exit::
 
-    with OtelDlCollector(tmp / "a", export="127.0.0.1:4317") as member:
-        member.otlp_grpc            # "127.0.0.1:port"
-        member.metric("otel_dl_collector_spans_received_total")
-        member.series("otel_dl_collector_faults_total")   # {labels: value}
+    with OtelCol(binary, config, tmp / "front") as front:
+        front.otlp_grpc             # "127.0.0.1:port"
+
+The otel-dl collector CLI runs under ``tests.collector.conftest.CollectorProcess``.
 """
 
 from __future__ import annotations
@@ -13,18 +13,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
 import grpc
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
-
-from tests.e2e.binaries import free_port
 
 
 class Process:
@@ -91,58 +86,6 @@ def _grpc_serves(target: str) -> bool:
             return True
         except grpc.FutureTimeoutError:
             return False
-
-
-class OtelDlCollector(Process):
-    """``python -m otel_dl.collector`` with its data in ``directory`` (kept across restarts)."""
-
-    def __init__(
-        self, directory: Path, export: str, decision_wait: float = 2.0, **options: object
-    ) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        self.ports = {name: free_port() for name in ("grpc_port", "http_port", "api_port")}
-        config = {
-            **self.ports,
-            "export_endpoint": export,
-            "decision_wait": decision_wait,
-            "store": "none",
-            "queue_dir": str(directory / "queue"),
-            **options,
-        }
-        path = directory / "collector.yaml"
-        path.write_text(yaml.safe_dump(config))
-        env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-        argv = [sys.executable, "-m", "otel_dl.collector", "--config", str(path)]
-        super().__init__(argv, directory / "collector.log", env)
-        self.otlp_grpc = f"127.0.0.1:{self.ports['grpc_port']}"
-
-    def ready(self) -> bool:
-        try:
-            self.metrics_text()
-            return _grpc_serves(self.otlp_grpc)
-        except OSError:
-            return False
-
-    def metrics_text(self) -> str:
-        url = f"http://127.0.0.1:{self.ports['api_port']}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as reply:
-            return str(reply.read().decode())
-
-    def series(self, name: str) -> dict[frozenset[tuple[str, str]], float]:
-        """The Prometheus samples named ``name`` (``..._faults_total``), by their labels."""
-        return {
-            frozenset(sample.labels.items()): sample.value
-            for family in text_string_to_metric_families(self.metrics_text())
-            for sample in family.samples
-            if sample.name == name
-        }
-
-    def metric(self, name: str) -> float:
-        """The value of one unlabelled Prometheus sample, e.g. ``..._spans_received_total``."""
-        try:
-            return self.series(name)[frozenset()]
-        except KeyError:
-            raise KeyError(name) from None
 
 
 class OtelCol(Process):
