@@ -59,7 +59,12 @@ def _front_config(port: int, members: list[str], single: str | None) -> dict[str
         "tls": {"insecure": True},
         "timeout": "5s",
         # A member that is down keeps its share queued and retried until it is back.
-        "retry_on_failure": {"enabled": True, "max_elapsed_time": "0s", "max_interval": "1s"},
+        "retry_on_failure": {
+            "enabled": True,
+            "max_elapsed_time": "0s",
+            "initial_interval": "200ms",
+            "max_interval": "1s",
+        },
         "sending_queue": {"enabled": True, "queue_size": 100_000},
     }
     exporters: dict[str, Any] = {
