@@ -420,7 +420,8 @@ class Reference:
         key = np.dtype(dtype).str
         if key not in self._ranges:
             lo = self._numeric.minimum
-            hi = np.nextafter(self._numeric.maximum, np.inf)
+            with np.errstate(over="ignore"):  # a maximum of float64 max gives inf: right
+                hi = np.nextafter(self._numeric.maximum, np.inf)
             if key == np.dtype(np.float32).str:
                 lo, hi = ceil_to_float32(lo), ceil_to_float32(hi)
             self._ranges[key] = (lo, hi)
