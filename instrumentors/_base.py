@@ -7,7 +7,9 @@ two additions:
 - it always checks that its target library is installed, and quietly does nothing when
   it is not, even when the runner asks it to skip that check;
 - it accepts ``hooks=`` (an ``otel_dl._span.Hooks``), or ``request_hook=`` and
-  ``response_hook=``, and hands them to the core's ``traced_call``.
+  ``response_hook=``, and hands them to the core's ``traced_call``;
+- it honours ``tracer_provider=``, as the contrib instrumentations do: its spans come
+  from ``self._tracer``, a tracer of that provider (else of the global one).
 """
 
 from __future__ import annotations
@@ -16,14 +18,17 @@ import logging
 from typing import Any
 
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
+from opentelemetry.trace import Tracer
 
-from otel_dl._span import Hooks
+from otel_dl._span import Hooks, get_tracer
 
 logger = logging.getLogger("otel_dl")
 
 
 class DlInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     """Base class of the otel-dl instrumentors; see the module docstring."""
+
+    _tracer: Tracer = get_tracer()
 
     def missing_dependency(self) -> str | None:
         """Why the target library cannot be instrumented, or None when it can."""
@@ -38,6 +43,7 @@ class DlInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         if missing:
             logger.debug("otel-dl: %s not enabled: %s", type(self).__name__, missing)
             return None
+        self._tracer = get_tracer(kwargs.get("tracer_provider"))
         return super().instrument(skip_dep_check=True, **kwargs)
 
     @staticmethod

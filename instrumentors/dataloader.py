@@ -43,16 +43,9 @@ from opentelemetry.instrumentation.utils import unwrap
 from otel_dl import semconv
 from otel_dl._config import get_config
 from otel_dl._guard import instrumentation_enabled, report_internal_error
-from otel_dl._span import (
-    NO_HOOKS,
-    DlCall,
-    Hooks,
-    base_attributes,
-    finish_span,
-    record_error,
-    start_span,
-)
+from otel_dl._span import NO_HOOKS, DlCall, DlSpan, Hooks, base_attributes
 from otel_dl._watch import WatchState, ensure_state, watch_state
+from otel_dl.monitor import observe_once
 
 from ._base import DlInstrumentor
 
@@ -155,11 +148,10 @@ class DataLoaderInstrumentor(DlInstrumentor):
         except BaseException as exc:
             end_ns = time.time_ns()
             try:
-                span = start_span(
-                    semconv.SPAN_DATALOADER_BATCH, self._attributes(instance), start_time=start_ns
-                )
-                record_error(span, exc)
-                finish_span(span, {}, start_ns, end_ns)
+                call = self._span(instance, start_ns)
+                call.start(self._tracer, semconv.SPAN_DATALOADER_BATCH, attach=False)
+                call.error(exc)
+                call.finish(end_ns)
             except Exception:
                 report_internal_error(_SITE)
             raise
@@ -179,49 +171,50 @@ class DataLoaderInstrumentor(DlInstrumentor):
             state = state or ensure_state(dataset if dataset is not None else iterator)
         return state
 
-    def _attributes(self, iterator: Any) -> dict[str, Any]:
-        state = self._state(iterator)
-        attrs = base_attributes(
-            semconv.STAGE_DATALOADER, semconv.COMPONENT_TORCH_DATALOADER, state.provenance()
-        )
-        if state.version is not None:
-            attrs[semconv.DL_DATA_VERSION] = state.version
-        dataset = getattr(iterator, "_dataset", None)
-        if dataset is not None:
-            cls = type(dataset)
-            attrs[semconv.DL_DATASET_CLASS] = f"{cls.__module__}.{cls.__qualname__}"
-        attrs[semconv.DL_BATCH_INDEX] = max(int(getattr(iterator, "_num_yielded", 1)) - 1, 0)
-        return attrs
+    def _static(self, iterator: Any, state: WatchState) -> dict[str, Any]:
+        """The attributes every batch of this source shares, built once per watch state."""
+        static = state.static
+        if static is None:
+            static = base_attributes(
+                semconv.STAGE_DATALOADER, semconv.COMPONENT_TORCH_DATALOADER, state.provenance()
+            )
+            if state.version is not None:
+                static[semconv.DL_DATA_VERSION] = state.version
+            dataset = getattr(iterator, "_dataset", None)
+            if dataset is not None:
+                cls = type(dataset)
+                static[semconv.DL_DATASET_CLASS] = f"{cls.__module__}.{cls.__qualname__}"
+            state.static = static
+        return static
+
+    def _span(self, iterator: Any, start_ns: int) -> DlSpan:
+        call = DlSpan(_SITE, self._static(iterator, self._state(iterator)), start_ns=start_ns)
+        index = max(int(getattr(iterator, "_num_yielded", 1)) - 1, 0)
+        call.attributes[semconv.DL_BATCH_INDEX] = index
+        return call
 
     def _record(
         self, iterator: Any, args: Any, kwargs: Any, batch: Any, start_ns: int, end_ns: int
     ) -> None:
         state = self._state(iterator)
-        attrs = self._attributes(iterator)
-        signals: dict[str, Any] = {}
-        feature_count = None
-        try:
-            features = select_features(batch, state.features)
-            first = next(iter(features.values()), None) if isinstance(features, dict) else features
-            if first is not None and _is_tensor(first) and first.dim() > 0:
-                signals[semconv.DL_BATCH_SIZE] = int(first.shape[0])
-            if features is not None and get_config().signals:
-                monitor = state.monitor()
-                signals.update(monitor.observe(features))
-                feature_count = monitor.feature_count
-        except Exception:
-            # The span still goes out, without the signals that failed.
-            report_internal_error(f"{_SITE}.signals")
-        span = start_span(semconv.SPAN_DATALOADER_BATCH, attrs, start_time=start_ns)
-        call = DlCall(semconv.COMPONENT_TORCH_DATALOADER, iterator, tuple(args), kwargs)
-        if self._hooks.request is not None:
-            try:
-                self._hooks.request(span, call)
-            except Exception:
-                report_internal_error(f"{_SITE}.request_hook")
-        if self._hooks.response is not None:
-            try:
-                self._hooks.response(span, call, batch)
-            except Exception:
-                report_internal_error(f"{_SITE}.response_hook")
-        finish_span(span, signals, start_ns, end_ns, feature_count)
+        call = self._span(iterator, start_ns)
+        call.extract("signals", _signals, state, batch)
+        # The batch has arrived: the span is made whole now, never current.
+        call.start(self._tracer, semconv.SPAN_DATALOADER_BATCH, attach=False)
+        if self._hooks.request is not None or self._hooks.response is not None:
+            dl_call = DlCall(semconv.COMPONENT_TORCH_DATALOADER, iterator, tuple(args), kwargs)
+            call.hook(self._hooks.request, dl_call)
+            call.hook(self._hooks.response, dl_call, batch)
+        call.finish(end_ns)
+
+
+def _signals(state: WatchState, batch: Any) -> dict[str, Any]:
+    """Batch size, and the drift, quality and fingerprint of the batch's features."""
+    out: dict[str, Any] = {}
+    features = select_features(batch, state.features)
+    first = next(iter(features.values()), None) if isinstance(features, dict) else features
+    if first is not None and _is_tensor(first) and first.dim() > 0:
+        out[semconv.DL_BATCH_SIZE] = int(first.shape[0])
+    if features is not None and get_config().signals:
+        out.update(observe_once(state.monitor(), features))
+    return out

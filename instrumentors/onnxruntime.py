@@ -42,8 +42,8 @@ from otel_dl import semconv
 from otel_dl._config import get_config
 from otel_dl._guard import report_internal_error
 from otel_dl._span import NO_HOOKS, Attributes, DlCall, Hooks, traced_call
-from otel_dl._watch import ensure_state
-from otel_dl.monitor import confidence_attributes
+from otel_dl._watch import WatchState, ensure_state
+from otel_dl.monitor import observe_once
 from otel_dl.provenance import model_fingerprint
 
 from ._base import DlInstrumentor
@@ -181,12 +181,19 @@ class OnnxRuntimeInstrumentor(DlInstrumentor):
             before=self._model_attributes,
             after=self._signals,
             hooks=self._hooks,
+            tracer=self._tracer,
         )
 
     @staticmethod
     def _model_attributes(call: DlCall) -> Attributes:
-        session = call.instance
-        state = ensure_state(session)
+        """The attributes every span of the session shares, built once per watch state."""
+        state = ensure_state(call.instance)
+        if state.static is None:
+            state.static = OnnxRuntimeInstrumentor._read_model_attributes(call.instance, state)
+        return state.static
+
+    @staticmethod
+    def _read_model_attributes(session: Any, state: WatchState) -> Attributes:
         info = _session_info(session)
         attrs: Attributes = state.provenance()
         attrs[semconv.DL_MODEL_FRAMEWORK] = _FRAMEWORK
@@ -222,14 +229,14 @@ class OnnxRuntimeInstrumentor(DlInstrumentor):
                 if rows is not None:
                     attrs[semconv.DL_BATCH_SIZE] = rows
                 if features is not None and config.signals:
-                    attrs.update(state.monitor().observe(features))
+                    attrs.update(observe_once(state.monitor(), features))
             except Exception:
                 # The span still goes out, with the output's signals.
                 report_internal_error(f"{_SITE}.input_signals")
         if isinstance(outputs, Sequence) and outputs:
             scores = _class_scores(outputs) if config.signals else None
             if scores is not None:
-                attrs.update(confidence_attributes(scores, config.confidence_threshold))
+                attrs.update(ensure_state(session).monitor().confidence(scores))
             else:
                 rows = _row_count(_to_numpy(outputs[0]))
                 if rows is not None:

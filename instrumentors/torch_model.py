@@ -24,10 +24,16 @@ It works under ``torch.no_grad`` and ``torch.inference_mode``, and with
 hooks are re-registered wrapped in ``torch.compiler.disable``, so they run eagerly,
 outside the compiled region, and add no graph break.
 
-CUDA: when the output is on a GPU, the span ends when the GPU has finished the call (the
-hook synchronises on a CUDA event recorded after the forward), so its duration is the
-execution time, not the kernel-launch time. The cost is that synchronisation, which the
-next ``.cpu()``/``.item()`` of the caller would pay anyway.
+CUDA: nothing synchronises the GPU. When the output is on a GPU, the output's confidence
+and a CUDA input's NaN/Inf share and drift row sample are reduced on the device, copied
+to pinned memory without blocking, and a CUDA event is recorded after them; otel-dl's
+poller thread ends the span when that event has completed (see ``otel_dl._gpu``), so the
+span covers the GPU's execution, not only the kernel launches. With ``signals`` off a
+GPU call's span ends when the call returns.
+
+Cost: the attributes every span of a model shares (name, version, framework, file,
+weights fingerprint, provenance) are built once per model and reused; a batch that the
+DataLoader span already profiled is not profiled again (``otel_dl.monitor.observe_once``).
 
 ``torch.load``, ``torch.jit.load`` and ``Module.load_state_dict`` make a ``model.load``
 span (``dl.stage=model_load``) with the file path and its fingerprint where there is a
@@ -41,32 +47,21 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import wrapt
-from opentelemetry import context, trace
 from opentelemetry.instrumentation.utils import unwrap
-from opentelemetry.trace import Span
 
+from otel_dl import _gpu as gpu
 from otel_dl import semconv
 from otel_dl._config import get_config
 from otel_dl._guard import instrumentation_enabled, report_internal_error
-from otel_dl._span import (
-    NO_HOOKS,
-    Attributes,
-    DlCall,
-    Hooks,
-    base_attributes,
-    finish_span,
-    record_error,
-    start_span,
-    traced_call,
-)
+from otel_dl._span import NO_HOOKS, Attributes, DlCall, DlSpan, Hooks, base_attributes, traced_call
 from otel_dl._watch import WatchState, add_watch_listener, ensure_state, remove_watch_listener
-from otel_dl.monitor import confidence_attributes
+from otel_dl.monitor import observe_once
 from otel_dl.provenance import file_fingerprint, model_fingerprint
 
 from ._base import DlInstrumentor
@@ -77,10 +72,7 @@ _SITE = "torch.forward"
 @dataclass
 class _Frame:
     module: Any
-    span: Span | None  # None: a call that makes no span (training mode, nested, disabled)
-    token: object | None = None
-    start_ns: int = 0
-    cuda_end: Any = None
+    call: DlSpan | None  # None: a call that makes no span (training mode, nested, disabled)
 
 
 _frames: ContextVar[tuple[_Frame, ...]] = ContextVar("otel_dl_torch_frames", default=())
@@ -103,6 +95,52 @@ def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if isinstance(value, torch.Tensor):
             return value
     return None
+
+
+def _on_gpu(output: Any) -> bool:
+    return bool(getattr(output, "is_cuda", False))
+
+
+def _input_signals(module: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Attributes:
+    """Drift, quality and fingerprint of the first floating-point tensor argument (a CPU
+    one: a CUDA input is read on the device when the call has completed)."""
+    features = _first_tensor(args, dict(kwargs))
+    if features is None or not features.is_floating_point() or features.is_cuda:
+        return {}
+    return observe_once(ensure_state(module).monitor(), features)
+
+
+def _output_signals(module: Any, output: Any) -> Attributes:
+    """Confidence of a 2-D floating-point output, else the prediction count."""
+    import torch
+
+    if not isinstance(output, torch.Tensor):
+        return {}
+    if output.dim() == 2 and output.is_floating_point():
+        return ensure_state(module).monitor().confidence(output)
+    if output.dim() >= 1:
+        return {semconv.DL_PREDICTION_COUNT: int(output.shape[0])}
+    return {}
+
+
+def _call_signals(call: DlCall) -> Attributes:
+    return _input_signals(call.instance, call.args, call.kwargs)
+
+
+def _finish_on_gpu(
+    call: DlSpan, module: Any, args: tuple[Any, ...], kwargs: Any, output: Any
+) -> None:
+    features = _first_tensor(args, kwargs)
+    monitor = ensure_state(module).monitor()
+    config = get_config()
+    gpu.finish_when_done(
+        call,
+        output,
+        config.confidence_threshold,
+        inputs=features if features is not None and features.is_cuda else None,
+        observe=monitor.observe,
+        sample_rows=config.drift_max_rows,
+    )
 
 
 def _capturing() -> bool:
@@ -297,20 +335,25 @@ class TorchModelInstrumentor(DlInstrumentor):
 
     # -- model calls --------------------------------------------------------------------
     def _model_attributes(self, model: Any) -> Attributes:
+        """The attributes every span of ``model`` shares, built once per watch state."""
         state = ensure_state(model)
-        attrs: Attributes = state.provenance()
-        cls = type(model)
-        attrs[semconv.DL_MODEL_NAME] = state.name or cls.__qualname__
-        if state.version is not None:
-            attrs[semconv.DL_MODEL_VERSION] = state.version
-        attrs[semconv.DL_MODEL_FRAMEWORK] = "torch"
-        entry = self._traced.get(model)
-        if entry is not None and entry.path is not None:
-            attrs[semconv.DL_MODEL_PATH] = entry.path
-        fingerprint = model_fingerprint(model)
-        if fingerprint is not None:
-            attrs[semconv.DL_MODEL_FINGERPRINT] = fingerprint
-        return attrs
+        static = state.static
+        if static is None:
+            attrs = base_attributes(
+                semconv.STAGE_INFERENCE, semconv.COMPONENT_TORCH_NN, state.provenance()
+            )
+            attrs[semconv.DL_MODEL_NAME] = state.name or type(model).__qualname__
+            if state.version is not None:
+                attrs[semconv.DL_MODEL_VERSION] = state.version
+            attrs[semconv.DL_MODEL_FRAMEWORK] = "torch"
+            entry = self._traced.get(model)
+            if entry is not None and entry.path is not None:
+                attrs[semconv.DL_MODEL_PATH] = entry.path
+            fingerprint = model_fingerprint(model)
+            if fingerprint is not None:
+                attrs[semconv.DL_MODEL_FINGERPRINT] = fingerprint
+            static = state.static = attrs
+        return static
 
     def _pre_hook(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if _capturing():
@@ -318,23 +361,20 @@ class TorchModelInstrumentor(DlInstrumentor):
         frames = _frames.get()
         frame = _Frame(module, None)
         try:
+            config = get_config()
             if (
                 instrumentation_enabled()
                 and not frames
-                and (not module.training or get_config().trace_training)
+                and (not module.training or config.trace_training)
             ):
-                frame.start_ns = time.time_ns()
-                attrs = base_attributes(
-                    semconv.STAGE_INFERENCE,
-                    semconv.COMPONENT_TORCH_NN,
-                    self._model_attributes(module),
-                )
-                frame.span = start_span(semconv.SPAN_INFERENCE, attrs, start_time=frame.start_ns)
-                frame.token = context.attach(trace.set_span_in_context(frame.span))
+                call = DlSpan(_SITE, self._model_attributes(module))
+                if config.signals:
+                    call.extract("input_signals", _input_signals, module, args, kwargs)
+                call.start(self._tracer, semconv.SPAN_INFERENCE)
+                frame.call = call
                 if self._hooks.request is not None:
-                    self._call_hook(
+                    call.hook(
                         self._hooks.request,
-                        frame.span,
                         DlCall(semconv.COMPONENT_TORCH_NN, module, args, kwargs),
                     )
         except Exception:
@@ -352,77 +392,42 @@ class TorchModelInstrumentor(DlInstrumentor):
             return None
         frame = frames[-1]
         _frames.set(frames[:-1])
-        span = frame.span
-        if span is None:
+        call = frame.call
+        if call is None:
             return None
         try:
-            end_ns = self._end_time(output)
-            if frame.token is not None:
-                context.detach(frame.token)  # type: ignore[arg-type]
-            exc = sys.exc_info()[1]
-            if exc is not None:
-                record_error(span, exc)
-                finish_span(span, {}, frame.start_ns, end_ns)
-                return None
-            attrs, feature_count = self._signals(module, args, kwargs, output)
-            if self._hooks.response is not None:
-                self._call_hook(
-                    self._hooks.response,
-                    span,
-                    DlCall(semconv.COMPONENT_TORCH_NN, module, args, kwargs),
-                    output,
-                )
-            finish_span(span, attrs, frame.start_ns, end_ns, feature_count)
+            self._end(call, module, args, kwargs, output)
         except Exception:
             report_internal_error(_SITE)
         return None
 
-    @staticmethod
-    def _end_time(output: Any) -> int:
-        import torch
-
-        if isinstance(output, torch.Tensor) and output.is_cuda:
-            event = torch.cuda.Event()
-            event.record()
-            event.synchronize()
-        return time.time_ns()
-
-    @staticmethod
-    def _call_hook(hook: Any, span: Span, call: DlCall, *result: Any) -> None:
-        try:
-            hook(span, call, *result)
-        except Exception:
-            report_internal_error(f"{_SITE}.hook")
-
-    def _signals(
-        self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
-    ) -> tuple[Attributes, int | None]:
-        import torch
-
-        attrs: Attributes = {}
-        feature_count = None
-        if not get_config().signals:
-            return attrs, None
-        try:
-            features = _first_tensor(args, kwargs)
-            if features is not None and features.is_floating_point():
-                monitor = ensure_state(module).monitor()
-                attrs.update(monitor.observe(features))
-                feature_count = monitor.feature_count
-        except Exception:
-            report_internal_error(f"{_SITE}.input_signals")
-        try:
-            if (
-                isinstance(output, torch.Tensor)
-                and output.dim() == 2
-                and output.is_floating_point()
-            ):
-                attrs.update(confidence_attributes(output, get_config().confidence_threshold))
-            elif isinstance(output, torch.Tensor) and output.dim() >= 1:
-                attrs[semconv.DL_PREDICTION_COUNT] = int(output.shape[0])
-        except Exception:
-            report_internal_error(f"{_SITE}.output_signals")
-        return attrs, feature_count
+    def _end(
+        self, call: DlSpan, module: Any, args: tuple[Any, ...], kwargs: Any, output: Any
+    ) -> None:
+        end_ns = time.time_ns()
+        call.detach()
+        exc = sys.exc_info()[1]
+        if exc is not None:
+            call.error(exc)
+            call.finish(end_ns)
+            return
+        if self._hooks.response is not None:
+            call.hook(
+                self._hooks.response,
+                DlCall(semconv.COMPONENT_TORCH_NN, module, args, kwargs),
+                output,
+            )
+        signals = get_config().signals
+        if signals and _on_gpu(output):
+            # The GPU may still be running the forward: the span ends when it has.
+            try:
+                _finish_on_gpu(call, module, args, kwargs, output)
+                return
+            except Exception:
+                report_internal_error(f"{_SITE}.gpu")
+        elif signals:
+            call.extract("output_signals", _output_signals, module, output)
+        call.finish(end_ns)
 
     def _wrap_script_call(self, wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
         if instance not in self._traced or _frames.get():
@@ -438,11 +443,11 @@ class TorchModelInstrumentor(DlInstrumentor):
             name=semconv.SPAN_INFERENCE,
             stage=semconv.STAGE_INFERENCE,
             component=semconv.COMPONENT_TORCH_NN,
-            before=lambda call: self._model_attributes(call.instance),
-            after=lambda call, out: self._signals(call.instance, call.args, dict(call.kwargs), out)[
-                0
-            ],
+            before=lambda call: _call_signals(call),
+            after=lambda call, out: _output_signals(call.instance, out),
             hooks=self._hooks,
+            attributes=self._model_attributes(instance),
+            tracer=self._tracer,
         )
 
     # -- loading ------------------------------------------------------------------------
@@ -486,6 +491,7 @@ class TorchModelInstrumentor(DlInstrumentor):
         def after(call: DlCall, result: Any) -> Attributes:
             # The weights changed: the next fingerprint must be computed afresh.
             fingerprint = model_fingerprint(instance, refresh=True)
+            ensure_state(instance).static = None
             attrs: Attributes = {
                 semconv.DL_MODEL_NAME: ensure_state(instance).name or type(instance).__qualname__
             }

@@ -83,12 +83,12 @@ class Config:
     drift_alert: float | None = None
     drift_window_rows: int = 10_000
     drift_min_rows: int = 500
-    drift_max_rows: int = 1024
+    drift_max_rows: int = 128
     drift_max_features: int = 256
-    drift_every: int = 1
+    drift_every: int = 8
     baseline_rows: int = 1000
     confidence_threshold: float = 0.5
-    metrics_max_features: int = 32
+    confidence_rows: int = 16
     sample_every: int = 1
     sample_latency: float | None = None
     trace_training: bool = False
@@ -193,7 +193,7 @@ OPTIONS: tuple[Option, ...] = (
         "drift_max_rows",
         "OTEL_DL_DRIFT_MAX_ROWS",
         int,
-        "rows per batch used for drift (deterministic subsample above it)",
+        "rows per batch copied into the drift window (evenly spaced subsample above it)",
         _positive,
     ),
     Option(
@@ -203,7 +203,14 @@ OPTIONS: tuple[Option, ...] = (
         "numeric features per batch used for drift (evenly spaced subset above it)",
         _positive,
     ),
-    Option("drift_every", "OTEL_DL_DRIFT_EVERY", int, "compute drift every k-th batch", _positive),
+    Option(
+        "drift_every",
+        "OTEL_DL_DRIFT_EVERY",
+        int,
+        "bin and score the drift window every k-th batch (spans between carry the latest"
+        " score); exact confidence every k-th call",
+        _positive,
+    ),
     Option(
         "baseline_rows",
         "OTEL_DL_BASELINE_ROWS",
@@ -219,10 +226,12 @@ OPTIONS: tuple[Option, ...] = (
         _fraction,
     ),
     Option(
-        "metrics_max_features",
-        "OTEL_DL_METRICS_MAX_FEATURES",
+        "confidence_rows",
+        "OTEL_DL_CONFIDENCE_ROWS",
         int,
-        "per-feature metric attributes only up to this many features",
+        "predictions per call the confidence figures are computed on (evenly spaced above"
+        " it; all of them every `drift_every`-th call)",
+        _positive,
     ),
     Option(
         "sample_every",

@@ -33,8 +33,10 @@ from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SpanExporter
 
+from otel_dl import semconv
 from otel_dl._config import Config, resolve_config, set_config
 from otel_dl._span import Hooks, RequestHook, ResponseHook
+from otel_dl.provenance import code_version
 from otel_dl.sampling import SignalAwareSpanProcessor
 
 logger = logging.getLogger("otel_dl")
@@ -120,7 +122,11 @@ def _meter_provider_is_set() -> bool:
 
 
 def _resource(config: Config) -> Resource:
-    attributes = {SERVICE_NAME: config.service_name} if config.service_name else {}
+    attributes: dict[str, str] = {SERVICE_NAME: config.service_name} if config.service_name else {}
+    # One value per process: on the Resource it travels once per export batch, not per span.
+    version = code_version(config.code_version)
+    if version is not None:
+        attributes[semconv.DL_CODE_VERSION] = version
     return Resource.create(attributes)
 
 

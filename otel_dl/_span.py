@@ -1,6 +1,19 @@
-"""The one span-and-signal helper every instrumentor and ``otel_dl.stage`` goes through.
+"""The one span lifecycle every instrumentor and ``otel_dl.stage`` goes through.
 
-An instrumentor's wrapper reads like "patch this, extract that"::
+:class:`DlSpan` is a span from start to end, used at each caller's own moments::
+
+    call = DlSpan("torch.forward", static)        # static: attributes built once per model
+    call.extract("input_signals", profile, x)      # guarded: a failure drops only these
+    call.start(tracer, "inference")                # one attribute set, attached as current
+    ...                                            # the user's call
+    call.extract("output_signals", confidence, out)
+    call.finish()                                  # detach, one metric record, end
+
+Every step runs under the guard: an extractor that raises drops only the attributes it
+would have produced and is counted under ``<site>.<part>`` in
+``otel_dl.internal_error_counts()``; the span still goes out with everything else.
+
+:func:`traced_call` is the whole lifecycle around one wrapped call, for wrapt wrappers::
 
     def _wrap_predict(wrapped, instance, args, kwargs):
         return traced_call(
@@ -9,21 +22,24 @@ An instrumentor's wrapper reads like "patch this, extract that"::
             component=semconv.COMPONENT_SKLEARN, after=extract_signals, hooks=hooks,
         )
 
-``traced_call`` checks suppression first, starts the span as the current span, runs
-the ``before``/``after`` extractors and the user's hooks inside the guard, records the
-user's exception on the span (status ERROR, ``error.type``) and re-raises it unchanged,
-and records the signal metrics for every call.
+It checks suppression first, records the user's exception on the span (status ERROR,
+``error.type``) and re-raises it unchanged.
+
+Cost. The span itself is the SDK's; around it the lifecycle adds one dict merge, the
+context attach/detach and one metric record (``dl.operation.duration``, whose labels are
+built once per set of static attributes). The signal metrics are derived from the spans
+by the collector, not recorded per call here.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import context, metrics, trace
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 from opentelemetry.util.types import AttributeValue
 
 from otel_dl import semconv
@@ -36,6 +52,13 @@ from otel_dl.sampling import sampling_rate
 Attributes = dict[str, AttributeValue]
 
 _tracer = trace.get_tracer("otel_dl", __version__)
+
+
+def get_tracer(tracer_provider: Any = None) -> Tracer:
+    """otel-dl's tracer from ``tracer_provider``, else from the global provider."""
+    if tracer_provider is None:
+        return _tracer
+    return trace.get_tracer("otel_dl", __version__, tracer_provider=tracer_provider)
 
 
 @dataclass
@@ -62,105 +85,36 @@ class Hooks:
 
 NO_HOOKS = Hooks()
 
+# --- The one metric record per span --------------------------------------------------------
 
-@dataclass
-class _Instruments:
-    duration: metrics.Histogram
-    rows: metrics.Counter
-    predictions: metrics.Counter
-    drift: metrics.Histogram
-    nan_fraction: metrics.Histogram
-    out_of_range: metrics.Histogram
-    confidence: metrics.Histogram
-    provider: object = field(default=None)
+_duration: tuple[object, metrics.Histogram] | None = None
+_LABEL_KEYS = (semconv.DL_STAGE, semconv.DL_COMPONENT, semconv.DL_MODEL_NAME)
 
 
-_instruments: _Instruments | None = None
-
-
-def _get_instruments() -> _Instruments:
-    global _instruments
+def _duration_histogram() -> metrics.Histogram:
+    global _duration
     provider = metrics.get_meter_provider()
-    if _instruments is None or _instruments.provider is not provider:
+    if _duration is None or _duration[0] is not provider:
+        spec = semconv.METRICS[semconv.METRIC_OPERATION_DURATION]
         meter = metrics.get_meter("otel_dl", __version__)
-
-        def histogram(name: str) -> metrics.Histogram:
-            spec = semconv.METRICS[name]
-            return meter.create_histogram(name, unit=spec.unit, description=spec.brief)
-
-        def counter(name: str) -> metrics.Counter:
-            spec = semconv.METRICS[name]
-            return meter.create_counter(name, unit=spec.unit, description=spec.brief)
-
-        _instruments = _Instruments(
-            duration=histogram(semconv.METRIC_OPERATION_DURATION),
-            rows=counter(semconv.METRIC_BATCH_ROWS),
-            predictions=counter(semconv.METRIC_PREDICTIONS),
-            drift=histogram(semconv.METRIC_DRIFT_SCORE),
-            nan_fraction=histogram(semconv.METRIC_QUALITY_NAN_FRACTION),
-            out_of_range=histogram(semconv.METRIC_QUALITY_OUT_OF_RANGE_FRACTION),
-            confidence=histogram(semconv.METRIC_CONFIDENCE_MEAN),
-            provider=provider,
-        )
-    return _instruments
+        histogram = meter.create_histogram(spec.name, unit=spec.unit, description=spec.brief)
+        _duration = (provider, histogram)
+    return _duration[1]
 
 
-def record_metrics(
-    attrs: Mapping[str, AttributeValue], duration_s: float, feature_count: int | None = None
-) -> None:
-    """Feed a finished span's signals to the metrics, with low-cardinality attributes only."""
-    inst = _get_instruments()
-    labels: Attributes = {}
-    for key in (semconv.DL_STAGE, semconv.DL_COMPONENT, semconv.DL_MODEL_NAME):
-        value = attrs.get(key)
-        if value is not None:
-            labels[key] = value
-    inst.duration.record(duration_s, labels)
-    rows = attrs.get(semconv.DL_BATCH_SIZE)
-    if isinstance(rows, int):
-        inst.rows.add(rows, labels)
-    predictions = attrs.get(semconv.DL_PREDICTION_COUNT)
-    if isinstance(predictions, int):
-        inst.predictions.add(predictions, labels)
-    drift = attrs.get(semconv.DL_DRIFT_SCORE)
-    if isinstance(drift, float):
-        drift_labels = labels
-        feature = attrs.get(semconv.DL_DRIFT_FEATURE)
-        cap = get_config().metrics_max_features
-        if feature is not None and feature_count is not None and feature_count <= cap:
-            drift_labels = {**labels, semconv.DL_DRIFT_FEATURE: feature}
-        inst.drift.record(drift, drift_labels)
-    for key, instrument in (
-        (semconv.DL_QUALITY_NAN_FRACTION, inst.nan_fraction),
-        (semconv.DL_QUALITY_OUT_OF_RANGE_FRACTION, inst.out_of_range),
-        (semconv.DL_CONFIDENCE_MEAN, inst.confidence),
-    ):
-        value = attrs.get(key)
-        if isinstance(value, float):
-            instrument.record(value, labels)
+def metric_labels(attrs: Mapping[str, AttributeValue]) -> Attributes:
+    """The low-cardinality labels of ``dl.operation.duration`` among ``attrs``."""
+    return {key: attrs[key] for key in _LABEL_KEYS if key in attrs}
 
 
 def base_attributes(
     stage: str, component: str, extra: Mapping[str, AttributeValue] | None = None
 ) -> Attributes:
-    """``dl.stage``, ``dl.component``, the user's ``otel_dl.attributes()`` and ``extra``."""
+    """``dl.stage``, ``dl.component`` and ``extra``: the static part of a span's attributes."""
     attrs: Attributes = {semconv.DL_STAGE: stage, semconv.DL_COMPONENT: component}
-    custom = current_attributes()
-    if custom:
-        attrs.update(custom)
     if extra:
         attrs.update(extra)
     return attrs
-
-
-def start_span(
-    name: str,
-    attrs: Attributes,
-    *,
-    start_time: int | None = None,
-    kind: SpanKind = SpanKind.INTERNAL,
-) -> Span:
-    return _tracer.start_span(name, kind=kind, attributes=attrs, start_time=start_time)
 
 
 def record_error(span: Span, exc: BaseException) -> None:
@@ -170,6 +124,111 @@ def record_error(span: Span, exc: BaseException) -> None:
     span.record_exception(exc, escaped=True)
 
 
+class DlSpan:
+    """One otel-dl span's life; see the module docstring. Never raises."""
+
+    __slots__ = ("_error", "_token", "attributes", "labels", "site", "span", "start_ns")
+
+    def __init__(
+        self,
+        site: str,
+        static: Mapping[str, AttributeValue],
+        labels: Attributes | None = None,
+        start_ns: int | None = None,
+    ) -> None:
+        self.site = site
+        self.start_ns = time.time_ns() if start_ns is None else start_ns
+        # Before start(): the start attributes; after: those set when the span ends.
+        custom = current_attributes()
+        self.attributes: Attributes = {**static, **custom} if custom else dict(static)
+        self.labels = metric_labels(static) if labels is None else labels
+        self.span: Span | None = None
+        self._token: object | None = None
+        self._error = False
+
+    def extract(self, part: str, fn: Callable[..., Attributes | None], *args: Any) -> None:
+        """Add ``fn(*args)``'s attributes; a failure drops only them, counted at ``part``."""
+        try:
+            found = fn(*args)
+        except Exception:
+            report_internal_error(f"{self.site}.{part}")
+            return
+        if found:
+            self.attributes.update(found)
+
+    def start(
+        self,
+        tracer: Tracer | None,
+        name: str,
+        *,
+        kind: SpanKind = SpanKind.INTERNAL,
+        attach: bool = True,
+    ) -> None:
+        """Start the span with the attributes gathered so far (and make it current)."""
+        try:
+            self.span = (tracer or _tracer).start_span(
+                name, kind=kind, attributes=self.attributes, start_time=self.start_ns
+            )
+            self.attributes = {}
+            if attach:
+                self._token = context.attach(trace.set_span_in_context(self.span))
+        except Exception:
+            report_internal_error(self.site)
+
+    def detach(self) -> None:
+        """Stop being the current span (idempotent); the span stays open."""
+        if self._token is not None:
+            try:
+                context.detach(self._token)  # type: ignore[arg-type]
+            except Exception:
+                report_internal_error(self.site)
+            self._token = None
+
+    def hook(self, hook: Callable[..., None] | None, call: DlCall, *result: Any) -> None:
+        """Run a user's request/response hook on the span, under the guard."""
+        if hook is None or self.span is None:
+            return
+        try:
+            hook(self.span, call, *result)
+        except Exception:
+            report_internal_error(f"{self.site}.{'response' if result else 'request'}_hook")
+
+    def error(self, exc: BaseException) -> None:
+        """Record the user's exception (which the caller re-raises unchanged)."""
+        self._error = True
+        if self.span is None:
+            return
+        try:
+            record_error(self.span, exc)
+        except Exception:
+            report_internal_error(self.site)
+
+    def finish(self, end_ns: int | None = None) -> None:
+        """Detach if still current, set the late attributes, record the duration, end."""
+        end_ns = time.time_ns() if end_ns is None else end_ns
+        self.detach()
+        span = self.span
+        if span is None:
+            return
+        try:
+            attrs = self.attributes
+            config = get_config()
+            if config.sample_every > 1 and span.is_recording():
+                every = {**(getattr(span, "attributes", None) or {}), **attrs}
+                duration_s = (end_ns - self.start_ns) / 1e9
+                attrs[semconv.DL_SAMPLING_RATE] = sampling_rate(
+                    every, self._error, duration_s, config
+                )
+            if attrs:
+                span.set_attributes(attrs)
+            if span.is_recording():
+                _duration_histogram().record((end_ns - self.start_ns) / 1e9, self.labels)
+        except Exception:
+            report_internal_error(self.site)
+        finally:
+            span.end(end_time=end_ns)
+
+
 def finish_span(
     span: Span,
     attrs: Mapping[str, AttributeValue],
@@ -177,26 +236,28 @@ def finish_span(
     end_ns: int | None = None,
     feature_count: int | None = None,
 ) -> None:
-    """Set the extracted attributes, record metrics and end the span."""
-    end_ns = time.time_ns() if end_ns is None else end_ns
-    if attrs:
-        span.set_attributes(attrs)
-    if span.is_recording():
-        every = {**_span_attributes(span), **attrs}
-        duration_s = (end_ns - start_ns) / 1e9
-        record_metrics(every, duration_s, feature_count)
-        config = get_config()
-        if config.sample_every > 1:
-            status = getattr(span, "status", None)
-            error = status is not None and status.status_code is StatusCode.ERROR
-            span.set_attribute(
-                semconv.DL_SAMPLING_RATE, sampling_rate(every, error, duration_s, config)
-            )
-    span.end(end_time=end_ns)
+    """End a span started elsewhere (a lazy job's) as :meth:`DlSpan.finish` would."""
+    call = DlSpan.__new__(DlSpan)
+    call.site = "span"
+    call.start_ns = start_ns
+    call.attributes = dict(attrs)
+    call.labels = metric_labels(getattr(span, "attributes", None) or {})
+    call.span = span
+    call._token = None
+    status = getattr(span, "status", None)
+    call._error = status is not None and status.status_code is StatusCode.ERROR
+    call.finish(end_ns)
 
 
-def _span_attributes(span: Span) -> Mapping[str, AttributeValue]:
-    return getattr(span, "attributes", None) or {}
+def start_span(
+    name: str,
+    attrs: Attributes,
+    *,
+    start_time: int | None = None,
+    kind: SpanKind = SpanKind.INTERNAL,
+    tracer: Tracer | None = None,
+) -> Span:
+    return (tracer or _tracer).start_span(name, kind=kind, attributes=attrs, start_time=start_time)
 
 
 Extractor = Callable[[DlCall], Attributes | None]
@@ -219,69 +280,69 @@ def traced_call(
     hooks: Hooks = NO_HOOKS,
     attributes: Mapping[str, AttributeValue] | None = None,
     keep_open: KeepOpen | None = None,
+    tracer: Tracer | None = None,
 ) -> Any:
     """Call ``wrapped(*args, **kwargs)`` inside an otel-dl span; see the module docstring.
 
     ``before`` runs before the call and may return attributes; ``after`` runs on the
-    result and may return attributes (the signals). Neither can break the call.
+    result and may return attributes (the signals). Each runs under its own guard: a
+    failure drops only its attributes, never the span or the call.
     ``keep_open(span, call, result, start_ns, end_ns)`` returning True leaves the span
     open after a successful call, for work the result does later (a lazy job); the
     caller then ends it.
     """
     if not instrumentation_enabled():
         return wrapped(*args, **kwargs)
-    span: Span | None = None
-    token = None
     call = DlCall(component, instance, args, kwargs)
-    start_ns = time.time_ns()
+    lifecycle: DlSpan | None = None
     try:
-        attrs = base_attributes(stage, component, attributes)
+        lifecycle = DlSpan(site, base_attributes(stage, component, attributes))
         if before is not None:
-            attrs.update(before(call) or {})
-        span = start_span(name, attrs, start_time=start_ns)
-        token = context.attach(trace.set_span_in_context(span))
+            lifecycle.extract("before", before, call)
+        lifecycle.start(tracer, name)
+        lifecycle.hook(hooks.request, call)
     except Exception:
         report_internal_error(site)
-    if span is not None and hooks.request is not None:
-        try:
-            hooks.request(span, call)
-        except Exception:
-            report_internal_error(f"{site}.request_hook")
     try:
         result = wrapped(*args, **kwargs)
     except BaseException as exc:
-        end_ns = time.time_ns()
-        if token is not None:
-            context.detach(token)
-        if span is not None:
+        if lifecycle is not None:
             try:
-                record_error(span, exc)
-                finish_span(span, {}, start_ns, end_ns)
+                end_ns = time.time_ns()
+                lifecycle.detach()
+                lifecycle.error(exc)
+                lifecycle.finish(end_ns)
             except Exception:
                 report_internal_error(site)
         raise
-    end_ns = time.time_ns()
-    if token is not None:
-        context.detach(token)
-    if span is not None:
-        extracted: Attributes | None = None
+    if lifecycle is not None:
         try:
-            if after is not None:
-                extracted = after(call, result)
+            _after_call(lifecycle, call, result, after, hooks, keep_open)
         except Exception:
             report_internal_error(site)
-        if hooks.response is not None:
-            try:
-                hooks.response(span, call, result)
-            except Exception:
-                report_internal_error(f"{site}.response_hook")
-        try:
-            if keep_open is not None and keep_open(span, call, result, start_ns, end_ns):
-                if extracted:
-                    span.set_attributes(extracted)
-                return result
-            finish_span(span, extracted or {}, start_ns, end_ns)
-        except Exception:
-            report_internal_error(site)
-            span.end(end_time=end_ns)
     return result
+
+
+def _after_call(
+    lifecycle: DlSpan,
+    call: DlCall,
+    result: Any,
+    after: ResultExtractor | None,
+    hooks: Hooks,
+    keep_open: KeepOpen | None,
+) -> None:
+    end_ns = time.time_ns()
+    lifecycle.detach()
+    if after is not None:
+        lifecycle.extract("after", after, call, result)
+    lifecycle.hook(hooks.response, call, result)
+    span = lifecycle.span
+    if (
+        span is not None
+        and keep_open is not None
+        and keep_open(span, call, result, lifecycle.start_ns, end_ns)
+    ):
+        if lifecycle.attributes:
+            span.set_attributes(lifecycle.attributes)
+        return
+    lifecycle.finish(end_ns)

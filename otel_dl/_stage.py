@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from typing import Any, TypeVar
 
-from opentelemetry import context, trace
+from opentelemetry import trace
 from opentelemetry.trace import Span
 from opentelemetry.util.types import AttributeValue
 
@@ -35,17 +35,9 @@ from otel_dl import semconv
 from otel_dl._config import get_config
 from otel_dl._context import _check
 from otel_dl._guard import instrumentation_enabled, report_internal_error
-from otel_dl._span import (
-    Attributes,
-    DlCall,
-    base_attributes,
-    finish_span,
-    record_error,
-    start_span,
-    traced_call,
-)
+from otel_dl._span import Attributes, DlCall, DlSpan, base_attributes, traced_call
 from otel_dl._watch import WatchState
-from otel_dl.monitor import confidence_attributes
+from otel_dl.monitor import observe_once
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -112,9 +104,11 @@ class stage:
         if self.stage == semconv.STAGE_INFERENCE:
             # A model's output: its confidence, as the model instrumentors record it.
             attrs: Attributes = {}
-            attrs.update(confidence_attributes(value, get_config().confidence_threshold))
+            monitor = _state_for(self.name, self.stage, self.reference).monitor()
+            attrs.update(monitor.confidence(value))
             return attrs
-        return dict(_state_for(self.name, self.stage, self.reference).monitor().observe(value))
+        monitor = _state_for(self.name, self.stage, self.reference).monitor()
+        return dict(observe_once(monitor, value))
 
     # -- decorator ----------------------------------------------------------------------
     def __call__(self, func: F) -> F:
@@ -169,27 +163,31 @@ class StageSpan:
 
     def __init__(self, owner: stage) -> None:
         self._owner = owner
-        self.span: Span = trace.INVALID_SPAN
-        self._token: object | None = None
-        self._start_ns = 0
-        self._attrs: Attributes = {}
+        self._call: DlSpan | None = None
+
+    @property
+    def span(self) -> Span:
+        call = self._call
+        return call.span if call is not None and call.span is not None else trace.INVALID_SPAN
 
     def _start(self) -> None:
-        self._start_ns = time.time_ns()
         if not instrumentation_enabled():
             return
+        owner = self._owner
         try:
-            owner = self._owner
-            attrs = base_attributes(owner.stage, owner.component, owner.attributes)
-            self.span = start_span(owner.name, attrs, start_time=self._start_ns)
-            self._token = context.attach(trace.set_span_in_context(self.span))
+            self._call = DlSpan(
+                f"stage.{owner.name}",
+                base_attributes(owner.stage, owner.component, owner.attributes),
+            )
+            self._call.start(None, owner.name)
         except Exception:
-            report_internal_error(f"stage.{self._owner.name}")
+            report_internal_error(f"stage.{owner.name}")
 
     def observe(self, value: Any) -> None:
         """Record the signals of ``value`` (array, tensor or DataFrame) on this span."""
         try:
-            self._attrs.update(self._owner._extract(value) or {})
+            if self._call is not None:
+                self._call.extract("observe", self._owner._extract, value)
         except Exception:
             report_internal_error(f"stage.{self._owner.name}")
 
@@ -197,15 +195,15 @@ class StageSpan:
         self.span.set_attribute(key, _check(key, value))
 
     def _end(self, exc: BaseException | None) -> None:
-        end_ns = time.time_ns()
-        if self._token is not None:
-            context.detach(self._token)  # type: ignore[arg-type]
-        if self.span is trace.INVALID_SPAN:
+        call = self._call
+        if call is None:
             return
         try:
+            end_ns = time.time_ns()
+            call.detach()
             if exc is not None:
-                record_error(self.span, exc)
-            finish_span(self.span, self._attrs, self._start_ns, end_ns)
+                call.error(exc)
+            call.finish(end_ns)
         except Exception:
             report_internal_error(f"stage.{self._owner.name}")
 

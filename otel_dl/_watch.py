@@ -44,6 +44,9 @@ class WatchState:
     reference: Reference | None = None
     features: Sequence[str] | None = None
     attributes: dict[str, AttributeValue] = field(default_factory=dict)
+    # The span attributes an instrumentor builds once for this object (model name,
+    # version, fingerprint, provenance); None until built, and again when they change.
+    static: dict[str, AttributeValue] | None = None
     _monitor: FeatureMonitor | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 

@@ -402,14 +402,6 @@ class _Binner:
         return out
 
 
-class _BatchQuality(NamedTuple):
-    """Quality counts of one batch, taken from its drift slots."""
-
-    nonfinite: int  # NaN and +-Inf values over all numeric features
-    outside: int | None  # finite values outside the reference range (None: not fused)
-    finite_known: int  # finite values of features with a reference range
-
-
 @dataclass
 class _Chunk:
     rows: int
@@ -524,11 +516,6 @@ class DriftTracker:
         """Add ``batch`` (anything :func:`~otel_dl.reference.to_table` reads, or a Table)
         to the window and return the window's worst feature."""
         table = batch if isinstance(batch, Table) else self.reference.read(batch)
-        return self._update(table)[0]
-
-    def _update(self, table: Table) -> tuple[DriftResult, _BatchQuality | None]:
-        """:meth:`update`, plus the batch's quality counts when its drift slots cover every
-        numeric column (psi/js, and the table's numeric features are the profile's)."""
         aligned = _align(self.reference, table)
         codes = {
             name: self.reference.category_codes(name, values)
@@ -536,26 +523,13 @@ class DriftTracker:
             if name in self._cat_counts
         }
         chunk = self._chunk(aligned.values, codes)
-        quality = None
-        if chunk.counts is not None and table.numeric_names == self.reference.numeric_names:
-            quality = self._quality(chunk.counts, self._binners[aligned.values.dtype])
         with self._lock:
             self._present |= aligned.present
             self._cat_present.update(codes)
             self._chunks.append(chunk)
             self._add(chunk, +1)
             self._evict()
-            return self._result(), quality
-
-    def _quality(self, counts: np.ndarray, binner: _Binner) -> _BatchQuality:
-        nonfinite = int(counts[:, 0].sum() + counts[:, -1].sum())
-        if not binner.fused:
-            return _BatchQuality(nonfinite, None, 0)
-        outside = counts[:, 1] + counts[self._columns, self._above]
-        finite = counts[:, 1:-1].sum(axis=1)
-        if not binner.known.all():
-            outside, finite = outside[binner.known], finite[binner.known]
-        return _BatchQuality(nonfinite, int(outside.sum()), int(finite.sum()))
+            return self._result()
 
     def _evict(self) -> None:
         while self._rows - self._chunks[0].rows >= self.window_rows:

@@ -25,17 +25,20 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
+from collections import OrderedDict
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
 
 from otel_dl import semconv
 from otel_dl._config import Config, get_config
-from otel_dl.confidence import summarize
+from otel_dl.confidence import summarize, to_scores
 from otel_dl.drift import DriftTracker
 from otel_dl.provenance import data_fingerprint
-from otel_dl.quality import _missing_categories, nan_fraction, out_of_range_fraction
-from otel_dl.reference import Reference, Table, to_table
+from otel_dl.quality import batch_quality
+from otel_dl.reference import Reference, Table, to_numpy, to_table
 
 AttributeValue = str | bool | int | float
 
@@ -51,10 +54,15 @@ def to_features(batch: Any) -> tuple[np.ndarray, list[str]]:
     return table.numeric, list(table.numeric_names)
 
 
+@lru_cache(maxsize=64)
+def _spaced(rows: int, limit: int) -> np.ndarray:
+    return (np.arange(limit) * rows) // limit
+
+
 def _subsample(table: Table, limit: int) -> Table:
     if table.rows <= limit:
         return table
-    rows = (np.arange(limit) * table.rows) // limit
+    rows = _spaced(table.rows, limit)
     return Table(
         limit,
         table.names,
@@ -121,7 +129,13 @@ def _concat(tables: list[Table]) -> Table:
 
 
 class FeatureMonitor:
-    """Quality, provenance and drift attributes for each batch of one source. Thread-safe."""
+    """Quality, provenance and drift attributes for each batch of one source. Thread-safe.
+
+    The work per batch is bounded: the table view, the fingerprint, the quality counts
+    and a copy of at most ``drift_max_rows`` evenly spaced rows. Binning those rows into
+    the drift window and scoring it happen every ``drift_every``-th batch (and on every
+    batch until the first score is out); the batches between carry the latest score.
+    """
 
     def __init__(
         self,
@@ -132,13 +146,19 @@ class FeatureMonitor:
     ) -> None:
         self.config = config or get_config()
         self.name = name
+        self.given = reference  # None: the reference is learned from the first batches
         self._lock = threading.Lock()
         self._batches = 0
+        self._calls = 0
         self._baseline: list[Table] = []
         self._baseline_rows = 0
         self._reference: Reference | None = None
         self._tracker: DriftTracker | None = None
         self._feature_count: int | None = None
+        self._pending: list[Table] = []
+        self._pending_rows = 0
+        self._since_score = 0
+        self._latest: dict[str, AttributeValue] = {}
         if reference is not None:
             self._use(reference)
 
@@ -151,6 +171,11 @@ class FeatureMonitor:
     def reference(self) -> Reference | None:
         """The reference in force: given, fitted from the baseline, or None so far."""
         return self._reference
+
+    @property
+    def window_rows(self) -> int:
+        """Rows in the drift window the latest score covers (0 before the first)."""
+        return self._tracker.rows if self._tracker is not None else 0
 
     def _use(self, reference: Reference) -> None:
         config = self.config
@@ -169,7 +194,8 @@ class FeatureMonitor:
             return  # rows of another shape cannot join the same profile
         need = self.config.baseline_rows - self._baseline_rows
         part = table if table.rows <= need else _slice(table, need)
-        self._baseline.append(part)
+        # A copy: the caller may refill its buffer with the next batch.
+        self._baseline.append(_copy(part))
         self._baseline_rows += part.rows
         if self._baseline_rows >= self.config.baseline_rows:
             data = _concat(self._baseline)
@@ -185,10 +211,7 @@ class FeatureMonitor:
         return attributes
 
     def _observe(self, batch: Any, out: dict[str, AttributeValue]) -> None:
-        with self._lock:
-            reference = self._reference
-            self._batches += 1
-            drift_now = self._batches % self.config.drift_every == 0
+        reference = self._reference
         full = reference.read(batch) if reference is not None else to_table(batch)
         out[semconv.DL_BATCH_SIZE] = full.rows
         self._feature_count = len(full.names)
@@ -197,12 +220,9 @@ class FeatureMonitor:
         if fingerprint is not None:
             out[semconv.DL_DATA_FINGERPRINT] = fingerprint
         table = _narrow(full, self.config.drift_max_features)
-        if table is not full:
-            # Quality counts every value; only the reference and drift use the subset.
-            _set(out, semconv.DL_QUALITY_NAN_FRACTION, nan_fraction(full))
+        nan, outside = batch_quality(reference, full, table)
+        _set(out, semconv.DL_QUALITY_NAN_FRACTION, nan)
         if reference is None:
-            if table is full:
-                _set(out, semconv.DL_QUALITY_NAN_FRACTION, nan_fraction(table))
             if table.rows:
                 with self._lock:
                     if self._reference is None:
@@ -211,59 +231,66 @@ class FeatureMonitor:
         out[semconv.DL_QUALITY_SCHEMA_MISMATCH] = (
             table.schema_fingerprint != reference.schema_fingerprint
         )
-        tracker = self._tracker
-        if not drift_now or tracker is None or table.rows == 0:
-            self._quality(reference, table, out, nan=table is full)
-            return
-        limit = self.config.drift_max_rows
-        result, counted = tracker._update(_subsample(table, limit))
-        # A batch fed to drift whole has had every value binned against thresholds that
-        # include the reference range: its quality counts come from those bins for free.
-        if counted is None or table.rows > limit or table is not full:
-            self._quality(reference, table, out, nan=table is full)
-        else:
-            missing = counted.nonfinite + _missing_categories(table)
-            _set(out, semconv.DL_QUALITY_NAN_FRACTION, _share(missing, _values(table)))
-            if counted.outside is None:
-                _set(
-                    out,
-                    semconv.DL_QUALITY_OUT_OF_RANGE_FRACTION,
-                    out_of_range_fraction(reference, table),
-                )
-            else:
-                share = _share(counted.outside, counted.finite_known)
-                _set(out, semconv.DL_QUALITY_OUT_OF_RANGE_FRACTION, share)
-        # A window of a few dozen rows scores high on noise alone (psi's expected value
-        # grows like bins/rows): report drift only once the window is large enough.
-        if tracker.rows < self.config.drift_min_rows:
-            return
-        if result.score is not None and result.feature is not None and result.status:
-            out[semconv.DL_DRIFT_SCORE] = result.score
-            out[semconv.DL_DRIFT_METHOD] = result.method
-            out[semconv.DL_DRIFT_FEATURE] = result.feature
-            out[semconv.DL_DRIFT_STATUS] = result.status
-
-    @staticmethod
-    def _quality(
-        reference: Reference, table: Table, out: dict[str, AttributeValue], nan: bool = True
-    ) -> None:
-        if nan:
-            _set(out, semconv.DL_QUALITY_NAN_FRACTION, nan_fraction(table))
-        outside = out_of_range_fraction(reference, table)
+        # Quality counts every value; only the reference and drift use the subset.
         _set(out, semconv.DL_QUALITY_OUT_OF_RANGE_FRACTION, outside)
+        if table.rows:
+            self._feed(_copy(_subsample(table, self.config.drift_max_rows)))
+        out.update(self._latest)
+
+    def _feed(self, sample: Table) -> None:
+        """Queue a batch's drift rows; bin and score the queue when it is due."""
+        with self._lock:
+            tracker = self._tracker
+            if tracker is None:
+                return
+            if self._pending and sample.schema != self._pending[0].schema:
+                self._pending, self._pending_rows = [], 0  # the old shape's rows cannot join
+            self._pending.append(sample)
+            self._pending_rows += sample.rows
+            self._since_score += 1
+            first = not self._latest and tracker.rows + self._pending_rows >= (
+                self.config.drift_min_rows
+            )
+            # Every drift_every-th batch, and never for fewer rows than one full batch
+            # gives (so one-row requests are binned 64 at a time, not one by one).
+            due = (
+                self._since_score >= self.config.drift_every
+                and self._pending_rows >= self.config.drift_max_rows
+            )
+            if not (first or due):
+                return
+            pending = _concat(self._pending) if len(self._pending) > 1 else self._pending[0]
+            self._pending, self._pending_rows, self._since_score = [], 0, 0
+            result = tracker.update(pending)
+            # A window of a few dozen rows scores high on noise alone (psi's expected
+            # value grows like bins/rows): report drift only once the window is large.
+            if (
+                tracker.rows >= self.config.drift_min_rows
+                and result.score is not None
+                and result.feature is not None
+                and result.status
+            ):
+                self._latest = {
+                    semconv.DL_DRIFT_SCORE: result.score,
+                    semconv.DL_DRIFT_METHOD: result.method,
+                    semconv.DL_DRIFT_FEATURE: result.feature,
+                    semconv.DL_DRIFT_STATUS: result.status,
+                    semconv.DL_DRIFT_WINDOW_ROWS: tracker.rows,
+                }
+
+    def confidence(self, outputs: Any) -> dict[str, AttributeValue]:
+        """``dl.confidence.*`` of one call's outputs: on at most ``confidence_rows`` evenly
+        spaced predictions, on all of them every ``drift_every``-th call."""
+        with self._lock:
+            self._calls += 1
+            exact = self._calls % self.config.drift_every == 0
+        limit = None if exact else self.config.confidence_rows
+        return confidence_attributes(outputs, self.config.confidence_threshold, limit)
 
 
 def _set(out: dict[str, AttributeValue], key: str, value: float | None) -> None:
     if value is not None:
         out[key] = value
-
-
-def _values(table: Table) -> int:
-    return table.numeric.size + table.rows * len(table.categorical)
-
-
-def _share(part: int, total: int) -> float | None:
-    return float(part / total) if total else None
 
 
 def _slice(table: Table, rows: int) -> Table:
@@ -277,19 +304,96 @@ def _slice(table: Table, rows: int) -> Table:
     )
 
 
-def confidence_attributes(outputs: Any, threshold: float = 0.5) -> dict[str, AttributeValue]:
-    """``dl.confidence.*`` and ``dl.prediction.count`` for one call; never raises on data."""
+def confidence_attributes(
+    outputs: Any, threshold: float = 0.5, max_rows: int | None = None
+) -> dict[str, AttributeValue]:
+    """``dl.confidence.*``, ``dl.confidence.rows`` and ``dl.prediction.count`` for one call;
+    never raises on data. ``max_rows`` bounds the predictions the statistics are computed
+    on (evenly spaced ones); ``dl.prediction.count`` always counts them all."""
     try:
-        summary = summarize(outputs, threshold=threshold)
+        scores = to_scores(outputs)
+        count = scores.shape[0]
+        if max_rows is not None and count > max_rows:
+            scores = scores[_spaced(count, max_rows)]
+        summary = summarize(scores, threshold=threshold)
     except (TypeError, ValueError, IndexError, OverflowError, MemoryError):
         return {}
-    keys = {
-        "mean": semconv.DL_CONFIDENCE_MEAN,
-        "min": semconv.DL_CONFIDENCE_MIN,
-        "margin_mean": semconv.DL_CONFIDENCE_MARGIN_MEAN,
-        "entropy_mean": semconv.DL_CONFIDENCE_ENTROPY_MEAN,
-        "low_fraction": semconv.DL_CONFIDENCE_LOW_FRACTION,
-    }
-    out: dict[str, AttributeValue] = {semconv.DL_PREDICTION_COUNT: int(summary["count"])}
-    out.update({keys[k]: float(v) for k, v in summary.items() if k in keys})
+    out: dict[str, AttributeValue] = {semconv.DL_PREDICTION_COUNT: int(count)}
+    if "mean" in summary:
+        out[semconv.DL_CONFIDENCE_ROWS] = int(summary["count"])
+    out.update({key: float(summary[k]) for k, key in _CONFIDENCE_KEYS if k in summary})
     return out
+
+
+_CONFIDENCE_KEYS = (
+    ("mean", semconv.DL_CONFIDENCE_MEAN),
+    ("min", semconv.DL_CONFIDENCE_MIN),
+    ("margin_mean", semconv.DL_CONFIDENCE_MARGIN_MEAN),
+    ("entropy_mean", semconv.DL_CONFIDENCE_ENTROPY_MEAN),
+    ("low_fraction", semconv.DL_CONFIDENCE_LOW_FRACTION),
+)
+
+
+# --- Each batch profiled once ---------------------------------------------------------------
+
+_PROBE_VALUES = 64
+_RECENT = 8
+_recent_lock = threading.Lock()
+_recent: OrderedDict[int, tuple[weakref.ref[Any], np.ndarray, FeatureMonitor, dict[str, Any]]]
+_recent = OrderedDict()
+
+
+def _probe(batch: Any) -> np.ndarray | None:
+    """At most 64 evenly spaced values of a contiguous array or tensor, copied; else None."""
+    try:
+        values = to_numpy(batch)
+    except (TypeError, ValueError):
+        return None
+    if not values.flags.c_contiguous or values.dtype.kind not in "fiub":
+        return None
+    flat = values.reshape(-1)
+    return flat[:: max(1, flat.size // _PROBE_VALUES)].copy()
+
+
+def observe_once(monitor: FeatureMonitor, batch: Any) -> dict[str, AttributeValue]:
+    """``monitor.observe(batch)``, or the profile another monitor already made of this very
+    array or tensor (the same object, its probed values unchanged), when ``monitor`` has no
+    reference of its own or the same one. A DataLoader batch passed on to a model is so
+    profiled once; the same batch given to the same source again is a new observation."""
+    if not hasattr(batch, "shape"):
+        return monitor.observe(batch)
+    key = id(batch)
+    entry = _recent.get(key)
+    probe = _probe(batch)
+    if (
+        entry is not None
+        and probe is not None
+        and entry[0]() is batch
+        and entry[2] is not monitor
+        and (monitor.given is None or monitor.given is entry[2].given)
+        and np.array_equal(entry[1], probe)
+    ):
+        return dict(entry[3])
+    attributes = monitor.observe(batch)
+    if probe is not None:
+        try:
+            ref = weakref.ref(batch)
+        except TypeError:
+            return attributes
+        with _recent_lock:
+            _recent[key] = (ref, probe, monitor, dict(attributes))
+            if len(_recent) > _RECENT:
+                _recent.popitem(last=False)
+    return attributes
+
+
+def _copy(table: Table) -> Table:
+    """A table that owns its values (a view of the caller's batch would change with it)."""
+    return Table(
+        table.rows,
+        table.names,
+        np.array(table.numeric),
+        table.numeric_names,
+        dict(table.categorical),
+        table.schema,
+    )

@@ -6,6 +6,7 @@ Pure functions over one batch (anything :func:`otel_dl.reference.to_table` reads
     quality.nan_fraction(batch)                 # share of NaN/Inf (or missing) values
     quality.out_of_range_fraction(ref, batch)   # share outside the reference [min, max]
     quality.schema_mismatch(ref, batch)         # column names, dtypes or shape changed
+    quality.batch_quality(ref, table)           # both, sharing one finiteness pass
 
 A value that cannot be computed is ``None`` (an empty batch has no NaN fraction), never a
 made-up number.
@@ -71,6 +72,40 @@ def _outside(values: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> float | None
     outside = np.count_nonzero((values < lo) | (values >= hi))
     outside -= np.count_nonzero(np.isinf(values)) if finite != values.size else 0
     return float(outside / finite)
+
+
+def batch_quality(
+    reference: Reference | None, full: Table, table: Table | None = None
+) -> tuple[float | None, float | None]:
+    """(``nan_fraction(full)``, ``out_of_range_fraction(reference, table)``), sharing one
+    finiteness pass: when every value is finite (the usual batch) neither fraction needs
+    a per-value finiteness count. ``table`` is the part of ``full`` whose range is judged
+    (default: all of it)."""
+    table = full if table is None else table
+    numeric = full.numeric
+    total = numeric.size + full.rows * len(full.categorical)
+    missing = _missing_categories(full) if full.categorical else 0
+    finite = True
+    if numeric.size:
+        finite = bool(np.isfinite(numeric).all())
+        if not finite:
+            missing += numeric.size - np.count_nonzero(np.isfinite(numeric))
+    nan = float(missing / total) if total else None
+    if reference is None:
+        return nan, None
+    if (
+        not finite
+        or table is not full
+        or not numeric.size
+        or full.numeric_names != reference.numeric_names
+    ):
+        return nan, out_of_range_fraction(reference, table)
+    lo, hi = reference.range_for(numeric.dtype)
+    known = np.isfinite(lo)  # a feature with no finite reference value has no range
+    if not known.all():
+        return nan, out_of_range_fraction(reference, table)
+    outside = np.count_nonzero(numeric < lo) + np.count_nonzero(numeric >= hi)
+    return nan, float(outside / numeric.size)
 
 
 def schema_fingerprint(data: Any) -> str:

@@ -84,7 +84,7 @@ def _index_names(count: int) -> tuple[str, ...]:
     return tuple(str(i) for i in range(count))
 
 
-def _to_numpy(value: Any) -> np.ndarray:
+def to_numpy(value: Any) -> np.ndarray:
     """A numpy view of arrays, torch tensors (any device, with grad) and nested lists."""
     if isinstance(value, np.ndarray):
         return value
@@ -166,7 +166,7 @@ def _columns_of(data: Any) -> list[tuple[str, np.ndarray, str, tuple[int, ...]]]
             columns.append((str(name), values, dtype, ()))
         return columns
     for name, value in data.items():
-        array = _to_numpy(value)
+        array = to_numpy(value)
         trailing = tuple(int(d) for d in array.shape[1:])
         rows = _as_rows(array)
         if rows.shape[1] == 1 and array.ndim <= 1:
@@ -196,7 +196,7 @@ def to_table(data: Any) -> Table:
         type(data).__module__.startswith("pandas") and hasattr(data, "columns")
     ):
         return _table_from_columns(_columns_of(data))
-    array = _to_numpy(data)
+    array = to_numpy(data)
     trailing = tuple(int(d) for d in array.shape[1:])
     rows = _as_rows(array)
     numeric = _numeric_dtype(rows)

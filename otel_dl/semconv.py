@@ -113,7 +113,8 @@ DL_CODE_VERSION: Final = _attr(
     "dl.code.version",
     "string",
     "",
-    "version of the user's code: OTEL_DL_CODE_VERSION, or the git commit when available",
+    "resource attribute: version of the user's code (code_version, OTEL_DL_CODE_VERSION, or"
+    " the git commit when available)",
 )
 
 # --- Feature store ------------------------------------------------------------------------
@@ -173,6 +174,12 @@ DL_DRIFT_FEATURE: Final = _attr(
 DL_DRIFT_STATUS: Final = _attr(
     "dl.drift.status", "string", "", "ok, warn or alert against the configured thresholds"
 )
+DL_DRIFT_WINDOW_ROWS: Final = _attr(
+    "dl.drift.window_rows",
+    "int",
+    "{row}",
+    "rows in the drift window the score covers (the latest completed score)",
+)
 
 # --- Data quality -------------------------------------------------------------------------
 DL_QUALITY_NAN_FRACTION: Final = _attr(
@@ -209,6 +216,12 @@ DL_CONFIDENCE_LOW_FRACTION: Final = _attr(
 )
 DL_PREDICTION_COUNT: Final = _attr(
     "dl.prediction.count", "int", "{prediction}", "predictions in the call"
+)
+DL_CONFIDENCE_ROWS: Final = _attr(
+    "dl.confidence.rows",
+    "int",
+    "{prediction}",
+    "predictions the dl.confidence.* figures cover (evenly spaced when fewer than the call's)",
 )
 
 # --- Sampling ---------------------------------------------------------------------------
@@ -351,27 +364,6 @@ SPAN_INGEST_PREFIX: Final = "ingest."
 # (service, dl.stage, dl.component, dl.model.name and, under a cap, the feature).
 METRIC_OPERATION_DURATION: Final = _metric(
     "dl.operation.duration", "histogram", "s", "duration of each otel-dl span's operation"
-)
-METRIC_BATCH_ROWS: Final = _metric(
-    "dl.batch.rows", "counter", "{row}", "rows seen by instrumented loaders and models"
-)
-METRIC_PREDICTIONS: Final = _metric(
-    "dl.predictions", "counter", "{prediction}", "predictions made by instrumented models"
-)
-METRIC_DRIFT_SCORE: Final = _metric(
-    "dl.drift.score", "histogram", "1", "worst drift score per batch or call"
-)
-METRIC_QUALITY_NAN_FRACTION: Final = _metric(
-    "dl.quality.nan_fraction", "histogram", "1", "share of NaN/Inf values per batch"
-)
-METRIC_QUALITY_OUT_OF_RANGE_FRACTION: Final = _metric(
-    "dl.quality.out_of_range_fraction",
-    "histogram",
-    "1",
-    "share of values outside the reference range per batch",
-)
-METRIC_CONFIDENCE_MEAN: Final = _metric(
-    "dl.confidence.mean", "histogram", "1", "mean max-class probability per call"
 )
 METRIC_INTERNAL_ERRORS: Final = _metric(
     "otel_dl.internal.errors",

@@ -108,19 +108,25 @@ class _nullcontext:
 
 def test_batches_carry_drift_quality_and_fingerprints(spans: SpanList) -> None:
     generator = torch.Generator().manual_seed(3)
-    x = torch.randn(2000, 4, generator=generator)
-    x[1500:, 2] += 3.0  # the last quarter drifts on feature 2
+    x = torch.randn(6000, 4, generator=generator)
+    x[4000:, 2] += 3.0  # batches 16-23 drift on feature 2
     x[5, 0] = float("nan")
     loader = DataLoader(TensorDataset(x), batch_size=250)
     h = otel_dl.instrument()  # the autouse fixture's handle: same one
     assert h.config.baseline_rows == 1000
+    assert (h.config.drift_max_rows, h.config.drift_every, h.config.drift_min_rows) == (128, 8, 500)
     list(loader)
     got = spans.get(semconv.SPAN_DATALOADER_BATCH)
-    # baseline: batches 0-3; the drift window reaches drift_min_rows (500) at batch 5
-    assert not any(semconv.DL_DRIFT_SCORE in s.attributes for s in got[:5])
-    first, before, last = got[0], got[5], got[-1]
+    # baseline: batches 0-3; then 128 rows a batch reach drift_min_rows (500) at batch 7,
+    # which scores first; the window is scored again every 8th batch (15, 23), and the
+    # batches between carry the latest score.
+    assert not any(semconv.DL_DRIFT_SCORE in s.attributes for s in got[:7])
+    first, before, last = got[0], got[7], got[-1]
     assert first.attributes[semconv.DL_QUALITY_NAN_FRACTION] == pytest.approx(1 / 1000)
     assert before.attributes[semconv.DL_DRIFT_STATUS] == "ok"
+    assert before.attributes[semconv.DL_DRIFT_WINDOW_ROWS] == 512
+    assert got[14].attributes[semconv.DL_DRIFT_WINDOW_ROWS] == 512  # the score of batch 7
+    assert last.attributes[semconv.DL_DRIFT_WINDOW_ROWS] == 20 * 128
     assert last.attributes[semconv.DL_DRIFT_STATUS] == "alert"
     assert last.attributes[semconv.DL_DRIFT_FEATURE] == "2"
     assert last.attributes[semconv.DL_DRIFT_METHOD] == "psi"
@@ -129,16 +135,21 @@ def test_batches_carry_drift_quality_and_fingerprints(spans: SpanList) -> None:
     assert len({s.attributes[semconv.DL_DATA_SCHEMA_FINGERPRINT] for s in got}) == 1
 
 
-def test_signals_feed_low_cardinality_metrics(spans: SpanList) -> None:
+def test_each_span_records_one_low_cardinality_duration(spans: SpanList) -> None:
     from tests.support import metric_points
 
+    before = sum(
+        p.count
+        for p in metric_points(semconv.METRIC_OPERATION_DURATION)
+        if p.attributes.get(semconv.DL_STAGE) == "dataloader"
+    )
     x = torch.randn(1500, 3, generator=torch.Generator().manual_seed(5))
     list(DataLoader(TensorDataset(x), batch_size=250))
-    drift = metric_points(semconv.METRIC_DRIFT_SCORE)
-    assert drift, "no dl.drift.score points"
-    for point in drift:
-        keys = set(point.attributes)
-        assert keys <= {semconv.DL_STAGE, semconv.DL_COMPONENT, semconv.DL_DRIFT_FEATURE}
-    rows = metric_points(semconv.METRIC_BATCH_ROWS)
-    loader_rows = [p for p in rows if p.attributes[semconv.DL_STAGE] == "dataloader"]
-    assert sum(p.value for p in loader_rows) >= 1500
+    points = [
+        p
+        for p in metric_points(semconv.METRIC_OPERATION_DURATION)
+        if p.attributes.get(semconv.DL_STAGE) == "dataloader"
+    ]
+    assert sum(p.count for p in points) - before == 6  # one record per batch span
+    for point in points:
+        assert set(point.attributes) <= {semconv.DL_STAGE, semconv.DL_COMPONENT}

@@ -26,9 +26,10 @@ def _raise(*_args: Any, **_kwargs: Any) -> Any:
 
 
 INJECTIONS: dict[str, tuple[Any, str]] = {
-    "start_span": (_span, "start_span"),
-    "finish_span": (_span, "finish_span"),
-    "record_metrics": (_span, "record_metrics"),
+    "start": (_span.DlSpan, "start"),
+    "extract": (_span.DlSpan, "extract"),
+    "finish": (_span.DlSpan, "finish"),
+    "duration_metric": (_span, "_duration_histogram"),
     "base_attributes": (_span, "base_attributes"),
     "monitor": (_watch.WatchState, "monitor"),
 }

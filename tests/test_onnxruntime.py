@@ -89,8 +89,11 @@ def test_one_span_with_model_provenance_and_confidence(
     assert list(attrs[semconv.DL_MODEL_EXECUTION_PROVIDERS]) == ["CPUExecutionProvider"]
     assert attrs[semconv.DL_BATCH_SIZE] == 64
     assert attrs[semconv.DL_PREDICTION_COUNT] == 64
-    assert attrs[semconv.DL_CONFIDENCE_MEAN] == pytest.approx(probs.max(axis=1).mean(), rel=1e-5)
-    assert attrs[semconv.DL_CONFIDENCE_MIN] == pytest.approx(probs.max(axis=1).min(), rel=1e-5)
+    # The first call of a session: its confidence covers 16 evenly spaced predictions.
+    sampled = probs[(np.arange(16) * 64) // 16].max(axis=1)
+    assert attrs[semconv.DL_CONFIDENCE_ROWS] == 16
+    assert attrs[semconv.DL_CONFIDENCE_MEAN] == pytest.approx(sampled.mean(), rel=1e-5)
+    assert attrs[semconv.DL_CONFIDENCE_MIN] == pytest.approx(sampled.min(), rel=1e-5)
     assert semconv.DL_QUALITY_NAN_FRACTION in attrs
     assert semconv.DL_DATA_FINGERPRINT in attrs
     assert label.shape == (64,)
@@ -130,12 +133,14 @@ def test_watch_names_the_model_and_drift_uses_the_reference(
         features=["x"],
         team="risk",
     )
-    session.run(None, {"x": train[:256]})
-    session.run(None, {"x": train[256:512]})  # the window now holds drift_min_rows (500)
+    for start in range(0, 512, 64):  # 64 rows a call: the 8th reaches drift_min_rows (500)
+        session.run(None, {"x": train[start : start + 64]})
     shifted = train[:256].copy()
     shifted[:, 2] += 5.0
-    session.run(None, {"x": shifted})
-    _, ok, drifted = spans.get(semconv.SPAN_INFERENCE)
+    for _ in range(8):  # the window is scored again on the 8th call after
+        session.run(None, {"x": shifted})
+    got = spans.get(semconv.SPAN_INFERENCE)
+    ok, drifted = got[7], got[-1]
     assert ok.attributes[semconv.DL_MODEL_NAME] == "fraud"
     assert ok.attributes[semconv.DL_MODEL_VERSION] == "7"
     assert ok.attributes["team"] == "risk"

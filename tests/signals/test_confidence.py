@@ -121,3 +121,25 @@ def test_class_major_path_equals_row_path(monkeypatch, dtype, classes):
     for got, expected in zip(fast, slow, strict=True):
         assert got.keys() == expected.keys()
         assert got == pytest.approx(expected, rel=rel, abs=1e-7)
+
+
+@pytest.mark.parametrize("shape", [(1, 2), (1, 10), (4, 10), (30, 5), (64, 3)])
+@pytest.mark.parametrize("probabilities", [False, True])
+def test_small_outputs_take_fast_paths_with_the_same_figures(shape, probabilities):
+    from otel_dl.confidence import _class_major, _small, _tiny
+
+    rng = np.random.default_rng(shape[0] * 100 + shape[1])
+    scores = rng.normal(scale=3, size=shape).astype(np.float32)
+    if probabilities:
+        scores = np.exp(scores) / np.exp(scores).sum(axis=1, keepdims=True)
+    expected = _class_major(scores, 0.6, "auto")
+    for fast in (_tiny, _small):
+        got = fast(scores, 0.6, "auto")
+        assert got is not None
+        assert got.keys() == expected.keys()
+        for key in expected:
+            assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), (fast, key)
+    with_nan = scores.copy()
+    with_nan[0, 0] = np.nan
+    assert _tiny(with_nan, 0.6, "auto") is None
+    assert _small(with_nan, 0.6, "auto") is None

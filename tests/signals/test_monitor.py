@@ -43,16 +43,24 @@ def test_drift_every_and_row_cap():
         {"drift_every": 2, "drift_max_rows": 10, "drift_window_rows": 50, "drift_min_rows": 1}
     )
     monitor = FeatureMonitor(ref, config=config)
-    assert not DRIFT_KEYS & monitor.observe(rng.standard_normal((40, 2))).keys()
-    assert monitor.observe(rng.standard_normal((40, 2))).keys() >= DRIFT_KEYS
-    assert monitor._tracker.rows == 10
+    # The first score comes as soon as the window can hold drift_min_rows rows.
+    first = monitor.observe(rng.standard_normal((40, 2)))
+    assert first.keys() >= DRIFT_KEYS and first[semconv.DL_DRIFT_WINDOW_ROWS] == 10
+    # Then every drift_every-th batch; the batch between carries the latest score.
+    between = monitor.observe(rng.standard_normal((40, 2)) + 5)
+    assert between[semconv.DL_DRIFT_SCORE] == first[semconv.DL_DRIFT_SCORE]
+    assert monitor.window_rows == 10
+    scored = monitor.observe(rng.standard_normal((40, 2)) + 5)
+    assert scored[semconv.DL_DRIFT_WINDOW_ROWS] == 30  # 10 rows of each batch
+    assert scored[semconv.DL_DRIFT_STATUS] == "alert"
 
 
 def test_no_drift_until_the_window_holds_drift_min_rows():
     rng = np.random.default_rng(4)
     ref = Reference.fit(rng.standard_normal((2000, 2)))
     monitor = FeatureMonitor(ref, config=resolve_config({"drift_min_rows": 300}))
-    assert not DRIFT_KEYS & monitor.observe(rng.standard_normal((200, 2))).keys()
+    for _ in range(2):  # 128 drift rows a batch: 256 rows
+        assert not DRIFT_KEYS & monitor.observe(rng.standard_normal((200, 2))).keys()
     assert monitor.observe(rng.standard_normal((200, 2))).keys() >= DRIFT_KEYS
 
 
@@ -125,3 +133,23 @@ def test_wide_batches_drift_on_an_evenly_spaced_feature_subset():
     assert attributes[semconv.DL_DRIFT_FEATURE] == "5"
     assert attributes[semconv.DL_DRIFT_STATUS] == "alert"
     assert monitor.feature_count == 20
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fused_quality_equals_the_quality_functions(dtype):
+    from otel_dl.quality import batch_quality, nan_fraction
+
+    rng = np.random.default_rng(11)
+    ref = Reference.fit(rng.standard_normal((300, 5)).astype(dtype))
+    for case in range(40):
+        batch = (rng.standard_normal((64, 5)) * (1 + case % 3)).astype(dtype)
+        if case % 4 == 1:
+            batch[rng.integers(64), rng.integers(5)] = np.nan
+        if case % 4 == 2:
+            batch[rng.integers(64), rng.integers(5)] = np.inf * rng.choice([-1, 1])
+        if case % 5 == 0:
+            batch[:, 1] = ref.numeric.maximum[1]  # the range is closed: inside
+        table = ref.read(batch)
+        nan, outside = batch_quality(ref, table)
+        assert nan == nan_fraction(table)
+        assert outside == out_of_range_fraction(ref, table)
