@@ -192,7 +192,6 @@ def finish_when_done(
         attrs: Attributes = {semconv.DL_PREDICTION_COUNT: rows_out}
         if "stats" in pinned:
             values = pinned["stats"].tolist()
-            attrs[semconv.DL_CONFIDENCE_ROWS] = rows_out
             attrs.update(zip(_STAT_KEYS, map(float, values), strict=True))
         if "sample" in pinned and observe is not None:
             sampled = observe(pinned["sample"].numpy())

@@ -279,13 +279,15 @@ class FeatureMonitor:
                 }
 
     def confidence(self, outputs: Any) -> dict[str, AttributeValue]:
-        """``dl.confidence.*`` of one call's outputs: on at most ``confidence_rows`` evenly
-        spaced predictions, on all of them every ``drift_every``-th call."""
+        """``dl.prediction.count`` of one call's outputs, and their exact ``dl.confidence.*``
+        on every call of at most ``confidence_rows`` predictions (one request) and on every
+        ``drift_every``-th larger call (a batch)."""
         with self._lock:
             self._calls += 1
-            exact = self._calls % self.config.drift_every == 0
-        limit = None if exact else self.config.confidence_rows
-        return confidence_attributes(outputs, self.config.confidence_threshold, limit)
+            due = self._calls % self.config.drift_every == 0
+        return confidence_attributes(
+            outputs, self.config.confidence_threshold, None if due else self.config.confidence_rows
+        )
 
 
 def _set(out: dict[str, AttributeValue], key: str, value: float | None) -> None:
@@ -305,22 +307,19 @@ def _slice(table: Table, rows: int) -> Table:
 
 
 def confidence_attributes(
-    outputs: Any, threshold: float = 0.5, max_rows: int | None = None
+    outputs: Any, threshold: float = 0.5, count_only_above: int | None = None
 ) -> dict[str, AttributeValue]:
-    """``dl.confidence.*``, ``dl.confidence.rows`` and ``dl.prediction.count`` for one call;
-    never raises on data. ``max_rows`` bounds the predictions the statistics are computed
-    on (evenly spaced ones); ``dl.prediction.count`` always counts them all."""
+    """``dl.confidence.*`` and ``dl.prediction.count`` for one call; never raises on data.
+    With ``count_only_above``, outputs of more predictions than that get only the count."""
     try:
         scores = to_scores(outputs)
         count = scores.shape[0]
-        if max_rows is not None and count > max_rows:
-            scores = scores[_spaced(count, max_rows)]
+        if count_only_above is not None and count > count_only_above:
+            return {semconv.DL_PREDICTION_COUNT: int(count)}
         summary = summarize(scores, threshold=threshold)
     except (TypeError, ValueError, IndexError, OverflowError, MemoryError):
         return {}
     out: dict[str, AttributeValue] = {semconv.DL_PREDICTION_COUNT: int(count)}
-    if "mean" in summary:
-        out[semconv.DL_CONFIDENCE_ROWS] = int(summary["count"])
     out.update({key: float(summary[k]) for k, key in _CONFIDENCE_KEYS if k in summary})
     return out
 
