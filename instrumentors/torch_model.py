@@ -101,7 +101,9 @@ def _on_gpu(output: Any) -> bool:
     return bool(getattr(output, "is_cuda", False))
 
 
-def _input_signals(module: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Attributes:
+def _input_signals(
+    module: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+) -> Mapping[str, Any]:
     """Drift, quality and fingerprint of the first floating-point tensor argument (a CPU
     one: a CUDA input is read on the device when the call has completed)."""
     features = _first_tensor(args, dict(kwargs))
@@ -110,7 +112,7 @@ def _input_signals(module: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]
     return observe_once(ensure_state(module).monitor(), features)
 
 
-def _output_signals(module: Any, output: Any) -> Attributes:
+def _output_signals(module: Any, output: Any) -> Mapping[str, Any]:
     """Confidence of a 2-D floating-point output, else the prediction count."""
     import torch
 
@@ -124,7 +126,7 @@ def _output_signals(module: Any, output: Any) -> Attributes:
 
 
 def _call_signals(call: DlCall) -> Attributes:
-    return _input_signals(call.instance, call.args, call.kwargs)
+    return dict(_input_signals(call.instance, call.args, call.kwargs))
 
 
 def _finish_on_gpu(
@@ -444,7 +446,7 @@ class TorchModelInstrumentor(DlInstrumentor):
             stage=semconv.STAGE_INFERENCE,
             component=semconv.COMPONENT_TORCH_NN,
             before=lambda call: _call_signals(call),
-            after=lambda call, out: _output_signals(call.instance, out),
+            after=lambda call, out: dict(_output_signals(call.instance, out)),
             hooks=self._hooks,
             attributes=self._model_attributes(instance),
             tracer=self._tracer,

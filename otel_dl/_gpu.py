@@ -21,7 +21,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -154,7 +154,7 @@ def finish_when_done(
     output: Any,
     threshold: float,
     inputs: Any = None,
-    observe: Callable[[Any], Attributes] | None = None,
+    observe: Callable[[Any], Mapping[str, Any]] | None = None,
     sample_rows: int = 64,
 ) -> None:
     """Queue the device-side signals of a CUDA call and end ``call`` when they are done.

@@ -146,7 +146,7 @@ class DlSpan:
         self._token: object | None = None
         self._error = False
 
-    def extract(self, part: str, fn: Callable[..., Attributes | None], *args: Any) -> None:
+    def extract(self, part: str, fn: Callable[..., Mapping[str, Any] | None], *args: Any) -> None:
         """Add ``fn(*args)``'s attributes; a failure drops only them, counted at ``part``."""
         try:
             found = fn(*args)

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from otel_dl.reference import to_numpy
+from otel_dl.table import to_numpy
 
 KINDS = ("auto", "probabilities", "logits")
 ROW_SUM_TOLERANCE = 1e-3

@@ -30,11 +30,17 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from otel_dl import semconv
-from otel_dl.reference import Reference, Table, bin_counts, to_table
+from otel_dl.reference import Reference
+from otel_dl.stats import (
+    bin_counts,
+    js_from_shares,
+    ks_statistics,
+    psi_from_shares,
+    wasserstein_distances,
+)
+from otel_dl.table import Table, to_table
 
 METHODS = semconv.DRIFT_METHODS
-FLOOR = 1e-4
-"""psi floors each bin share at this value (no renormalisation)."""
 STD_FLOOR = 1e-3
 """wasserstein divides by max(reference std, STD_FLOOR)."""
 DEFAULT_THRESHOLDS: Mapping[str, tuple[float, float]] = {
@@ -78,87 +84,6 @@ def drift_status(
     if value >= (default_warn if warn is None else warn):
         return "warn"
     return "ok"
-
-
-# --- The statistics, column-wise over 2-D arrays ------------------------------------------
-
-
-def psi_from_shares(reference: np.ndarray, current: np.ndarray) -> np.ndarray:
-    """Σ (c - r) ln(c / r) down axis 0, each share floored at :data:`FLOOR`."""
-    r = np.maximum(reference, FLOOR)
-    c = np.maximum(current, FLOOR)
-    return ((c - r) * np.log(c / r)).sum(axis=0)
-
-
-def js_from_shares(reference: np.ndarray, current: np.ndarray) -> np.ndarray:
-    """Jensen-Shannon distance, base 2, down axis 0 (scipy's ``jensenshannon``)."""
-    p = reference / reference.sum(axis=0)
-    q = current / current.sum(axis=0)
-    m = (p + q) / 2
-    with np.errstate(divide="ignore", invalid="ignore"):
-        left = np.where(p > 0, p * np.log(p / m), 0.0)
-        right = np.where(q > 0, q * np.log(q / m), 0.0)
-    divergence = (left + right).sum(axis=0) / 2
-    return np.sqrt(np.maximum(divergence, 0.0) / np.log(2.0))
-
-
-def _sorted_finite(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Columns sorted with NaN/Inf moved to the end as +inf, and finite counts."""
-    values = np.asarray(values, dtype=np.float64)
-    finite = np.isfinite(values)
-    return np.sort(np.where(finite, values, np.inf), axis=0), finite.sum(axis=0)
-
-
-def _column_keys(values: np.ndarray) -> np.ndarray:
-    """Complex keys (column + i*value) in column-major order.
-
-    numpy orders complex numbers by real part, then imaginary part, so one sorted key
-    array serves a searchsorted for every column at once.
-    """
-    keys = np.empty(values.shape[::-1], dtype=np.complex128)
-    keys.real = np.arange(values.shape[1])[:, None]
-    keys.imag = values.T
-    return keys.ravel()
-
-
-def _ecdf(sorted_values: np.ndarray, counts: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """Share of each column's finite values <= the points of the same column."""
-    rows = sorted_values.shape[0]
-    found = np.searchsorted(_column_keys(sorted_values), _column_keys(points), side="right")
-    found = found.reshape(points.shape[1], points.shape[0]).T
-    below = found - np.arange(points.shape[1]) * rows
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return below / counts
-
-
-def ks_statistics(reference: np.ndarray, current: np.ndarray) -> np.ndarray:
-    """Two-sample Kolmogorov-Smirnov statistic per column (scipy ``ks_2samp``), NaN/Inf
-    skipped; NaN for a column where either side has no finite value."""
-    ref, ref_n = _sorted_finite(reference)
-    cur, cur_n = _sorted_finite(current)
-    points = np.concatenate([ref, cur], axis=0)
-    gap = np.abs(_ecdf(ref, ref_n, points) - _ecdf(cur, cur_n, points))
-    gap[~np.isfinite(points)] = 0.0
-    out = gap.max(axis=0) if len(points) else np.zeros(points.shape[1])
-    out[(ref_n == 0) | (cur_n == 0)] = np.nan
-    return out
-
-
-def wasserstein_distances(reference: np.ndarray, current: np.ndarray) -> np.ndarray:
-    """Wasserstein-1 distance per column (scipy ``wasserstein_distance``), NaN/Inf skipped;
-    NaN for a column where either side has no finite value."""
-    ref, ref_n = _sorted_finite(reference)
-    cur, cur_n = _sorted_finite(current)
-    merged = np.sort(np.concatenate([ref, cur], axis=0), axis=0)
-    with np.errstate(invalid="ignore"):
-        deltas = np.diff(merged, axis=0)
-    deltas[~np.isfinite(merged[1:])] = 0.0
-    points = merged[:-1]
-    gap = np.abs(_ecdf(ref, ref_n, points) - _ecdf(cur, cur_n, points))
-    gap[deltas == 0] = 0.0
-    out = (gap * deltas).sum(axis=0)
-    out[(ref_n == 0) | (cur_n == 0)] = np.nan
-    return out
 
 
 # --- Scoring a table against a profile ------------------------------------------------------
@@ -278,7 +203,7 @@ def score(reference: Any, current: Any, method: str = "psi", bins: int = 10) -> 
     profile's quantile atoms from a :class:`Reference`. Features are matched by name;
     unmatched or unscorable features are absent, with the cause in ``.reasons``.
     Raises ``ValueError`` for an unknown method, and ``ValueError`` or ``TypeError`` (as
-    :func:`~otel_dl.reference.to_table` does) for data with no tabular reading.
+    :func:`~otel_dl.table.to_table` does) for data with no tabular reading.
     """
     _check_method(method)
     raw = None if isinstance(reference, Reference) else to_table(reference)
@@ -513,7 +438,7 @@ class DriftTracker:
         self._rows += sign * chunk.rows
 
     def update(self, batch: Any) -> DriftResult:
-        """Add ``batch`` (anything :func:`~otel_dl.reference.to_table` reads, or a Table)
+        """Add ``batch`` (anything :func:`~otel_dl.table.to_table` reads, or a Table)
         to the window and return the window's worst feature."""
         table = batch if isinstance(batch, Table) else self.reference.read(batch)
         aligned = _align(self.reference, table)

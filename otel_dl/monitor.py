@@ -38,7 +38,8 @@ from otel_dl.confidence import summarize, to_scores
 from otel_dl.drift import DriftTracker
 from otel_dl.provenance import data_fingerprint
 from otel_dl.quality import batch_quality
-from otel_dl.reference import Reference, Table, to_numpy, to_table
+from otel_dl.reference import Reference
+from otel_dl.table import Table, to_numpy, to_table
 
 AttributeValue = str | bool | int | float
 

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from otel_dl.reference import Table, to_table
+from otel_dl.table import Table, to_table
 
 DATA_SAMPLE_BYTES = 4096
 MODEL_SAMPLE_BYTES = 1 << 20

@@ -1,7 +1,7 @@
 """Data quality: missing values, values outside the reference range, schema changes.
 
-Pure functions over one batch (anything :func:`otel_dl.reference.to_table` reads, or a
-:class:`~otel_dl.reference.Table`)::
+Pure functions over one batch (anything :func:`otel_dl.table.to_table` reads, or a
+:class:`~otel_dl.table.Table`)::
 
     quality.nan_fraction(batch)                 # share of NaN/Inf (or missing) values
     quality.out_of_range_fraction(ref, batch)   # share outside the reference [min, max]
@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from otel_dl.reference import Reference, Table, to_table
+from otel_dl.reference import Reference
+from otel_dl.table import Table, to_table
 
 
 def _table(data: Any, reference: Reference | None = None) -> Table:

@@ -52,8 +52,18 @@ from hypothesis.extra import numpy as hnp
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 
 import otel_dl
-from otel_dl import calibration, confidence, drift, monitor, provenance, quality, reference
+from otel_dl import (
+    calibration,
+    confidence,
+    drift,
+    monitor,
+    provenance,
+    quality,
+    reference,
+    stats,
+)
 from otel_dl._config import resolve_config
+from otel_dl.table import Table, to_table
 from tests.reliability.findings import record, scale
 from tests.support import (
     EXPORTER,
@@ -1184,7 +1194,7 @@ def test_dataset_readers_on_odd_files_unchanged(tmp_path: Path) -> None:
 
 # --- Signal functions ---------------------------------------------------------------
 
-NO_TABLE = (ValueError, TypeError)  # reference.to_table: "no tabular reading at all"
+NO_TABLE = (ValueError, TypeError)  # table.to_table: "no tabular reading at all"
 
 
 def _finite_numbers(result: Any) -> bool:
@@ -1243,7 +1253,7 @@ def test_reference_functions(tmp_path: Path) -> None:
         st.sampled_from(["drop", "type", "bins", "version", "features", "edges"]),
     )
     def run(fit_on: Any, read: Any, bins: int, junk: bytes, damage: str) -> None:
-        _expect("reference.to_table", lambda: reference.to_table(fit_on), fit_on, NO_TABLE)
+        _expect("table.to_table", lambda: to_table(fit_on), fit_on, NO_TABLE)
         fitted = _expect(
             "Reference.fit",
             lambda: reference.Reference.fit(fit_on, bins=bins),
@@ -1252,7 +1262,7 @@ def test_reference_functions(tmp_path: Path) -> None:
         )
         ref = fitted.value if fitted.error is None else REFERENCE
         read_table = _expect("Reference.read", lambda: ref.read(read), read, NO_TABLE).value
-        if isinstance(read_table, reference.Table):
+        if isinstance(read_table, Table):
             names = read_table.names
             _expect("Reference.column_index", lambda: ref.column_index(names), names)
             for name, values in read_table.categorical.items():
@@ -1298,28 +1308,28 @@ def test_reference_functions(tmp_path: Path) -> None:
             junk,
             (reference.ReferenceFileError,),
         )
-        table = _run(lambda: reference.to_table(read)).value
-        if isinstance(table, reference.Table):
+        table = _run(lambda: to_table(read)).value
+        if isinstance(table, Table):
             values64 = table.numeric.astype(np.float64)
             edges = np.sort(np.nan_to_num(values64[: max(bins, 0)], nan=np.inf), axis=0)
             _expect(
-                "reference.bin_counts",
-                lambda: reference.bin_counts(values64, edges),
+                "stats.bin_counts",
+                lambda: stats.bin_counts(values64, edges),
                 read,
                 (ValueError,),
             )
             _expect(
-                "reference.count_at_least",
-                lambda: reference.count_at_least(values64, edges),
+                "stats.count_at_least",
+                lambda: stats.count_at_least(values64, edges),
                 read,
                 (ValueError,),
             )
-            _expect("reference.ceil_to_float32", lambda: reference.ceil_to_float32(values64), read)
+            _expect("stats.ceil_to_float32", lambda: stats.ceil_to_float32(values64), read)
 
     run()
     _report(
-        [n for n in TALLIES if n.startswith(("reference.", "Reference."))],
-        "otel_dl.reference",
+        [n for n in TALLIES if n.startswith(("table.", "stats.", "reference.", "Reference."))],
+        "otel_dl.table, otel_dl.stats and otel_dl.reference",
     )
 
 
@@ -1387,8 +1397,8 @@ def test_drift_functions() -> None:
             value,
             check=lambda s: s in ("ok", "warn", "alert"),
         )
-        table = _run(lambda: reference.to_table(current)).value
-        if isinstance(table, reference.Table) and table.numeric.shape[1]:
+        table = _run(lambda: to_table(current)).value
+        if isinstance(table, Table) and table.numeric.shape[1]:
             numeric = table.numeric
             shares = np.abs(np.nan_to_num(numeric.astype(np.float64)))
             for name, function in (

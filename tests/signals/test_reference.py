@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from otel_dl import drift
-from otel_dl.reference import FORMAT_VERSION, Reference, ReferenceFileError, to_table
+from otel_dl.reference import FORMAT_VERSION, Reference, ReferenceFileError
+from otel_dl.table import to_table
 
 
 @pytest.fixture

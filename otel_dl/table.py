@@ -1,0 +1,229 @@
+"""Rows x features: the one reading of arrays, tensors, DataFrames and mappings.
+
+:func:`to_table` is the one place where a batch becomes a :class:`Table`; every signal
+(drift, quality, provenance, the reference profile) reads its input through it, so all of
+them flatten the same way::
+
+    from otel_dl.table import to_table
+    table = to_table(batch)      # table.rows, table.numeric (2-D float), table.categorical
+
+:func:`to_numpy` is the array reading alone (torch tensors on any device, with grad).
+The first module of the signal layer: it imports nothing else of otel-dl.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+_FLOAT32_EXACT = frozenset("?bBhHe") | {"f"}  # bool, small ints, float16, float32
+
+
+@dataclass
+class Table:
+    """A batch as rows x features: numeric values in one 2-D float array, others by name.
+
+    ``numeric`` is float32 when every input column fits float32 exactly, else float64; it
+    keeps NaN and +-Inf (quality counts them, drift skips them). ``categorical`` maps a
+    feature name to an object array of strings, with ``None`` for a missing value.
+    """
+
+    rows: int
+    names: tuple[str, ...]
+    numeric: np.ndarray
+    numeric_names: tuple[str, ...]
+    categorical: dict[str, np.ndarray] = field(default_factory=dict)
+    schema: tuple[Any, ...] = ()
+
+    @property
+    def schema_fingerprint(self) -> str:
+        return _schema_digest(self.schema)
+
+
+@lru_cache(maxsize=256)
+def _schema_digest(schema: tuple[Any, ...]) -> str:
+    text = json.dumps(schema, separators=(",", ":"))
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+@lru_cache(maxsize=64)
+def _dtype_name(dtype: np.dtype) -> str:
+    return str(dtype)  # numpy builds this string in Python on every call
+
+
+@lru_cache(maxsize=64)
+def _index_names(count: int) -> tuple[str, ...]:
+    return tuple(str(i) for i in range(count))
+
+
+def to_numpy(value: Any) -> np.ndarray:
+    """A numpy view of arrays, torch tensors (any device, with grad) and nested lists."""
+    if isinstance(value, np.ndarray):
+        return value
+    module = type(value).__module__
+    if module.startswith("torch") and hasattr(value, "detach"):
+        tensor = value.detach()
+        if tensor.device.type == "meta":
+            raise TypeError("a tensor on the meta device holds no values")
+        if tensor.device.type != "cpu":
+            tensor = tensor.cpu()
+        if tensor.is_complex():
+            tensor = tensor.real
+        if str(tensor.dtype) == "torch.bfloat16":  # numpy has no bfloat16
+            tensor = tensor.float()
+        return tensor.numpy()
+    if module.startswith("pandas"):
+        return value.to_numpy()
+    try:
+        return np.asarray(value)
+    except RuntimeError as exc:  # torch refusing a nested tensor (grad, meta, sparse)
+        raise TypeError(f"no array reading of {type(value).__name__}: {exc}") from exc
+
+
+def _as_rows(array: np.ndarray) -> np.ndarray:
+    """0-d -> one row, one feature; 1-D -> rows x 1; 2-D as is; N-D -> rows x prod(rest)."""
+    if array.ndim == 0:
+        return array.reshape(1, 1)
+    if array.ndim == 1:
+        return array.reshape(-1, 1)
+    if array.ndim == 2:
+        return array
+    return array.reshape(array.shape[0], math.prod(array.shape[1:]))
+
+
+def _numeric_dtype(array: np.ndarray) -> np.ndarray | None:
+    """The array as float32/float64, or None when its values are not numbers."""
+    kind = array.dtype.kind
+    if kind == "f" and array.dtype.itemsize in (4, 8):
+        return array
+    if array.dtype.char in _FLOAT32_EXACT:
+        return array.astype(np.float32)
+    if kind in "iuf":
+        return array.astype(np.float64)
+    if kind == "c":
+        return array.real.astype(np.float64)
+    if kind == "O":
+        try:
+            return array.astype(np.float64)
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
+def categorical_values(values: Iterable[Any]) -> np.ndarray:
+    """Category labels as strings, ``None`` for missing (None, NaN, pandas NA/NaT)."""
+    items = list(values)
+    out = np.empty(len(items), dtype=object)
+    for i, item in enumerate(items):
+        missing = (
+            item is None
+            or (isinstance(item, float) and math.isnan(item))
+            or type(item).__name__ in ("NAType", "NaTType")
+        )
+        out[i] = None if missing else str(item)
+    return out
+
+
+def _columns_of(data: Any) -> list[tuple[str, np.ndarray, str, tuple[int, ...]]]:
+    """(name, 1-D column, dtype name, trailing shape) for DataFrames and mappings."""
+    columns: list[tuple[str, np.ndarray, str, tuple[int, ...]]] = []
+    if type(data).__module__.startswith("pandas") and hasattr(data, "columns"):
+        for name in data.columns:
+            series = data[name]
+            dtype = str(series.dtype)
+            if dtype in ("object", "category", "string", "str") or dtype.startswith("string"):
+                values = series.astype(object).to_numpy()
+            else:
+                values = series.to_numpy()
+            columns.append((str(name), values, dtype, ()))
+        return columns
+    for name, value in data.items():
+        array = to_numpy(value)
+        trailing = tuple(int(d) for d in array.shape[1:])
+        rows = _as_rows(array)
+        if rows.shape[1] == 1 and array.ndim <= 1:
+            columns.append((str(name), rows[:, 0], str(array.dtype), trailing))
+        else:
+            for j in range(rows.shape[1]):
+                columns.append((f"{name}.{j}", rows[:, j], str(array.dtype), trailing))
+    return columns
+
+
+def to_table(data: Any) -> Table:
+    """Turn a batch into a :class:`Table`.
+
+    Arrays and tensors: 0-d is one row of one feature, 1-D is one feature of many rows,
+    2-D is rows x columns named ``"0"``, ``"1"``, ...; 3-D and higher keep the first axis
+    as rows and flatten the rest in C order into features named by flat index. DataFrames
+    and mappings of name -> array give one feature per column (a mapping value with more
+    than one dimension becomes ``name.0``, ``name.1``, ... by the same rule). Columns whose
+    values are not numbers are categorical.
+
+    Raises ``ValueError`` or ``TypeError`` when ``data`` has no tabular reading at all
+    (for example a mapping whose columns differ in length). A Table comes back as is.
+    """
+    if isinstance(data, Table):
+        return data
+    if isinstance(data, Mapping) or (
+        type(data).__module__.startswith("pandas") and hasattr(data, "columns")
+    ):
+        return _table_from_columns(_columns_of(data))
+    array = to_numpy(data)
+    trailing = tuple(int(d) for d in array.shape[1:])
+    rows = _as_rows(array)
+    numeric = _numeric_dtype(rows)
+    names = _index_names(rows.shape[1])
+    if numeric is not None:
+        return Table(
+            rows.shape[0], names, numeric, names, {}, ("array", _dtype_name(array.dtype), trailing)
+        )
+    no_shape: tuple[int, ...] = ()
+    columns = [(names[j], rows[:, j], str(array.dtype), no_shape) for j in range(rows.shape[1])]
+    return _table_from_columns(columns, ("array", str(array.dtype), trailing))
+
+
+def _table_from_columns(
+    columns: list[tuple[str, np.ndarray, str, tuple[int, ...]]],
+    schema: tuple[Any, ...] | None = None,
+) -> Table:
+    lengths = {len(column) for _, column, _, _ in columns}
+    if len(lengths) > 1:
+        raise ValueError(f"columns differ in length: {sorted(lengths)}")
+    rows = lengths.pop() if lengths else 0
+    numeric_cols: list[np.ndarray] = []
+    numeric_names: list[str] = []
+    categorical: dict[str, np.ndarray] = {}
+    for name, column, _, _ in columns:
+        values = _numeric_dtype(np.asarray(column))
+        if values is None:
+            categorical[name] = categorical_values(column)
+        else:
+            numeric_cols.append(values)
+            numeric_names.append(name)
+    dtype = (
+        np.float32
+        if all(c.dtype == np.float32 for c in numeric_cols) and numeric_cols
+        else np.float64
+    )
+    numeric = (
+        np.stack(numeric_cols, axis=1).astype(dtype, copy=False)
+        if numeric_cols
+        else np.empty((rows, 0), dtype=np.float64)
+    )
+    if schema is None:
+        schema = ("columns", tuple((name, dtype_, trail) for name, _, dtype_, trail in columns))
+    return Table(
+        rows,
+        tuple(name for name, _, _, _ in columns),
+        numeric,
+        tuple(numeric_names),
+        categorical,
+        schema,
+    )
