@@ -59,7 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--memory-limit-mib",
         dest="memory_limit_mib",
         metavar="MIB",
-        help="resident memory to stay under: back-pressure above 80 %% of it (0: no limit)",
+        help=(
+            "resident memory to stay under: back-pressure when memory in use is above "
+            "80 %% of it (0: no limit)"
+        ),
     )
     # No flag for auth_token: a command line is visible to every user in the process list.
     p.add_argument("--tls-cert", dest="tls_cert", help="PEM server certificate: serve TLS")

@@ -77,14 +77,10 @@ def api_routes(
                 {"error": "since/until must be unix seconds or like 15m, 2h, 1d; limit an integer"},
                 status=400,
             )
+        service, kind = q.get("service"), q.get("kind")
         rows = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: query_faults(store, since, until, limit * 10)
+            None, lambda: query_faults(store, since, until, limit, service, kind)
         )
-        rows = [
-            r
-            for r in rows
-            if q.get("service", r.service) == r.service and q.get("kind", r.kind) == r.kind
-        ][:limit]
         return web.json_response({"faults": [r.as_json() for r in rows]})
 
     async def prometheus(_request: web.Request) -> web.Response:

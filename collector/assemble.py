@@ -21,7 +21,7 @@ the recorded decision from the :class:`DecisionCache`.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +46,30 @@ _SEMCONV_TYPES: dict[str, tuple[type, ...]] = {
     "string[]": (tuple,),
 }
 _SCALARS = (str, bool, int, float)
+# Standard OpenTelemetry attributes attribution reads, with the type their semantic
+# conventions give. Without this, ``error.type=false`` (or ``0``) was a usable scalar and
+# "error.type is set" made every such span an error. The peer names are read only as
+# strings, so another type names no peer.
+STANDARD_TYPES: dict[str, str] = {
+    "error.type": "string",
+    "server.address": "string",
+    "peer.service": "string",
+    "net.peer.name": "string",
+    "http.host": "string",
+    "rpc.service": "string",
+    "url.full": "string",
+    "http.url": "string",
+}
+# The OTLP AnyValue field of each value, named as docs/semantic-conventions.md names types.
+_VALUE_TYPES = {
+    "string_value": "string",
+    "bool_value": "boolean",
+    "int_value": "int",
+    "double_value": "double",
+    "array_value": "array",
+    "kvlist_value": "kvlist",
+    "bytes_value": "bytes",
+}
 
 
 class PayloadError(ValueError):
@@ -106,15 +130,16 @@ class SpanRecord:
         self.status_error: bool = span.status.code == _STATUS_ERROR
         self.exception: bool = any(e.name == "exception" for e in span.events)
         self.attrs: dict[str, Any] = {}
-        # Attribute names a sender typed wrongly: ignored for attribution, not refused.
-        self.mistyped: list[str] = []
+        # (attribute, value type) a sender typed wrongly: ignored for attribution, not refused.
+        self.mistyped: list[tuple[str, str]] = []
         for kv in span.attributes:
             if kv.key in wanted:
                 value = any_value(kv.value)
                 if _usable(kv.key, value):
                     self.attrs[kv.key] = value
                 else:
-                    self.mistyped.append(kv.key)
+                    which = kv.value.WhichOneof("value")
+                    self.mistyped.append((kv.key, _VALUE_TYPES.get(which or "", "empty")))
         self.journal_segment: int = -1
 
     @property
@@ -128,11 +153,13 @@ class SpanRecord:
 
 
 def _usable(key: str, value: Any) -> bool:
-    """Whether ``value`` has the contract's type for ``key`` (or, off the contract, is a
-    scalar or a flat array), so catalog operators can compare and hash it."""
+    """Whether ``value`` has the contract's type for ``key`` (``dl.*`` from semconv, the
+    standard ones from :data:`STANDARD_TYPES`; any other key: a scalar or a flat array),
+    so catalog operators can compare and hash it."""
     spec = semconv.ATTRIBUTES.get(key)
-    if spec is not None:
-        types = _SEMCONV_TYPES.get(spec.type, _SCALARS)
+    expected = spec.type if spec is not None else STANDARD_TYPES.get(key)
+    if expected is not None:
+        types = _SEMCONV_TYPES.get(expected, _SCALARS)
         if isinstance(value, bool) and bool not in types:
             return False
         if not isinstance(value, types):
@@ -141,6 +168,14 @@ def _usable(key: str, value: Any) -> bool:
     if isinstance(value, tuple):
         return all(isinstance(v, _SCALARS) for v in value)
     return isinstance(value, _SCALARS)
+
+
+def expected_type(key: str) -> str:
+    """The value type attribution reads ``key`` as, for messages naming the fix."""
+    spec = semconv.ATTRIBUTES.get(key)
+    if spec is not None:
+        return spec.type
+    return STANDARD_TYPES.get(key, "a scalar or an array of scalars")
 
 
 def _id_problem(span: Span) -> str | None:
@@ -167,20 +202,25 @@ def any_value(value: AnyValue) -> Any:
 
 
 def flatten(
-    request: ExportTraceServiceRequest, wanted: frozenset[str]
+    request: ExportTraceServiceRequest,
+    wanted: frozenset[str],
+    ignored: Counter[tuple[str, str]] | None = None,
 ) -> tuple[list[SpanRecord], int, str]:
     """Turn a request into records; return ``(records, rejected, error_message)``.
 
     Spans with an invalid id (a trace id other than 16 bytes, a span id other than 8,
     a parent id neither empty nor 8 bytes, or any all-zero id) are rejected (OTLP
     partial success) rather than failing the whole request. Spans whose known ``dl.*``
-    attributes have the wrong value type are kept and forwarded unchanged, but those
-    attributes are ignored for attribution; the message then carries a warning (OTLP
-    partial success with 0 rejected spans). Messages name fields, never values.
+    attributes (or the standard ones in :data:`STANDARD_TYPES`) have the wrong value type
+    are kept and forwarded unchanged, but those attributes are ignored for attribution;
+    the message then carries a warning (OTLP partial success with 0 rejected spans), and
+    ``ignored``, when given, counts them by ``(attribute, value type)``. Messages name
+    fields and types, never values.
     """
     records: list[SpanRecord] = []
     problems: dict[str, int] = {}
-    mistyped: set[str] = set()
+    # (attribute, value type) causes in this request, for its own warning.
+    found: set[tuple[str, str]] = set()
     for rs in request.resource_spans:
         service = _UNKNOWN_SERVICE
         for kv in rs.resource.attributes:
@@ -199,14 +239,19 @@ def flatten(
                     continue
                 rec = SpanRecord(span, rref, sref, wanted)
                 if rec.mistyped:
-                    mistyped.update(rec.mistyped)
+                    found.update(rec.mistyped)
+                    if ignored is not None:
+                        ignored.update(rec.mistyped)
                 records.append(rec)
     rejected = sum(problems.values())
     parts = [f"{n} span(s) rejected: {problem}" for problem, n in problems.items()]
-    if mistyped:
+    if found:
+        names = ", ".join(
+            f"{key} ({received}, not {expected_type(key)})" for key, received in sorted(found)
+        )
         parts.append(
             "attributes with the wrong value type, ignored for fault attribution (see "
-            f"docs/semantic-conventions.md): {', '.join(sorted(mistyped))}"
+            f"docs/semantic-conventions.md): {names}"
         )
     return records, rejected, "; ".join(parts)
 

@@ -147,6 +147,14 @@ class CollectorMetrics:
             ["reason"],
             registry=r,
         )
+        self.attributes_ignored = Counter(
+            "otel_dl_collector_attributes_ignored",
+            "Span attributes ignored for fault attribution because their value type is not "
+            "the semantic conventions' (the span is kept and forwarded unchanged), by "
+            "attribute and the value type received",
+            ["attribute", "value_type"],
+            registry=r,
+        )
         self.export_retries = Counter(
             "otel_dl_collector_export_retries", "Export attempts that will be retried", registry=r
         )
@@ -208,12 +216,23 @@ class CollectorMetrics:
             "Resident memory, sampled when memory_limit_mib is set",
             registry=r,
         )
+        self.memory_in_use_bytes = Gauge(
+            "otel_dl_collector_memory_in_use_bytes",
+            "Resident memory less what Python's allocator holds free for reuse: what "
+            "memory_limit_mib is judged on; sampled when it is set",
+            registry=r,
+        )
         self.attribution_seconds = Histogram(
             "otel_dl_collector_attribution_seconds",
             "Time to attribute and enrich one trace",
             buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5),
             registry=r,
         )
+
+    def observe_memory(self, rss: int, in_use: int) -> None:
+        """One sample of the memory guard (see admission.py)."""
+        self.rss_bytes.set(rss)
+        self.memory_in_use_bytes.set(in_use)
 
     def _service_label(self, service: str) -> str:
         """``service``, or :data:`OTHER_SERVICES` once ``max_services`` others are labelled."""

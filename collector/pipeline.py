@@ -21,6 +21,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import grpc
@@ -29,7 +30,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from .admission import MemoryGuard, TimedExecutor, rss_bytes, rss_supported
 from .api import api_routes
-from .assemble import DecisionCache, SpanRecord, Trace, TraceBuffer, flatten
+from .assemble import DecisionCache, SpanRecord, Trace, TraceBuffer, expected_type, flatten
 from .attribute import Attributor, Decision
 from .catalog import Catalog, load_catalog
 from .config import CollectorConfig, ConfigError
@@ -75,6 +76,7 @@ class Collector:
         self._evicted: list[Trace] = []
         self._late: list[SpanRecord] = []
         self._backlog: list[tuple[list[SpanRecord], dict[int, int]]] = []
+        self._warned: set[tuple[str, str]] = set()  # ignored-attribute causes logged
         self._stop = threading.Event()
         self._decider = threading.Thread(
             target=self._decide_loop, name="otel-dl-decider", daemon=True
@@ -99,7 +101,7 @@ class Collector:
                 "memory_limit_mib needs /proc/self/statm to read resident memory (Linux); "
                 "leave it 0 on this system"
             )
-        guard = MemoryGuard(limit_mib << 20, self.metrics.rss_bytes.set)
+        guard = MemoryGuard(limit_mib << 20, self.metrics.observe_memory)
         rss = rss_bytes()
         if rss >= guard.soft_limit:
             raise ConfigError(
@@ -250,7 +252,8 @@ class Collector:
         if self.memory is not None and self.memory.over:
             self.metrics.requests_throttled.labels("memory").inc()
             raise QueueFull(
-                f"collector memory {self.memory.rss >> 20} MiB is over its soft limit of "
+                f"collector memory in use {self.memory.in_use >> 20} MiB (resident "
+                f"{self.memory.rss >> 20} MiB) is over its soft limit of "
                 f"{self.memory.soft_limit >> 20} MiB (80 % of memory_limit_mib)"
             )
         limit = self.config.max_request_wait
@@ -270,9 +273,12 @@ class Collector:
         """
         if not force:
             self.admit()
-        records, rejected, message = flatten(request, self._wanted)
+        ignored: Counter[tuple[str, str]] = Counter()
+        records, rejected, message = flatten(request, self._wanted, ignored)
         if rejected:
             self.metrics.spans_rejected.inc(rejected)
+        if ignored:
+            self._count_ignored(ignored)
         if not records:
             return rejected, message
         payload = raw if raw is not None and not rejected else request.SerializeToString()
@@ -290,6 +296,31 @@ class Collector:
             self.metrics.spans_buffered.set(self.buffer.span_count)
         self.metrics.spans_received.inc(len(records))
         return rejected, message
+
+    def _count_ignored(self, ignored: Counter[tuple[str, str]]) -> None:
+        """Count attributes ignored for their value type; log each cause once per process.
+
+        The sender gets the warning in every response, but senders seldom read it; the
+        operator gets one line per (attribute, value type), not one per request.
+        """
+        for (key, received), n in ignored.items():
+            self.metrics.attributes_ignored.labels(key, received).inc(n)
+            with self._lock:
+                first = (key, received) not in self._warned
+                self._warned.add((key, received))
+            if first:
+                _log.warning(
+                    "span attribute %s arrived as %s, not %s: ignored for fault attribution, "
+                    "spans forwarded unchanged (counted in "
+                    "otel_dl_collector_attributes_ignored_total; logged once per attribute "
+                    "and type). Fix the sender to write %s as %s (see "
+                    "docs/semantic-conventions.md)",
+                    key,
+                    received,
+                    expected_type(key),
+                    key,
+                    expected_type(key),
+                )
 
     # --- decision loop --------------------------------------------------------------------
     def _decide_loop(self) -> None:

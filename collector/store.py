@@ -52,6 +52,8 @@ CREATE TABLE IF NOT EXISTS faults (
     candidates TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS faults_time ON faults (time);
+CREATE INDEX IF NOT EXISTS faults_service_time ON faults (service, time);
+CREATE INDEX IF NOT EXISTS faults_kind_time ON faults (kind, time);
 CREATE TABLE IF NOT EXISTS signals (
     time REAL NOT NULL,
     service TEXT NOT NULL,
@@ -193,16 +195,34 @@ def _open_read(path: Path) -> sqlite3.Connection:
 
 
 def query_faults(
-    path: Path, since: float = 0.0, until: float | None = None, limit: int = 1000
+    path: Path,
+    since: float = 0.0,
+    until: float | None = None,
+    limit: int = 1000,
+    service: str | None = None,
+    kind: str | None = None,
 ) -> list[FaultRow]:
-    """Faults in ``[since, until]``, newest first."""
+    """Faults in ``[since, until]``, newest first, of ``service`` and ``kind`` if given.
+
+    The filters are in the query, so ``limit`` counts matching rows: filtering the newest
+    ``limit`` rows afterwards returned nothing for a service whose faults were older.
+    """
+    # Only these fixed clauses are joined into the SQL; every value is a parameter.
+    where = ["time >= ?", "time <= ?"]
+    params: list[object] = [since, until if until is not None else float("inf")]
+    if service is not None:
+        where.append("service = ?")
+        params.append(service)
+    if kind is not None:
+        where.append("kind = ?")
+        params.append(kind)
     conn = _open_read(path)
     try:
         rows = conn.execute(
             "SELECT trace_id, time, service, span_id, span_name, kind, mode, origin, score, "
             "severity, owner, runbook, evidence, candidates FROM faults "
-            "WHERE time >= ? AND time <= ? ORDER BY time DESC LIMIT ?",
-            (since, until if until is not None else float("inf"), limit),
+            f"WHERE {' AND '.join(where)} ORDER BY time DESC LIMIT ?",
+            (*params, limit),
         ).fetchall()
     finally:
         conn.close()

@@ -8,12 +8,14 @@ import subprocess
 import sys
 
 import pytest
+import requests
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from otel_dl.collector.catalog import CatalogError, load_catalog
 from otel_dl.collector.config import ConfigError, load_config
 from otel_dl.collector.report import main as report_main
 from otel_dl.collector.report import report
+from otel_dl.collector.store import query_faults
 
 
 def test_precedence_flag_over_env_over_file(tmp_path):
@@ -149,3 +151,66 @@ def test_report_counts_are_pluralised():
         "ab", 0.0, "svc", "cd", "span", "error", "m", "internal", 1.0, "high", "o", "r", "e", ()
     )
     assert "1 attributed fault." in render_html(summarise([row]), [row], [], [], "1h")
+
+
+def _faulty_traces(
+    service: str, first: int, n: int, stale: bool = False
+) -> ExportTraceServiceRequest:
+    """``n`` one-span traces of ``service``, each a fault: an error, or stale features."""
+    request = ExportTraceServiceRequest()
+    rs = request.resource_spans.add()
+    rs.resource.attributes.add(key="service.name").value.string_value = service
+    spans = rs.scope_spans.add().spans
+    for i in range(first, first + n):
+        span = spans.add(
+            trace_id=i.to_bytes(16, "big"),
+            span_id=(1).to_bytes(8, "big"),
+            name="op",
+            start_time_unix_nano=10**18,
+            end_time_unix_nano=10**18 + 10**6,
+        )
+        if stale:
+            span.attributes.add(key="dl.feature.freshness").value.double_value = 200_000.0
+        else:
+            span.status.code = 2
+    return request
+
+
+def test_fault_api_filters_in_the_query_not_in_the_newest_rows(tmp_path, make_collector, wait_for):
+    """A service's faults older than ``limit`` x 10 rows of other services are still found."""
+    collector = make_collector()
+    store = tmp_path / "faults.sqlite"
+    api = f"http://127.0.0.1:{collector.api_port}/api/faults"
+
+    def count() -> int:
+        return len(requests.get(f"{api}?limit=10000", timeout=5).json()["faults"])
+
+    # Oldest first: 202 errors and 10 stale-feature faults of feature-service, then 120
+    # faults of other services, more than limit x 10 = 50 newer rows for limit=5.
+    collector.ingest(_faulty_traces("feature-service", 1, 202), None)
+    wait_for(lambda: count() == 202)
+    collector.ingest(_faulty_traces("feature-service", 1000, 10, stale=True), None)
+    wait_for(lambda: count() == 212)
+    for k in range(6):
+        collector.ingest(_faulty_traces(f"other-{k}", 2000 + 100 * k, 20), None)
+    wait_for(lambda: count() == 332)
+
+    def get(query: str) -> list[dict]:
+        resp = requests.get(f"{api}?{query}", timeout=5)
+        assert resp.status_code == 200, resp.text
+        return resp.json()["faults"]
+
+    newest = get("limit=5")
+    assert [f["service"].startswith("other-") for f in newest] == [True] * 5
+    mine = get("service=feature-service&limit=5")
+    assert [(f["service"], f["kind"]) for f in mine] == [("feature-service", "stale_features")] * 5
+    times = [f["time"] for f in mine]
+    assert times == sorted(times, reverse=True)
+    errors = get("service=feature-service&kind=error&limit=5")
+    assert [(f["service"], f["kind"]) for f in errors] == [("feature-service", "error")] * 5
+    assert len(get("service=feature-service&kind=error&limit=10000")) == 202
+    assert len(get("kind=stale_features&limit=10000")) == 10
+    assert get("service=nobody&limit=5") == []
+    # Through the store's own query too, with a time window.
+    window = query_faults(store, since=mine[-1]["time"], service="feature-service")
+    assert [r.trace_id for r in window] == [f["trace_id"] for f in mine]

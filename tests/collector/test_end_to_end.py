@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import math
+from collections import Counter
 
+import grpc
 import pytest
 import requests
 from opentelemetry import context
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from otel_dl import semconv
-from tests.collector.conftest import prometheus_samples
+from tests.collector.conftest import EXPORT_METHOD, prometheus_samples
 
 
 def _pipeline_trace(frontend, features, *, freshness: float = 10.0) -> None:
@@ -257,3 +264,74 @@ def test_error_status_in_child_service_is_the_root_cause(
     assert spans["transform"][semconv.DL_FAULT_ROOT_CAUSE] is True
     assert spans["predict"][semconv.DL_FAULT_SYMPTOM] is True
     assert spans["predict"][semconv.DL_FAULT_ROOT_CAUSE_SERVICE] == "preprocess"
+
+
+def _fault_kinds(servicer) -> Counter[str]:
+    """``dl.fault.kind`` of every root-cause span the sink received, counted."""
+    kinds: Counter[str] = Counter()
+    with servicer.lock:
+        for req in servicer.requests:
+            for rs in req.resource_spans:
+                for ss in rs.scope_spans:
+                    for span in ss.spans:
+                        for kv in span.attributes:
+                            if kv.key == semconv.DL_FAULT_KIND:
+                                kinds[kv.value.string_value] += 1
+    return kinds
+
+
+def test_error_type_of_another_type_is_ignored_with_a_warning_not_an_error(
+    sink, make_collector, make_provider, wait_for, caplog
+):
+    """``error.type`` is a string in the semantic conventions: ``false`` or ``0`` sent as a
+    bool or an int must neither make a healthy trace a fault nor pass silently."""
+    caplog.set_level(logging.WARNING, logger="otel_dl.collector")
+    servicer, sink_port = sink
+    collector = make_collector(export_endpoint=f"127.0.0.1:{sink_port}")
+    endpoint = f"127.0.0.1:{collector.grpc_port}"
+    frontend = make_provider("frontend", endpoint).get_tracer("t")
+    worker = make_provider("worker", endpoint).get_tracer("t")
+    values: list[bool | int | str] = [False] * 98 + [True, 0] + ["TimeoutError"]
+    for value in values:  # 100 healthy traces, then one with a real error.type
+        with (
+            frontend.start_as_current_span("predict"),
+            worker.start_as_current_span("transform") as span,
+        ):
+            span.set_attribute("error.type", value)
+    wait_for(lambda: servicer.count() == 2 * len(values), timeout=30)
+
+    # Only the string error.type is an error; the other 100 traces are not.
+    assert _fault_kinds(servicer)[semconv.FAULT_KIND_ERROR] == 1
+    api = f"http://127.0.0.1:{collector.api_port}"
+    stored = requests.get(f"{api}/api/faults?kind=error&limit=1000", timeout=5).json()
+    assert len(stored["faults"]) == 1
+    series = prometheus_samples(api)
+    ignored = "otel_dl_collector_attributes_ignored_total"
+    assert _value(series, ignored, attribute="error.type", value_type="boolean") == 99
+    assert _value(series, ignored, attribute="error.type", value_type="int") == 1
+    # One log line per cause, not one per span or request.
+    lines = [r.getMessage() for r in caplog.records if "error.type arrived as" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert any("arrived as boolean, not string" in line for line in lines)
+    assert all("Fix the sender" in line for line in lines)
+
+    # The sender gets the warning too: a partial success with 0 rejected spans.
+    request = ExportTraceServiceRequest()
+    rs = request.resource_spans.add()
+    rs.resource.attributes.add(key="service.name").value.string_value = "raw"
+    span = rs.scope_spans.add().spans.add(
+        trace_id=b"\x01" * 16, span_id=b"\x02" * 8, name="call", kind=3
+    )
+    span.attributes.add(key="error.type").value.bool_value = False
+    span.attributes.add(key="server.address").value.int_value = 443
+    with grpc.insecure_channel(endpoint) as channel:
+        export = channel.unary_unary(
+            EXPORT_METHOD, response_deserializer=ExportTraceServiceResponse.FromString
+        )
+        response = export(request.SerializeToString(), timeout=10)
+    assert response.partial_success.rejected_spans == 0
+    message = response.partial_success.error_message
+    assert "error.type (boolean, not string)" in message, message
+    assert "server.address (int, not string)" in message, message
+    wait_for(lambda: servicer.count() == 2 * len(values) + 1)
+    assert _fault_kinds(servicer)[semconv.FAULT_KIND_ERROR] == 1
