@@ -43,7 +43,7 @@ from opentelemetry.instrumentation.utils import unwrap
 from otel_dl import semconv
 from otel_dl._config import get_config
 from otel_dl._guard import instrumentation_enabled, report_internal_error
-from otel_dl._span import NO_HOOKS, DlCall, DlSpan, Hooks, base_attributes
+from otel_dl._span import NO_HOOKS, DlCall, DlSpan, Hooks, base_attributes, metric_labels
 from otel_dl._watch import WatchState, ensure_state, watch_state
 from otel_dl.monitor import observe_once
 
@@ -188,7 +188,8 @@ class DataLoaderInstrumentor(DlInstrumentor):
         return static
 
     def _span(self, iterator: Any, start_ns: int) -> DlSpan:
-        call = DlSpan(_SITE, self._static(iterator, self._state(iterator)), start_ns=start_ns)
+        static = self._static(iterator, self._state(iterator))
+        call = DlSpan(_SITE, static, metric_labels(static), start_ns=start_ns)
         index = max(int(getattr(iterator, "_num_yielded", 1)) - 1, 0)
         call.attributes[semconv.DL_BATCH_INDEX] = index
         return call

@@ -59,7 +59,16 @@ from otel_dl import _gpu as gpu
 from otel_dl import semconv
 from otel_dl._config import get_config
 from otel_dl._guard import instrumentation_enabled, report_internal_error
-from otel_dl._span import NO_HOOKS, Attributes, DlCall, DlSpan, Hooks, base_attributes, traced_call
+from otel_dl._span import (
+    NO_HOOKS,
+    Attributes,
+    DlCall,
+    DlSpan,
+    Hooks,
+    base_attributes,
+    metric_labels,
+    traced_call,
+)
 from otel_dl._watch import WatchState, add_watch_listener, ensure_state, remove_watch_listener
 from otel_dl.monitor import observe_once
 from otel_dl.provenance import file_fingerprint, model_fingerprint
@@ -369,7 +378,8 @@ class TorchModelInstrumentor(DlInstrumentor):
                 and not frames
                 and (not module.training or config.trace_training)
             ):
-                call = DlSpan(_SITE, self._model_attributes(module))
+                static = self._model_attributes(module)
+                call = DlSpan(_SITE, static, metric_labels(static))
                 if config.signals:
                     call.extract("input_signals", _input_signals, module, args, kwargs)
                 call.start(self._tracer, semconv.SPAN_INFERENCE)

@@ -102,9 +102,24 @@ def _duration_histogram() -> metrics.Histogram:
     return _duration[1]
 
 
-def metric_labels(attrs: Mapping[str, AttributeValue]) -> Attributes:
-    """The low-cardinality labels of ``dl.operation.duration`` among ``attrs``."""
+_labels: dict[int, tuple[Mapping[str, AttributeValue], Attributes]] = {}
+
+
+def _labels_of(attrs: Mapping[str, AttributeValue]) -> Attributes:
     return {key: attrs[key] for key in _LABEL_KEYS if key in attrs}
+
+
+def metric_labels(attrs: Mapping[str, AttributeValue]) -> Attributes:
+    """The low-cardinality labels of ``dl.operation.duration`` among ``attrs``; cached for
+    the static attribute dicts the instrumentors reuse call after call."""
+    cached = _labels.get(id(attrs))
+    if cached is not None and cached[0] is attrs:
+        return cached[1]
+    labels = _labels_of(attrs)
+    if len(_labels) >= 256:
+        _labels.clear()
+    _labels[id(attrs)] = (attrs, labels)
+    return labels
 
 
 def base_attributes(
@@ -141,7 +156,7 @@ class DlSpan:
         # Before start(): the start attributes; after: those set when the span ends.
         custom = current_attributes()
         self.attributes: Attributes = {**static, **custom} if custom else dict(static)
-        self.labels = metric_labels(static) if labels is None else labels
+        self.labels = _labels_of(static) if labels is None else labels
         self.span: Span | None = None
         self._token: object | None = None
         self._error = False
@@ -241,7 +256,7 @@ def finish_span(
     call.site = "span"
     call.start_ns = start_ns
     call.attributes = dict(attrs)
-    call.labels = metric_labels(getattr(span, "attributes", None) or {})
+    call.labels = _labels_of(getattr(span, "attributes", None) or {})
     call.span = span
     call._token = None
     status = getattr(span, "status", None)
@@ -299,6 +314,7 @@ def traced_call(
         lifecycle = DlSpan(site, base_attributes(stage, component, attributes))
         if before is not None:
             lifecycle.extract("before", before, call)
+            lifecycle.labels = _labels_of(lifecycle.attributes)
         lifecycle.start(tracer, name)
         lifecycle.hook(hooks.request, call)
     except Exception:
