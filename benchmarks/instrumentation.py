@@ -1,6 +1,7 @@
 """Overhead of otel-dl instrumentation, instrumented vs bare, measured in the same run.
 
     .venv/bin/python benchmarks/instrumentation.py [--repeats 7]
+    .venv/bin/python benchmarks/instrumentation.py --device cuda   # on a machine with a GPU
 
 Every case alternates bare and instrumented blocks in one process and reports medians
 over the repeats. Spans go through the SDK's BatchSpanProcessor to an exporter that
@@ -189,10 +190,55 @@ def _sklearn_case(repeats: int) -> tuple[float, float] | None:
     return _paired(bare, traced, 2000, repeats)
 
 
+def _gpu_rows(repeats: int) -> list[tuple[str, float, float, str]]:
+    """CUDA cases: per call including the GPU's work (a synchronize closes each block, for
+    bare and traced alike), and the host time of launching calls (no synchronize: what the
+    caller's thread spends; otel-dl must not block it)."""
+    device = torch.device("cuda")
+    rows: list[tuple[str, float, float, str]] = []
+    for label, make, x, calls, target in (
+        ("CUDA MLP 32-256-10, batch 256", _mlp, torch.randn(256, 32), 500, "added <= 2 x floor"),
+        ("CUDA CNN forward, batch 32", _cnn, torch.randn(32, 3, 32, 32), 200, "<= 1.02"),
+    ):
+        bare_model = make().to(device)
+        with suppress_instrumentation():
+            bare_model.eval()
+        traced_model = otel_dl.watch(make().to(device).eval(), name="bench-cuda")
+        traced_model.load_state_dict(bare_model.state_dict())
+        x = x.to(device)
+
+        def block(model: torch.nn.Module, x: torch.Tensor = x) -> Callable[[], Any]:
+            def run() -> None:
+                for _ in range(10):
+                    model(x)
+                torch.cuda.synchronize()
+
+            return run
+
+        def launch(model: torch.nn.Module, x: torch.Tensor = x) -> Callable[[], Any]:
+            return lambda: model(x)
+
+        with torch.inference_mode():
+            bare, traced = _paired(block(bare_model), block(traced_model), calls // 10, repeats)
+            rows.append((f"{label} (with GPU time)", bare / 10, traced / 10, target))
+            torch.cuda.synchronize()
+            bare, traced = _paired(launch(bare_model), launch(traced_model), calls, repeats)
+            torch.cuda.synchronize()
+            rows.append((f"{label} (host launch only)", bare, traced, "never blocks"))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
-    repeats = parser.parse_args().repeats
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cuda: the GPU cases only (a CUDA device is needed)",
+    )
+    arguments = parser.parse_args()
+    repeats = arguments.repeats
     torch.set_num_threads(1)
     provider = TracerProvider()
     provider.add_span_processor(BatchSpanProcessor(Discard(), max_queue_size=100_000))
@@ -200,6 +246,11 @@ def main() -> None:
     handle = otel_dl.instrument(metrics_exporter="none")
     rows: list[tuple[str, float, float, str]] = []
     floor = _floor(repeats)
+    if arguments.device == "cuda":
+        rows = _gpu_rows(repeats)
+        handle.shutdown()
+        _print(floor, rows)
+        return
 
     bare, traced = _dataloader_case(repeats)
     rows.append(("DataLoader 100k x 32 f32, batch 256 (per batch)", bare, traced, "<= 1.10"))
@@ -239,7 +290,12 @@ def main() -> None:
         b, s = _paired(suppressed(bare_model), suppressed(traced_model), 2000, repeats)
     rows.append(("suppressed wrapper (MLP batch 1)", b, s, "<= 1.5 us added"))
     handle.shutdown()
+    _print(floor, rows)
+    diff = ((deep_traced - deep_bare) - (one_traced - one_bare)) * 1e6
+    print(f"\nadded cost, 50 submodules minus 1 module: {diff:+.1f} us (target: within 10 us)")
 
+
+def _print(floor: float, rows: list[tuple[str, float, float, str]]) -> None:
     print(f"floor: bare SDK span with 10 attributes = {floor * 1e6:.1f} us\n")
     print(
         f"{'case':<48} {'bare us':>10} {'otel-dl us':>11} {'ratio':>7} "
@@ -251,8 +307,6 @@ def main() -> None:
             f"{name:<48} {b * 1e6:>10.1f} {t * 1e6:>11.1f} {t / b:>7.3f} "
             f"{added:>9.1f} {added / (floor * 1e6):>8.2f}  {target}"
         )
-    diff = ((deep_traced - deep_bare) - (one_traced - one_bare)) * 1e6
-    print(f"\nadded cost, 50 submodules minus 1 module: {diff:+.1f} us (target: within 10 us)")
 
 
 if __name__ == "__main__":

@@ -121,6 +121,14 @@ class _Poller:
         with self._lock:
             return len(self._pending)
 
+    def drain(self, deadline: float) -> bool:
+        """Wait until no span is pending or ``time.monotonic()`` passes ``deadline``."""
+        while self.pending():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(POLL_INTERVAL_S)
+        return True
+
 
 def _ready(item: _Pending) -> bool:
     try:
@@ -145,8 +153,14 @@ def finish_later(call: DlSpan, ready: Callable[[], bool], finish: Callable[[], A
 
 
 def pending_spans() -> int:
-    """Spans waiting for their GPU work (for tests and shutdown)."""
+    """Spans waiting for their GPU work."""
     return _poller.pending()
+
+
+def drain(deadline: float) -> bool:
+    """Wait (until ``time.monotonic()`` reaches ``deadline`` at most) for the pending GPU
+    spans to end; ``Instrumentation.force_flush`` does, so they are exported."""
+    return _poller.drain(deadline)
 
 
 def finish_when_done(
@@ -156,18 +170,20 @@ def finish_when_done(
     inputs: Any = None,
     observe: Callable[[Any], Mapping[str, Any]] | None = None,
     sample_rows: int = 64,
+    confidence: bool = True,
 ) -> None:
     """Queue the device-side signals of a CUDA call and end ``call`` when they are done.
 
     See the module docstring. ``inputs`` is the CUDA input tensor whose NaN/Inf share and
     row sample are read (None for none); ``observe`` profiles the row sample on the host
-    (the source's monitor), for drift, range and schema.
+    (the source's monitor), for drift, range and schema. ``confidence`` False leaves the
+    output's confidence out (a batch between the calls that compute it).
     """
     import torch
 
     with torch.no_grad():
         parts: dict[str, Any] = {}
-        if output.dim() == 2 and output.is_floating_point() and output.shape[1] > 1:
+        if confidence and output.dim() == 2 and output.is_floating_point() and output.shape[1] > 1:
             parts["stats"] = confidence_stats(output, threshold)
         if inputs is not None and inputs.is_floating_point() and inputs.dim() >= 1:
             rows = inputs.shape[0]

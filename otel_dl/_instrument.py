@@ -33,6 +33,7 @@ from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SpanExporter
 
+from otel_dl import _gpu as gpu
 from otel_dl import semconv
 from otel_dl._config import Config, resolve_config, set_config
 from otel_dl._span import Hooks, RequestHook, ResponseHook
@@ -186,6 +187,8 @@ class Instrumentation:
         results: list[bool] = []
 
         def flush() -> None:
+            # Spans still waiting for their GPU work end first, so the flush exports them.
+            gpu.drain(deadline)
             tp = self.tracer_provider or trace.get_tracer_provider()
             if hasattr(tp, "force_flush"):
                 results.append(bool(tp.force_flush(timeout_millis)))

@@ -279,16 +279,27 @@ class FeatureMonitor:
                     semconv.DL_DRIFT_WINDOW_ROWS: tracker.rows,
                 }
 
-    def confidence(self, outputs: Any) -> dict[str, AttributeValue]:
-        """``dl.prediction.count`` of one call's outputs, and their exact ``dl.confidence.*``
-        on every call of at most ``confidence_rows`` predictions (one request) and on every
-        ``drift_every``-th larger call (a batch)."""
+    def confidence_due(self, predictions: int) -> bool:
+        """Whether this call's confidence is computed: every call of at most
+        ``confidence_rows`` predictions (one request), every ``drift_every``-th larger one
+        (a batch). Counts the call."""
         with self._lock:
             self._calls += 1
-            due = self._calls % self.config.drift_every == 0
-        return confidence_attributes(
-            outputs, self.config.confidence_threshold, None if due else self.config.confidence_rows
-        )
+            return (
+                predictions <= self.config.confidence_rows
+                or self._calls % self.config.drift_every == 0
+            )
+
+    def confidence(self, outputs: Any) -> dict[str, AttributeValue]:
+        """``dl.prediction.count`` of one call's outputs, and their exact ``dl.confidence.*``
+        when :meth:`confidence_due`."""
+        try:
+            rows = to_scores(outputs).shape[0]
+        except (TypeError, ValueError):
+            return {}
+        if not self.confidence_due(rows):
+            return {semconv.DL_PREDICTION_COUNT: int(rows)}
+        return confidence_attributes(outputs, self.config.confidence_threshold)
 
 
 def _set(out: dict[str, AttributeValue], key: str, value: float | None) -> None:
@@ -307,20 +318,13 @@ def _slice(table: Table, rows: int) -> Table:
     )
 
 
-def confidence_attributes(
-    outputs: Any, threshold: float = 0.5, count_only_above: int | None = None
-) -> dict[str, AttributeValue]:
-    """``dl.confidence.*`` and ``dl.prediction.count`` for one call; never raises on data.
-    With ``count_only_above``, outputs of more predictions than that get only the count."""
+def confidence_attributes(outputs: Any, threshold: float = 0.5) -> dict[str, AttributeValue]:
+    """``dl.confidence.*`` and ``dl.prediction.count`` for one call; never raises on data."""
     try:
-        scores = to_scores(outputs)
-        count = scores.shape[0]
-        if count_only_above is not None and count > count_only_above:
-            return {semconv.DL_PREDICTION_COUNT: int(count)}
-        summary = summarize(scores, threshold=threshold)
+        summary = summarize(outputs, threshold=threshold)
     except (TypeError, ValueError, IndexError, OverflowError, MemoryError):
         return {}
-    out: dict[str, AttributeValue] = {semconv.DL_PREDICTION_COUNT: int(count)}
+    out: dict[str, AttributeValue] = {semconv.DL_PREDICTION_COUNT: int(summary["count"])}
     out.update({key: float(summary[k]) for k, key in _CONFIDENCE_KEYS if k in summary})
     return out
 
