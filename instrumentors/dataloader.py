@@ -37,17 +37,14 @@ import weakref
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
-import wrapt
-from opentelemetry.instrumentation.utils import unwrap
-
 from otel_dl import semconv
 from otel_dl._config import get_config
 from otel_dl._guard import instrumentation_enabled, report_internal_error
-from otel_dl._span import NO_HOOKS, DlCall, DlSpan, Hooks, base_attributes, metric_labels
+from otel_dl._span import DlCall, DlSpan, base_attributes, metric_labels
 from otel_dl._watch import WatchState, ensure_state, watch_state
 from otel_dl.monitor import observe_once
 
-from ._base import DlInstrumentor
+from ._base import DlInstrumentor, Patches
 
 _MODULE = "torch.utils.data.dataloader"
 _STATE_ATTR = "_otel_dl_state"
@@ -107,25 +104,23 @@ def _shutdown_workers_at_exit() -> None:
 class DataLoaderInstrumentor(DlInstrumentor):
     """Traces ``torch.utils.data.DataLoader`` iteration; see the module docstring."""
 
-    _hooks: Hooks = NO_HOOKS
     _exit_hook_registered = False
 
     def instrumentation_dependencies(self) -> Collection[str]:
         return ("torch >= 2.1",)
 
-    def _instrument(self, **kwargs: Any) -> None:
-        self._hooks = self.hooks_from(kwargs)
-        wrapt.wrap_function_wrapper(_MODULE, "DataLoader.__iter__", self._wrap_iter)
-        wrapt.wrap_function_wrapper(_MODULE, "_BaseDataLoaderIter.__next__", self._wrap_next)
+    def patches(self) -> Patches:
+        return {
+            _MODULE: {
+                "DataLoader.__iter__": self._wrap_iter,
+                "_BaseDataLoaderIter.__next__": self._wrap_next,
+            }
+        }
+
+    def on_instrument(self, **kwargs: Any) -> None:
         if not DataLoaderInstrumentor._exit_hook_registered:
             DataLoaderInstrumentor._exit_hook_registered = True
             atexit.register(_shutdown_workers_at_exit)
-
-    def _uninstrument(self, **kwargs: Any) -> None:
-        import torch.utils.data.dataloader as dataloader
-
-        unwrap(dataloader.DataLoader, "__iter__")
-        unwrap(dataloader._BaseDataLoaderIter, "__next__")
 
     def _wrap_iter(self, wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
         iterator = wrapped(*args, **kwargs)

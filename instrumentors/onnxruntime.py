@@ -35,18 +35,15 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import wrapt
-from opentelemetry.instrumentation.utils import unwrap
-
 from otel_dl import semconv
 from otel_dl._config import get_config
 from otel_dl._guard import report_internal_error
-from otel_dl._span import NO_HOOKS, Attributes, DlCall, Hooks, traced_call
+from otel_dl._span import Attributes, DlCall, traced_call
 from otel_dl._watch import WatchState, ensure_state
 from otel_dl.monitor import observe_once
 from otel_dl.provenance import model_fingerprint
 
-from ._base import DlInstrumentor
+from ._base import DlInstrumentor, Patches
 
 _MODULE = "onnxruntime.capi.onnxruntime_inference_collection"
 _FRAMEWORK = "onnxruntime"
@@ -149,24 +146,13 @@ def _row_count(value: Any) -> int | None:
 class OnnxRuntimeInstrumentor(DlInstrumentor):
     """Traces ONNX Runtime ``InferenceSession`` runs; see the module docstring."""
 
-    _hooks: Hooks = NO_HOOKS
-
     def instrumentation_dependencies(self) -> Collection[str]:
         return ("onnxruntime >= 1.17",)
 
-    def _instrument(self, **kwargs: Any) -> None:
-        self._hooks = self.hooks_from(kwargs)
-        wrapt.wrap_function_wrapper(_MODULE, "Session.run", self._wrap_run)
-        from onnxruntime.capi import onnxruntime_inference_collection as collection
-
-        if hasattr(collection.Session, "run_with_ort_values"):
-            wrapt.wrap_function_wrapper(_MODULE, "Session.run_with_ort_values", self._wrap_run)
-
-    def _uninstrument(self, **kwargs: Any) -> None:
-        from onnxruntime.capi import onnxruntime_inference_collection as collection
-
-        unwrap(collection.Session, "run")
-        unwrap(collection.Session, "run_with_ort_values")
+    def patches(self) -> Patches:
+        return {
+            _MODULE: {"Session.run": self._wrap_run, "Session.run_with_ort_values": self._wrap_run}
+        }
 
     def _wrap_run(self, wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
         return traced_call(

@@ -52,19 +52,14 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import wrapt
-from opentelemetry.instrumentation.utils import unwrap
-
 from otel_dl import _gpu as gpu
 from otel_dl import semconv
 from otel_dl._config import get_config
 from otel_dl._guard import instrumentation_enabled, report_internal_error
 from otel_dl._span import (
-    NO_HOOKS,
     Attributes,
     DlCall,
     DlSpan,
-    Hooks,
     base_attributes,
     metric_labels,
     traced_call,
@@ -73,7 +68,7 @@ from otel_dl._watch import WatchState, add_watch_listener, ensure_state, remove_
 from otel_dl.monitor import observe_once
 from otel_dl.provenance import file_fingerprint, model_fingerprint
 
-from ._base import DlInstrumentor
+from ._base import DlInstrumentor, Patches
 
 _SITE = "torch.forward"
 
@@ -170,64 +165,35 @@ def _capturing() -> bool:
 class TorchModelInstrumentor(DlInstrumentor):
     """Traces calls of PyTorch models; see the module docstring."""
 
-    _hooks: Hooks = NO_HOOKS
-
     # Class-level: BaseInstrumentor is a singleton whose __init__ runs on every call.
     _traced: ClassVar[weakref.WeakKeyDictionary[Any, _Traced]] = weakref.WeakKeyDictionary()
     _lock = threading.Lock()
-    _enabled = False
-    _dynamo_hook_registered = False
-    _dynamo_patched = False
 
     def instrumentation_dependencies(self) -> Collection[str]:
         return ("torch >= 2.1",)
 
     # -- patching -----------------------------------------------------------------------
-    def _instrument(self, **kwargs: Any) -> None:
-        self._hooks = self.hooks_from(kwargs)
-        type(self)._enabled = True
-        wrapt.wrap_function_wrapper("torch.nn.modules.module", "Module.train", self._wrap_train)
-        wrapt.wrap_function_wrapper(
-            "torch.nn.modules.module", "Module.load_state_dict", self._wrap_load_state_dict
-        )
-        wrapt.wrap_function_wrapper(
-            "torch.nn.modules.module", "Module.__getstate__", self._wrap_getstate
-        )
-        wrapt.wrap_function_wrapper("torch", "load", self._wrap_load)
-        wrapt.wrap_function_wrapper("torch.jit", "load", self._wrap_load)
-        wrapt.wrap_function_wrapper(
-            "torch.jit._script", "RecursiveScriptModule.__call__", self._wrap_script_call
-        )
-        wrapt.wrap_function_wrapper("torch.jit", "script", self._wrap_jit_script)
-        if not type(self)._dynamo_hook_registered:
-            # torch._dynamo takes seconds to import: patch it only once the app imports it
-            # (torch.compile does). wrapt's import hooks cannot be removed, so once only.
-            type(self)._dynamo_hook_registered = True
-            wrapt.register_post_import_hook(self._on_dynamo_import, "torch._dynamo.eval_frame")
-        wrapt.wrap_function_wrapper(
-            "torch.nn.modules.module", "Module.compile", self._wrap_module_compile
-        )
+    def patches(self) -> Patches:
+        return {
+            "torch.nn.modules.module": {
+                "Module.train": self._wrap_train,
+                "Module.load_state_dict": self._wrap_load_state_dict,
+                "Module.__getstate__": self._wrap_getstate,
+                "Module.compile": self._wrap_module_compile,
+            },
+            "torch": {"load": self._wrap_load},
+            "torch.jit": {"load": self._wrap_load, "script": self._wrap_jit_script},
+            "torch.jit._script": {"RecursiveScriptModule.__call__": self._wrap_script_call},
+            # torch._dynamo takes seconds to import: it is patched once the application
+            # imports it (torch.compile does).
+            "torch._dynamo.eval_frame": {"OptimizedModule.__init__": self._wrap_optimized_init},
+        }
+
+    def on_instrument(self, **kwargs: Any) -> None:
         add_watch_listener(self._on_watch)
 
-    def _uninstrument(self, **kwargs: Any) -> None:
-        import torch
-        import torch.jit._script
-        import torch.nn.modules.module as module
-
-        type(self)._enabled = False
+    def on_uninstrument(self) -> None:
         remove_watch_listener(self._on_watch)
-        unwrap(module.Module, "train")
-        unwrap(module.Module, "load_state_dict")
-        unwrap(module.Module, "__getstate__")
-        unwrap(torch, "load")
-        unwrap(torch.jit, "load")
-        unwrap(torch.jit._script.RecursiveScriptModule, "__call__")
-        unwrap(torch.jit, "script")
-        eval_frame = sys.modules.get("torch._dynamo.eval_frame")
-        if eval_frame is not None and type(self)._dynamo_patched:
-            unwrap(eval_frame.OptimizedModule, "__init__")
-            type(self)._dynamo_patched = False
-        unwrap(module.Module, "compile")
         with self._lock:
             traced = list(self._traced.items())
             self._traced.clear()
@@ -279,14 +245,6 @@ class TorchModelInstrumentor(DlInstrumentor):
             entry.post.remove()
             entry.compiled = True
             self._add_hooks(model, entry)
-
-    def _on_dynamo_import(self, eval_frame: Any) -> None:
-        if not type(self)._enabled or type(self)._dynamo_patched:
-            return
-        wrapt.wrap_function_wrapper(
-            eval_frame, "OptimizedModule.__init__", self._wrap_optimized_init
-        )
-        type(self)._dynamo_patched = True
 
     def _wrap_optimized_init(self, wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
         result = wrapped(*args, **kwargs)

@@ -160,3 +160,25 @@ def test_device_side_confidence_equals_the_host_summary(probabilities: bool) -> 
     want = summarize(scores.numpy(), threshold=0.5)
     keys = ("mean", "min", "margin_mean", "entropy_mean", "low_fraction")
     np.testing.assert_allclose(got, [want[k] for k in keys], rtol=1e-4, atol=1e-6)
+
+
+def test_instrument_imports_no_instrumented_library() -> None:
+    """Patches are declared per module and applied when the application imports it: an
+    application that never imports torch or onnxruntime does not pay for their import,
+    and importing one later still instruments it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, otel_dl\n"
+        "h = otel_dl.instrument(traces_exporter='none', metrics_exporter='none')\n"
+        "print(sorted(m for m in ('torch', 'onnxruntime', 'sklearn') if m in sys.modules))\n"
+        "import onnxruntime.capi.onnxruntime_inference_collection as c\n"
+        "print(hasattr(c.Session.run, '__wrapped__'))\n"
+        "h.shutdown()\n"
+        "print(hasattr(c.Session.run, '__wrapped__'))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    ).stdout.split()
+    assert out == ["[]", "True", "False"]
