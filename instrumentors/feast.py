@@ -14,8 +14,9 @@ These ``FeatureStore`` methods make a ``feature_store.<method>`` span
 feature service adds ``dl.feature.service``), and per view a fingerprint of its
 registered definition (``dl.feature.view.fingerprints``, ``"view:digest"``, read from the
 registry cache, so it changes when the view is re-applied with another schema, source,
-TTL or transformation) and its version where Feast versions it
-(``dl.feature.view.versions``, ``"view:v3"``):
+TTL or transformation, not when Feast stores the same fields in another order) and its
+version where Feast versions it (``dl.feature.view.versions``, ``"view:v3"``). Every
+kind of view counts: feature, on-demand, stream feature and label views.
 
 - ``get_online_features``: ``dl.feature.entity_count``, ``dl.feature.missing_fraction``
   (share of returned feature values that are missing: an entity not in the online store
@@ -29,10 +30,14 @@ TTL or transformation) and its version where Feast versions it
   query time too; it then carries the entity count and the drift and quality of the
   returned features. A job never materialised ends its span, at the call's end, when the
   job is garbage-collected. Later materialisations of the same job make no span.
-- ``materialize`` and ``materialize_incremental``: the views and the time window
+- ``materialize`` and ``materialize_incremental``: the views (when none are named, those
+  Feast materialises: online feature and stream feature views, and on-demand views
+  written to the online store) and the time window
   (``dl.feature.materialize.start``/``.end``, ISO 8601).
-- ``push`` (``dl.feature.push_source``) and ``write_to_online_store``: rows written and
-  the quality and fingerprints of the DataFrame written.
+- ``push`` (``dl.feature.push_source``; its views are every view the push source feeds,
+  and Feast writes each to the online store through ``write_to_online_store``, whose
+  spans nest under the push's) and ``write_to_online_store``: rows written and the
+  quality and fingerprints of the DataFrame written.
 
 Freshness of online reads. Feast's online stores keep each row's event timestamp beside
 its values and return it in the response (``OnlineResponse.proto``, one timestamp per
@@ -59,6 +64,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import os
 import sys
 import threading
 import time
@@ -153,6 +159,8 @@ class _ViewInfo:
     fingerprint: str
     ttl_s: float | None
     version: int | None
+    push_source: str | None  # the push source that feeds it, if any
+    materialized: bool  # what ``materialize`` with no view list writes
 
 
 @dataclass
@@ -163,10 +171,75 @@ class _RegistryCache:
 
 _registry_lock = threading.Lock()
 _registry_cache: weakref.WeakKeyDictionary[Any, _RegistryCache] = weakref.WeakKeyDictionary()
+# Registry groups that hold views, with what ``materialize`` does to each when it is given
+# no view list: Feast writes online, enabled feature and stream feature views, and
+# on-demand views only when they are written to the online store; label views are pushed.
+_VIEW_GROUPS: Final = (
+    ("feature_views", "online"),
+    ("stream_feature_views", "online"),
+    ("on_demand_feature_views", "write_to_online_store"),
+    ("label_views", None),
+)
+
+
+def _spec_value(spec: Any, name: str) -> Any:
+    """A spec field's value, or None where the field is unset or this kind of view has
+    none: each view kind has its own spec message (an on-demand view has no TTL, a label
+    view's source is ``source``, not ``stream_source``), and Feast releases add fields."""
+    field = spec.DESCRIPTOR.fields_by_name.get(name)
+    if field is None:
+        return None
+    if field.message_type is not None and not spec.HasField(name):
+        return None
+    return getattr(spec, name)
+
+
+def _is_push(source: Any) -> bool:
+    """Whether a ``DataSource`` proto is a push source (read by name: no Feast import)."""
+    kinds = source.DESCRIPTOR.fields_by_name["type"].enum_type.values_by_number
+    kind = kinds.get(source.type)
+    return kind is not None and kind.name == "PUSH_SOURCE"
+
+
+def _definition_digest(spec: Any) -> str:
+    """Digest of a view's spec with its unordered lists sorted: Feast stores a view's
+    fields in set order, so the same definition comes back reordered after
+    ``materialize`` rewrites it (a stream feature view does)."""
+    canonical = type(spec)()
+    canonical.CopyFrom(spec)
+    fields = spec.DESCRIPTOR.fields_by_name
+    for name in ("features", "entity_columns"):
+        if name in fields:
+            ordered = sorted(
+                getattr(spec, name), key=lambda f: (f.name, f.SerializeToString(deterministic=True))
+            )
+            del getattr(canonical, name)[:]
+            getattr(canonical, name).extend(ordered)
+    if "entities" in fields:
+        names = sorted(spec.entities)
+        del canonical.entities[:]
+        canonical.entities.extend(names)
+    data = canonical.SerializeToString(deterministic=True)
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def _view_info(spec: Any, meta: Any, materialize_flag: str | None) -> _ViewInfo:
+    ttl = _spec_value(spec, "ttl")
+    ttl_s = ttl.seconds + ttl.nanos / 1e9 if ttl is not None else None
+    source = _spec_value(spec, "stream_source") or _spec_value(spec, "source")
+    push_source = str(source.name) if source is not None and _is_push(source) else None
+    version = getattr(meta, "current_version_number", 0) or None
+    materialized = (
+        materialize_flag is not None
+        and bool(_spec_value(spec, materialize_flag))
+        and not _spec_value(spec, "disabled")
+    )
+    return _ViewInfo(_definition_digest(spec), ttl_s or None, version, push_source, materialized)
 
 
 def _view_infos(store: Any) -> dict[str, _ViewInfo]:
-    """Definition fingerprint, TTL and version of every view of the store's project.
+    """Definition fingerprint, TTL, version and sources of every view of the store's
+    project: feature, stream feature, on-demand and label views.
 
     Read from the registry's in-memory cache (file and SQL registries both keep one) and
     recomputed only when that cache is replaced or updated, so a call costs a dict lookup.
@@ -182,15 +255,12 @@ def _view_infos(store: Any) -> dict[str, _ViewInfo]:
         return cached.views
     project = getattr(store, "project", None)
     views: dict[str, _ViewInfo] = {}
-    for group in ("feature_views", "on_demand_feature_views", "stream_feature_views"):
+    for group, materialize_flag in _VIEW_GROUPS:
         for view in getattr(proto, group, ()):
             spec = view.spec
             if project is not None and spec.project and spec.project != project:
                 continue
-            digest = hashlib.blake2b(spec.SerializeToString(deterministic=True), digest_size=16)
-            ttl = spec.ttl.seconds + spec.ttl.nanos / 1e9 if spec.HasField("ttl") else None
-            version = getattr(view.meta, "current_version_number", 0) or None
-            views[spec.name] = _ViewInfo(digest.hexdigest(), ttl or None, version)
+            views[spec.name] = _view_info(spec, view.meta, materialize_flag)
     with _registry_lock:
         _registry_cache[store] = _RegistryCache(key, views)
     return views
@@ -199,7 +269,15 @@ def _view_infos(store: Any) -> dict[str, _ViewInfo]:
 def _registry_path(store: Any) -> str | None:
     registry = getattr(getattr(store, "config", None), "registry", None)
     path = getattr(registry, "path", registry)
-    return str(path) if path else None
+    if not path:
+        return None
+    path = str(path)
+    repo = getattr(store, "repo_path", None)
+    # A local path relative to the repository (the template's ``data/registry.db``) is
+    # resolved as Feast resolves it, so it names one registry wherever the app runs.
+    if repo is not None and "://" not in path and not os.path.isabs(path):
+        path = os.path.join(os.fspath(repo), path)
+    return path
 
 
 def _store_attributes(store: Any, views: Sequence[str], service: str | None) -> Attributes:
@@ -336,6 +414,16 @@ def _written(frame: Any) -> Attributes:
     return attrs
 
 
+def _written_guarded(method: str, frame: Any) -> Attributes:
+    """``_written`` under its own guard: the written data's signals failing must not cost
+    the span its views and source."""
+    try:
+        return _written(frame)
+    except Exception:
+        report_internal_error(f"{_SITE}.{method}.written")
+        return {}
+
+
 def _iso(value: Any) -> str | None:
     return value.isoformat() if isinstance(value, datetime.datetime | datetime.date) else None
 
@@ -374,7 +462,7 @@ class FeastInstrumentor(DlInstrumentor):
     _pending: ClassVar[weakref.WeakKeyDictionary[Any, _PendingJob]] = weakref.WeakKeyDictionary()
 
     def instrumentation_dependencies(self) -> Collection[str]:
-        return ("feast >= 0.40",)
+        return ("feast >= 0.44",)
 
     # -- patching -----------------------------------------------------------------------
     def _instrument(self, **kwargs: Any) -> None:
@@ -594,7 +682,7 @@ class FeastInstrumentor(DlInstrumentor):
             offset = 0 if incremental else 1
             views = _arg(call, offset + 1, "feature_views")
             if views is None:
-                views = sorted(_view_infos(call.instance))
+                views = sorted(n for n, i in _view_infos(call.instance).items() if i.materialized)
             attrs = _store_attributes(call.instance, [str(v) for v in views], None)
             start = None if incremental else _iso(_arg(call, 0, "start_date"))
             end = _iso(_arg(call, offset, "end_date"))
@@ -609,10 +697,13 @@ class FeastInstrumentor(DlInstrumentor):
     def _wrap_push(self, wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
         def before(call: DlCall) -> Attributes:
             source = _arg(call, 0, "push_source_name")
-            attrs = _store_attributes(call.instance, [], None)
+            # The views the push writes: every view the push source feeds, as Feast finds them.
+            infos = _view_infos(call.instance)
+            fed = sorted(name for name, info in infos.items() if info.push_source == source)
+            attrs = _store_attributes(call.instance, fed, None)
             if source:
                 attrs[semconv.DL_FEATURE_PUSH_SOURCE] = str(source)
-            attrs.update(_written(_arg(call, 1, "df")))
+            attrs.update(_written_guarded("push", _arg(call, 1, "df")))
             return attrs
 
         return self._traced(wrapped, instance, args, kwargs, "push", before=before)
@@ -622,7 +713,8 @@ class FeastInstrumentor(DlInstrumentor):
             view = _arg(call, 0, "feature_view_name")
             attrs = _store_attributes(call.instance, [str(view)] if view else [], None)
             frame = _arg(call, 1, "df")
-            attrs.update(_written(frame if frame is not None else _arg(call, 2, "inputs")))
+            written = frame if frame is not None else _arg(call, 2, "inputs")
+            attrs.update(_written_guarded("write_to_online_store", written))
             return attrs
 
         return self._traced(wrapped, instance, args, kwargs, "write_to_online_store", before=before)

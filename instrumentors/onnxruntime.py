@@ -5,9 +5,9 @@
     from otel_dl.instrumentors.onnxruntime import OnnxRuntimeInstrumentor
     OnnxRuntimeInstrumentor().instrument()
 
-Every ``InferenceSession.run`` (and ``run_with_ort_values``) call becomes an
-``inference`` span (``dl.stage=inference``, ``dl.component=onnxruntime``) nested under the
-current span. It carries:
+Every ``InferenceSession.run`` (and ``run_with_ort_values``, ``run_with_iobinding``) call
+becomes an ``inference`` span (``dl.stage=inference``, ``dl.component=onnxruntime``)
+nested under the current span. It carries:
 
 - ``dl.model.framework=onnxruntime``, the model file (``dl.model.path``) and its
   fingerprint (``dl.model.fingerprint``, of the file, or of the bytes for a session made
@@ -17,9 +17,11 @@ current span. It carries:
   (``dl.model.execution_providers``);
 - the drift, quality and data fingerprint of the input: the model's first declared
   input, or the inputs named by ``otel_dl.watch(session, features=["pixels", ...])``;
-- the confidence of the output when one output looks like class scores (the last 2-D
-  floating-point output, or a ZipMap list of ``{class: probability}`` dicts), and
-  ``dl.prediction.count``.
+- the confidence of the output when one output looks like class scores (a ZipMap list of
+  ``{class: probability}`` dicts, else the last 2-D floating-point output whose rows are
+  probabilities, else the last 2-D floating-point output), and ``dl.prediction.count``.
+  A ``run_with_iobinding`` span has the outputs' signals only: bound inputs cannot be
+  read back.
 
 Attach a reference and provenance to one session with
 ``otel_dl.watch(session, name="fraud", version="7", reference=ref)``. OrtValue inputs and
@@ -40,6 +42,7 @@ from otel_dl._config import get_config
 from otel_dl._guard import report_internal_error
 from otel_dl._span import Attributes, DlCall, traced_call
 from otel_dl._watch import WatchState, ensure_state
+from otel_dl.confidence import looks_like_probabilities
 from otel_dl.monitor import observe_once
 from otel_dl.provenance import model_fingerprint
 
@@ -125,15 +128,21 @@ def _select_inputs(
 
 
 def _class_scores(outputs: Sequence[Any]) -> Any:
-    """The output that holds class scores, or None: sklearn-onnx puts them last."""
+    """The output that holds class scores, or None: a ZipMap list of dicts, else the last
+    2-D floating-point output whose rows are probabilities, else the last 2-D
+    floating-point one (sklearn-onnx puts the probabilities last; a network may also
+    return hidden features, which are no distribution)."""
+    candidates = []
     for value in reversed(outputs):
         if isinstance(value, list) and value and isinstance(value[0], Mapping):
             return value  # ZipMap: one {class: probability} dict per row
         array = _to_numpy(value)
         dtype = getattr(array, "dtype", None)
         if getattr(array, "ndim", 0) == 2 and dtype is not None and dtype.kind == "f":
-            return array
-    return None
+            if array.size and looks_like_probabilities(array):
+                return array
+            candidates.append(array)
+    return candidates[0] if candidates else None
 
 
 def _row_count(value: Any) -> int | None:
@@ -151,8 +160,30 @@ class OnnxRuntimeInstrumentor(DlInstrumentor):
 
     def patches(self) -> Patches:
         return {
-            _MODULE: {"Session.run": self._wrap_run, "Session.run_with_ort_values": self._wrap_run}
+            _MODULE: {
+                "Session.run": self._wrap_run,
+                "Session.run_with_ort_values": self._wrap_run,
+                "Session.run_with_iobinding": self._wrap_run_with_iobinding,
+            }
         }
+
+    def _wrap_run_with_iobinding(self, wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        # Bound inputs cannot be read back from Python: such a span has the outputs'
+        # signals only.
+        return traced_call(
+            wrapped,
+            instance,
+            args,
+            kwargs,
+            site=f"{_SITE}_with_iobinding",
+            name=semconv.SPAN_INFERENCE,
+            stage=semconv.STAGE_INFERENCE,
+            component=semconv.COMPONENT_ONNXRUNTIME,
+            before=self._model_attributes,
+            after=self._bound_signals,
+            hooks=self._hooks,
+            tracer=self._tracer,
+        )
 
     def _wrap_run(self, wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
         return traced_call(
@@ -197,6 +228,25 @@ class OnnxRuntimeInstrumentor(DlInstrumentor):
         return attrs
 
     @staticmethod
+    def _bound_signals(call: DlCall, _result: Any) -> Attributes:
+        binding = call.args[0] if call.args else call.kwargs.get("iobinding")
+        outputs = binding.get_outputs() if binding is not None else None
+        return OnnxRuntimeInstrumentor._output_signals(call.instance, outputs)
+
+    @staticmethod
+    def _output_signals(session: Any, outputs: Any) -> Attributes:
+        attrs: Attributes = {}
+        if isinstance(outputs, Sequence) and outputs:
+            scores = _class_scores(outputs) if get_config().signals else None
+            if scores is not None:
+                attrs.update(ensure_state(session).monitor().confidence(scores))
+            else:
+                rows = _row_count(_to_numpy(outputs[0]))
+                if rows is not None:
+                    attrs[semconv.DL_PREDICTION_COUNT] = rows
+        return attrs
+
+    @staticmethod
     def _signals(call: DlCall, outputs: Any) -> Attributes:
         attrs: Attributes = {}
         config = get_config()
@@ -219,12 +269,5 @@ class OnnxRuntimeInstrumentor(DlInstrumentor):
             except Exception:
                 # The span still goes out, with the output's signals.
                 report_internal_error(f"{_SITE}.input_signals")
-        if isinstance(outputs, Sequence) and outputs:
-            scores = _class_scores(outputs) if config.signals else None
-            if scores is not None:
-                attrs.update(ensure_state(session).monitor().confidence(scores))
-            else:
-                rows = _row_count(_to_numpy(outputs[0]))
-                if rows is not None:
-                    attrs[semconv.DL_PREDICTION_COUNT] = rows
+        attrs.update(OnnxRuntimeInstrumentor._output_signals(session, outputs))
         return attrs

@@ -1,4 +1,4 @@
-"""scikit-learn instrumentation: one span per outermost ``predict`` call.
+"""scikit-learn instrumentation: one span per outermost ``predict`` or ``transform`` call.
 
 ``otel_dl.instrument()`` enables it when scikit-learn is installed; by hand::
 
@@ -6,10 +6,12 @@
     SklearnInstrumentor().instrument()
 
 Every ``predict``, ``predict_proba`` and ``decision_function`` call on an estimator
-becomes an ``inference`` span (``dl.stage=inference``, ``dl.component=sklearn``). Only the
-outermost call makes a span: a Pipeline calling its steps, a forest calling its trees or
-``predict`` calling ``predict_proba`` all make one span, also when the inner calls run on
-joblib threads (``n_jobs``). Predictions made inside ``fit`` make none.
+becomes an ``inference`` span (``dl.stage=inference``, ``dl.component=sklearn``), and every
+``transform`` call one with ``dl.stage=preprocess``. Only the outermost call makes a span:
+a Pipeline calling its steps, a forest calling its trees or ``predict`` calling
+``predict_proba`` all make one span, also when the inner calls run on joblib threads
+(``n_jobs``). Calls made inside ``fit``, ``fit_transform`` and ``fit_predict`` (training)
+make none.
 
 Which estimators: every class derived from ``sklearn.base.BaseEstimator`` that has one
 of those methods, whether defined before or after instrumentation (scikit-learn's own,
@@ -27,8 +29,9 @@ of the fitted estimator (of its pickle, computed once per estimator object: refi
 object to get a new fingerprint), the drift, quality and fingerprint of ``X`` (the
 columns given by ``watch(estimator, features=[...])``: a DataFrame's column names, or
 positions; input without them, and sparse input, gives no data signals), and
-``dl.prediction.count``. ``predict_proba`` adds the confidence of the
-probabilities; ``decision_function`` the confidence of its scores read as logits.
+``dl.prediction.count`` (not for ``transform``: its output is features, not
+predictions). ``predict_proba`` adds the confidence of the probabilities;
+``decision_function`` the confidence of its scores read as logits.
 """
 
 from __future__ import annotations
@@ -52,11 +55,13 @@ from otel_dl.provenance import model_fingerprint
 
 from ._base import DlInstrumentor
 
-_METHODS: Final = ("predict", "predict_proba", "decision_function")
+_METHODS: Final = ("predict", "predict_proba", "decision_function", "transform")
 # Predictions made while fitting (a boosting model's initial estimator, say) are not
-# inference: ``fit`` runs as a call that makes no span and hides the calls inside it.
-_QUIET_METHODS: Final = ("fit",)
+# inference: the fitting methods run as calls that make no span and hide the calls inside.
+_QUIET_METHODS: Final = ("fit", "fit_transform", "fit_predict")
 _CONFIDENCE_METHODS: Final = ("predict_proba", "decision_function")
+# Their output is features for a later step, not predictions.
+_PREPROCESS_METHODS: Final = ("transform",)
 _FRAMEWORK = "sklearn"
 _BASE_MODULE = "sklearn.base"
 _PARALLEL_MODULE = "sklearn.utils.parallel"
@@ -240,7 +245,11 @@ class SklearnInstrumentor(DlInstrumentor):
 
     # -- calls --------------------------------------------------------------------------
     def _wrapper(self, method: str) -> Callable[..., Any]:
+        cls = type(self)
         site = f"sklearn.{method}"
+        stage = (
+            semconv.STAGE_PREPROCESS if method in _PREPROCESS_METHODS else semconv.STAGE_INFERENCE
+        )
 
         def before(call: DlCall) -> Attributes:
             return self._model_attributes(call.instance, method)
@@ -249,7 +258,10 @@ class SklearnInstrumentor(DlInstrumentor):
             return self._signals(call, method, result)
 
         def wrapper(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-            if _in_call.get():
+            # Disabled: a class made after instrumentation may keep this wrapper inside
+            # another one (scikit-learn's set_output wraps ``transform`` when a class is
+            # created), out of reach of uninstrument.
+            if _in_call.get() or not cls._enabled:
                 return wrapped(*args, **kwargs)
             token = _in_call.set(True)
             try:
@@ -260,7 +272,7 @@ class SklearnInstrumentor(DlInstrumentor):
                     kwargs,
                     site=site,
                     name=semconv.SPAN_INFERENCE,
-                    stage=semconv.STAGE_INFERENCE,
+                    stage=stage,
                     component=semconv.COMPONENT_SKLEARN,
                     before=before,
                     after=after,
@@ -295,7 +307,7 @@ class SklearnInstrumentor(DlInstrumentor):
         attrs: Attributes = {}
         config = get_config()
         shape = getattr(result, "shape", None)
-        if shape:
+        if shape and method not in _PREPROCESS_METHODS:
             attrs[semconv.DL_PREDICTION_COUNT] = int(shape[0])
         if config.signals and method in _CONFIDENCE_METHODS and shape and len(shape) <= 2:
             attrs.update(confidence_attributes(result, config.confidence_threshold))

@@ -190,6 +190,28 @@ def _record_forward(capture: _Capture, model_inputs: Any, outputs: Any) -> None:
     capture.token_counts = True
 
 
+def _call_option(pipe: Any, kwargs: Mapping[str, Any], name: str) -> Any:
+    """A postprocessing option of this call, else the one the pipeline was built with."""
+    if name in kwargs:
+        return kwargs[name]
+    built = getattr(pipe, "_postprocess_params", None)
+    return built.get(name) if isinstance(built, Mapping) else None
+
+
+def _sigmoid_per_label(pipe: Any, kwargs: Mapping[str, Any]) -> bool:
+    """Whether a classification pipeline scores several labels each with its own sigmoid
+    (a multi-label model, or ``function_to_apply="sigmoid"``): its logits are then not one
+    distribution over the labels, and carry no confidence. One label's sigmoid is a
+    binary distribution and does."""
+    config = getattr(getattr(pipe, "model", None), "config", None)
+    if int(getattr(config, "num_labels", 0) or 0) <= 1:
+        return False
+    function = _call_option(pipe, kwargs, "function_to_apply")
+    if function is not None:
+        return str(getattr(function, "value", function)).lower() == "sigmoid"
+    return getattr(config, "problem_type", None) == "multi_label_classification"
+
+
 def _score_rows(result: Any, batched: bool) -> list[list[float]] | None:
     """Zero-shot results as rows of scores over the candidate labels, or None."""
     rows: list[list[float]] = []
@@ -334,10 +356,13 @@ class TransformersInstrumentor(DlInstrumentor):
         if not config.signals:
             return attrs
         scores: Any = None
-        if capture.class_scores:
+        if capture.class_scores and not _sigmoid_per_label(call.instance, call.kwargs):
             scores = torch.cat(capture.class_scores)
         elif str(getattr(call.instance, "task", "")).startswith("zero-shot"):
-            scores = _score_rows(result, batched)
+            rows = _score_rows(result, batched)
+            # multi_label scores each candidate on its own: a row is not a distribution.
+            independent = _call_option(call.instance, call.kwargs, "multi_label")
+            scores = None if rows and len(rows[0]) > 1 and independent else rows
         if scores is not None:
             attrs.update(confidence_attributes(scores, config.confidence_threshold))
         return attrs

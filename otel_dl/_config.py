@@ -83,7 +83,7 @@ class Config:
     drift_alert: float | None = None
     drift_window_rows: int = 10_000
     drift_min_rows: int = 500
-    drift_max_rows: int = 128
+    drift_max_rows: int = 1024
     drift_max_features: int = 256
     drift_every: int = 8
     baseline_rows: int = 1000

@@ -85,7 +85,9 @@ def _rows(array: np.ndarray) -> np.ndarray:
     return array.reshape(-1, array.shape[-1])
 
 
-def _looks_like_probabilities(scores: np.ndarray) -> bool:
+def looks_like_probabilities(scores: np.ndarray) -> bool:
+    """Whether 2-D ``scores`` read as probabilities: every value in [0, 1] and each row
+    summing to 1 within :data:`ROW_SUM_TOLERANCE` (or a single column in [0, 1])."""
     # For large inputs the first row settles most logit cases without a full pass.
     parts = (scores[:1], scores) if scores.size > 4096 else (scores,)
     for part in parts:
@@ -155,7 +157,7 @@ def to_probabilities(outputs: Any, kind: str = "auto") -> np.ndarray:
         return scores.reshape(scores.shape[0], max(scores.shape[1], 2) if scores.ndim == 2 else 2)
     if kind == "auto":
         with np.errstate(invalid="ignore"):
-            kind = "probabilities" if _looks_like_probabilities(scores) else "logits"
+            kind = "probabilities" if looks_like_probabilities(scores) else "logits"
     with np.errstate(invalid="ignore", over="ignore"):
         if scores.shape[1] == 1:
             p = scores[:, 0] if kind == "probabilities" else _sigmoid(scores[:, 0])
@@ -330,7 +332,7 @@ def summarize(outputs: Any, threshold: float = 0.5, kind: str = "auto") -> Summa
             if summary is not None:
                 return summary
         if kind == "auto":
-            kind = "probabilities" if _looks_like_probabilities(scores) else "logits"
+            kind = "probabilities" if looks_like_probabilities(scores) else "logits"
         if scores.shape[1] == 1:
             column = scores[:, 0]
             conf, margin, entropy = _binary(column if kind == "probabilities" else _sigmoid(column))

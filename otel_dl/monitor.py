@@ -129,13 +129,18 @@ def _concat(tables: list[Table]) -> Table:
     )
 
 
+MIN_BINNED_ROWS = 128
+"""Rows the monitor queues at least before binning them into the drift window."""
+
+
 class FeatureMonitor:
     """Quality, provenance and drift attributes for each batch of one source. Thread-safe.
 
     The work per batch is bounded: the table view, the fingerprint, the quality counts
     and a copy of at most ``drift_max_rows`` evenly spaced rows. Binning those rows into
-    the drift window and scoring it happen every ``drift_every``-th batch (and on every
-    batch until the first score is out); the batches between carry the latest score.
+    the drift window and scoring it happen every ``drift_every``-th batch (at once for the
+    first score, and for a batch that alone holds ``drift_min_rows`` rows); the batches
+    between carry the latest score.
     """
 
     def __init__(
@@ -249,15 +254,17 @@ class FeatureMonitor:
             self._pending.append(sample)
             self._pending_rows += sample.rows
             self._since_score += 1
-            first = not self._latest and tracker.rows + self._pending_rows >= (
-                self.config.drift_min_rows
-            )
-            # Every drift_every-th batch, and never for fewer rows than one full batch
-            # gives (so one-row requests are binned 64 at a time, not one by one).
+            config = self.config
+            first = not self._latest and tracker.rows + self._pending_rows >= config.drift_min_rows
+            # Every drift_every-th batch, but never for fewer than MIN_BINNED_ROWS rows (or
+            # drift_max_rows, if fewer): one-row requests are binned 128 at a time, not one
+            # by one; and at once for
+            # a batch that alone holds drift_min_rows rows (a file read, a historical
+            # retrieval): it costs enough itself, and comes too seldom to wait for.
+            least = min(MIN_BINNED_ROWS, config.drift_max_rows)
             due = (
-                self._since_score >= self.config.drift_every
-                and self._pending_rows >= self.config.drift_max_rows
-            )
+                self._since_score >= config.drift_every and self._pending_rows >= least
+            ) or sample.rows >= config.drift_min_rows
             if not (first or due):
                 return
             pending = _concat(self._pending) if len(self._pending) > 1 else self._pending[0]

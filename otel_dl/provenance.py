@@ -16,8 +16,10 @@ differ only in unsampled bytes share a fingerprint.
 Model fingerprints hash the weights (names, dtypes, shapes and bytes of each tensor in
 ``state_dict()``, each tensor sampled the same way above :data:`MODEL_SAMPLE_BYTES`), the
 model file for a path or an ONNX Runtime session (sampled above :data:`FILE_SAMPLE_BYTES`),
-or the pickled object otherwise (sklearn). The result is cached per object, so weights
-changed in place after the first call keep the first fingerprint.
+or the pickled object otherwise (sklearn). Bytes hash as the file holding them would, so
+an ONNX Runtime session made from bytes and one made from the file agree. The result is
+cached per object, so weights changed in place after the first call keep the first
+fingerprint.
 """
 
 from __future__ import annotations
@@ -107,11 +109,28 @@ def file_fingerprint(path: str | os.PathLike[str]) -> str | None:
     return _file_cache[key]
 
 
+def bytes_fingerprint(data: bytes | bytearray | memoryview) -> str:
+    """The :func:`file_fingerprint` of a file holding ``data``: a model loaded from bytes
+    gets the same fingerprint as the same model loaded from its file."""
+    view = memoryview(data).cast("B")
+    size = len(view)
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(str(size).encode())
+    if size <= FILE_SAMPLE_BYTES:
+        digest.update(view)
+    else:
+        chunk = FILE_SAMPLE_BYTES // SAMPLE_CHUNKS
+        for k in range(SAMPLE_CHUNKS):
+            start = k * (size - chunk) // (SAMPLE_CHUNKS - 1)
+            digest.update(view[start : start + chunk])
+    return digest.hexdigest()
+
+
 def _compute_model_fingerprint(model: Any) -> str | None:
     if isinstance(model, (str, os.PathLike)):
         return file_fingerprint(model)
     if isinstance(model, (bytes, bytearray, memoryview)):
-        return hashlib.blake2b(bytes(model), digest_size=16).hexdigest()
+        return bytes_fingerprint(model)
     path = getattr(model, "_model_path", None)  # onnxruntime.InferenceSession
     if isinstance(path, str) and path:
         return file_fingerprint(path)

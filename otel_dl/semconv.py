@@ -266,6 +266,12 @@ DL_FAULT_CANDIDATES: Final = _attr(
     "",
     "services ranked as likely cause, most likely first (up to 5), on the trace's root span",
 )
+DL_FAULT_BLAME: Final = _attr(
+    "dl.fault.blame",
+    "string",
+    "",
+    "what the root-cause span stands for: self, link or dependency, on the root-cause span",
+)
 
 # --- Standard OpenTelemetry GenAI attributes, on text-generation spans --------------------
 GEN_AI_OPERATION_NAME: Final = _attr(
@@ -344,6 +350,15 @@ FAULT_KINDS: Final = (
 )
 FAULT_ORIGIN_INTERNAL: Final = "internal"
 FAULT_ORIGIN_EXTERNAL: Final = "external"
+#: The root-cause span's own work is the cause.
+FAULT_BLAME_SELF: Final = "self"
+#: The call into the root-cause span (a callee's server span) is slow while that span is
+#: not: the network between caller and callee, or the callee's queue before it handled
+#: the call (a paused or starved process). Never the caller's own work.
+FAULT_BLAME_LINK: Final = "link"
+#: An untraced dependency named by the root-cause client span's peer.
+FAULT_BLAME_DEPENDENCY: Final = "dependency"
+FAULT_BLAMES: Final = (FAULT_BLAME_SELF, FAULT_BLAME_LINK, FAULT_BLAME_DEPENDENCY)
 
 # --- Span names ---------------------------------------------------------------------------
 # Low-cardinality: the model or dataset goes in attributes, never in the name.

@@ -124,3 +124,43 @@ def tiny_bert_classifier(num_labels: int) -> Any:
         num_labels=num_labels,
     )
     return BertForSequenceClassification(config).eval()
+
+
+class InternalErrors:
+    """otel-dl internal errors counted since this object was made, per site.
+
+    ``otel_dl.internal_error_counts()`` is cumulative over the test process, so a test
+    reads the difference."""
+
+    def __init__(self) -> None:
+        import otel_dl
+
+        self._counts = otel_dl.internal_error_counts
+        self._start = self._counts()
+
+    def new(self) -> dict[str, int]:
+        now = self._counts()
+        return {
+            site: count - self._start.get(site, 0)
+            for site, count in now.items()
+            if count != self._start.get(site, 0)
+        }
+
+
+def tiny_mask_tokenizer() -> Any:
+    """``tiny_tokenizer`` with a ``[MASK]`` token after ``TINY_WORDS`` (fill-mask needs
+    one), built locally."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = [*TINY_WORDS, "[MASK]"]
+    word_level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, "[UNK]"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=word_level,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )

@@ -114,19 +114,19 @@ def test_batches_carry_drift_quality_and_fingerprints(spans: SpanList) -> None:
     loader = DataLoader(TensorDataset(x), batch_size=250)
     h = otel_dl.instrument()  # the autouse fixture's handle: same one
     assert h.config.baseline_rows == 1000
-    assert (h.config.drift_max_rows, h.config.drift_every, h.config.drift_min_rows) == (128, 8, 500)
+    assert (h.config.drift_every, h.config.drift_min_rows) == (8, 500)
     list(loader)
     got = spans.get(semconv.SPAN_DATALOADER_BATCH)
-    # baseline: batches 0-3; then 128 rows a batch reach drift_min_rows (500) at batch 7,
-    # which scores first; the window is scored again every 8th batch (15, 23), and the
-    # batches between carry the latest score.
-    assert not any(semconv.DL_DRIFT_SCORE in s.attributes for s in got[:7])
-    first, before, last = got[0], got[7], got[-1]
+    # baseline: batches 0-3; the window reaches drift_min_rows (500) at batch 5, which
+    # scores first; it is scored again every 8th batch (13, 21), and the batches between
+    # carry the latest score.
+    assert not any(semconv.DL_DRIFT_SCORE in s.attributes for s in got[:5])
+    first, before, last = got[0], got[5], got[-1]
     assert first.attributes[semconv.DL_QUALITY_NAN_FRACTION] == pytest.approx(1 / 1000)
     assert before.attributes[semconv.DL_DRIFT_STATUS] == "ok"
-    assert before.attributes[semconv.DL_DRIFT_WINDOW_ROWS] == 512
-    assert got[14].attributes[semconv.DL_DRIFT_WINDOW_ROWS] == 512  # the score of batch 7
-    assert last.attributes[semconv.DL_DRIFT_WINDOW_ROWS] == 20 * 128
+    assert before.attributes[semconv.DL_DRIFT_WINDOW_ROWS] == 500
+    assert got[12].attributes[semconv.DL_DRIFT_WINDOW_ROWS] == 500  # the score of batch 5
+    assert last.attributes[semconv.DL_DRIFT_WINDOW_ROWS] == 18 * 250
     assert last.attributes[semconv.DL_DRIFT_STATUS] == "alert"
     assert last.attributes[semconv.DL_DRIFT_FEATURE] == "2"
     assert last.attributes[semconv.DL_DRIFT_METHOD] == "psi"

@@ -17,12 +17,13 @@ import pandas as pd
 import pytest
 from feast import FeatureStore
 from feast.errors import FeatureViewNotFoundException
+from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.trace import StatusCode
 
 import otel_dl
 from otel_dl import _config, semconv
 from otel_dl.instrumentors import feast as feast_instrumentor
-from tests.support import SpanList, feast_driver_repo
+from tests.support import InternalErrors, SpanList, feast_driver_repo
 
 ONLINE = "feature_store.get_online_features"
 HISTORICAL = "feature_store.get_historical_features"
@@ -123,8 +124,9 @@ def test_freshness_grows_and_crosses_the_threshold_when_materialisation_stops(
 def test_feature_service_and_drift_against_a_watched_reference(
     materialised: FeatureStore, spans: SpanList, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # One read of 100 entities is the whole drift window here.
-    monkeypatch.setattr(_config, "_active", replace(_config.get_config(), drift_min_rows=100))
+    # One read of 100 entities is the whole drift window here, scored at once.
+    config = replace(_config.get_config(), drift_min_rows=100, drift_max_rows=1024, drift_every=1)
+    monkeypatch.setattr(_config, "_active", config)
     baseline = {
         "conv_rate": np.random.default_rng(1).random(1000) + 5.0,  # far from the served data
         "trips": np.random.default_rng(2).integers(0, 50, 1000).astype("float64"),
@@ -172,8 +174,13 @@ def test_missing_feature_view_and_entity_key_raise_unchanged(
 ) -> None:
     with pytest.raises(FeatureViewNotFoundException) as missing_view:
         materialised.get_online_features(["no_such_view:x"], [{"driver_id": 1}])
-    with pytest.raises(KeyError) as missing_key:
+    # Feast's own error for an unknown entity key differs between releases (KeyError,
+    # ValueError): whatever it is, it comes through unchanged.
+    with suppress_instrumentation(), pytest.raises(Exception) as bare:
         materialised.get_online_features(FEATURES, [{"rider_id": 1}])
+    with pytest.raises(type(bare.value)) as missing_key:
+        materialised.get_online_features(FEATURES, [{"rider_id": 1}])
+    assert str(missing_key.value) == str(bare.value)
     got = spans.get(ONLINE)
     assert len(got) == 2
     for span, caught in zip(got, (missing_view, missing_key), strict=True):
@@ -226,3 +233,107 @@ def test_registry_change_changes_the_fingerprint(
     after = spans.get(ONLINE)[-1].attributes
     assert after[semconv.DL_FEATURE_VIEW_FINGERPRINTS] != before
     assert after[semconv.DL_FEATURE_TTL] == 2 * 86400.0
+
+
+# --- One failed extractor costs only its own attributes ------------------------------------
+
+
+def _broken(*args: object, **kwargs: object) -> None:
+    raise RuntimeError("extractor bug")
+
+
+def _assert_counted(errors: dict[str, int], site: str) -> None:
+    assert errors, "the failure was not counted"
+    assert all(key.startswith(site) for key in errors), errors
+
+
+@pytest.mark.parametrize(
+    ("extractor", "kept", "dropped"),
+    [
+        ("_online_before", semconv.DL_FEATURE_MISSING_FRACTION, semconv.DL_FEATURE_VIEWS),
+        ("_online_after", semconv.DL_FEATURE_VIEWS, semconv.DL_FEATURE_MISSING_FRACTION),
+    ],
+)
+def test_failing_online_extractor_keeps_the_span(
+    materialised: FeatureStore,
+    spans: SpanList,
+    monkeypatch: pytest.MonkeyPatch,
+    extractor: str,
+    kept: str,
+    dropped: str,
+) -> None:
+    rows = [{"driver_id": i} for i in range(3)]
+    with suppress_instrumentation():
+        expected = materialised.get_online_features(FEATURES, rows).to_dict()
+    monkeypatch.setattr(feast_instrumentor.FeastInstrumentor, extractor, staticmethod(_broken))
+    errors = InternalErrors()
+    assert materialised.get_online_features(FEATURES, rows).to_dict() == expected
+    (span,) = spans.get(ONLINE)
+    assert span.attributes[semconv.DL_STAGE] == "feature_store"
+    assert kept in span.attributes
+    assert dropped not in span.attributes
+    _assert_counted(errors.new(), "feast.get_online_features")
+
+
+def test_failing_historical_extractor_keeps_the_span(
+    materialised: FeatureStore, spans: SpanList, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entity_df = pd.DataFrame({"driver_id": [1, 2], "event_timestamp": [NOW] * 2})
+    with suppress_instrumentation():
+        expected = materialised.get_historical_features(entity_df, FEATURES).to_df()
+    monkeypatch.setattr(
+        feast_instrumentor.FeastInstrumentor, "_historical_before", staticmethod(_broken)
+    )
+    errors = InternalErrors()
+    got = materialised.get_historical_features(entity_df, FEATURES).to_df()
+    pd.testing.assert_frame_equal(got, expected)
+    (span,) = spans.get(HISTORICAL)
+    assert span.attributes[semconv.DL_DATA_ROWS] == 2
+    assert semconv.DL_FEATURE_VIEWS not in span.attributes
+    _assert_counted(errors.new(), "feast.historical")
+
+
+def test_failing_historical_signals_keep_the_span(
+    materialised: FeatureStore, spans: SpanList, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entity_df = pd.DataFrame({"driver_id": [1, 2], "event_timestamp": [NOW] * 2})
+    monkeypatch.setattr(feast_instrumentor, "_frame_columns", _broken)
+    errors = InternalErrors()
+    assert len(materialised.get_historical_features(entity_df, FEATURES).to_df()) == 2
+    (span,) = spans.get(HISTORICAL)
+    assert list(span.attributes[semconv.DL_FEATURE_VIEWS]) == ["driver_stats"]
+    assert semconv.DL_QUALITY_NAN_FRACTION not in span.attributes
+    _assert_counted(errors.new(), "feast.historical")
+
+
+def test_failing_write_extractors_keep_the_spans(
+    materialised: FeatureStore, spans: SpanList, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    frame = pd.DataFrame(
+        {
+            "driver_id": [600],
+            "conv_rate": np.array([0.25], dtype="float32"),
+            "trips": [3],
+            "city": ["nice"],
+            "event_timestamp": [NOW],
+            "created": [NOW],
+        }
+    )
+    monkeypatch.setattr(feast_instrumentor, "_written", _broken)
+    errors = InternalErrors()
+    materialised.write_to_online_store("driver_stats", frame)
+    (span,) = spans.get("feature_store.write_to_online_store")
+    assert list(span.attributes[semconv.DL_FEATURE_VIEWS]) == ["driver_stats"]
+    assert semconv.DL_DATA_ROWS not in span.attributes
+    _assert_counted(errors.new(), "feast.write_to_online_store")
+    with suppress_instrumentation():
+        read = materialised.get_online_features(FEATURES, [{"driver_id": 600}]).to_dict()
+    assert read["city"] == ["nice"]  # the write happened
+
+    monkeypatch.setattr(feast_instrumentor, "_store_attributes", _broken)
+    errors = InternalErrors()
+    assert materialised.materialize_incremental(NOW.to_pydatetime()) is None
+    (span,) = spans.get("feature_store.materialize_incremental")
+    assert span.attributes[semconv.DL_COMPONENT] == "feast"
+    assert semconv.DL_FEATURE_VIEWS not in span.attributes
+    _assert_counted(errors.new(), "feast.materialize_incremental")

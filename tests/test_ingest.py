@@ -15,8 +15,9 @@ from opentelemetry.trace import StatusCode
 
 import otel_dl
 from otel_dl import semconv
+from otel_dl.instrumentors import ingest as ingest_instrumentor
 from otel_dl.instrumentors.ingest import SIGNAL_ROWS
-from tests.support import SpanList
+from tests.support import InternalErrors, SpanList
 
 # Nothing may reach the Hugging Face Hub: the packaged parquet/csv builders run locally.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -169,3 +170,40 @@ def test_uninstrument_restores_the_readers(
     pd.read_csv(path)
     assert spans.get() == []
     assert not hasattr(pd.read_csv, "__wrapped__")
+
+
+# --- One failed extractor costs only its own attributes ------------------------------------
+
+
+def _broken(*args: object, **kwargs: object) -> None:
+    raise RuntimeError("extractor bug")
+
+
+@pytest.mark.parametrize(
+    ("extractor", "kept", "dropped"),
+    [
+        ("_file_attributes", semconv.DL_DATA_ROWS, semconv.DL_DATA_SOURCE),
+        ("_sample", semconv.DL_DATA_SOURCE, semconv.DL_DATA_ROWS),
+    ],
+)
+def test_failing_extractor_keeps_the_span(
+    tmp_path: Path,
+    spans: SpanList,
+    monkeypatch: pytest.MonkeyPatch,
+    extractor: str,
+    kept: str,
+    dropped: str,
+) -> None:
+    path = tmp_path / "day.parquet"
+    _frame(50).to_parquet(path)
+    expected = pd.read_parquet(path)
+    spans.clear()
+    monkeypatch.setattr(ingest_instrumentor, extractor, _broken)
+    errors = InternalErrors()
+    pd.testing.assert_frame_equal(pd.read_parquet(path), expected)
+    (span,) = spans.get("ingest.read_parquet")
+    assert span.attributes[semconv.DL_STAGE] == "ingest"
+    assert kept in span.attributes
+    assert dropped not in span.attributes
+    counted = errors.new()
+    assert counted and all(site.startswith("ingest.read_parquet") for site in counted)

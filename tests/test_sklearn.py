@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterator
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.trace import StatusCode
-from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin
 from sklearn.datasets import make_classification
 from sklearn.ensemble import (
     GradientBoostingClassifier,
@@ -22,8 +23,9 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 import otel_dl
-from otel_dl import semconv
-from tests.support import SpanList
+from otel_dl import _config, semconv
+from otel_dl.instrumentors.sklearn import SklearnInstrumentor
+from tests.support import InternalErrors, SpanList
 
 X, Y = make_classification(
     n_samples=300, n_features=6, n_informative=4, n_classes=3, random_state=0
@@ -126,7 +128,12 @@ def test_pipeline_makes_one_span_for_all_its_steps(spans: SpanList) -> None:
     assert not hasattr(no_proba, "predict_proba")  # available_if still decides
 
 
-def test_watch_and_drift_against_a_learned_baseline(spans: SpanList) -> None:
+def test_watch_and_drift_against_a_learned_baseline(
+    spans: SpanList, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every call scored, on all its rows: the second call is the whole drift window.
+    config = replace(_config.get_config(), drift_max_rows=1024, drift_every=1)
+    monkeypatch.setattr(_config, "_active", config)
     model = otel_dl.watch(
         LogisticRegression(max_iter=200).fit(X, Y), name="churn", version="3", owner="growth"
     )
@@ -196,3 +203,62 @@ def test_uninstrument_restores_the_classes(
     model.predict_proba(X[:5])
     assert len(spans.get(semconv.SPAN_INFERENCE)) == 1
     again.shutdown()
+
+
+# --- One failed extractor costs only its own attributes ------------------------------------
+
+
+def _broken(*args: object, **kwargs: object) -> None:
+    raise RuntimeError("extractor bug")
+
+
+@pytest.mark.parametrize(
+    ("extractor", "kept", "dropped"),
+    [
+        ("_model_attributes", semconv.DL_CONFIDENCE_MEAN, semconv.DL_MODEL_NAME),
+        ("_signals", semconv.DL_MODEL_NAME, semconv.DL_CONFIDENCE_MEAN),
+    ],
+)
+def test_failing_extractor_keeps_the_span(
+    spans: SpanList, monkeypatch: pytest.MonkeyPatch, extractor: str, kept: str, dropped: str
+) -> None:
+    model = LogisticRegression(max_iter=200).fit(X, Y)
+    with suppress_instrumentation():
+        expected = model.predict_proba(X[:20])
+    monkeypatch.setattr(SklearnInstrumentor, extractor, staticmethod(_broken))
+    errors = InternalErrors()
+    np.testing.assert_array_equal(model.predict_proba(X[:20]), expected)
+    attrs = _one(spans)
+    assert attrs[semconv.DL_COMPONENT] == "sklearn"
+    assert kept in attrs
+    assert dropped not in attrs
+    counted = errors.new()
+    assert counted and all(site.startswith("sklearn.predict_proba") for site in counted)
+
+
+def test_user_transformer_defined_after_instrumentation(
+    spans: SpanList, handle: otel_dl.Instrumentation
+) -> None:
+    # scikit-learn's set_output wraps ``transform`` when the class is created, around the
+    # otel-dl wrapper put there a moment before: uninstrument cannot take that one out, so
+    # it must stand aside.
+    class Doubler(TransformerMixin, BaseEstimator):
+        def fit(self, X: np.ndarray, y: np.ndarray | None = None) -> Doubler:
+            return self
+
+        def transform(self, X: np.ndarray) -> np.ndarray:
+            return X * 2
+
+    doubler = Doubler().fit(X)
+    np.testing.assert_array_equal(doubler.transform(X[:5]), X[:5] * 2)
+    attrs = _one(spans)
+    assert attrs[semconv.DL_STAGE] == "preprocess"
+    assert attrs[semconv.DL_MODEL_METHOD] == "transform"
+    assert attrs[semconv.DL_BATCH_SIZE] == 5
+    assert semconv.DL_PREDICTION_COUNT not in attrs
+    spans.clear()
+    doubler.fit_transform(X)  # training: no span
+    assert spans.get() == []
+    handle.shutdown()
+    np.testing.assert_array_equal(doubler.transform(X[:5]), X[:5] * 2)
+    assert spans.get() == []

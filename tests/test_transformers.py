@@ -24,7 +24,14 @@ from transformers import (
 
 import otel_dl
 from otel_dl import semconv
-from tests.support import TINY_WORDS, SpanList, tiny_bert_classifier, tiny_tokenizer
+from otel_dl.instrumentors.transformers import TransformersInstrumentor
+from tests.support import (
+    TINY_WORDS,
+    InternalErrors,
+    SpanList,
+    tiny_bert_classifier,
+    tiny_tokenizer,
+)
 
 PAD, SEP = 0, 3
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -154,3 +161,38 @@ def test_uninstrument_removes_the_spans(
     classify("good")
     assert len(spans.get()) == 1
     again.shutdown()
+
+
+# --- One failed extractor costs only its own attributes ------------------------------------
+
+
+def _broken(*args: object, **kwargs: object) -> None:
+    raise RuntimeError("extractor bug")
+
+
+@pytest.mark.parametrize(
+    ("extractor", "kept", "dropped"),
+    [
+        ("_model_attributes", semconv.DL_CONFIDENCE_MEAN, semconv.DL_MODEL_TASK),
+        ("_signals", semconv.DL_MODEL_TASK, semconv.DL_CONFIDENCE_MEAN),
+    ],
+)
+def test_failing_extractor_keeps_the_span(
+    spans: SpanList,
+    classify,
+    monkeypatch: pytest.MonkeyPatch,
+    extractor: str,
+    kept: str,
+    dropped: str,
+) -> None:
+    with suppress_instrumentation():
+        expected = classify(["good movie", "bad"])
+    monkeypatch.setattr(TransformersInstrumentor, extractor, _broken)
+    errors = InternalErrors()
+    assert classify(["good movie", "bad"]) == expected
+    (span,) = spans.get()
+    assert span.attributes[semconv.DL_COMPONENT] == "transformers"
+    assert kept in span.attributes
+    assert dropped not in span.attributes
+    counted = errors.new()
+    assert counted and all(site.startswith("transformers.pipeline") for site in counted)

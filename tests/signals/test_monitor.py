@@ -40,27 +40,36 @@ def test_drift_every_and_row_cap():
     rng = np.random.default_rng(1)
     ref = Reference.fit(rng.standard_normal((500, 2)))
     config = resolve_config(
-        {"drift_every": 2, "drift_max_rows": 10, "drift_window_rows": 50, "drift_min_rows": 1}
+        {"drift_every": 2, "drift_max_rows": 10, "drift_window_rows": 50, "drift_min_rows": 20}
     )
     monitor = FeatureMonitor(ref, config=config)
-    # The first score comes as soon as the window can hold drift_min_rows rows.
+    # 10 rows of each batch are queued; the first score comes once they reach drift_min_rows.
+    assert not DRIFT_KEYS & monitor.observe(rng.standard_normal((40, 2))).keys()
     first = monitor.observe(rng.standard_normal((40, 2)))
-    assert first.keys() >= DRIFT_KEYS and first[semconv.DL_DRIFT_WINDOW_ROWS] == 10
+    assert first.keys() >= DRIFT_KEYS and first[semconv.DL_DRIFT_WINDOW_ROWS] == 20
     # Then every drift_every-th batch; the batch between carries the latest score.
     between = monitor.observe(rng.standard_normal((40, 2)) + 5)
     assert between[semconv.DL_DRIFT_SCORE] == first[semconv.DL_DRIFT_SCORE]
-    assert monitor.window_rows == 10
+    assert monitor.window_rows == 20
     scored = monitor.observe(rng.standard_normal((40, 2)) + 5)
-    assert scored[semconv.DL_DRIFT_WINDOW_ROWS] == 30  # 10 rows of each batch
+    assert scored[semconv.DL_DRIFT_WINDOW_ROWS] == 40
     assert scored[semconv.DL_DRIFT_STATUS] == "alert"
+
+
+def test_a_batch_of_drift_min_rows_is_scored_at_once():
+    rng = np.random.default_rng(3)
+    ref = Reference.fit(rng.standard_normal((2000, 2)))
+    monitor = FeatureMonitor(ref, config=resolve_config({"drift_min_rows": 300}))
+    assert monitor.observe(rng.standard_normal((400, 2)))[semconv.DL_DRIFT_STATUS] == "ok"
+    shifted = monitor.observe(rng.standard_normal((400, 2)) + 4)  # a file read, say
+    assert shifted[semconv.DL_DRIFT_STATUS] == "alert"
 
 
 def test_no_drift_until_the_window_holds_drift_min_rows():
     rng = np.random.default_rng(4)
     ref = Reference.fit(rng.standard_normal((2000, 2)))
     monitor = FeatureMonitor(ref, config=resolve_config({"drift_min_rows": 300}))
-    for _ in range(2):  # 128 drift rows a batch: 256 rows
-        assert not DRIFT_KEYS & monitor.observe(rng.standard_normal((200, 2))).keys()
+    assert not DRIFT_KEYS & monitor.observe(rng.standard_normal((200, 2))).keys()
     assert monitor.observe(rng.standard_normal((200, 2))).keys() >= DRIFT_KEYS
 
 
