@@ -65,7 +65,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
-import sys
 import threading
 import time
 import weakref
@@ -75,29 +74,17 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Final
 
 import numpy as np
-import wrapt
-from opentelemetry import context, trace
-from opentelemetry.instrumentation.utils import unwrap
-from opentelemetry.trace import Span
 
 from otel_dl import semconv
 from otel_dl._config import get_config
 from otel_dl._guard import report_internal_error
-from otel_dl._span import (
-    NO_HOOKS,
-    Attributes,
-    DlCall,
-    Hooks,
-    finish_span,
-    record_error,
-    traced_call,
-)
+from otel_dl._span import Attributes, DlCall, DlSpan, traced_call
 from otel_dl._watch import ensure_state
 from otel_dl.provenance import data_fingerprint
 from otel_dl.quality import nan_fraction
 from otel_dl.reference import to_table
 
-from ._base import DlInstrumentor
+from ._base import DlInstrumentor, Patches
 
 _STORE_MODULE: Final = "feast.feature_store"
 _JOB_MODULE: Final = "feast.infra.offline_stores.offline_store"
@@ -434,17 +421,21 @@ def _iso(value: Any) -> str | None:
 @dataclass
 class _PendingJob:
     store: Any
-    span: Span
-    start_ns: int
+    call: DlSpan
     entity_keys: set[str]
     finalizer: weakref.finalize[Any, Any] | None = None
 
 
-def _end_unmaterialised(span: Span, start_ns: int, end_ns: int) -> None:
-    try:
-        finish_span(span, {}, start_ns, end_ns)
-    except Exception:
-        report_internal_error(f"{_SITE}.historical")
+def _end_unmaterialised(call: DlSpan, end_ns: int) -> None:
+    call.finish(end_ns)
+
+
+def _job_signals(pending: _PendingJob, result: Any) -> Attributes:
+    frame = result.to_pandas() if hasattr(result, "to_pandas") else result
+    attrs: Attributes = {semconv.DL_DATA_ROWS: len(frame)}
+    signals, _count = _observe(pending.store, _frame_columns(frame, pending.entity_keys))
+    attrs.update(signals)
+    return attrs
 
 
 _in_job: ContextVar[bool] = ContextVar("otel_dl_feast_in_job", default=False)
@@ -453,74 +444,29 @@ _in_job: ContextVar[bool] = ContextVar("otel_dl_feast_in_job", default=False)
 class FeastInstrumentor(DlInstrumentor):
     """Traces Feast ``FeatureStore`` calls; see the module docstring."""
 
-    _hooks: Hooks = NO_HOOKS
     # Class-level: BaseInstrumentor is a singleton whose __init__ runs on every call.
-    _enabled = False
-    _import_hooks_registered = False
     _lock = threading.RLock()
-    _patched: ClassVar[set[str]] = set()
     _pending: ClassVar[weakref.WeakKeyDictionary[Any, _PendingJob]] = weakref.WeakKeyDictionary()
 
     def instrumentation_dependencies(self) -> Collection[str]:
         return ("feast >= 0.44",)
 
     # -- patching -----------------------------------------------------------------------
-    def _instrument(self, **kwargs: Any) -> None:
-        cls = type(self)
-        cls._hooks = self.hooks_from(kwargs)
-        cls._enabled = True
-        if not cls._import_hooks_registered:
-            cls._import_hooks_registered = True
-            # Called at once for a module already imported, else when it is imported.
-            wrapt.register_post_import_hook(self._on_store_import, _STORE_MODULE)
-            wrapt.register_post_import_hook(self._on_job_import, _JOB_MODULE)
-        else:
-            if _STORE_MODULE in sys.modules:
-                self._on_store_import(sys.modules[_STORE_MODULE])
-            if _JOB_MODULE in sys.modules:
-                self._on_job_import(sys.modules[_JOB_MODULE])
-
-    def _uninstrument(self, **kwargs: Any) -> None:
-        cls = type(self)
-        with cls._lock:
-            cls._enabled = False
-            if _STORE_MODULE in cls._patched:
-                store_cls = sys.modules[_STORE_MODULE].FeatureStore
-                for method in self._store_wrappers():
-                    unwrap(store_cls, method)
-            if _JOB_MODULE in cls._patched:
-                job_cls = sys.modules[_JOB_MODULE].RetrievalJob
-                unwrap(job_cls, "to_df")
-                unwrap(job_cls, "to_arrow")
-            cls._patched.clear()
-
-    def _store_wrappers(self) -> dict[str, Any]:
+    def patches(self) -> Patches:
         return {
-            "get_online_features": self._wrap_online,
-            "get_historical_features": self._wrap_historical,
-            "materialize": self._wrap_materialize,
-            "materialize_incremental": self._wrap_materialize,
-            "push": self._wrap_push,
-            "write_to_online_store": self._wrap_write,
+            _STORE_MODULE: {
+                "FeatureStore.get_online_features": self._wrap_online,
+                "FeatureStore.get_historical_features": self._wrap_historical,
+                "FeatureStore.materialize": self._wrap_materialize,
+                "FeatureStore.materialize_incremental": self._wrap_materialize,
+                "FeatureStore.push": self._wrap_push,
+                "FeatureStore.write_to_online_store": self._wrap_write,
+            },
+            _JOB_MODULE: {
+                "RetrievalJob.to_df": self._wrap_materialise_job,
+                "RetrievalJob.to_arrow": self._wrap_materialise_job,
+            },
         }
-
-    def _on_store_import(self, module: Any) -> None:
-        cls = type(self)
-        with cls._lock:
-            if not cls._enabled or _STORE_MODULE in cls._patched:
-                return
-            for method, wrapper in self._store_wrappers().items():
-                wrapt.wrap_function_wrapper(module, f"FeatureStore.{method}", wrapper)
-            cls._patched.add(_STORE_MODULE)
-
-    def _on_job_import(self, module: Any) -> None:
-        cls = type(self)
-        with cls._lock:
-            if not cls._enabled or _JOB_MODULE in cls._patched:
-                return
-            wrapt.wrap_function_wrapper(module, "RetrievalJob.to_df", self._wrap_materialise_job)
-            wrapt.wrap_function_wrapper(module, "RetrievalJob.to_arrow", self._wrap_materialise_job)
-            cls._patched.add(_JOB_MODULE)
 
     def _traced(
         self, wrapped: Any, instance: Any, args: Any, kwargs: Any, method: str, **extract: Any
@@ -535,6 +481,7 @@ class FeastInstrumentor(DlInstrumentor):
             stage=semconv.STAGE_FEATURE_STORE,
             component=semconv.COMPONENT_FEAST,
             hooks=self._hooks,
+            tracer=self._tracer,
             **extract,
         )
 
@@ -592,14 +539,15 @@ class FeastInstrumentor(DlInstrumentor):
             before=self._historical_before,
             hooks=self._hooks,
             keep_open=self._park_job,
+            tracer=self._tracer,
         )
 
-    def _park_job(self, span: Span, call: DlCall, job: Any, start_ns: int, end_ns: int) -> bool:
+    def _park_job(self, lifecycle: DlSpan, call: DlCall, job: Any, end_ns: int) -> bool:
         """Keep the span open until the lazy retrieval job is materialised."""
         entity_df = _arg(call, 0, "entity_df")
         keys = {str(c) for c in getattr(entity_df, "columns", ())}
-        pending = _PendingJob(call.instance, span, start_ns, keys)
-        pending.finalizer = weakref.finalize(job, _end_unmaterialised, span, start_ns, end_ns)
+        pending = _PendingJob(call.instance, lifecycle, keys)
+        pending.finalizer = weakref.finalize(job, _end_unmaterialised, lifecycle, end_ns)
         with self._lock:
             self._pending[job] = pending
         return True
@@ -621,57 +569,36 @@ class FeastInstrumentor(DlInstrumentor):
         if pending is None:
             return wrapped(*args, **kwargs)
         marker = _in_job.set(True)
-        token = None
+        lifecycle = pending.call
         try:
             if pending.finalizer is not None:
                 pending.finalizer.detach()
-            token = context.attach(trace.set_span_in_context(pending.span))
+            lifecycle.attach()
         except Exception:
             report_internal_error(f"{_SITE}.historical")
         try:
             result = wrapped(*args, **kwargs)
         except BaseException as exc:
             end_ns = time.time_ns()
-            self._detach(token, marker)
-            try:
-                record_error(pending.span, exc)
-                finish_span(pending.span, {}, pending.start_ns, end_ns)
-            except Exception:
-                report_internal_error(f"{_SITE}.historical")
+            _in_job.reset(marker)
+            lifecycle.detach()
+            lifecycle.error(exc)
+            lifecycle.finish(end_ns)
             raise
         end_ns = time.time_ns()
-        self._detach(token, marker)
-        self._finish_job(pending, instance, result, end_ns)
-        return result
-
-    @staticmethod
-    def _detach(token: Any, marker: Any) -> None:
-        if token is not None:
-            context.detach(token)
         _in_job.reset(marker)
-
-    def _finish_job(self, pending: _PendingJob, job: Any, result: Any, end_ns: int) -> None:
-        attrs: Attributes = {}
-        feature_count = None
+        lifecycle.detach()
         try:
-            frame = result.to_pandas() if hasattr(result, "to_pandas") else result
-            attrs[semconv.DL_DATA_ROWS] = len(frame)
-            signals, feature_count = _observe(
-                pending.store, _frame_columns(frame, pending.entity_keys)
-            )
-            attrs.update(signals)
-        except Exception:
-            report_internal_error(f"{_SITE}.historical.signals")
-        if self._hooks.response is not None:
-            try:
-                call = DlCall(semconv.COMPONENT_FEAST, job, (), {})
-                self._hooks.response(pending.span, call, result)
-            except Exception:
-                report_internal_error(f"{_SITE}.historical.response_hook")
-        try:
-            finish_span(pending.span, attrs, pending.start_ns, end_ns, feature_count)
+            self._finish_job(pending, instance, result, end_ns)
         except Exception:
             report_internal_error(f"{_SITE}.historical")
+        return result
+
+    def _finish_job(self, pending: _PendingJob, job: Any, result: Any, end_ns: int) -> None:
+        lifecycle = pending.call
+        lifecycle.extract("historical.signals", _job_signals, pending, result)
+        lifecycle.hook(self._hooks.response, DlCall(semconv.COMPONENT_FEAST, job, (), {}), result)
+        lifecycle.finish(end_ns)
 
     # -- writes -------------------------------------------------------------------------
     def _wrap_materialize(self, wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:

@@ -47,24 +47,21 @@ from __future__ import annotations
 
 import datetime
 import os
-import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Collection, Iterable, Mapping
 from contextvars import ContextVar
-from typing import Any, ClassVar, Final
+from typing import Any, Final
 
 import numpy as np
-import wrapt
-from opentelemetry.instrumentation.utils import unwrap
 
 from otel_dl import semconv
 from otel_dl._config import get_config
 from otel_dl._guard import instrumentation_enabled
-from otel_dl._span import NO_HOOKS, Attributes, DlCall, Hooks, traced_call
+from otel_dl._span import Attributes, DlCall, traced_call
 from otel_dl._watch import WatchState, normalise_location, source_state
 
-from ._base import DlInstrumentor
+from ._base import DlInstrumentor, Patches
 
 SIGNAL_ROWS: Final = 4096
 """Rows, evenly spaced, on which a read's quality, drift and fingerprints are computed."""
@@ -214,46 +211,14 @@ def _signals(key: str, state: WatchState, frame: Any) -> Attributes:
 class IngestInstrumentor(DlInstrumentor):
     """Traces pandas, pyarrow and ``datasets`` readers; see the module docstring."""
 
-    _hooks: Hooks = NO_HOOKS
-    # Class-level: BaseInstrumentor is a singleton whose __init__ runs on every call.
-    _enabled = False
-    _import_hooks_registered = False
-    _lock = threading.RLock()
-    _patched: ClassVar[set[str]] = set()
-
     def instrumentation_dependencies(self) -> Collection[str]:
         return ("pandas >= 2.0",)
 
-    def _instrument(self, **kwargs: Any) -> None:
-        cls = type(self)
-        cls._hooks = self.hooks_from(kwargs)
-        cls._enabled = True
-        for module_name in _TARGETS:
-            if not cls._import_hooks_registered:
-                # Called at once for a module already imported, else when it is imported.
-                wrapt.register_post_import_hook(self._on_import, module_name)
-            elif module_name in sys.modules:
-                self._on_import(sys.modules[module_name])
-        cls._import_hooks_registered = True
-
-    def _uninstrument(self, **kwargs: Any) -> None:
-        cls = type(self)
-        with cls._lock:
-            cls._enabled = False
-            for module_name in cls._patched:
-                for function in _TARGETS[module_name]:
-                    unwrap(sys.modules[module_name], function)
-            cls._patched.clear()
-
-    def _on_import(self, module: Any) -> None:
-        cls = type(self)
-        name = module.__name__
-        with cls._lock:
-            if not cls._enabled or name in cls._patched:
-                return
-            for function in _TARGETS[name]:
-                wrapt.wrap_function_wrapper(module, function, self._wrap_read)
-            cls._patched.add(name)
+    def patches(self) -> Patches:
+        return {
+            module: {function: self._wrap_read for function in functions}
+            for module, functions in _TARGETS.items()
+        }
 
     def _wrap_read(self, wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
         if _in_read.get() or not instrumentation_enabled():
@@ -302,6 +267,7 @@ class IngestInstrumentor(DlInstrumentor):
                 before=before,
                 after=after,
                 hooks=self._hooks,
+                tracer=self._tracer,
             )
         finally:
             _in_read.reset(marker)

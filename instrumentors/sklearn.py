@@ -48,12 +48,12 @@ import wrapt
 from otel_dl import semconv
 from otel_dl._config import get_config
 from otel_dl._guard import report_internal_error
-from otel_dl._span import NO_HOOKS, Attributes, DlCall, Hooks, traced_call
+from otel_dl._span import Attributes, DlCall, traced_call
 from otel_dl._watch import ensure_state
 from otel_dl.monitor import confidence_attributes
 from otel_dl.provenance import model_fingerprint
 
-from ._base import DlInstrumentor
+from ._base import DlInstrumentor, Patches
 
 _METHODS: Final = ("predict", "predict_proba", "decision_function", "transform")
 # Predictions made while fitting (a boosting model's initial estimator, say) are not
@@ -131,34 +131,38 @@ def _is_sparse(X: Any) -> bool:
 class SklearnInstrumentor(DlInstrumentor):
     """Traces scikit-learn estimators' predictions; see the module docstring."""
 
-    _hooks: Hooks = NO_HOOKS
     # Class-level: BaseInstrumentor is a singleton whose __init__ runs on every call.
     _enabled = False
     _import_hooks_registered = False
     _lock = threading.RLock()
     _wrapped: ClassVar[list[tuple[type, str, Any]]] = []
     _original_init_subclass: Any = None
-    _parallel_patched = False
 
     def instrumentation_dependencies(self) -> Collection[str]:
         return ("scikit-learn >= 1.3",)
 
     # -- patching -----------------------------------------------------------------------
-    def _instrument(self, **kwargs: Any) -> None:
-        self._hooks = self.hooks_from(kwargs)
-        type(self)._enabled = True
-        if not type(self)._import_hooks_registered:
-            type(self)._import_hooks_registered = True
+    def patches(self) -> Patches:
+        # A forest's trees predict on joblib threads, where the caller's context is not
+        # set: mark the tasks that scikit-learn's Parallel dispatches from inside a traced
+        # call, so they run as nested calls and make no spans of their own.
+        return {
+            _PARALLEL_MODULE: {"Parallel.__call__": _mark_tasks, "_FuncWrapper.__call__": _run_task}
+        }
+
+    def on_instrument(self, **kwargs: Any) -> None:
+        # Estimator classes are wrapped where their methods are defined, as they are
+        # created: not a patch of one module's attributes.
+        cls = type(self)
+        cls._enabled = True
+        if not cls._import_hooks_registered:
+            cls._import_hooks_registered = True
             # Called at once for a module already imported, else when it is imported.
             wrapt.register_post_import_hook(self._on_base_import, _BASE_MODULE)
-            wrapt.register_post_import_hook(self._on_parallel_import, _PARALLEL_MODULE)
-        else:
-            if _BASE_MODULE in sys.modules:
-                self._on_base_import(sys.modules[_BASE_MODULE])
-            if _PARALLEL_MODULE in sys.modules:
-                self._on_parallel_import(sys.modules[_PARALLEL_MODULE])
+        elif _BASE_MODULE in sys.modules:
+            self._on_base_import(sys.modules[_BASE_MODULE])
 
-    def _uninstrument(self, **kwargs: Any) -> None:
+    def on_uninstrument(self) -> None:
         cls = type(self)
         with cls._lock:
             cls._enabled = False
@@ -174,13 +178,6 @@ class SklearnInstrumentor(DlInstrumentor):
                 else:
                     estimator.__init_subclass__ = cls._original_init_subclass
                 cls._original_init_subclass = None
-            parallel = sys.modules.get(_PARALLEL_MODULE)
-            if parallel is not None and cls._parallel_patched:
-                from opentelemetry.instrumentation.utils import unwrap
-
-                unwrap(parallel.Parallel, "__call__")
-                unwrap(parallel._FuncWrapper, "__call__")
-                cls._parallel_patched = False
 
     def _on_base_import(self, module: Any) -> None:
         cls = type(self)
@@ -207,22 +204,6 @@ class SklearnInstrumentor(DlInstrumentor):
             estimator.__init_subclass__ = classmethod(__init_subclass__)
         for klass in (estimator, *_subclasses(estimator)):
             self.wrap_class(klass)
-
-    def _on_parallel_import(self, module: Any) -> None:
-        cls = type(self)
-        if (
-            not cls._enabled
-            or cls._parallel_patched
-            or not hasattr(module, "_FuncWrapper")
-            or not hasattr(module, "Parallel")
-        ):
-            return
-        # A forest's trees predict on joblib threads, where the caller's context is not
-        # set: mark the tasks that scikit-learn's Parallel dispatches from inside a traced
-        # call, so they run as nested calls and make no spans of their own.
-        wrapt.wrap_function_wrapper(module, "Parallel.__call__", _mark_tasks)
-        wrapt.wrap_function_wrapper(module, "_FuncWrapper.__call__", _run_task)
-        cls._parallel_patched = True
 
     def wrap_class(self, klass: type) -> None:
         """Wrap the prediction methods of ``klass`` where they are defined (idempotent).
@@ -277,6 +258,7 @@ class SklearnInstrumentor(DlInstrumentor):
                     before=before,
                     after=after,
                     hooks=self._hooks,
+                    tracer=self._tracer,
                 )
             finally:
                 _in_call.reset(token)

@@ -43,25 +43,23 @@ from __future__ import annotations
 import os
 import re
 import sys
-import threading
 import types
 from collections.abc import Callable, Collection, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-import wrapt
-from opentelemetry.instrumentation.utils import suppress_instrumentation, unwrap
+from opentelemetry.instrumentation.utils import suppress_instrumentation
 
 from otel_dl import semconv
 from otel_dl._config import get_config
 from otel_dl._guard import report_internal_error
-from otel_dl._span import NO_HOOKS, Attributes, DlCall, Hooks, traced_call
+from otel_dl._span import Attributes, DlCall, traced_call
 from otel_dl._watch import WatchState, ensure_state, watch_state
 from otel_dl.monitor import confidence_attributes
 from otel_dl.provenance import model_fingerprint
 
-from ._base import DlInstrumentor
+from ._base import DlInstrumentor, Patches
 
 _MODULE = "transformers.pipelines.base"
 _FRAMEWORK = "transformers"
@@ -230,46 +228,13 @@ def _score_rows(result: Any, batched: bool) -> list[list[float]] | None:
 class TransformersInstrumentor(DlInstrumentor):
     """Traces Hugging Face ``Pipeline`` calls; see the module docstring."""
 
-    _hooks: Hooks = NO_HOOKS
-    # Class-level: BaseInstrumentor is a singleton whose __init__ runs on every call.
-    _enabled = False
-    _patched = False
-    _import_hook_registered = False
-    _lock = threading.Lock()
-
     def instrumentation_dependencies(self) -> Collection[str]:
         return ("transformers >= 4.40",)
 
-    # -- patching -----------------------------------------------------------------------
-    def _instrument(self, **kwargs: Any) -> None:
-        self._hooks = self.hooks_from(kwargs)
-        cls = type(self)
-        cls._enabled = True
-        if not cls._import_hook_registered:
-            cls._import_hook_registered = True
-            # Called at once when the module is already imported, else when it is.
-            wrapt.register_post_import_hook(self._patch, _MODULE)
-        elif _MODULE in sys.modules:
-            self._patch(sys.modules[_MODULE])
-
-    def _uninstrument(self, **kwargs: Any) -> None:
-        cls = type(self)
-        with cls._lock:
-            cls._enabled = False
-            module = sys.modules.get(_MODULE)
-            if module is not None and cls._patched:
-                unwrap(module.Pipeline, "__call__")
-                unwrap(module.Pipeline, "forward")
-                cls._patched = False
-
-    def _patch(self, module: Any) -> None:
-        cls = type(self)
-        with cls._lock:
-            if not cls._enabled or cls._patched:
-                return
-            wrapt.wrap_function_wrapper(module, "Pipeline.__call__", self._wrap_call)
-            wrapt.wrap_function_wrapper(module, "Pipeline.forward", self._wrap_forward)
-            cls._patched = True
+    def patches(self) -> Patches:
+        return {
+            _MODULE: {"Pipeline.__call__": self._wrap_call, "Pipeline.forward": self._wrap_forward}
+        }
 
     # -- calls --------------------------------------------------------------------------
     def _wrap_call(self, wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
@@ -294,6 +259,7 @@ class TransformersInstrumentor(DlInstrumentor):
                 before=lambda call: self._model_attributes(call, capture),
                 after=lambda call, result: self._signals(call, capture, result),
                 hooks=self._hooks,
+                tracer=self._tracer,
             )
         finally:
             _capture.reset(token)

@@ -190,6 +190,11 @@ class DlSpan:
         except Exception:
             report_internal_error(self.site)
 
+    def attach(self) -> None:
+        """Make the span current again (a lazy job's work resuming under it)."""
+        if self.span is not None and self._token is None:
+            self._token = context.attach(trace.set_span_in_context(self.span))
+
     def detach(self) -> None:
         """Stop being the current span (idempotent); the span stays open."""
         if self._token is not None:
@@ -222,7 +227,7 @@ class DlSpan:
         """Detach if still current, set the late attributes, record the duration, end."""
         end_ns = time.time_ns() if end_ns is None else end_ns
         self.detach()
-        span = self.span
+        span, self.span = self.span, None  # ends once, whoever calls first
         if span is None:
             return
         try:
@@ -244,40 +249,9 @@ class DlSpan:
             span.end(end_time=end_ns)
 
 
-def finish_span(
-    span: Span,
-    attrs: Mapping[str, AttributeValue],
-    start_ns: int,
-    end_ns: int | None = None,
-    feature_count: int | None = None,
-) -> None:
-    """End a span started elsewhere (a lazy job's) as :meth:`DlSpan.finish` would."""
-    call = DlSpan.__new__(DlSpan)
-    call.site = "span"
-    call.start_ns = start_ns
-    call.attributes = dict(attrs)
-    call.labels = _labels_of(getattr(span, "attributes", None) or {})
-    call.span = span
-    call._token = None
-    status = getattr(span, "status", None)
-    call._error = status is not None and status.status_code is StatusCode.ERROR
-    call.finish(end_ns)
-
-
-def start_span(
-    name: str,
-    attrs: Attributes,
-    *,
-    start_time: int | None = None,
-    kind: SpanKind = SpanKind.INTERNAL,
-    tracer: Tracer | None = None,
-) -> Span:
-    return (tracer or _tracer).start_span(name, kind=kind, attributes=attrs, start_time=start_time)
-
-
 Extractor = Callable[[DlCall], Attributes | None]
 ResultExtractor = Callable[[DlCall, Any], Attributes | None]
-KeepOpen = Callable[[Span, DlCall, Any, int, int], bool]
+KeepOpen = Callable[["DlSpan", DlCall, Any, int], bool]
 
 
 def traced_call(
@@ -302,9 +276,9 @@ def traced_call(
     ``before`` runs before the call and may return attributes; ``after`` runs on the
     result and may return attributes (the signals). Each runs under its own guard: a
     failure drops only its attributes, never the span or the call.
-    ``keep_open(span, call, result, start_ns, end_ns)`` returning True leaves the span
-    open after a successful call, for work the result does later (a lazy job); the
-    caller then ends it.
+    ``keep_open(lifecycle, call, result, end_ns)`` returning True leaves the span open
+    after a successful call, for work the result does later (a lazy job), which then
+    ends it with the same :class:`DlSpan`.
     """
     if not instrumentation_enabled():
         return wrapped(*args, **kwargs)
@@ -352,13 +326,10 @@ def _after_call(
     if after is not None:
         lifecycle.extract("after", after, call, result)
     lifecycle.hook(hooks.response, call, result)
-    span = lifecycle.span
-    if (
-        span is not None
+    parked = (
+        lifecycle.span is not None
         and keep_open is not None
-        and keep_open(span, call, result, lifecycle.start_ns, end_ns)
-    ):
-        if lifecycle.attributes:
-            span.set_attributes(lifecycle.attributes)
-        return
-    lifecycle.finish(end_ns)
+        and keep_open(lifecycle, call, result, end_ns)
+    )
+    if not parked:
+        lifecycle.finish(end_ns)
