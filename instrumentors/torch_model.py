@@ -146,7 +146,6 @@ def _finish_on_gpu(
         inputs=features if features is not None and features.is_cuda else None,
         observe=monitor.observe,
         sample_rows=config.drift_max_rows,
-        confidence=monitor.confidence_due(int(output.shape[0]) if output.dim() else 1),
     )
 
 

@@ -208,7 +208,7 @@ OPTIONS: tuple[Option, ...] = (
         "OTEL_DL_DRIFT_EVERY",
         int,
         "bin and score the drift window every k-th batch (spans between carry the latest"
-        " score); exact confidence of larger calls every k-th call",
+        " score); exact confidence every k-th call",
         _positive,
     ),
     Option(
@@ -229,8 +229,8 @@ OPTIONS: tuple[Option, ...] = (
         "confidence_rows",
         "OTEL_DL_CONFIDENCE_ROWS",
         int,
-        "calls of at most this many predictions (requests) get `dl.confidence.*` on every"
-        " call; larger ones (batches) every `drift_every`-th call",
+        "predictions per call the confidence figures are computed on (evenly spaced above"
+        " it; all of them every `drift_every`-th call)",
         _positive,
     ),
     Option(

@@ -170,20 +170,19 @@ def finish_when_done(
     inputs: Any = None,
     observe: Callable[[Any], Mapping[str, Any]] | None = None,
     sample_rows: int = 64,
-    confidence: bool = True,
 ) -> None:
     """Queue the device-side signals of a CUDA call and end ``call`` when they are done.
 
     See the module docstring. ``inputs`` is the CUDA input tensor whose NaN/Inf share and
     row sample are read (None for none); ``observe`` profiles the row sample on the host
-    (the source's monitor), for drift, range and schema. ``confidence`` False leaves the
-    output's confidence out (a batch between the calls that compute it).
+    (the source's monitor), for drift, range and schema. The output's confidence covers
+    every prediction: on the device that costs the same kernel launches as a sample.
     """
     import torch
 
     with torch.no_grad():
         parts: dict[str, Any] = {}
-        if confidence and output.dim() == 2 and output.is_floating_point() and output.shape[1] > 1:
+        if output.dim() == 2 and output.is_floating_point() and output.shape[1] > 1:
             parts["stats"] = confidence_stats(output, threshold)
         if inputs is not None and inputs.is_floating_point() and inputs.dim() >= 1:
             rows = inputs.shape[0]
@@ -208,6 +207,7 @@ def finish_when_done(
         attrs: Attributes = {semconv.DL_PREDICTION_COUNT: rows_out}
         if "stats" in pinned:
             values = pinned["stats"].tolist()
+            attrs[semconv.DL_CONFIDENCE_ROWS] = rows_out
             attrs.update(zip(_STAT_KEYS, map(float, values), strict=True))
         if "sample" in pinned and observe is not None:
             sampled = observe(pinned["sample"].numpy())

@@ -286,27 +286,16 @@ class FeatureMonitor:
                     semconv.DL_DRIFT_WINDOW_ROWS: tracker.rows,
                 }
 
-    def confidence_due(self, predictions: int) -> bool:
-        """Whether this call's confidence is computed: every call of at most
-        ``confidence_rows`` predictions (one request), every ``drift_every``-th larger one
-        (a batch). Counts the call."""
+    def confidence(self, outputs: Any) -> dict[str, AttributeValue]:
+        """``dl.confidence.*`` of one call's outputs: exact when the call has at most
+        ``confidence_rows`` predictions (one request) and on every ``drift_every``-th call,
+        else on ``confidence_rows`` evenly spaced predictions; ``dl.confidence.rows`` says
+        how many the figures cover."""
         with self._lock:
             self._calls += 1
-            return (
-                predictions <= self.config.confidence_rows
-                or self._calls % self.config.drift_every == 0
-            )
-
-    def confidence(self, outputs: Any) -> dict[str, AttributeValue]:
-        """``dl.prediction.count`` of one call's outputs, and their exact ``dl.confidence.*``
-        when :meth:`confidence_due`."""
-        try:
-            rows = to_scores(outputs).shape[0]
-        except (TypeError, ValueError):
-            return {}
-        if not self.confidence_due(rows):
-            return {semconv.DL_PREDICTION_COUNT: int(rows)}
-        return confidence_attributes(outputs, self.config.confidence_threshold)
+            exact = self._calls % self.config.drift_every == 0
+        limit = None if exact else self.config.confidence_rows
+        return confidence_attributes(outputs, self.config.confidence_threshold, limit)
 
 
 def _set(out: dict[str, AttributeValue], key: str, value: float | None) -> None:
@@ -325,13 +314,23 @@ def _slice(table: Table, rows: int) -> Table:
     )
 
 
-def confidence_attributes(outputs: Any, threshold: float = 0.5) -> dict[str, AttributeValue]:
-    """``dl.confidence.*`` and ``dl.prediction.count`` for one call; never raises on data."""
+def confidence_attributes(
+    outputs: Any, threshold: float = 0.5, max_rows: int | None = None
+) -> dict[str, AttributeValue]:
+    """``dl.confidence.*``, ``dl.confidence.rows`` and ``dl.prediction.count`` for one call;
+    never raises on data. ``max_rows`` bounds the predictions the statistics are computed
+    on (evenly spaced ones); ``dl.prediction.count`` always counts them all."""
     try:
-        summary = summarize(outputs, threshold=threshold)
+        scores = to_scores(outputs)
+        count = scores.shape[0]
+        if max_rows is not None and count > max_rows:
+            scores = scores[_spaced(count, max_rows)]
+        summary = summarize(scores, threshold=threshold)
     except (TypeError, ValueError, IndexError, OverflowError, MemoryError):
         return {}
-    out: dict[str, AttributeValue] = {semconv.DL_PREDICTION_COUNT: int(summary["count"])}
+    out: dict[str, AttributeValue] = {semconv.DL_PREDICTION_COUNT: int(count)}
+    if "mean" in summary:
+        out[semconv.DL_CONFIDENCE_ROWS] = int(summary["count"])
     out.update({key: float(summary[k]) for k, key in _CONFIDENCE_KEYS if k in summary})
     return out
 

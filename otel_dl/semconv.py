@@ -217,6 +217,12 @@ DL_CONFIDENCE_LOW_FRACTION: Final = _attr(
 DL_PREDICTION_COUNT: Final = _attr(
     "dl.prediction.count", "int", "{prediction}", "predictions in the call"
 )
+DL_CONFIDENCE_ROWS: Final = _attr(
+    "dl.confidence.rows",
+    "int",
+    "{prediction}",
+    "predictions the dl.confidence.* figures cover (evenly spaced when fewer than the call's)",
+)
 
 # --- Sampling ---------------------------------------------------------------------------
 DL_SAMPLING_RATE: Final = _attr(

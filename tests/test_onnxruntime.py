@@ -89,13 +89,17 @@ def test_one_span_with_model_provenance_and_confidence(
     assert list(attrs[semconv.DL_MODEL_EXECUTION_PROVIDERS]) == ["CPUExecutionProvider"]
     assert attrs[semconv.DL_BATCH_SIZE] == 64
     assert attrs[semconv.DL_PREDICTION_COUNT] == 64
-    # A batch of 64 predictions: confidence on every drift_every-th (8th) call only.
-    assert semconv.DL_CONFIDENCE_MEAN not in attrs
+    # The first call of a session: its confidence covers 16 evenly spaced predictions.
+    sampled = probs[(np.arange(16) * 64) // 16].max(axis=1)
+    assert attrs[semconv.DL_CONFIDENCE_ROWS] == 16
+    assert attrs[semconv.DL_CONFIDENCE_MEAN] == pytest.approx(sampled.mean(), rel=1e-5)
+    assert attrs[semconv.DL_CONFIDENCE_MIN] == pytest.approx(sampled.min(), rel=1e-5)
+    # Every drift_every-th (8th) call covers all of them.
     for _ in range(7):
         session.run(None, {"x": x})
     eighth = spans.get(semconv.SPAN_INFERENCE)[-1].attributes
+    assert eighth[semconv.DL_CONFIDENCE_ROWS] == 64
     assert eighth[semconv.DL_CONFIDENCE_MEAN] == pytest.approx(probs.max(axis=1).mean(), rel=1e-5)
-    assert eighth[semconv.DL_CONFIDENCE_MIN] == pytest.approx(probs.max(axis=1).min(), rel=1e-5)
     assert semconv.DL_QUALITY_NAN_FRACTION in attrs
     assert semconv.DL_DATA_FINGERPRINT in attrs
     assert label.shape == (64,)
