@@ -15,23 +15,32 @@ Algorithm (docs/collector.md has the long form):
    (0, 1] that grows with how far the signal is past its threshold. A span takes its
    most specific firing mode (modes with ``where`` conditions first), cause kinds
    before symptom kinds, then the strongest.
-2. Data-flow order. The span tree is walked in post-order with children by start
+2. Symptom first (issue 17). Only a trace with a symptom gets a root cause: an error
+   or an SLO-breaching latency at its entry span (the learned ``1 - fp_budget``
+   quantile of its operation), or a ``dl.*`` signal. Errors count only when they reached
+   the entry or are unusual for their operation; latency only when the entry is slow. A
+   slow client span whose callee's server span is normal blames the callee's span as a
+   slow *link* (``Decision.blame``), never the caller.
+3. Data-flow order. The span tree is walked in post-order with children by start
    time: callees come before their caller and earlier siblings before later ones, so
    a span's *upstream* (the work whose output it consumed) is everything before it.
-3. Ranking. An anomalous span with another anomalous span upstream is *explained*:
+4. Ranking. An anomalous span with another anomalous span upstream is *explained*:
    its score is discounted: a symptom kind (low confidence, latency, error) strongly by
    any upstream anomaly, a cause kind mildly and only by an upstream cause kind.
    The highest score is the root cause (at equal scores a cause kind, then the
    earliest); the services of the ranked candidates form ``dl.fault.candidates``.
-4. Learning. Baselines (DDSketch quantiles of ``above_baseline`` signals per service
-   and span name) learn only from spans that fired no mode, so faults never poison
-   them. A ``changed`` value becomes established once seen ``min_baseline_samples``
-   times; the first value seen for a key is established at once.
+5. Learning. Baselines (DDSketch quantiles of ``above_baseline`` signals per service
+   and operation: span name, route and peer, see :func:`operation`) learn only from
+   spans that fired no mode, so faults never poison them. A ``changed`` value becomes
+   established once seen ``min_baseline_samples`` times; the first value seen for a key
+   is established at once.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +65,16 @@ _MAX_CANDIDATES = 5
 _MAX_VALUES_PER_KEY = 1024
 _REFRESH_SAMPLES = 32
 _SPAN_KIND_NAMES = {1: "internal", 2: "server", 3: "client", 4: "producer", 5: "consumer"}
+_CLIENT = 3
+_ERROR_SIGNALS = frozenset({"status.error", "exception"})
+#: Baseline signal name of an entry span's duration, learned apart from ``duration``:
+#: it sets the trace's latency symptom, so it learns from every trace given no fault.
+_ENTRY_DURATION = "entry.duration"
+#: DDSketch's relative accuracy (1 %) and a margin: a constant entry duration must not
+#: breach its own learned quantile on rounding.
+_SKETCH_SLACK = 1.02
+#: Calls of an operation in its recent window, against which error bursts are judged.
+_RECENT_CALLS = 20
 #: Attributes naming the remote peer of a client span, in the order they are trusted.
 #: Instrumentations differ: current semconv writes ``server.address`` (gRPC also
 #: ``rpc.service``), the requests/urllib instrumentations in their default (old) semconv
@@ -69,12 +88,26 @@ PEER_NAME_ATTRIBUTES = (
 )
 #: URL attributes the peer host is parsed from when no name attribute is set.
 PEER_URL_ATTRIBUTES = ("url.full", "http.url")
+#: Attributes naming the operation within a span name, in the order they are trusted:
+#: HotROD names its customer calls (~300 ms) and route calls (~50 ms) both ``HTTP GET``,
+#: so a baseline keyed by span name alone mixes them.
+ROUTE_ATTRIBUTES = ("http.route", "url.template", "rpc.method")
+#: Path attributes a route is derived from when no route attribute is set.
+PATH_ATTRIBUTES = ("url.path", "http.target")
+#: Port attributes that tell apart services on one host (loopback deployments).
+PORT_ATTRIBUTES = ("server.port", "net.peer.port")
+_OPERATION_ATTRIBUTES = frozenset(
+    {*ROUTE_ATTRIBUTES, *PATH_ATTRIBUTES, *PORT_ATTRIBUTES, *PEER_URL_ATTRIBUTES}
+)
 #: Span attributes read besides the catalog's own signals.
 CORE_ATTRIBUTES = frozenset(
     {
         "error.type",
         *PEER_NAME_ATTRIBUTES,
         *PEER_URL_ATTRIBUTES,
+        *ROUTE_ATTRIBUTES,
+        *PATH_ATTRIBUTES,
+        *PORT_ATTRIBUTES,
         semconv.DL_MODEL_NAME,
         semconv.DL_STAGE,
     }
@@ -88,6 +121,8 @@ class Evidence:
     mode: FailureMode
     strength: float
     reason: str
+    #: The signal of the detect condition that fired (``duration``, ``status.error``...).
+    signal: str = ""
 
 
 @dataclass
@@ -105,6 +140,8 @@ class Decision:
     trace_root: SpanRecord | None = None
     evidence: str = ""
     ranked_spans: tuple[SpanRecord, ...] = ()
+    #: What the root-cause span stands for, a ``semconv.FAULT_BLAME_*`` value.
+    blame: str = semconv.FAULT_BLAME_SELF
 
 
 def _strength_above(value: float, limit: float) -> float:
@@ -139,6 +176,54 @@ def peer_host(attrs: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _template(path: str) -> str:
+    """A low-cardinality template of a URL path: segments holding a digit become ``{}``."""
+    return "/".join(
+        "{}" if any(c.isdigit() for c in part) else part
+        for part in path.split("?", 1)[0].split("/")
+    )
+
+
+def _url(attrs: Mapping[str, Any]) -> tuple[str, str]:
+    """(path template, port) of the span's URL attribute, or empty strings."""
+    for key in PEER_URL_ATTRIBUTES:
+        value = attrs.get(key)
+        if isinstance(value, str):
+            try:
+                parts = urlsplit(value.strip())
+                port = parts.port
+            except ValueError:
+                continue
+            return _template(parts.path), str(port) if port else ""
+    return "", ""
+
+
+def operation(span: SpanRecord) -> str:
+    """What a span does, finer than its name: the name, plus the route (``http.route``,
+    ``url.template``, ``rpc.method``, else a template of the URL path), plus the peer
+    ``host:port`` of a client span. Baselines are learned per (service, operation)."""
+    attrs = span.attrs
+    if span.kind != _CLIENT and attrs.keys().isdisjoint(_OPERATION_ATTRIBUTES):
+        return span.name  # the common case, kept cheap: it runs for every span
+    route = next((v for k in ROUTE_ATTRIBUTES if isinstance(v := attrs.get(k), str)), "")
+    port = next((str(v) for k in PORT_ATTRIBUTES if (v := attrs.get(k)) is not None), "")
+    if not route:
+        path = next((v for k in PATH_ATTRIBUTES if isinstance(v := attrs.get(k), str)), "")
+        if path:
+            route = _template(path)
+    if not route or not port:
+        url_route, url_port = _url(attrs)
+        route, port = route or url_route, port or url_port
+    peer = ""
+    if span.kind == _CLIENT:
+        host = peer_host(attrs)
+        if host:
+            peer = f"{host}:{port}" if port else host
+    if not route and not peer:
+        return span.name
+    return f"{span.name} {route} @{peer}" if peer else f"{span.name} {route}"
+
+
 def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
@@ -153,15 +238,37 @@ class Baselines:
         self.sketches: dict[tuple[str, str, str], DDSketch] = {}
         self._quantiles: dict[tuple[str, str, str], tuple[float, float]] = {}
         self.values: dict[tuple[str, ...], tuple[dict[Any, int], set[Any]]] = {}
+        #: Calls and errors per (service, operation): see :class:`Calls`.
+        self.calls: dict[tuple[str, str], Calls] = {}
 
-    def quantile(self, key: tuple[str, str, str]) -> float | None:
+    def count_call(self, key: tuple[str, str], error: bool, budget: float) -> None:
+        entry = self.calls.get(key)
+        if entry is None:
+            if len(self.calls) >= _MAX_BASELINE_KEYS:
+                return
+            entry = self.calls[key] = Calls()
+        entry.add(error, self.min_samples, budget)
+
+    def error_rate(self, key: tuple[str, str]) -> float | None:
+        """The operation's usual error rate, or None before ``min_samples`` calls."""
+        entry = self.calls.get(key)
+        if entry is None or entry.calls < self.min_samples:
+            return None
+        return entry.errors / entry.calls
+
+    def burst(self, key: tuple[str, str]) -> bool:
+        """Whether the operation's recent calls fail far more than usual."""
+        entry = self.calls.get(key)
+        return entry is not None and entry.burst(self.min_samples)
+
+    def quantile(self, key: tuple[str, str, str], q: float = _BASELINE_QUANTILE) -> float | None:
         sketch = self.sketches.get(key)
         if sketch is None or sketch.count < self.min_samples:
             return None
         # A quantile query walks the sketch's bins; refresh it only as samples accumulate.
         cached = self._quantiles.get(key)
         if cached is None or sketch.count - cached[0] >= _REFRESH_SAMPLES:
-            value = sketch.get_quantile_value(_BASELINE_QUANTILE)
+            value = sketch.get_quantile_value(q)
             if value is None:
                 return None
             cached = self._quantiles[key] = (sketch.count, float(value))
@@ -197,6 +304,56 @@ class Baselines:
             established.add(value)
 
 
+class Calls:
+    """An operation's usual error rate and its last :data:`_RECENT_CALLS` calls.
+
+    A call joins the usual rate unless the window is a burst, so an outage, once seen,
+    does not teach its own errors as usual (the few calls before it is seen do). A burst is
+    a window with more errors than the usual rate gives with probability ``budget``
+    (binomial tail): one retried error is not one, an operation failing on every call
+    is, and HotROD's redis failing every 5th call is neither.
+    """
+
+    __slots__ = ("_limit", "_limit_at", "calls", "errors", "recent", "recent_errors")
+
+    def __init__(self) -> None:
+        self.recent: deque[bool] = deque()
+        self.recent_errors = 0
+        self.calls = 0
+        self.errors = 0
+        self._limit = _RECENT_CALLS + 1
+        self._limit_at = -1
+
+    def burst(self, min_samples: int) -> bool:
+        return self.calls >= min_samples and self.recent_errors >= self._limit
+
+    def _refresh(self, budget: float, min_samples: int) -> None:
+        # The binomial tail is recomputed only as the usual rate's sample grows, and once
+        # the rate is learned (the limit from the first calls is only a placeholder).
+        learned = self._limit_at < min_samples <= self.calls
+        if self._limit_at >= 0 and self.calls - self._limit_at < _REFRESH_SAMPLES and not learned:
+            return
+        p = (self.errors + 1) / (self.calls + 2)  # Laplace: no 0 % rate from few calls
+        n, tail = _RECENT_CALLS, 0.0
+        limit = n + 1
+        for k in range(n, 0, -1):
+            tail += math.comb(n, k) * p**k * (1 - p) ** (n - k)
+            if tail >= budget:
+                break
+            limit = k
+        self._limit, self._limit_at = limit, self.calls
+
+    def add(self, error: bool, min_samples: int, budget: float) -> None:
+        if len(self.recent) == _RECENT_CALLS:
+            self.recent_errors -= self.recent.popleft()
+        self.recent.append(error)
+        self.recent_errors += error
+        if not self.burst(min_samples):
+            self.calls += 1
+            self.errors += error
+            self._refresh(budget, min_samples)
+
+
 def _changed_key(span: SpanRecord, signal: str) -> tuple[str, ...]:
     if signal == semconv.DL_MODEL_FINGERPRINT:
         model = span.attrs.get(semconv.DL_MODEL_NAME)
@@ -208,9 +365,24 @@ def _changed_key(span: SpanRecord, signal: str) -> tuple[str, ...]:
 class Attributor:
     """Matches whole traces against the catalog and learns baselines from healthy spans."""
 
-    def __init__(self, catalog: Catalog, min_baseline_samples: int = 30) -> None:
+    def __init__(
+        self,
+        catalog: Catalog,
+        min_baseline_samples: int = 30,
+        fp_budget: float = 0.001,
+        symptom_first: bool = True,
+    ) -> None:
+        """``fp_budget``: share of healthy entry calls allowed over the entry's latency
+        threshold, which is that learned quantile; also the usual error rate under which
+        an operation's errors are unusual. ``symptom_first=False`` keeps the behaviour
+        before issue 17 (any anomalous span makes a fault, slow links blame the caller,
+        baselines by span name), for before/after benchmarks only."""
         self.catalog = catalog
         self.baselines = Baselines(min_baseline_samples)
+        self.fp_budget = fp_budget
+        self.symptom_first = symptom_first
+        # Operation of each span of the trace being decided, computed once (see operation).
+        self._ops: dict[int, str] = {}
         self.wanted_attributes = catalog.attributes | CORE_ATTRIBUTES
         self._baseline_signals = frozenset(
             c.signal for m in catalog.modes for c in m.detect if c.op == "above_baseline"
@@ -279,7 +451,7 @@ class Attributor:
                 ), f"{cond.signal}={number:.4g} < {cond.value}"
             return None
         # above_baseline
-        p99 = self.baselines.quantile((span.service, span.name, cond.signal))
+        p99 = self.baselines.quantile((span.service, self._op(span), cond.signal))
         if p99 is None:
             return None
         limit = p99 * cond.value
@@ -289,6 +461,14 @@ class Attributor:
                 f"{cond.signal}={number:.4g} > {cond.value}x learned p99 {p99:.4g}",
             )
         return None
+
+    def _op(self, span: SpanRecord) -> str:
+        if not self.symptom_first:
+            return span.name
+        op = self._ops.get(id(span))
+        if op is None:
+            op = self._ops[id(span)] = operation(span)
+        return op
 
     def evidence(self, span: SpanRecord) -> Evidence | None:
         """The mode ``span`` fires, or None when it looks healthy."""
@@ -307,7 +487,7 @@ class Attributor:
                     continue
                 hit = self._fires(span, cond)
                 if hit and (best is None or hit[0] > best.strength):
-                    best, best_rank = Evidence(mode, hit[0], hit[1]), rank
+                    best, best_rank = Evidence(mode, hit[0], hit[1], cond.signal), rank
         return best
 
     # --- decision -------------------------------------------------------------------------
@@ -360,19 +540,134 @@ class Attributor:
             depths[span_id] = depth
         return depths
 
+    def _errored(self, span: SpanRecord) -> bool:
+        return bool(self._signal(span, "status.error")) or span.exception
+
+    def _entry_slow(self, entry: SpanRecord) -> bool:
+        """The entry's latency breaches its SLO: the learned (1 - fp_budget) quantile of
+        its operation's entry durations, so healthy traffic breaches it at that rate."""
+        key = (entry.service, self._op(entry), _ENTRY_DURATION)
+        limit = self.baselines.quantile(key, 1.0 - self.fp_budget)
+        # The sketch's quantiles are within 1 % of the truth; past that is a breach.
+        return limit is not None and entry.duration > limit * _SKETCH_SLACK
+
+    def _on_error_chain(self, span: SpanRecord, by_id: Mapping[bytes, SpanRecord]) -> bool:
+        """Whether the error reached the entry: every span from ``span`` up to the trace's
+        top is in error. A retried error under a parent that succeeded stops the chain."""
+        seen: set[bytes] = set()
+        cur: SpanRecord | None = span
+        while cur is not None and cur.span_id not in seen:
+            if not self._errored(cur):
+                return False
+            seen.add(cur.span_id)
+            cur = by_id.get(cur.parent_id) if cur.parent_id else None
+        return True
+
+    def _unusual_error(self, span: SpanRecord) -> bool:
+        """An error above its operation's usual error rate: a rare error, a burst of
+        them, or an operation not yet learned (one never seen before may be the fault)."""
+        key = (span.service, self._op(span))
+        rate = self.baselines.error_rate(key)
+        return rate is None or rate <= self.fp_budget or self.baselines.burst(key)
+
+    def _relevant(
+        self,
+        found: list[tuple[SpanRecord, Evidence]],
+        by_id: Mapping[bytes, SpanRecord],
+        entry: SpanRecord | None,
+    ) -> list[tuple[SpanRecord, Evidence]]:
+        """Symptom first: the evidence that may explain the trace's symptom, if it has
+        one. A symptom is an error or an SLO-breaching latency at the entry span, an
+        otel-dl signal past its catalog threshold (drift, quality, schema, freshness,
+        model, confidence), or a burst of errors of one operation. Without one, nothing
+        is a fault: a recovered error or a slow span that made nothing slow is noise."""
+        failed = entry is not None and self._errored(entry)
+        slow = entry is not None and self._entry_slow(entry)
+        ml = any(ev.signal not in _ERROR_SIGNALS and ev.signal != "duration" for _, ev in found)
+        # A burst of errors is a symptom although the entry succeeded: an outage of a
+        # service whose caller falls back to a default degrades every answer.
+        burst = any(
+            ev.signal in _ERROR_SIGNALS and self.baselines.burst((s.service, self._op(s)))
+            for s, ev in found
+        )
+        if not (failed or slow or ml or burst):
+            return []
+        kept = []
+        for span, ev in found:
+            if ev.signal in _ERROR_SIGNALS:
+                # Errors count when they reached the entry, or when they are unusual for
+                # their operation (an operation that always fails 2 % is background).
+                if not (
+                    (failed and self._on_error_chain(span, by_id)) or self._unusual_error(span)
+                ):
+                    continue
+            elif ev.signal == "duration" and not slow:
+                continue
+            kept.append((span, ev))
+        return kept
+
+    def _blame_links(
+        self,
+        found: list[tuple[SpanRecord, Evidence]],
+        spans: Sequence[SpanRecord],
+    ) -> tuple[list[tuple[SpanRecord, Evidence]], dict[int, str], list[SpanRecord]]:
+        """A slow client span whose callee's server span is normal is a slow link: the
+        network or the callee's queue (a paused or starved process delays the server
+        span's start, not its length). Blame moves to the callee's span; the caller's
+        client span becomes a symptom. Returns the evidence, the blame of each span (by
+        ``id``) and the client spans turned into symptoms."""
+        flagged = {id(s) for s, _ in found}
+        children: dict[bytes, list[SpanRecord]] = {}
+        for s in spans:
+            if s.parent_id:
+                children.setdefault(s.parent_id, []).append(s)
+        out: list[tuple[SpanRecord, Evidence]] = []
+        blame: dict[int, str] = {}
+        callers: list[SpanRecord] = []
+        for span, ev in found:
+            if any(c.signal == "peer" for c in ev.mode.where):
+                blame[id(span)] = semconv.FAULT_BLAME_DEPENDENCY
+            if ev.signal == "duration" and span.kind == _CLIENT:
+                callees = [k for k in children.get(span.span_id, ()) if k.service != span.service]
+                if callees and not any(id(k) in flagged for k in callees):
+                    callee = max(callees, key=lambda k: k.duration)
+                    reason = (
+                        f"client span {span.service}/{span.name} {ev.reason}, while the "
+                        f"callee's span took {callee.duration * 1e3:.4g} ms, within its "
+                        "baseline: the link (network or the callee's queue)"
+                    )
+                    out.append((callee, Evidence(ev.mode, ev.strength, reason, ev.signal)))
+                    blame[id(callee)] = semconv.FAULT_BLAME_LINK
+                    callers.append(span)
+                    continue
+            out.append((span, ev))
+        return out, blame, callers
+
     def decide(self, trace_id: bytes, spans: Sequence[SpanRecord]) -> Decision:
         """Attribute one whole trace and learn from its healthy spans."""
         order = self._post_order(spans)
         self._callers = frozenset(s.parent_id for s in spans if s.parent_id)
-        found: list[tuple[SpanRecord, Evidence]] = []
+        self._ops = {}
+        raw: list[tuple[SpanRecord, Evidence]] = []
         for span in order:
             ev = self.evidence(span)
             if ev is not None:
-                found.append((span, ev))
-        self._learn(order, {id(s) for s, _ in found})
+                raw.append((span, ev))
         trace_root = next(
             (s for s in reversed(order) if not s.parent_id), order[-1] if order else None
         )
+        found = raw
+        blame: dict[int, str] = {}
+        link_callers: list[SpanRecord] = []
+        if self.symptom_first:
+            for span in order:
+                self.baselines.count_call(
+                    (span.service, self._op(span)), self._errored(span), self.fp_budget
+                )
+            by_id = {s.span_id: s for s in spans}
+            found = self._relevant(raw, by_id, trace_root)
+            found, blame, link_callers = self._blame_links(found, spans)
+        self._learn(order, {id(s) for s, _ in raw}, trace_root, bool(found))
         if not found:
             return Decision(trace_id, fault=False, trace_root=trace_root)
         scored: list[tuple[float, int, SpanRecord, Evidence]] = []
@@ -412,6 +707,7 @@ class Attributor:
             if span.service not in candidates:
                 candidates.append(span.service)
         symptoms = [s for _, _, s, _ in scored[1:]]
+        symptoms.extend(s for s in link_callers if s is not root and s not in symptoms)
         if (
             trace_root is not None
             and trace_root is not root
@@ -430,9 +726,16 @@ class Attributor:
             trace_root=trace_root,
             evidence=f"{root.service}/{root.name}: {ev.reason}",
             ranked_spans=tuple(s for _, _, s, _ in scored),
+            blame=blame.get(id(root), semconv.FAULT_BLAME_SELF),
         )
 
-    def _learn(self, spans: Sequence[SpanRecord], anomalous: set[int]) -> None:
+    def _learn(
+        self,
+        spans: Sequence[SpanRecord],
+        anomalous: set[int],
+        entry: SpanRecord | None,
+        fault: bool,
+    ) -> None:
         baselines = self.baselines
         for span in spans:
             # Established values count anomalous spans too, so an intended change
@@ -446,4 +749,9 @@ class Attributor:
             for signal in self._baseline_signals:
                 number = _number(self._signal(span, signal))
                 if number is not None and number >= 0:
-                    baselines.learn((span.service, span.name, signal), number)
+                    baselines.learn((span.service, self._op(span), signal), number)
+        if self.symptom_first and entry is not None and not fault:
+            # Every entry given no fault teaches the SLO threshold, over it or not: one
+            # that learned only from entries under it would creep down and flag more
+            # than the budget.
+            baselines.learn((entry.service, self._op(entry), _ENTRY_DURATION), entry.duration)

@@ -17,9 +17,9 @@ remote peer: a peer name attribute or the host of its URL, see
 - ``above`` / ``below``: a fixed threshold;
 - ``equals``: a string, number or boolean;
 - ``above_baseline``: the value exceeds ``factor`` times the learned p99 of that signal
-  for the same (service, span name), and the p99 by more than ``min_excess`` (an optional
-  key of the condition; 0.01 s for ``duration``, 0 otherwise), so scheduler jitter on a
-  sub-millisecond span is not a fault;
+  for the same (service, operation: span name, route and peer), and the p99 by more
+  than ``min_excess`` (an optional key of the condition; 0.01 s for ``duration``, 0
+  otherwise), so scheduler jitter on a sub-millisecond span is not a fault;
 - ``changed``: the value differs from every value established for the same key
   (``dl.model.name`` for model fingerprints, otherwise service and span name).
 

@@ -49,6 +49,7 @@ class CollectorConfig:
     queue_dir: str = "./otel-dl-queue"
     queue_max_bytes: int = 256 * 1024 * 1024
     min_baseline_samples: int = 30
+    fp_budget: float = 0.001
     max_request_bytes: int = 64 * 1024 * 1024
     max_request_wait: float = 2.0
     memory_limit_mib: int = 0
@@ -115,6 +116,10 @@ def _port(value: int) -> str | None:
 
 def _positive(value: float) -> str | None:
     return None if value > 0 else "must be greater than 0"
+
+
+def _fraction(value: float) -> str | None:
+    return None if 0 < value < 1 else "must be between 0 and 1, exclusive"
 
 
 def _non_negative(value: float) -> str | None:
@@ -198,6 +203,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("queue_dir", _str, _ok, "directory of the persistent inbox journal and export queue"),
     Option("queue_max_bytes", _int, _positive, "disk bytes before senders get back-pressure"),
     Option("min_baseline_samples", _int, _positive, "samples before a learned baseline is used"),
+    Option(
+        "fp_budget",
+        _float,
+        _fraction,
+        "share of healthy calls of an entry operation allowed over its SLO threshold "
+        "(the threshold is that learned quantile); also the error rate below which an "
+        "operation's errors are unusual, and the tail probability of an error burst",
+    ),
     Option("max_request_bytes", _int, _positive, "largest accepted OTLP request, bytes"),
     Option(
         "max_request_wait",

@@ -2,7 +2,8 @@
 
 :func:`enrich` applies a :class:`~.attribute.Decision` to the OTLP spans in place,
 following DESIGN.md's contract: the root-cause span gets ``dl.fault.root_cause`` and the
-mode's kind, origin, id, score, severity, owner and runbook; symptom spans get
+mode's kind, origin, id, score, severity, owner and runbook, and what it stands for
+(``dl.fault.blame``: its own work, the link into it, or an untraced dependency); symptom spans get
 ``dl.fault.symptom`` and where the cause is; the trace's root span gets where the
 cause is and the ranked candidate services. A healthy trace gets nothing.
 :func:`enrich_late` gives a span that arrived after its trace was decided the
@@ -69,6 +70,7 @@ def enrich(decision: Decision) -> None:
         (semconv.DL_FAULT_SEVERITY, mode.severity),
         (semconv.DL_FAULT_OWNER, mode.owner),
         (semconv.DL_FAULT_RUNBOOK, mode.runbook),
+        (semconv.DL_FAULT_BLAME, decision.blame),
     ):
         set_attribute(root.span, key, value)
     for symptom in decision.symptoms:

@@ -54,7 +54,7 @@ class Collector:
         self.config = config
         self.catalog = catalog or load_catalog(Path(config.catalog) if config.catalog else None)
         self.metrics = CollectorMetrics(config.max_metric_services)
-        self.attributor = Attributor(self.catalog, config.min_baseline_samples)
+        self.attributor = Attributor(self.catalog, config.min_baseline_samples, config.fp_budget)
         self._wanted = self.attributor.wanted_attributes | SIGNAL_ATTRIBUTES
         self.decisions = DecisionCache(config.decision_cache_size)
         self.buffer = TraceBuffer(

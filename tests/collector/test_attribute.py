@@ -127,7 +127,9 @@ def test_model_fingerprint_change_beats_low_confidence_on_the_same_span():
 def test_latency_baseline_is_not_poisoned_by_slow_spans():
     attributor = _attributor()
     for _ in range(20):
+        # The slow step makes the request slow: a symptom at the entry.
         slow = [r if r[1] != "transform" else (*r[:3], 0.2, 5.0, r[5]) for r in _pipeline()]
+        slow[0] = (*slow[0][:4], 5.1, slow[0][5])
         records = _trace(slow)
         decision = attributor.decide(records[0].trace_id, records)
         assert decision.fault and decision.root.name == "transform"
@@ -156,7 +158,7 @@ def test_requests_client_span_naming_its_peer_only_by_url_is_a_dependency_outage
 
 def test_a_url_without_a_host_names_no_peer():
     attributor = _attributor()
-    rows = _pipeline()
+    rows = _pipeline(root={"error": True})
     for url in ("/v1/score", "http://[::1/broken"):
         service, name, parent, start, end, _ = rows[5]
         rows[5] = (
@@ -176,7 +178,7 @@ def _asgi_send_trace(send_seconds: float) -> list:
     """A FastAPI-like request whose ASGI ``http send`` span is sub-millisecond."""
     return _trace(
         [
-            ("api", "POST /predict", None, 0.0, 0.05, {}),
+            ("api", "POST /predict", None, 0.0, 0.041 + send_seconds, {}),
             ("api", "POST /predict http send", 0, 0.04, 0.04 + send_seconds, {}),
         ]
     )
@@ -218,6 +220,8 @@ def test_an_upstream_symptom_does_not_explain_a_later_cause():
     # A slow ingest span (latency, a symptom kind) runs before three-day-old features.
     slow = _pipeline(features={semconv.DL_FEATURE_FRESHNESS: 3 * 86400.0})
     slow[1] = (*slow[1][:3], 0.01, 0.5, slow[1][5])
+    # ... and made the request slow, so its latency counts as evidence.
+    slow[0] = (*slow[0][:4], 1.4, slow[0][5])
     records = _trace(slow)
     decision = attributor.decide(records[0].trace_id, records)
     assert decision.mode.kind == semconv.FAULT_KIND_STALE_FEATURES

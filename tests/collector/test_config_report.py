@@ -38,6 +38,8 @@ def test_precedence_flag_over_env_over_file(tmp_path):
         ("", {"OTEL_DL_COLLECTOR_API_PORT": "70000"}, {}, "OTEL_DL_COLLECTOR_API_PORT"),
         ("", {}, {"export_endpoint": "nohost"}, "flag --export-endpoint"),
         ("", {}, {"catalog": "/nonexistent.yaml"}, "--catalog"),
+        ("fp_budget: 1.5\n", {}, {}, "between 0 and 1"),
+        ("", {"OTEL_DL_COLLECTOR_FP_BUDGET": "0"}, {}, "OTEL_DL_COLLECTOR_FP_BUDGET"),
     ],
 )
 def test_bad_configuration_names_source_key_and_fix(tmp_path, text, env, flags, needle):

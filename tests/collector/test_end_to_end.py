@@ -294,10 +294,13 @@ def test_error_type_of_another_type_is_ignored_with_a_warning_not_an_error(
     values: list[bool | int | str] = [False] * 98 + [True, 0] + ["TimeoutError"]
     for value in values:  # 100 healthy traces, then one with a real error.type
         with (
-            frontend.start_as_current_span("predict"),
+            frontend.start_as_current_span("predict") as entry,
             worker.start_as_current_span("transform") as span,
         ):
             span.set_attribute("error.type", value)
+            # The request carries the step's error.type too, so a mistyped value read as
+            # an error would reach the entry and make a fault (symptom first).
+            entry.set_attribute("error.type", value)
     wait_for(lambda: servicer.count() == 2 * len(values), timeout=30)
 
     # Only the string error.type is an error; the other 100 traces are not.
@@ -307,9 +310,9 @@ def test_error_type_of_another_type_is_ignored_with_a_warning_not_an_error(
     assert len(stored["faults"]) == 1
     series = prometheus_samples(api)
     ignored = "otel_dl_collector_attributes_ignored_total"
-    assert _value(series, ignored, attribute="error.type", value_type="boolean") == 99
-    assert _value(series, ignored, attribute="error.type", value_type="int") == 1
-    # One log line per cause, not one per span or request.
+    assert _value(series, ignored, attribute="error.type", value_type="boolean") == 2 * 99
+    assert _value(series, ignored, attribute="error.type", value_type="int") == 2
+    # Counted on both spans of each trace; one log line per cause, not per span or request.
     lines = [r.getMessage() for r in caplog.records if "error.type arrived as" in r.getMessage()]
     assert len(lines) == 2, lines
     assert any("arrived as boolean, not string" in line for line in lines)

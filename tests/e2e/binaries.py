@@ -13,6 +13,10 @@ takes several minutes each, later runs reuse the cache.
   tag of a Jaeger v2 release, built on Collector v0.140), has a ``replace`` directive that
   ``go install`` rejects, so the module is downloaded (``go mod download``) and built as
   the main module instead. ``OTEL_DL_JAEGER_BIN`` overrides the path.
+- ``hotrod_binary()``: Jaeger's HotROD demo (``examples/hotrod`` of the same module and
+  version), a real multi-service Go application exporting OTLP: the real-trace bench
+  ``benchmarks/rca_real.py``. Built from the downloaded module like Jaeger itself.
+  ``OTEL_DL_HOTROD_BIN`` overrides the path.
 - ``otelcol_binary()``: a small OpenTelemetry Collector built with the official builder
   from ``examples/deploy/otelcol/builder.yaml`` (otlp receiver, loadbalancing and otlp
   exporters, tail_sampling). The cached name carries a hash of the manifest, so editing
@@ -76,14 +80,11 @@ def _go_install(module: str, version: str, binary: Path) -> Path:
     return binary
 
 
-def jaeger_binary() -> Path:
-    """Jaeger v2 (an OpenTelemetry Collector distribution), built from its module."""
+def _build_from_jaeger_module(what: str, package: str, binary: Path) -> Path:
+    """Build ``package`` of the Jaeger module as the main module: ``go install`` rejects
+    the module's ``replace`` directive, a build inside the downloaded module honours it."""
     module, version = JAEGER
-    override = os.environ.get("OTEL_DL_JAEGER_BIN")
-    binary = Path(override) if override else CACHE_BIN / f"jaeger-{version}"
-    if _cached(binary):
-        return binary
-    go = _go(f"Jaeger v2 ({module}@{version})")
+    go = _go(f"{what} ({module}@{version})")
     downloaded = subprocess.run(
         [go, "mod", "download", "-json", f"{module}@{version}"],
         check=True,
@@ -93,12 +94,30 @@ def jaeger_binary() -> Path:
     source = json.loads(downloaded.stdout)["Dir"]
     CACHE_BIN.mkdir(parents=True, exist_ok=True)
     subprocess.run(
-        [go, "build", "-o", str(binary), "./cmd/jaeger"],
+        [go, "build", "-o", str(binary), package],
         cwd=source,
         check=True,
         timeout=BUILD_TIMEOUT_SECONDS,
     )
     return binary
+
+
+def jaeger_binary() -> Path:
+    """Jaeger v2 (an OpenTelemetry Collector distribution), built from its module."""
+    override = os.environ.get("OTEL_DL_JAEGER_BIN")
+    binary = Path(override) if override else CACHE_BIN / f"jaeger-{JAEGER[1]}"
+    if _cached(binary):
+        return binary
+    return _build_from_jaeger_module("Jaeger v2", "./cmd/jaeger", binary)
+
+
+def hotrod_binary() -> Path:
+    """Jaeger's HotROD demo application, built from the Jaeger module."""
+    override = os.environ.get("OTEL_DL_HOTROD_BIN")
+    binary = Path(override) if override else CACHE_BIN / f"hotrod-{JAEGER[1]}"
+    if _cached(binary):
+        return binary
+    return _build_from_jaeger_module("HotROD", "./examples/hotrod", binary)
 
 
 def otelcol_binary() -> Path:
@@ -123,6 +142,7 @@ def otelcol_binary() -> Path:
 
 
 if __name__ == "__main__":
+    # HotROD is built on demand by benchmarks/rca_real.py: no test runs it.
     for build in (jaeger_binary, otelcol_binary):
         try:
             print(build())
