@@ -167,36 +167,29 @@ class OnnxRuntimeInstrumentor(DlInstrumentor):
             }
         }
 
+    def _wrap_run(self, wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        return self._traced(wrapped, instance, args, kwargs, _SITE, self._signals)
+
     def _wrap_run_with_iobinding(self, wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
         # Bound inputs cannot be read back from Python: such a span has the outputs'
         # signals only.
-        return traced_call(
-            wrapped,
-            instance,
-            args,
-            kwargs,
-            site=f"{_SITE}_with_iobinding",
-            name=semconv.SPAN_INFERENCE,
-            stage=semconv.STAGE_INFERENCE,
-            component=semconv.COMPONENT_ONNXRUNTIME,
-            before=self._model_attributes,
-            after=self._bound_signals,
-            hooks=self._hooks,
-            tracer=self._tracer,
-        )
+        site = f"{_SITE}_with_iobinding"
+        return self._traced(wrapped, instance, args, kwargs, site, self._bound_signals)
 
-    def _wrap_run(self, wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+    def _traced(
+        self, wrapped: Any, instance: Any, args: Any, kwargs: Any, site: str, after: Any
+    ) -> Any:
         return traced_call(
             wrapped,
             instance,
             args,
             kwargs,
-            site=_SITE,
+            site=site,
             name=semconv.SPAN_INFERENCE,
             stage=semconv.STAGE_INFERENCE,
             component=semconv.COMPONENT_ONNXRUNTIME,
             before=self._model_attributes,
-            after=self._signals,
+            after=after,
             hooks=self._hooks,
             tracer=self._tracer,
         )

@@ -23,7 +23,7 @@ from opentelemetry.trace import StatusCode
 import otel_dl
 from otel_dl import _config, semconv
 from otel_dl.instrumentors import feast as feast_instrumentor
-from tests.support import InternalErrors, SpanList, feast_driver_repo
+from tests.support import InternalErrors, SpanList, broken_extractor, feast_driver_repo
 
 ONLINE = "feature_store.get_online_features"
 HISTORICAL = "feature_store.get_historical_features"
@@ -238,10 +238,6 @@ def test_registry_change_changes_the_fingerprint(
 # --- One failed extractor costs only its own attributes ------------------------------------
 
 
-def _broken(*args: object, **kwargs: object) -> None:
-    raise RuntimeError("extractor bug")
-
-
 def _assert_counted(errors: dict[str, int], site: str) -> None:
     assert errors, "the failure was not counted"
     assert all(key.startswith(site) for key in errors), errors
@@ -265,7 +261,9 @@ def test_failing_online_extractor_keeps_the_span(
     rows = [{"driver_id": i} for i in range(3)]
     with suppress_instrumentation():
         expected = materialised.get_online_features(FEATURES, rows).to_dict()
-    monkeypatch.setattr(feast_instrumentor.FeastInstrumentor, extractor, staticmethod(_broken))
+    monkeypatch.setattr(
+        feast_instrumentor.FeastInstrumentor, extractor, staticmethod(broken_extractor)
+    )
     errors = InternalErrors()
     assert materialised.get_online_features(FEATURES, rows).to_dict() == expected
     (span,) = spans.get(ONLINE)
@@ -282,7 +280,7 @@ def test_failing_historical_extractor_keeps_the_span(
     with suppress_instrumentation():
         expected = materialised.get_historical_features(entity_df, FEATURES).to_df()
     monkeypatch.setattr(
-        feast_instrumentor.FeastInstrumentor, "_historical_before", staticmethod(_broken)
+        feast_instrumentor.FeastInstrumentor, "_historical_before", staticmethod(broken_extractor)
     )
     errors = InternalErrors()
     got = materialised.get_historical_features(entity_df, FEATURES).to_df()
@@ -297,7 +295,7 @@ def test_failing_historical_signals_keep_the_span(
     materialised: FeatureStore, spans: SpanList, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     entity_df = pd.DataFrame({"driver_id": [1, 2], "event_timestamp": [NOW] * 2})
-    monkeypatch.setattr(feast_instrumentor, "_frame_columns", _broken)
+    monkeypatch.setattr(feast_instrumentor, "_frame_columns", broken_extractor)
     errors = InternalErrors()
     assert len(materialised.get_historical_features(entity_df, FEATURES).to_df()) == 2
     (span,) = spans.get(HISTORICAL)
@@ -319,7 +317,7 @@ def test_failing_write_extractors_keep_the_spans(
             "created": [NOW],
         }
     )
-    monkeypatch.setattr(feast_instrumentor, "_written", _broken)
+    monkeypatch.setattr(feast_instrumentor, "_written", broken_extractor)
     errors = InternalErrors()
     materialised.write_to_online_store("driver_stats", frame)
     (span,) = spans.get("feature_store.write_to_online_store")
@@ -330,7 +328,7 @@ def test_failing_write_extractors_keep_the_spans(
         read = materialised.get_online_features(FEATURES, [{"driver_id": 600}]).to_dict()
     assert read["city"] == ["nice"]  # the write happened
 
-    monkeypatch.setattr(feast_instrumentor, "_store_attributes", _broken)
+    monkeypatch.setattr(feast_instrumentor, "_store_attributes", broken_extractor)
     errors = InternalErrors()
     assert materialised.materialize_incremental(NOW.to_pydatetime()) is None
     (span,) = spans.get("feature_store.materialize_incremental")

@@ -17,7 +17,7 @@ import otel_dl
 from otel_dl import semconv
 from otel_dl.instrumentors import ingest as ingest_instrumentor
 from otel_dl.instrumentors.ingest import SIGNAL_ROWS
-from tests.support import InternalErrors, SpanList
+from tests.support import InternalErrors, SpanList, broken_extractor
 
 # Nothing may reach the Hugging Face Hub: the packaged parquet/csv builders run locally.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -175,10 +175,6 @@ def test_uninstrument_restores_the_readers(
 # --- One failed extractor costs only its own attributes ------------------------------------
 
 
-def _broken(*args: object, **kwargs: object) -> None:
-    raise RuntimeError("extractor bug")
-
-
 @pytest.mark.parametrize(
     ("extractor", "kept", "dropped"),
     [
@@ -198,7 +194,7 @@ def test_failing_extractor_keeps_the_span(
     _frame(50).to_parquet(path)
     expected = pd.read_parquet(path)
     spans.clear()
-    monkeypatch.setattr(ingest_instrumentor, extractor, _broken)
+    monkeypatch.setattr(ingest_instrumentor, extractor, broken_extractor)
     errors = InternalErrors()
     pd.testing.assert_frame_equal(pd.read_parquet(path), expected)
     (span,) = spans.get("ingest.read_parquet")

@@ -25,7 +25,7 @@ from sklearn.preprocessing import StandardScaler
 import otel_dl
 from otel_dl import _config, semconv
 from otel_dl.instrumentors.sklearn import SklearnInstrumentor
-from tests.support import InternalErrors, SpanList
+from tests.support import InternalErrors, SpanList, broken_extractor
 
 X, Y = make_classification(
     n_samples=300, n_features=6, n_informative=4, n_classes=3, random_state=0
@@ -208,10 +208,6 @@ def test_uninstrument_restores_the_classes(
 # --- One failed extractor costs only its own attributes ------------------------------------
 
 
-def _broken(*args: object, **kwargs: object) -> None:
-    raise RuntimeError("extractor bug")
-
-
 @pytest.mark.parametrize(
     ("extractor", "kept", "dropped"),
     [
@@ -225,7 +221,7 @@ def test_failing_extractor_keeps_the_span(
     model = LogisticRegression(max_iter=200).fit(X, Y)
     with suppress_instrumentation():
         expected = model.predict_proba(X[:20])
-    monkeypatch.setattr(SklearnInstrumentor, extractor, staticmethod(_broken))
+    monkeypatch.setattr(SklearnInstrumentor, extractor, staticmethod(broken_extractor))
     errors = InternalErrors()
     np.testing.assert_array_equal(model.predict_proba(X[:20]), expected)
     attrs = _one(spans)

@@ -29,6 +29,7 @@ from tests.support import (
     TINY_WORDS,
     InternalErrors,
     SpanList,
+    broken_extractor,
     tiny_bert_classifier,
     tiny_tokenizer,
 )
@@ -166,10 +167,6 @@ def test_uninstrument_removes_the_spans(
 # --- One failed extractor costs only its own attributes ------------------------------------
 
 
-def _broken(*args: object, **kwargs: object) -> None:
-    raise RuntimeError("extractor bug")
-
-
 @pytest.mark.parametrize(
     ("extractor", "kept", "dropped"),
     [
@@ -187,7 +184,7 @@ def test_failing_extractor_keeps_the_span(
 ) -> None:
     with suppress_instrumentation():
         expected = classify(["good movie", "bad"])
-    monkeypatch.setattr(TransformersInstrumentor, extractor, _broken)
+    monkeypatch.setattr(TransformersInstrumentor, extractor, broken_extractor)
     errors = InternalErrors()
     assert classify(["good movie", "bad"]) == expected
     (span,) = spans.get()

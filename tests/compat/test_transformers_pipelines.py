@@ -44,7 +44,6 @@ from tests.support import (
     InternalErrors,
     SpanList,
     tiny_bert_classifier,
-    tiny_mask_tokenizer,
     tiny_tokenizer,
 )
 
@@ -92,7 +91,7 @@ def _token_classifier() -> Pipeline:
 
 def _fill_mask() -> Pipeline:
     model = BertForMaskedLM(_bert_config()).eval()
-    return pipeline("fill-mask", model=model, tokenizer=tiny_mask_tokenizer())
+    return pipeline("fill-mask", model=model, tokenizer=tiny_tokenizer(mask=True))
 
 
 def _zero_shot() -> Pipeline:
