@@ -40,7 +40,7 @@ from typing import Any
 from otel_dl import semconv
 from otel_dl._config import get_config
 from otel_dl._guard import instrumentation_enabled, report_internal_error
-from otel_dl._span import DlCall, DlSpan, base_attributes, metric_labels
+from otel_dl._span import DlCall, DlSpan, base_attributes
 from otel_dl._watch import WatchState, ensure_state, watch_state
 from otel_dl.monitor import observe_once
 
@@ -184,7 +184,7 @@ class DataLoaderInstrumentor(DlInstrumentor):
 
     def _span(self, iterator: Any, start_ns: int) -> DlSpan:
         static = self._static(iterator, self._state(iterator))
-        call = DlSpan(_SITE, static, metric_labels(static), start_ns=start_ns)
+        call = DlSpan(_SITE, static, start_ns=start_ns)
         index = max(int(getattr(iterator, "_num_yielded", 1)) - 1, 0)
         call.attributes[semconv.DL_BATCH_INDEX] = index
         return call

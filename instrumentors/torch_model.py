@@ -61,7 +61,6 @@ from otel_dl._span import (
     DlCall,
     DlSpan,
     base_attributes,
-    metric_labels,
     traced_call,
 )
 from otel_dl._watch import WatchState, add_watch_listener, ensure_state, remove_watch_listener
@@ -337,7 +336,7 @@ class TorchModelInstrumentor(DlInstrumentor):
                 and (not module.training or config.trace_training)
             ):
                 static = self._model_attributes(module)
-                call = DlSpan(_SITE, static, metric_labels(static))
+                call = DlSpan(_SITE, static)
                 if config.signals:
                     call.extract("input_signals", _input_signals, module, args, kwargs)
                 call.start(self._tracer, semconv.SPAN_INFERENCE)

@@ -186,9 +186,8 @@ def finish_when_done(
             parts["stats"] = confidence_stats(output, threshold)
         if inputs is not None and inputs.is_floating_point() and inputs.dim() >= 1:
             rows = inputs.shape[0]
-            index = (torch.arange(min(rows, sample_rows), device=inputs.device) * rows) // max(
-                1, min(rows, sample_rows)
-            )
+            sampled = min(rows, sample_rows)
+            index = (torch.arange(sampled, device=inputs.device) * rows) // max(sampled, 1)
             parts["nonfinite"] = (~torch.isfinite(inputs)).sum()
             parts["sample"] = inputs.detach()[index].float()
         pinned = {

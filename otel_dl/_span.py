@@ -26,8 +26,8 @@ It checks suppression first, records the user's exception on the span (status ER
 ``error.type``) and re-raises it unchanged.
 
 Cost. The span itself is the SDK's; around it the lifecycle adds one dict merge, the
-context attach/detach and one metric record (``dl.operation.duration``, whose labels are
-built once per set of static attributes). The signal metrics are derived from the spans
+context attach/detach and one metric record (``dl.operation.duration``, labelled with at
+most the stage, component and model name). The signal metrics are derived from the spans
 by the collector, not recorded per call here.
 """
 
@@ -102,24 +102,9 @@ def _duration_histogram() -> metrics.Histogram:
     return _duration[1]
 
 
-_labels: dict[int, tuple[Mapping[str, AttributeValue], Attributes]] = {}
-
-
-def _labels_of(attrs: Mapping[str, AttributeValue]) -> Attributes:
-    return {key: attrs[key] for key in _LABEL_KEYS if key in attrs}
-
-
 def metric_labels(attrs: Mapping[str, AttributeValue]) -> Attributes:
-    """The low-cardinality labels of ``dl.operation.duration`` among ``attrs``; cached for
-    the static attribute dicts the instrumentors reuse call after call."""
-    cached = _labels.get(id(attrs))
-    if cached is not None and cached[0] is attrs:
-        return cached[1]
-    labels = _labels_of(attrs)
-    if len(_labels) >= 256:
-        _labels.clear()
-    _labels[id(attrs)] = (attrs, labels)
-    return labels
+    """The low-cardinality labels of ``dl.operation.duration`` among ``attrs``."""
+    return {key: attrs[key] for key in _LABEL_KEYS if key in attrs}
 
 
 def base_attributes(
@@ -148,7 +133,6 @@ class DlSpan:
         self,
         site: str,
         static: Mapping[str, AttributeValue],
-        labels: Attributes | None = None,
         start_ns: int | None = None,
     ) -> None:
         self.site = site
@@ -156,7 +140,7 @@ class DlSpan:
         # Before start(): the start attributes; after: those set when the span ends.
         custom = current_attributes()
         self.attributes: Attributes = {**static, **custom} if custom else dict(static)
-        self.labels = _labels_of(static) if labels is None else labels
+        self.labels = metric_labels(static)
         self.span: Span | None = None
         self._token: object | None = None
         self._error = False
@@ -288,7 +272,7 @@ def traced_call(
         lifecycle = DlSpan(site, base_attributes(stage, component, attributes))
         if before is not None:
             lifecycle.extract("before", before, call)
-            lifecycle.labels = _labels_of(lifecycle.attributes)
+            lifecycle.labels = metric_labels(lifecycle.attributes)
         lifecycle.start(tracer, name)
         lifecycle.hook(hooks.request, call)
     except Exception:
