@@ -43,7 +43,7 @@ from otel_dl._guard import report_internal_error
 from otel_dl._span import Attributes, DlCall, traced_call
 from otel_dl._watch import WatchState, ensure_state
 from otel_dl.confidence import looks_like_probabilities
-from otel_dl.monitor import observe_once
+from otel_dl.monitor import combine, observe_once
 from otel_dl.provenance import model_fingerprint
 
 from ._base import DlInstrumentor, Patches
@@ -230,9 +230,12 @@ class OnnxRuntimeInstrumentor(DlInstrumentor):
     def _output_signals(session: Any, outputs: Any) -> Attributes:
         attrs: Attributes = {}
         if isinstance(outputs, Sequence) and outputs:
-            scores = _class_scores(outputs) if get_config().signals else None
+            config = get_config()
+            scores = _class_scores(outputs) if config.signals else None
             if scores is not None:
-                attrs.update(ensure_state(session).monitor().confidence(scores))
+                monitor = ensure_state(session).monitor()
+                later = monitor.confidence_later(scores) if config.signals_delay_ms > 0 else None
+                return later if later is not None else dict(monitor.confidence(scores))
             else:
                 rows = _row_count(_to_numpy(outputs[0]))
                 if rows is not None:
@@ -258,9 +261,9 @@ class OnnxRuntimeInstrumentor(DlInstrumentor):
                 if rows is not None:
                     attrs[semconv.DL_BATCH_SIZE] = rows
                 if features is not None and config.signals:
-                    attrs.update(observe_once(state.monitor(), features))
+                    later = config.signals_delay_ms > 0
+                    attrs = combine(attrs, observe_once(state.monitor(), features, later=later))
             except Exception:
                 # The span still goes out, with the output's signals.
                 report_internal_error(f"{_SITE}.input_signals")
-        attrs.update(OnnxRuntimeInstrumentor._output_signals(session, outputs))
-        return attrs
+        return combine(attrs, OnnxRuntimeInstrumentor._output_signals(session, outputs))

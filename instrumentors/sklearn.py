@@ -50,7 +50,7 @@ from otel_dl._config import get_config
 from otel_dl._guard import report_internal_error
 from otel_dl._span import Attributes, DlCall, traced_call
 from otel_dl._watch import ensure_state
-from otel_dl.monitor import confidence_attributes
+from otel_dl.monitor import Later, combine, confidence_attributes
 from otel_dl.provenance import model_fingerprint
 
 from ._base import DlInstrumentor, Patches
@@ -291,8 +291,14 @@ class SklearnInstrumentor(DlInstrumentor):
         shape = getattr(result, "shape", None)
         if shape and method not in _PREPROCESS_METHODS:
             attrs[semconv.DL_PREDICTION_COUNT] = int(shape[0])
+        later = config.signals_delay_ms > 0
         if config.signals and method in _CONFIDENCE_METHODS and shape and len(shape) <= 2:
-            attrs.update(confidence_attributes(result, config.confidence_threshold))
+            monitor = ensure_state(call.instance).monitor()
+            found = monitor.confidence_later(result) if later else None
+            if found is None:
+                attrs.update(confidence_attributes(result, config.confidence_threshold))
+            else:
+                attrs = combine(attrs, found)
         X = _input(call)
         if X is None or _is_sparse(X):
             return attrs
@@ -304,7 +310,12 @@ class SklearnInstrumentor(DlInstrumentor):
                 state = ensure_state(call.instance)
                 selected = _select(X, state.features)
                 if selected is not None:
-                    attrs.update(state.monitor().observe(selected))
+                    source = state.monitor()
+                    inputs = source.burst_inputs(selected) if later else None
+                    if inputs is None:
+                        attrs.update(source.observe(selected))
+                    else:
+                        attrs = combine(attrs, Later(source, inputs=inputs))
             except Exception:
                 # The span still goes out, with the output's signals.
                 report_internal_error("sklearn.input_signals")

@@ -108,28 +108,33 @@ def _input_signals(
     module: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]
 ) -> Mapping[str, Any]:
     """Drift, quality and fingerprint of the first floating-point tensor argument (a CPU
-    one: a CUDA input is read on the device when the call has completed)."""
+    one: a CUDA input is read on the device when the call has completed); a small one's
+    are left for a burst."""
     features = _first_tensor(args, dict(kwargs))
     if features is None or not features.is_floating_point() or features.is_cuda:
         return {}
-    return observe_once(ensure_state(module).monitor(), features)
+    monitor = ensure_state(module).monitor()
+    return observe_once(monitor, features, later=get_config().signals_delay_ms > 0)
 
 
 def _output_signals(module: Any, output: Any) -> Mapping[str, Any]:
-    """Confidence of a 2-D floating-point output, else the prediction count."""
+    """Confidence of a 2-D floating-point output (a small one's left for a burst), else
+    the prediction count."""
     import torch
 
     if not isinstance(output, torch.Tensor):
         return {}
     if output.dim() == 2 and output.is_floating_point():
-        return ensure_state(module).monitor().confidence(output)
+        monitor = ensure_state(module).monitor()
+        later = monitor.confidence_later(output) if get_config().signals_delay_ms > 0 else None
+        return later if later is not None else monitor.confidence(output)
     if output.dim() >= 1:
         return {semconv.DL_PREDICTION_COUNT: int(output.shape[0])}
     return {}
 
 
 def _call_signals(call: DlCall) -> Attributes:
-    return dict(_input_signals(call.instance, call.args, call.kwargs))
+    return _input_signals(call.instance, call.args, call.kwargs)  # type: ignore[return-value]
 
 
 def _finish_on_gpu(
@@ -378,7 +383,7 @@ class TorchModelInstrumentor(DlInstrumentor):
         exc = sys.exc_info()[1]
         if exc is not None:
             call.error(exc)
-            call.finish(end_ns)
+            call.end(end_ns)
             return
         if self._hooks.response is not None:
             call.hook(
@@ -390,13 +395,16 @@ class TorchModelInstrumentor(DlInstrumentor):
         if signals and _on_gpu(output):
             # The GPU may still be running the forward: the span ends when it has.
             try:
+                later, call.later = call.later, None
+                if later is not None and later.inputs is not None:  # a CPU input, kept
+                    call.attributes.update(later.monitor.observe(later.inputs))
                 _finish_on_gpu(call, module, args, kwargs, output)
                 return
             except Exception:
                 report_internal_error(f"{_SITE}.gpu")
         elif signals:
             call.extract("output_signals", _output_signals, module, output)
-        call.finish(end_ns)
+        call.end(end_ns)
 
     def _wrap_script_call(self, wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
         if instance not in self._traced or _frames.get():
@@ -413,7 +421,7 @@ class TorchModelInstrumentor(DlInstrumentor):
             stage=semconv.STAGE_INFERENCE,
             component=semconv.COMPONENT_TORCH_NN,
             before=lambda call: _call_signals(call),
-            after=lambda call, out: dict(_output_signals(call.instance, out)),
+            after=lambda call, out: _output_signals(call.instance, out),  # type: ignore[arg-type,return-value]
             hooks=self._hooks,
             attributes=self._model_attributes(instance),
             tracer=self._tracer,

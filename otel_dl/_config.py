@@ -48,6 +48,10 @@ class Option:
     check: Callable[[Any], str | None] = lambda _value: None
 
 
+def _non_negative(value: Any) -> str | None:
+    return None if value >= 0 else "must be 0 or more"
+
+
 def _positive(value: Any) -> str | None:
     return None if value is None or value > 0 else "must be greater than 0"
 
@@ -89,6 +93,7 @@ class Config:
     baseline_rows: int = 1000
     confidence_threshold: float = 0.5
     confidence_rows: int = 16
+    signals_delay_ms: int = 100
     sample_every: int = 1
     sample_latency: float | None = None
     trace_training: bool = False
@@ -232,6 +237,14 @@ OPTIONS: tuple[Option, ...] = (
         "predictions per call the confidence figures are computed on (evenly spaced above"
         " it; all of them every `drift_every`-th call)",
         _positive,
+    ),
+    Option(
+        "signals_delay_ms",
+        "OTEL_DL_SIGNALS_DELAY_MS",
+        int,
+        "calls of at most 16 rows get their signals computed together, in bursts of 16"
+        " calls or this many milliseconds after the call at most (0: each at its call's end)",
+        _non_negative,
     ),
     Option(
         "sample_every",

@@ -33,8 +33,8 @@ from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SpanExporter
 
+from otel_dl import _burst, semconv
 from otel_dl import _gpu as gpu
-from otel_dl import semconv
 from otel_dl._config import Config, resolve_config, set_config
 from otel_dl._span import Hooks, RequestHook, ResponseHook
 from otel_dl.provenance import code_version
@@ -187,7 +187,9 @@ class Instrumentation:
         results: list[bool] = []
 
         def flush() -> None:
-            # Spans still waiting for their GPU work end first, so the flush exports them.
+            # Spans still waiting for their GPU work or a burst of small calls' signals end
+            # first, so the flush exports them.
+            _burst.drain()
             gpu.drain(deadline)
             tp = self.tracer_provider or trace.get_tracer_provider()
             if hasattr(tp, "force_flush"):

@@ -42,11 +42,12 @@ from opentelemetry import context, metrics, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 from opentelemetry.util.types import AttributeValue
 
-from otel_dl import semconv
+from otel_dl import _burst, semconv
 from otel_dl._config import get_config
 from otel_dl._context import current_attributes
 from otel_dl._guard import instrumentation_enabled, report_internal_error
 from otel_dl._version import __version__
+from otel_dl.monitor import Later
 from otel_dl.sampling import sampling_rate
 
 Attributes = dict[str, AttributeValue]
@@ -127,7 +128,7 @@ def record_error(span: Span, exc: BaseException) -> None:
 class DlSpan:
     """One otel-dl span's life; see the module docstring. Never raises."""
 
-    __slots__ = ("_error", "_token", "attributes", "labels", "site", "span", "start_ns")
+    __slots__ = ("_error", "_token", "attributes", "labels", "later", "site", "span", "start_ns")
 
     def __init__(
         self,
@@ -142,6 +143,7 @@ class DlSpan:
         self.attributes: Attributes = {**static, **custom} if custom else dict(static)
         self.labels = metric_labels(static)
         self.span: Span | None = None
+        self.later: Later | None = None  # signals left for a burst (see otel_dl._burst)
         self._token: object | None = None
         self._error = False
 
@@ -154,6 +156,11 @@ class DlSpan:
             return
         if found:
             self.attributes.update(found)
+        if isinstance(found, Later):
+            if self.later is None:
+                self.later = found
+            else:
+                self.later.merge(found)
 
     def start(
         self,
@@ -206,6 +213,15 @@ class DlSpan:
             record_error(self.span, exc)
         except Exception:
             report_internal_error(self.site)
+
+    def end(self, end_ns: int) -> None:
+        """:meth:`finish` now, or, when an extractor left signals for later, once a burst
+        has computed them (:mod:`otel_dl._burst`); the span's end time is ``end_ns``."""
+        if self.later is None or self.span is None:
+            self.finish(end_ns)
+            return
+        self.detach()
+        _burst.submit(self, self.later, end_ns)
 
     def finish(self, end_ns: int | None = None) -> None:
         """Detach if still current, set the late attributes, record the duration, end."""
@@ -316,4 +332,4 @@ def _after_call(
         and keep_open(lifecycle, call, result, end_ns)
     )
     if not parked:
-        lifecycle.finish(end_ns)
+        lifecycle.end(end_ns)

@@ -312,6 +312,7 @@ class _Binner:
 
     def slot(self, values: np.ndarray) -> np.ndarray:
         """(rows, features) slot per value; see the class docstring."""
+        values = np.ascontiguousarray(values)  # row blocks of an F-order array are slow
         rows, features = values.shape
         out = np.empty((rows, features), dtype=self._slot_dtype)
         step = self._block

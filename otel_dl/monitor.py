@@ -27,6 +27,7 @@ import contextlib
 import threading
 import weakref
 from collections import OrderedDict
+from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
 
@@ -34,10 +35,10 @@ import numpy as np
 
 from otel_dl import semconv
 from otel_dl._config import Config, get_config
-from otel_dl.confidence import summarize, to_scores
+from otel_dl.confidence import Summary, summarize, summarize_each, to_scores
 from otel_dl.drift import DriftTracker
-from otel_dl.provenance import data_fingerprint
-from otel_dl.quality import batch_quality
+from otel_dl.provenance import data_fingerprint, data_fingerprints
+from otel_dl.quality import batch_quality, quality_each
 from otel_dl.reference import Reference
 from otel_dl.table import Table, to_numpy, to_table
 
@@ -132,6 +133,71 @@ def _concat(tables: list[Table]) -> Table:
 MIN_BINNED_ROWS = 128
 """Rows the monitor queues at least before binning them into the drift window."""
 
+BURST_MAX_ROWS = 16
+"""Calls of at most this many rows may have their signals computed later, in a burst
+with other small calls (see :meth:`FeatureMonitor.profile_burst`)."""
+
+
+class Later(dict[str, Any]):
+    """What a signal extractor returns for a small call whose signals wait for a burst:
+    the attributes known now, plus private copies of the inputs and/or the scores that
+    :meth:`FeatureMonitor.profile_burst` turns into the rest."""
+
+    def __init__(
+        self,
+        monitor: FeatureMonitor,
+        inputs: np.ndarray | None = None,
+        scores: np.ndarray | None = None,
+    ) -> None:
+        super().__init__()
+        self.monitor = monitor
+        self.inputs = inputs
+        self.scores = scores
+
+    def merge(self, other: Later) -> None:
+        """Take ``other``'s inputs or scores where this has none (one call, one monitor)."""
+        self.update(other)
+        if self.inputs is None:
+            self.inputs = other.inputs
+        if self.scores is None:
+            self.scores = other.scores
+
+
+def combine(*parts: Mapping[str, Any]) -> dict[str, Any]:
+    """The attributes of ``parts`` in one dict, a :class:`Later` when any part is one."""
+    later: Later | None = None
+    out: dict[str, Any] = {}
+    for part in parts:
+        out.update(part)
+        if isinstance(part, Later):
+            if later is None:
+                later = part
+            else:
+                later.merge(part)
+    if later is None:
+        return out
+    later.update(out)
+    return later
+
+
+def _small_float_rows(value: Any, limit: int) -> np.ndarray | None:
+    """A private copy of a CPU numpy array or torch tensor of 2 dimensions, 1..limit rows
+    and float32/float64 values; else None."""
+    shape = getattr(value, "shape", None)
+    if shape is None or len(shape) != 2 or not 0 < shape[0] <= limit or shape[1] == 0:
+        return None
+    if not isinstance(value, np.ndarray):
+        device = getattr(getattr(value, "device", None), "type", None)
+        if not type(value).__module__.startswith("torch") or device != "cpu":
+            return None
+        try:
+            value = to_numpy(value)
+        except (TypeError, ValueError, RuntimeError):
+            return None
+    if value.dtype != np.float32 and value.dtype != np.float64:
+        return None
+    return np.array(value, order="C")
+
 
 class FeatureMonitor:
     """Quality, provenance and drift attributes for each batch of one source. Thread-safe.
@@ -165,6 +231,9 @@ class FeatureMonitor:
         self._pending_rows = 0
         self._since_score = 0
         self._latest: dict[str, AttributeValue] = {}
+        # (dtype, features) -> the Table of such a batch's first row, or None when batches
+        # of that shape are read otherwise than as the reference's numeric features.
+        self._burst_tables: dict[tuple[np.dtype, int], Table | None] = {}
         if reference is not None:
             self._use(reference)
 
@@ -297,6 +366,108 @@ class FeatureMonitor:
         limit = None if exact else self.config.confidence_rows
         return confidence_attributes(outputs, self.config.confidence_threshold, limit)
 
+    def confidence_later(self, outputs: Any) -> Later | None:
+        """A :class:`Later` holding a copy of a small 2-D output of two or more classes (at
+        most ``BURST_MAX_ROWS`` and ``confidence_rows`` rows), whose exact confidence
+        :meth:`profile_burst` computes; None for any other output."""
+        scores = _small_float_rows(outputs, min(BURST_MAX_ROWS, self.config.confidence_rows))
+        if scores is None or scores.shape[1] < 2:
+            return None
+        return Later(self, scores=scores)
+
+    # -- bursts of small calls ----------------------------------------------------------
+
+    def burst_inputs(self, batch: Any) -> np.ndarray | None:
+        """A private copy of ``batch`` when its signals can wait for :meth:`profile_burst`:
+        a 2-D float32/float64 numpy array or CPU tensor of at most ``BURST_MAX_ROWS`` rows,
+        read as this monitor's reference's numeric features. None otherwise (before the
+        reference exists, too): observe such a batch now."""
+        reference = self._reference
+        if reference is None or getattr(batch, "ndim", 0) != 2:
+            return None
+        features = batch.shape[1]
+        if features != len(reference.numeric_names) or features > self.config.drift_max_features:
+            return None
+        values = _small_float_rows(batch, BURST_MAX_ROWS)
+        if values is None:
+            return None
+        key = (values.dtype, features)
+        if key not in self._burst_tables:
+            table = reference.read(values[:1])
+            fits = (
+                not table.categorical
+                and table.numeric_names == reference.numeric_names
+                and table.numeric.dtype == values.dtype
+            )
+            self._burst_tables[key] = table if fits else None
+        return values if self._burst_tables[key] is not None else None
+
+    def profile_burst(
+        self, inputs: list[np.ndarray | None], scores: list[np.ndarray | None]
+    ) -> list[dict[str, AttributeValue]]:
+        """The attributes :meth:`observe` and :meth:`confidence` would have given each of
+        several small calls (``inputs[i]`` from :meth:`burst_inputs`, ``scores[i]`` from
+        :meth:`confidence_later`, None where call ``i`` has none), computed with
+        one vectorised pass per signal over the rows of all of them."""
+        out: list[dict[str, AttributeValue]] = [{} for _ in inputs]
+        for key, calls in _groups(inputs).items():
+            self._profile_inputs(key, [inputs[i] for i in calls], [out[i] for i in calls])
+        for _key, calls in _groups(scores).items():
+            stacked, starts = _stack([scores[i] for i in calls])
+            summaries = summarize_each(stacked, starts, self.config.confidence_threshold)
+            with self._lock:
+                self._calls += len(calls)
+            for i, summary in zip(calls, summaries, strict=True):
+                out[i].update(_confidence_out(int(summary["count"]), summary))
+        return out
+
+    def _profile_inputs(
+        self, key: tuple[np.dtype, int], values: list[Any], outs: list[dict[str, Any]]
+    ) -> None:
+        reference, table = self._reference, self._burst_tables.get(key)
+        if reference is None or table is None:
+            for value, out in zip(values, outs, strict=True):
+                out.update(self.observe(value))
+            return
+        stacked, starts = _stack(values)
+        schema = table.schema_fingerprint
+        fingerprints = data_fingerprints(schema, stacked, starts)
+        nan, outside = quality_each(reference, stacked, starts)
+        mismatch = schema != reference.schema_fingerprint
+        self._feature_count = len(table.names)
+        ends = [*starts[1:], len(stacked)]
+        for i, out in enumerate(outs):
+            # Fed call by call, as observe() would: each span carries the drift status
+            # of the window its own rows completed, never one that later calls made.
+            rows = stacked[starts[i] : ends[i]]
+            self._feed(Table(len(rows), table.names, rows, table.numeric_names, {}, table.schema))
+            out.update(self._latest)
+            out[semconv.DL_BATCH_SIZE] = len(values[i])
+            out[semconv.DL_DATA_SCHEMA_FINGERPRINT] = schema
+            out[semconv.DL_DATA_FINGERPRINT] = fingerprints[i]
+            out[semconv.DL_QUALITY_NAN_FRACTION] = nan[i]
+            out[semconv.DL_QUALITY_SCHEMA_MISMATCH] = mismatch
+            _set(out, semconv.DL_QUALITY_OUT_OF_RANGE_FRACTION, outside[i])
+
+
+def _groups(arrays: list[np.ndarray | None]) -> dict[tuple[np.dtype, int], list[int]]:
+    """Positions of the 2-D arrays, by dtype and width (None entries left out)."""
+    groups: dict[tuple[np.dtype, int], list[int]] = {}
+    for i, array in enumerate(arrays):
+        if array is not None:
+            groups.setdefault((array.dtype, array.shape[1]), []).append(i)
+    return groups
+
+
+def _stack(arrays: list[Any]) -> tuple[np.ndarray, list[int]]:
+    """The rows of ``arrays`` in one array, and where each array's rows start."""
+    starts, total = [], 0
+    for array in arrays:
+        starts.append(total)
+        total += len(array)
+    stacked = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+    return stacked, starts
+
 
 def _set(out: dict[str, AttributeValue], key: str, value: float | None) -> None:
     if value is not None:
@@ -328,6 +499,10 @@ def confidence_attributes(
         summary = summarize(scores, threshold=threshold)
     except (TypeError, ValueError, IndexError, OverflowError, MemoryError):
         return {}
+    return _confidence_out(count, summary)
+
+
+def _confidence_out(count: int, summary: Summary) -> dict[str, AttributeValue]:
     out: dict[str, AttributeValue] = {semconv.DL_PREDICTION_COUNT: int(count)}
     if "mean" in summary:
         out[semconv.DL_CONFIDENCE_ROWS] = int(summary["count"])
@@ -349,12 +524,21 @@ _CONFIDENCE_KEYS = (
 _PROBE_VALUES = 64
 _RECENT = 8
 _recent_lock = threading.Lock()
-_recent: OrderedDict[int, tuple[weakref.ref[Any], np.ndarray, FeatureMonitor, dict[str, Any]]]
+_recent: OrderedDict[int, tuple[weakref.ref[Any], Any, FeatureMonitor, dict[str, Any]]]
 _recent = OrderedDict()
 
 
-def _probe(batch: Any) -> np.ndarray | None:
-    """At most 64 evenly spaced values of a contiguous array or tensor, copied; else None."""
+def _token(batch: Any) -> Any:
+    """What must be unchanged for a profile of ``batch`` to stand: a torch tensor's version
+    counter (every in-place torch operation bumps it) and storage address; else (arrays,
+    and inference-mode tensors, which keep no version) at most 64 evenly spaced values of
+    a contiguous array, copied; None when neither can be read."""
+    try:
+        version = getattr(batch, "_version", None)
+    except RuntimeError:  # an inference-mode tensor has no version counter: probe it
+        version = None
+    if type(version) is int:
+        return (version, batch.data_ptr())
     try:
         values = to_numpy(batch)
     except (TypeError, ValueError):
@@ -365,33 +549,50 @@ def _probe(batch: Any) -> np.ndarray | None:
     return flat[:: max(1, flat.size // _PROBE_VALUES)].copy()
 
 
-def observe_once(monitor: FeatureMonitor, batch: Any) -> dict[str, AttributeValue]:
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, tuple) or isinstance(b, tuple):
+        return a == b
+    return bool(np.array_equal(a, b))
+
+
+def observe_once(
+    monitor: FeatureMonitor, batch: Any, *, later: bool = False
+) -> dict[str, AttributeValue]:
     """``monitor.observe(batch)``, or the profile another monitor already made of this very
-    array or tensor (the same object, its probed values unchanged), when ``monitor`` has no
-    reference of its own or the same one. A DataLoader batch passed on to a model is so
-    profiled once; the same batch given to the same source again is a new observation."""
+    array or tensor (the same object, unchanged since), when ``monitor`` has no reference
+    of its own or the same one. A DataLoader batch passed on to a model is so profiled
+    once; the same batch given to the same source again is a new observation. With
+    ``later``, a batch :meth:`FeatureMonitor.burst_inputs` takes comes back as a
+    :class:`Later` instead of being profiled now.
+
+    "Unchanged" is a tensor's version counter, which in-place torch operations bump (a
+    write through a numpy view of the tensor does not), or an array's probed values."""
     if not hasattr(batch, "shape"):
         return monitor.observe(batch)
     key = id(batch)
     entry = _recent.get(key)
-    probe = _probe(batch)
     if (
         entry is not None
-        and probe is not None
         and entry[0]() is batch
         and entry[2] is not monitor
         and (monitor.given is None or monitor.given is entry[2].given)
-        and np.array_equal(entry[1], probe)
     ):
-        return dict(entry[3])
+        token = _token(batch)
+        if token is not None and _same(entry[1], token):
+            return dict(entry[3])
+    if later:
+        inputs = monitor.burst_inputs(batch)
+        if inputs is not None:
+            return Later(monitor, inputs=inputs)
     attributes = monitor.observe(batch)
-    if probe is not None:
+    token = _token(batch)
+    if token is not None:
         try:
             ref = weakref.ref(batch)
         except TypeError:
             return attributes
         with _recent_lock:
-            _recent[key] = (ref, probe, monitor, dict(attributes))
+            _recent[key] = (ref, token, monitor, dict(attributes))
             if len(_recent) > _RECENT:
                 _recent.popitem(last=False)
     return attributes
@@ -402,7 +603,7 @@ def _copy(table: Table) -> Table:
     return Table(
         table.rows,
         table.names,
-        np.array(table.numeric),
+        np.array(table.numeric, order="C"),  # binning runs on rows: C order (~5x faster)
         table.numeric_names,
         dict(table.categorical),
         table.schema,

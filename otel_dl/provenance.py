@@ -8,8 +8,8 @@
 
 Data fingerprints hash the schema fingerprint, the row count and a sample of the batch's
 numeric bytes: all of them up to :data:`DATA_SAMPLE_BYTES`, above that
-:data:`SAMPLE_CHUNKS` evenly spaced chunks (the first and last bytes included) adding up
-to :data:`DATA_SAMPLE_BYTES`, plus up to :data:`SAMPLE_CHUNKS` evenly spaced values of each
+:data:`SAMPLE_CHUNKS` chunks at a fixed stride (the first and last bytes included) adding
+up to :data:`DATA_SAMPLE_BYTES`, plus up to :data:`SAMPLE_CHUNKS` evenly spaced values of each
 categorical column. So the cost is bounded whatever the batch size; two batches that
 differ only in unsampled bytes share a fingerprint.
 
@@ -25,6 +25,7 @@ fingerprint.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import pickle
 import subprocess
@@ -37,25 +38,22 @@ import numpy as np
 
 from otel_dl.table import Table, to_table
 
-DATA_SAMPLE_BYTES = 4096
+DATA_SAMPLE_BYTES = 2048
 MODEL_SAMPLE_BYTES = 1 << 20
 FILE_SAMPLE_BYTES = 64 << 20
 SAMPLE_CHUNKS = 64
 CODE_VERSION_ENV = "OTEL_DL_CODE_VERSION"
 
 
-@lru_cache(maxsize=128)
-def _sample_index(size: int, budget: int) -> np.ndarray:
-    chunk = budget // SAMPLE_CHUNKS
-    starts = np.arange(SAMPLE_CHUNKS, dtype=np.int64) * (size - chunk) // (SAMPLE_CHUNKS - 1)
-    return (starts[:, None] + np.arange(chunk)).ravel()
-
-
 def _sampled(buffer: np.ndarray, budget: int) -> bytes:
-    """All bytes of a uint8 buffer up to ``budget``, else the evenly spaced chunks."""
+    """All bytes of a uint8 buffer up to ``budget``, else :data:`SAMPLE_CHUNKS` chunks at
+    a fixed stride from the start plus the last chunk, read through one strided view."""
     if buffer.size <= budget:
         return buffer.tobytes()
-    return buffer[_sample_index(buffer.size, budget)].tobytes()
+    chunk = budget // SAMPLE_CHUNKS
+    stride = (buffer.size - chunk) // (SAMPLE_CHUNKS - 1)
+    head = buffer[: stride * (SAMPLE_CHUNKS - 1)].reshape(SAMPLE_CHUNKS - 1, stride)
+    return head[:, :chunk].tobytes() + buffer[buffer.size - chunk :].tobytes()
 
 
 def _array_bytes(array: np.ndarray) -> np.ndarray:
@@ -75,6 +73,19 @@ def data_fingerprint(data: Any) -> str | None:
         step = max(1, len(values) // SAMPLE_CHUNKS)
         digest.update(repr((name, values[::step][:SAMPLE_CHUNKS].tolist())).encode())
     return digest.hexdigest()
+
+
+def data_fingerprints(schema_fingerprint: str, values: np.ndarray, starts: Any) -> list[str]:
+    """:func:`data_fingerprint` of several numeric batches of one schema at once:
+    ``values`` stacks their rows, batch ``i`` being rows ``starts[i]`` up to the next."""
+    bounds = [*starts, len(values)]
+    out = []
+    for start, end in itertools.pairwise(bounds):
+        digest = hashlib.blake2b(digest_size=16)
+        digest.update(f"{schema_fingerprint}:{end - start}:".encode())
+        digest.update(_sampled(_array_bytes(values[start:end]), DATA_SAMPLE_BYTES))
+        out.append(digest.hexdigest())
+    return out
 
 
 # --- Models --------------------------------------------------------------------------------

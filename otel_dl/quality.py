@@ -117,3 +117,34 @@ def schema_fingerprint(data: Any) -> str:
 def schema_mismatch(reference: Reference, data: Any) -> bool:
     """True when ``data``'s schema fingerprint differs from the reference's."""
     return _table(data).schema_fingerprint != reference.schema_fingerprint
+
+
+def quality_each(
+    reference: Reference, values: np.ndarray, starts: Any
+) -> tuple[list[float], list[float | None]]:
+    """(nan fractions, out-of-range fractions) of several batches at once, as
+    :func:`batch_quality` gives them one by one: ``values`` stacks the rows of batches
+    read with ``reference.read`` (numeric features, named as the reference names them),
+    batch ``i`` being rows ``starts[i]`` up to the next start."""
+    rows, features = values.shape
+    bounds = np.asarray([*starts, rows], dtype=np.intp)
+    first = bounds[:-1]
+    finite = np.isfinite(values)
+    finite_per_row = np.count_nonzero(finite, axis=1)
+    sizes = np.diff(bounds) * features
+    finite_counts = np.add.reduceat(finite_per_row, first)
+    nan = ((sizes - finite_counts) / sizes).tolist() if features else [0.0] * len(first)
+    lo, hi = reference.range_for(values.dtype)
+    known = np.isfinite(lo)
+    if not known.all():
+        values, lo, hi, finite = values[:, known], lo[known], hi[known], finite[:, known]
+        finite_counts = np.add.reduceat(np.count_nonzero(finite, axis=1), first)
+    outside_per_row = np.count_nonzero((values < lo) | (values >= hi), axis=1)
+    # -Inf < lo and +Inf >= hi each count once above, but they are not values in range
+    # terms (nan_fraction counts them): take them out.
+    outside_per_row -= np.count_nonzero(np.isinf(values), axis=1)
+    outside = np.add.reduceat(outside_per_row, first).tolist()
+    fractions: list[float | None] = [
+        o / f if f else None for o, f in zip(outside, finite_counts.tolist(), strict=True)
+    ]
+    return nan, fractions

@@ -7,14 +7,15 @@ from collections.abc import Iterator
 import pytest
 from opentelemetry import trace
 
-from tests.support import EXPORTER, SpanList
+from tests.support import SpanList
 
 
 @pytest.fixture
 def spans() -> Iterator[SpanList]:
-    EXPORTER.clear()
-    yield SpanList()
-    EXPORTER.clear()
+    found = SpanList()
+    found.clear()
+    yield found
+    found.clear()
 
 
 @pytest.fixture

@@ -182,3 +182,20 @@ def test_instrument_imports_no_instrumented_library() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     ).stdout.split()
     assert out == ["[]", "True", "False"]
+
+
+def test_an_inference_mode_batch_is_profiled_once_too(
+    handle: otel_dl.Instrumentation, spans: SpanList
+) -> None:
+    model = otel_dl.watch(_mlp().eval(), name="scorer")
+    loader = DataLoader(TensorDataset(torch.randn(64, 4)), batch_size=32)
+    before = dict(otel_dl.internal_error_counts())
+    with torch.inference_mode():  # its tensors keep no version counter
+        for (x,) in loader:
+            model(x)
+    assert otel_dl.internal_error_counts() == before
+    batches = spans.get(semconv.SPAN_DATALOADER_BATCH)
+    calls = spans.get(semconv.SPAN_INFERENCE)
+    for batch, call in zip(batches, calls, strict=True):
+        fingerprint = batch.attributes[semconv.DL_DATA_FINGERPRINT]
+        assert call.attributes[semconv.DL_DATA_FINGERPRINT] == fingerprint

@@ -1,0 +1,148 @@
+"""Small calls' signals, computed a burst at a time, off the caller's path.
+
+A model served one request at a time pays numpy's fixed cost per call dozens of times
+for a handful of values: profiling one row costs more than the span. So a call of at
+most :data:`~otel_dl.monitor.BURST_MAX_ROWS` rows does only constant work when it ends:
+its extractors return a :class:`~otel_dl.monitor.Later` holding private copies of its
+inputs and scores, and :func:`submit` parks its span here, open, with its end time.
+
+The parked calls of one monitor are profiled together by
+:meth:`~otel_dl.monitor.FeatureMonitor.profile_burst` (one vectorised pass per signal
+over all their rows), then each span gets its own attributes and ends at its call's end
+time. That happens when :data:`BURST_CALLS` calls are parked (on the thread of the call
+that fills the burst), when the oldest has waited ``signals_delay_ms`` (on a background
+thread), and on :func:`drain`, which ``Instrumentation.force_flush`` and ``shutdown``
+call, as does interpreter exit. Spans so reach the exporter at most ``signals_delay_ms``
+later; their timestamps are the calls' own. A tracer provider's own ``force_flush`` does
+not know of parked spans: flush through the handle ``otel_dl.instrument()`` returns.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from otel_dl._config import get_config
+from otel_dl._guard import report_internal_error
+from otel_dl.monitor import FeatureMonitor, Later
+
+if TYPE_CHECKING:
+    from otel_dl._span import DlSpan
+
+BURST_CALLS = 16
+"""Parked calls of one monitor that start a burst at once."""
+
+_SITE = "signals.burst"
+
+
+@dataclass
+class _Parked:
+    call: DlSpan
+    later: Later
+    end_ns: int
+
+
+class _Bursts:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._parked: dict[FeatureMonitor, list[_Parked]] = {}
+        self._since: dict[FeatureMonitor, float] = {}
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._exit_hooked = False
+
+    def submit(self, call: DlSpan, later: Later, end_ns: int) -> None:
+        monitor = later.monitor
+        full: list[_Parked] | None = None
+        with self._lock:
+            parked = self._parked.setdefault(monitor, [])
+            if not parked:
+                self._since[monitor] = time.monotonic()
+            parked.append(_Parked(call, later, end_ns))
+            if len(parked) >= BURST_CALLS:
+                full = self._take(monitor)
+            elif self._thread is None:
+                self._start()
+        if full is not None:
+            _profile(monitor, full)
+
+    def pending(self) -> int:
+        with self._lock:
+            return sum(len(parked) for parked in self._parked.values())
+
+    def drain(self) -> None:
+        with self._lock:
+            taken = [(monitor, self._take(monitor)) for monitor in list(self._parked)]
+        for monitor, parked in taken:
+            _profile(monitor, parked)
+
+    def _take(self, monitor: FeatureMonitor) -> list[_Parked]:
+        self._since.pop(monitor, None)
+        return self._parked.pop(monitor)
+
+    def _start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="otel-dl-signals", daemon=True)
+        self._thread.start()
+        if not self._exit_hooked:
+            # Registered now, after the application made its tracer provider: exit hooks
+            # run last-registered first, so parked spans end before the provider shuts down.
+            self._exit_hooked = True
+            atexit.register(self.drain)
+
+    def _run(self) -> None:
+        while True:
+            delay = max(get_config().signals_delay_ms, 1) / 1000
+            self._wake.wait(delay / 2)
+            now = time.monotonic()
+            with self._lock:
+                due = [
+                    (monitor, self._take(monitor))
+                    for monitor, since in list(self._since.items())
+                    if now - since >= delay
+                ]
+            for monitor, parked in due:
+                _profile(monitor, parked)
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: the parent's parked spans and thread are not this process's."""
+        self._lock = threading.Lock()
+        self._parked, self._since = {}, {}
+        self._thread = None
+
+
+def _profile(monitor: FeatureMonitor, parked: list[_Parked]) -> None:
+    """Give each parked call its signals and end its span; a failure costs the signals
+    of this burst, never the spans."""
+    try:
+        found = monitor.profile_burst(
+            [p.later.inputs for p in parked], [p.later.scores for p in parked]
+        )
+    except Exception:
+        report_internal_error(_SITE)
+        found = [{} for _ in parked]
+    for item, attributes in zip(parked, found, strict=True):
+        item.call.attributes.update(attributes)
+        item.call.finish(item.end_ns)
+
+
+_bursts = _Bursts()
+os.register_at_fork(after_in_child=_bursts.reset_after_fork)
+
+
+def submit(call: DlSpan, later: Later, end_ns: int) -> None:
+    """Park ``call`` (open, detached) until ``later``'s signals are computed in a burst."""
+    _bursts.submit(call, later, end_ns)
+
+
+def pending_spans() -> int:
+    """Spans parked for a burst."""
+    return _bursts.pending()
+
+
+def drain() -> None:
+    """Profile every parked call now and end its span."""
+    _bursts.drain()

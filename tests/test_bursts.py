@@ -1,0 +1,196 @@
+"""Small calls' signals, computed a burst at a time: the same attributes a call alone
+would get, spans that end with their call's own end time once the burst is profiled
+(16 calls, ``signals_delay_ms``, or a flush), and nothing lost when the burst fails."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_iris
+from sklearn.linear_model import LogisticRegression
+
+import otel_dl
+from otel_dl import _burst, semconv
+from otel_dl.monitor import BURST_MAX_ROWS, FeatureMonitor
+from otel_dl.reference import Reference
+from otel_dl.table import to_table
+from tests.support import EXPORTER, SpanList
+
+_SIGNALS = (
+    semconv.DL_BATCH_SIZE,
+    semconv.DL_DATA_SCHEMA_FINGERPRINT,
+    semconv.DL_DATA_FINGERPRINT,
+    semconv.DL_QUALITY_NAN_FRACTION,
+    semconv.DL_QUALITY_SCHEMA_MISMATCH,
+    semconv.DL_QUALITY_OUT_OF_RANGE_FRACTION,
+    semconv.DL_PREDICTION_COUNT,
+    semconv.DL_CONFIDENCE_ROWS,
+    semconv.DL_CONFIDENCE_MEAN,
+    semconv.DL_CONFIDENCE_MIN,
+    semconv.DL_CONFIDENCE_MARGIN_MEAN,
+    semconv.DL_CONFIDENCE_ENTROPY_MEAN,
+    semconv.DL_CONFIDENCE_LOW_FRACTION,
+)
+
+
+@pytest.fixture
+def handle() -> Iterator[otel_dl.Instrumentation]:
+    h = otel_dl.instrument()
+    yield h
+    h.shutdown()
+
+
+def _calls(seed: int, dtype: type) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Small calls of iris-like inputs and 3-class outputs: clean ones, NaN and infinite
+    inputs, values outside the reference's range, probabilities, logits, NaN and -inf
+    scores, one row or several."""
+    rng = np.random.default_rng(seed)
+    x, _ = load_iris(return_X_y=True)
+    calls = []
+    for i in range(40):
+        rows = int(rng.integers(1, BURST_MAX_ROWS + 1))
+        inputs = x[rng.integers(0, len(x), rows)].astype(dtype)
+        logits = rng.normal(0, 3, (rows, 3)).astype(dtype)
+        if i % 5 == 1:
+            inputs[0, 1] = np.nan
+        if i % 7 == 2:
+            inputs[-1, 0] = np.inf if i % 2 else -np.inf
+        if i % 4 == 3:
+            inputs[:, 2] *= 3  # petal length far above anything seen
+        if i % 3 == 0:
+            scores = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+        else:
+            scores = logits
+        if i % 11 == 4:
+            scores[0, 0] = np.nan
+        if i % 13 == 5:
+            scores[-1, 2] = -np.inf  # a masked class
+        if i == 6:
+            scores[:] = np.nan  # no finite prediction at all
+        calls.append((inputs, scores.astype(dtype)))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_burst_gives_each_call_what_it_would_get_alone(dtype: type) -> None:
+    x, _ = load_iris(return_X_y=True)
+    reference = Reference.fit(to_table(x.astype(dtype)))
+    alone, burst = FeatureMonitor(reference), FeatureMonitor(reference)
+    calls = _calls(7, dtype)
+    expected = [{**alone.observe(i), **alone.confidence(s)} for i, s in calls]
+    inputs = [burst.burst_inputs(i) for i, _ in calls]
+    laters = [burst.confidence_later(s) for _, s in calls]
+    assert all(i is not None for i in inputs) and all(later is not None for later in laters)
+    scores = [later.scores if later is not None else None for later in laters]
+    found = burst.profile_burst(inputs, scores)
+    for want, got in zip(expected, found, strict=True):
+        assert {k for k in want if k in _SIGNALS} == {k for k in got if k in _SIGNALS}
+        for key in _SIGNALS:
+            if isinstance(want.get(key), float):
+                assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
+            elif key in want:
+                assert got[key] == want[key], key
+
+
+def test_the_copies_are_taken_at_the_call() -> None:
+    x, _ = load_iris(return_X_y=True)
+    monitor = FeatureMonitor(Reference.fit(to_table(x)))
+    batch = torch.tensor(x[:2])
+    kept = monitor.burst_inputs(batch)
+    batch[0, 0] = float("nan")  # the caller refills its buffer after the call
+    assert kept is not None and np.isfinite(kept).all()
+
+
+def test_what_a_burst_cannot_take_is_observed_now() -> None:
+    x, _ = load_iris(return_X_y=True)
+    fitted = FeatureMonitor(Reference.fit(to_table(x)))
+    assert FeatureMonitor().burst_inputs(x[:1]) is None  # no reference yet: baseline first
+    assert fitted.burst_inputs(x[: BURST_MAX_ROWS + 1]) is None  # a batch, not a request
+    assert fitted.burst_inputs(x[:1, :3]) is None  # another width than the reference's
+    assert fitted.burst_inputs(x[:1].astype(np.float16)) is None
+    assert fitted.confidence_later(np.zeros((1, 1))) is None  # one column: a sigmoid
+    assert fitted.burst_inputs(x[:1]) is not None
+
+
+def _served_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    x, _ = load_iris(return_X_y=True)
+    model = otel_dl.watch(model.eval(), name="served", reference=Reference.fit(to_table(x)))
+    return model
+
+
+def _inference_spans() -> list[object]:
+    return [s for s in EXPORTER.get_finished_spans() if s.name == semconv.SPAN_INFERENCE]
+
+
+def test_small_calls_end_with_their_own_times_once_flushed(
+    handle: otel_dl.Instrumentation, spans: SpanList
+) -> None:
+    model = _served_model()
+    x, _ = load_iris(return_X_y=True)
+    ends = []
+    with torch.no_grad():
+        for row in x[:3]:
+            model(torch.tensor(row[None], dtype=torch.float32))
+            ends.append(time.time_ns())
+    assert _inference_spans() == []  # parked: nothing profiled on the callers' path
+    assert _burst.pending_spans() == 3
+    assert handle.force_flush()
+    found = _inference_spans()
+    assert len(found) == 3
+    for span, returned in zip(found, ends, strict=True):
+        assert span.start_time < span.end_time <= returned
+        assert span.attributes[semconv.DL_BATCH_SIZE] == 1
+        assert span.attributes[semconv.DL_QUALITY_NAN_FRACTION] == 0.0
+        assert 0 < span.attributes[semconv.DL_CONFIDENCE_MEAN] <= 1
+
+
+def test_a_full_burst_is_profiled_at_once_and_a_lone_call_within_the_delay(
+    handle: otel_dl.Instrumentation, spans: SpanList
+) -> None:
+    model = _served_model()
+    row = torch.zeros(1, 4)
+    with torch.no_grad():
+        for _ in range(_burst.BURST_CALLS):
+            model(row)
+        assert len(_inference_spans()) == _burst.BURST_CALLS
+        model(row)
+    deadline = time.monotonic() + 5
+    while len(_inference_spans()) < _burst.BURST_CALLS + 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(_inference_spans()) == _burst.BURST_CALLS + 1  # the background thread
+
+
+def test_with_no_delay_every_span_ends_at_its_call(spans: SpanList) -> None:
+    h = otel_dl.instrument(signals_delay_ms=0)
+    try:
+        model = _served_model()
+        with torch.no_grad():
+            model(torch.zeros(1, 4))
+        (span,) = _inference_spans()
+        assert semconv.DL_CONFIDENCE_MEAN in span.attributes
+    finally:
+        h.shutdown()
+
+
+def test_a_failing_burst_costs_its_signals_never_its_spans(
+    handle: otel_dl.Instrumentation, spans: SpanList, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*_args: object) -> None:
+        raise RuntimeError("injected")
+
+    x, y = load_iris(return_X_y=True)
+    estimator = LogisticRegression(max_iter=500).fit(x, y)
+    before = otel_dl.internal_error_counts().get("signals.burst", 0)
+    monkeypatch.setattr(FeatureMonitor, "profile_burst", broken)
+    probabilities = estimator.predict_proba(x[:1])
+    (span,) = spans.get(semconv.SPAN_INFERENCE)
+    assert probabilities.shape == (1, 3)
+    assert otel_dl.internal_error_counts()["signals.burst"] == before + 1
+    assert semconv.DL_MODEL_FINGERPRINT in span.attributes
+    assert semconv.DL_CONFIDENCE_MEAN not in span.attributes
