@@ -28,10 +28,13 @@ Phases, all on loopback:
 Every trace the collector forwarded is then replayed, in arrival order, through two
 fresh attributors on the same spans: ``before`` (``symptom_first=False``: the behaviour
 before issue 17) and ``after`` (the default), and the live collector's own verdict is
-read from the forwarded ``dl.fault.candidates``. Reported per phase: traces given a root
-cause (the false-positive rate for ``normal``), AC@1, AC@3, and how often the top
-candidate was a caller of the true service (frontend for customer, driver and route;
-customer for mysql).
+read from the forwarded ``dl.fault.candidates``. Last, the live collector's incident
+ranking (``/api/incidents``, see collector/incidents.py) is read from its store for the
+window of each request: the services ranked over the window's faulty traces against the
+healthy traffic of the 10 minutes before. Reported per phase: traces given a root cause
+(the false-positive rate for ``normal``), AC@1, AC@3, and how often the top candidate
+was a caller of the true service (frontend for customer, driver and route; customer for
+mysql).
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ from otel_dl.collector.assemble import SpanRecord, flatten  # noqa: E402
 from otel_dl.collector.attribute import Attributor  # noqa: E402
 from otel_dl.collector.catalog import load_catalog  # noqa: E402
 from otel_dl.collector.config import load_config  # noqa: E402
+from otel_dl.collector.incidents import query_incidents  # noqa: E402
 from otel_dl.collector.pipeline import Collector  # noqa: E402
 from tests.e2e.binaries import free_port, hotrod_binary  # noqa: E402
 from tests.faultsim import start_sink  # noqa: E402
@@ -330,7 +334,7 @@ def main() -> None:
                 # A stopped process exports its spans late; wait for them.
                 "decision_wait": 6.0,
                 "early_grace": 3.0,
-                "store": "none",
+                "store": str(tmp / "faults.sqlite"),
                 "queue_dir": str(tmp / "q"),
                 "export_endpoint": f"127.0.0.1:{sink_port}",
             }
@@ -382,6 +386,14 @@ def main() -> None:
         print(f"### {label}\n")
         score(verdicts)
         print()
+    ranked_windows: dict[str, list[tuple[str, ...]]] = defaultdict(list)
+    for phase, start, end in sent:
+        found = query_incidents(tmp / "faults.sqlite", start / 1e9, end / 1e9, baseline=600)
+        ranking = found[0].ranking if found else ()
+        ranked_windows[phase].append(tuple(r.service for r in ranking))
+    print("### live collector, incident ranking over each request's window\n")
+    score(ranked_windows)
+    print()
 
 
 if __name__ == "__main__":

@@ -4,9 +4,17 @@ Served on ``--api-port`` by :func:`api_routes`:
 
 - ``GET /api/faults``: faults from the store, newest first, as
   ``{"faults": [{trace_id, time, service, span_id, span_name, kind, mode, origin,
-  score, severity, owner, runbook, evidence, candidates}, ...]}``. Query parameters:
-  ``since`` and ``until`` (unix seconds, or ``since=15m`` / ``2h`` / ``1d`` back from
-  now), ``limit`` (default 100, at most 10000), ``service`` and ``kind`` filters.
+  score, severity, owner, runbook, evidence, candidates, blame, trace_time,
+  implicated}, ...]}``. Query parameters: ``since`` and ``until`` (unix seconds, or
+  ``since=15m`` / ``2h`` / ``1d`` back from now), ``limit`` (default 100, at most
+  10000), ``service`` and ``kind`` filters.
+- ``GET /api/incidents``: faulty traces grouped into incidents, newest first, each with
+  its services ranked over all its traces against the healthy traffic before it (see
+  incidents.py), as ``{"incidents": [{start, end, faulty, healthy, ranking: [{service,
+  score, faulty, background}, ...], kinds, blames, latest_traces}, ...]}``. Query
+  parameters: ``since`` and ``until`` (trace start times, as above), ``gap`` (seconds
+  between two faulty traces of one incident, default 60) and ``baseline`` (seconds of
+  healthy traffic before an incident to compare with, default 3600).
 - ``GET /metrics``: the Prometheus text exposition of :class:`~.metrics.CollectorMetrics`.
 
 With ``auth_token`` set, both need ``Authorization: Bearer <token>`` (401 otherwise).
@@ -23,6 +31,7 @@ from pathlib import Path
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from .incidents import DEFAULT_BASELINE, DEFAULT_GAP, query_incidents
 from .metrics import CollectorMetrics
 from .security import UNAUTHENTICATED_MESSAGE, BearerAuth
 from .store import query_faults
@@ -45,7 +54,7 @@ def api_routes(
     metrics: CollectorMetrics,
     auth: BearerAuth | None = None,
 ) -> None:
-    """Add ``/api/faults`` and ``/metrics`` to an aiohttp application."""
+    """Add ``/api/faults``, ``/api/incidents`` and ``/metrics`` to an aiohttp application."""
     if auth is not None and auth.enabled:
         checker = auth
 
@@ -61,12 +70,15 @@ def api_routes(
 
         app.middlewares.append(require_token)
 
+    def no_store() -> web.Response:
+        return web.json_response(
+            {"error": "the fault store is disabled; start the collector with --store PATH"},
+            status=404,
+        )
+
     async def faults(request: web.Request) -> web.Response:
         if store is None:
-            return web.json_response(
-                {"error": "the fault store is disabled; start the collector with --store PATH"},
-                status=404,
-            )
+            return no_store()
         q = request.query
         try:
             since = parse_since(q.get("since", "0"))
@@ -83,8 +95,33 @@ def api_routes(
         )
         return web.json_response({"faults": [r.as_json() for r in rows]})
 
+    async def incidents(request: web.Request) -> web.Response:
+        if store is None:
+            return no_store()
+        q = request.query
+        try:
+            since = parse_since(q.get("since", "0"))
+            until = parse_since(q["until"]) if "until" in q else None
+            gap = float(q.get("gap", DEFAULT_GAP))
+            baseline = float(q.get("baseline", DEFAULT_BASELINE))
+            if not (gap > 0 and baseline >= 0):
+                raise ValueError("gap, baseline")
+        except ValueError:
+            return web.json_response(
+                {
+                    "error": "since/until must be unix seconds or like 15m, 2h, 1d; gap a "
+                    "number of seconds > 0, baseline a number of seconds >= 0"
+                },
+                status=400,
+            )
+        found = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: query_incidents(store, since, until, gap, baseline)
+        )
+        return web.json_response({"incidents": [i.as_json() for i in found]})
+
     async def prometheus(_request: web.Request) -> web.Response:
         return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app.router.add_get("/api/faults", faults)
+    app.router.add_get("/api/incidents", incidents)
     app.router.add_get("/metrics", prometheus)

@@ -11,9 +11,14 @@ objects that keep their resource and scope, so the spans can be regrouped for ex
 
 Completion rule: a trace is complete ``decision_wait`` seconds after its last span
 arrived. It completes sooner, ``early_grace`` seconds after its last span, when its
-root span (no parent) has arrived and every span it holds has its parent in the trace:
-OTLP carries only ended spans, so a span whose parent is missing is the only sign that
-work is still open somewhere. Memory is bounded by ``max_spans`` and ``max_traces``:
+root span (no parent) has arrived, every span it holds has its parent in the trace, and
+no client span still waits for its callee's spans: OTLP carries only ended spans, so a
+span whose parent is missing, or a call into a traced service with no span of that
+service under it, is the only sign that work is still open somewhere. Whether a call
+has a traced callee is learned per call key (see :class:`Callees`): a callee whose spans
+arrive a second or more after its caller's (a busy exporter, a stalled process) must
+not be judged missing, or its caller's client span looks like an untraced dependency
+and the fault goes to the wrong service. Memory is bounded by ``max_spans`` and ``max_traces``:
 beyond either, the oldest traces are evicted (decided at once and forwarded). Spans of
 an already decided trace are returned as *late* by :meth:`TraceBuffer.add`, to be given
 the recorded decision from the :class:`DecisionCache`.
@@ -22,6 +27,7 @@ the recorded decision from the :class:`DecisionCache`.
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +43,10 @@ _UNKNOWN_SERVICE = "unknown_service"
 _STATUS_ERROR = Status.STATUS_CODE_ERROR
 _ZERO_TRACE_ID = bytes(16)
 _ZERO_SPAN_ID = bytes(8)
+_CLIENT = Span.SPAN_KIND_CLIENT
+#: Calls of a key seen before a childless call of it no longer holds its trace open.
+_CALLS_TO_LEARN = 3
+_MAX_CALL_KEYS = 20_000
 # Python types of the AnyValue each semantic-convention type may arrive as.
 _SEMCONV_TYPES: dict[str, tuple[type, ...]] = {
     "string": (str,),
@@ -297,6 +307,52 @@ class DecisionCache:
         return len(self._items)
 
 
+def _span_key(span: SpanRecord) -> Hashable:
+    return (span.service, span.name)
+
+
+class Callees:
+    """Which client calls lead into a traced service, learned from completed traces.
+
+    A call key (by default the caller's service and span name; the collector uses the
+    attribution's operation: name, route and peer) is *traced* once one of its calls had
+    a child span. A childless call of a traced key, or of a key seen fewer than
+    :data:`_CALLS_TO_LEARN` times, holds its trace until ``decision_wait``: its callee's
+    spans may still come. A call into an untraced dependency (a database, an external
+    API) holds its trace only while its key is being learned.
+    """
+
+    def __init__(self, key: Callable[[SpanRecord], Hashable] = _span_key) -> None:
+        self.key = key
+        self._calls: dict[Hashable, list[int]] = {}  # key -> [calls, calls with a child]
+
+    def awaits_callee(self, span: SpanRecord) -> bool:
+        seen = self._calls.get(self.key(span))
+        return seen is None or seen[0] < _CALLS_TO_LEARN or seen[1] > 0
+
+    def learn(self, trace: Trace) -> None:
+        parents = {s.parent_id for s in trace.spans}
+        for span in trace.spans:
+            if span.kind != _CLIENT:
+                continue
+            key = self.key(span)
+            seen = self._calls.get(key)
+            if seen is None:
+                if len(self._calls) >= _MAX_CALL_KEYS:
+                    continue
+                seen = self._calls[key] = [0, 0]
+            seen[0] += 1
+            seen[1] += span.span_id in parents
+
+    def open_calls(self, trace: Trace) -> bool:
+        """Whether a client span of ``trace`` has no child yet, and its callee may send one."""
+        parents = {s.parent_id for s in trace.spans}
+        return any(
+            s.kind == _CLIENT and s.span_id not in parents and self.awaits_callee(s)
+            for s in trace.spans
+        )
+
+
 class TraceBuffer:
     """Traces being assembled, bounded in spans and traces. Not thread-safe: lock around it."""
 
@@ -307,12 +363,14 @@ class TraceBuffer:
         max_spans: int,
         max_traces: int,
         decided: DecisionCache,
+        callees: Callees | None = None,
     ) -> None:
         self.decision_wait = decision_wait
         self.early_grace = min(early_grace, decision_wait)
         self.max_spans = max_spans
         self.max_traces = max_traces
         self.decided = decided
+        self.callees = callees or Callees()
         # Ordered by first arrival, so eviction takes the oldest trace.
         self._traces: OrderedDict[bytes, Trace] = OrderedDict()
         self.span_count = 0
@@ -351,12 +409,16 @@ class TraceBuffer:
         for trace in self._traces.values():
             quiet = now - trace.last_seen
             if quiet >= self.decision_wait or (
-                quiet >= self.early_grace and trace.has_root and trace.connected()
+                quiet >= self.early_grace
+                and trace.has_root
+                and trace.connected()
+                and not self.callees.open_calls(trace)
             ):
                 done.append(trace)
         for trace in done:
             del self._traces[trace.trace_id]
             self.span_count -= len(trace.spans)
+            self.callees.learn(trace)
         return done
 
     def pop_all(self) -> list[Trace]:

@@ -23,21 +23,39 @@ remote peer: a peer name attribute or the host of its URL, see
 - ``changed``: the value differs from every value established for the same key
   (``dl.model.name`` for model fingerprints, otherwise service and span name).
 
+A mode's ``runbook`` is an absolute URL (kept as it is, pointing anywhere) or a page
+name such as ``data-drift.md``, resolved against the ``runbook_base_url`` option; by
+default that is the folder of runbook pages otel-dl ships (``docs/runbooks`` of the
+repository, or ``share/otel-dl/runbooks`` of an installed package)::
+
+    catalog = load_catalog(runbook_base_url="https://wiki.example.com/otel-dl/runbooks/")
+
 An invalid catalog raises :class:`CatalogError` naming the file, the mode and the field.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import dataclass
+import sysconfig
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urljoin, urlparse
 
 import yaml
 
 from otel_dl import semconv
 
+_log = logging.getLogger(__name__)
+
 DEFAULT_CATALOG_PATH = Path(__file__).with_name("catalog.yaml")
+#: Where the runbook pages are: a source checkout (or editable install) keeps them in
+#: docs/runbooks; an installed package puts them under its data prefix (pyproject.toml).
+RUNBOOK_DIRS = (
+    Path(__file__).resolve().parents[1] / "docs" / "runbooks",
+    Path(sysconfig.get_path("data")) / "share" / "otel-dl" / "runbooks",
+)
 
 #: Signals that are facts about the span rather than attributes on it.
 SPAN_SIGNALS = frozenset({"duration", "status.error", "exception", "span.kind", "peer"})
@@ -102,6 +120,24 @@ class Catalog:
     def attributes(self) -> frozenset[str]:
         """Span attribute names any mode reads (span facts excluded)."""
         return frozenset(s for m in self.modes for s in m.signals if s not in SPAN_SIGNALS)
+
+
+def default_runbook_base_url() -> str:
+    """The ``file://`` URL of the shipped runbook pages (the first folder that exists)."""
+    found = next((d for d in RUNBOOK_DIRS if d.is_dir()), RUNBOOK_DIRS[-1])
+    return found.as_uri() + "/"
+
+
+def resolve_runbook(runbook: str, base_url: str) -> str:
+    """``runbook`` as it is when it is an absolute URL, else resolved against ``base_url``.
+
+    ``base_url`` names a folder; a missing trailing slash is added, so that
+    ``https://wiki/runbooks`` and ``https://wiki/runbooks/`` both give
+    ``https://wiki/runbooks/data-drift.md``.
+    """
+    if urlparse(runbook).scheme:
+        return runbook
+    return urljoin(base_url if base_url.endswith("/") else base_url + "/", runbook)
 
 
 def _fail(path: Path, where: str, message: str) -> CatalogError:
@@ -219,8 +255,30 @@ def _mode(path: Path, index: int, raw: Any) -> FailureMode:
         severity=severity,
         owner=_text(path, where, raw, "owner", None),
         mitigation=_text(path, where, raw, "mitigation", None),
-        runbook=_text(path, where, raw, "runbook", None),
+        runbook=_runbook(path, where, _text(path, where, raw, "runbook", None)),
     )
+
+
+def _runbook(path: Path, where: str, value: str) -> str:
+    value = value.strip()
+    parsed = urlparse(value)
+    if parsed.scheme:
+        if not parsed.netloc and parsed.scheme != "file":
+            raise _fail(
+                path,
+                f"{where} field 'runbook'",
+                f"{value!r} is not a URL with a host; give an absolute URL such as "
+                "https://wiki.example.com/runbooks/x.md or a page name such as x.md",
+            )
+        return value
+    if value.startswith(("/", "\\")) or parsed.netloc:
+        raise _fail(
+            path,
+            f"{where} field 'runbook'",
+            f"{value!r} is neither an absolute URL nor a page name; write a page name "
+            "relative to runbook_base_url (e.g. data-drift.md) or a full https:// URL",
+        )
+    return value
 
 
 def _read_modes(path: Path) -> list[FailureMode]:
@@ -243,10 +301,33 @@ def _read_modes(path: Path) -> list[FailureMode]:
     return modes
 
 
-def load_catalog(extra: Path | None = None) -> Catalog:
-    """Load the shipped catalog, then add or replace modes from ``extra``."""
+def load_catalog(extra: Path | None = None, runbook_base_url: str | None = None) -> Catalog:
+    """Load the shipped catalog, then add or replace modes from ``extra``.
+
+    Relative runbooks resolve against ``runbook_base_url`` (the ``runbook_base_url``
+    option, checked by the configuration), by default the shipped runbook pages.
+    """
+    base = runbook_base_url or default_runbook_base_url()
     modes = {m.id: m for m in _read_modes(DEFAULT_CATALOG_PATH)}
     if extra is not None:
         for mode in _read_modes(extra):
             modes[mode.id] = mode
-    return Catalog(tuple(modes.values()))
+    resolved = tuple(replace(m, runbook=resolve_runbook(m.runbook, base)) for m in modes.values())
+    _warn_missing_pages(resolved)
+    return Catalog(resolved)
+
+
+def _warn_missing_pages(modes: tuple[FailureMode, ...]) -> None:
+    """Log the modes whose runbook is a local page that does not exist."""
+    missing = [
+        m.id
+        for m in modes
+        if m.runbook.startswith("file:") and not Path(unquote(urlparse(m.runbook).path)).is_file()
+    ]
+    if missing:
+        _log.warning(
+            "no runbook page for mode(s) %s (%s): write the page, give the mode an absolute "
+            "runbook URL, or set runbook_base_url",
+            ", ".join(missing),
+            next(m.runbook for m in modes if m.id == missing[0]),
+        )

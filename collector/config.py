@@ -21,6 +21,8 @@ from urllib.parse import urlparse
 
 import yaml
 
+from .tracelink import TraceLinkError, check_trace_link_template
+
 
 class ConfigError(ValueError):
     """A configuration value that cannot be used; the message names the key and the fix."""
@@ -58,6 +60,12 @@ class CollectorConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_client_ca: str | None = None
+    runbook_base_url: str | None = None
+    trace_link_template: str | None = None
+    webhook_url: str | None = None
+    webhook_dedupe_window: float = 300.0
+    webhook_max_per_minute: int = 30
+    webhook_retries: int = 3
 
 
 def _int(value: Any) -> int:
@@ -136,6 +144,39 @@ def _endpoint(value: str | None) -> str | None:
     if not sep or not host or not port.isdigit():
         return "must be host:port for OTLP/gRPC or an http(s):// URL for OTLP/HTTP"
     return None
+
+
+def _base_url(value: str | None) -> str | None:
+    if value is None:
+        return None
+    parsed = urlparse(value)
+    if parsed.scheme in ("http", "https") and parsed.hostname:
+        return None
+    if parsed.scheme == "file" and parsed.path.startswith("/"):
+        return None
+    return (
+        "must be an http(s):// URL with a host or a file:/// URL of a folder, "
+        "e.g. https://wiki.example.com/otel-dl/runbooks/"
+    )
+
+
+def _trace_link(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        check_trace_link_template(value)
+    except TraceLinkError as exc:
+        return str(exc)
+    return None
+
+
+def _webhook(value: str | None) -> str | None:
+    if value is None:
+        return None
+    parsed = urlparse(value)
+    if parsed.scheme in ("http", "https") and parsed.hostname:
+        return None
+    return "must be an http(s):// URL with a host"
 
 
 def _token(value: str | None) -> str | None:
@@ -246,6 +287,45 @@ OPTIONS: tuple[Option, ...] = (
         _optional_str,
         _readable_file,
         "PEM CA bundle; when set, clients must present a certificate it signed (mTLS)",
+    ),
+    Option(
+        "runbook_base_url",
+        _optional_str,
+        _base_url,
+        "URL the catalog's relative runbook links resolve against; unset: the runbook "
+        "pages shipped in docs/runbooks",
+    ),
+    Option(
+        "trace_link_template",
+        _optional_str,
+        _trace_link,
+        "URL of one trace in Jaeger or Tempo, with {trace_id} (and optionally {span_id}, "
+        "{service}), e.g. http://jaeger:16686/trace/{trace_id}; unset: no links",
+    ),
+    Option(
+        "webhook_url",
+        _optional_str,
+        _webhook,
+        "http(s):// URL the fault notifier POSTs JSON to; unset disables notifications",
+        secret=True,
+    ),
+    Option(
+        "webhook_dedupe_window",
+        _float,
+        _non_negative,
+        "seconds a (mode, service) incident stays open: its later faults notify no one",
+    ),
+    Option(
+        "webhook_max_per_minute",
+        _int,
+        _positive,
+        "most webhook notifications sent in any minute; the rest are dropped and counted",
+    ),
+    Option(
+        "webhook_retries",
+        _int,
+        _non_negative,
+        "retries of a failed webhook delivery, with exponential backoff",
     ),
 )
 _BY_KEY = {o.key: o for o in OPTIONS}

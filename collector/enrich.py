@@ -20,7 +20,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from otel_dl import semconv
 
 from .assemble import SpanRecord
-from .attribute import Decision
+from .decision import Decision
 
 AttrValue = str | bool | float | int | Sequence[str]
 

@@ -6,7 +6,7 @@ in one process, as in tests, do not clash)::
     metrics = CollectorMetrics(max_services=100)
     metrics.spans_received.inc(120)
     metrics.observe_signals(spans)            # drift and confidence, per service
-    metrics.count_fault("feature-service", "stale_features")
+    metrics.count_fault("feature-service", "stale_features", "stale-features")
     text = metrics.render()
 
 Besides the pipeline's own counters, it turns what the spans carry into per-service
@@ -177,6 +177,22 @@ class CollectorMetrics:
             ["service_name", "kind"],
             registry=r,
         )
+        self.fault_modes = Counter(
+            "otel_dl_collector_fault_modes",
+            "Traces attributed a fault, by root-cause service and dl.fault.mode (the "
+            "catalog's mode id): what the alerting rules of alerts.py select on",
+            ["service_name", "mode"],
+            registry=r,
+        )
+        self.notifications = Counter(
+            "otel_dl_collector_notifications",
+            "Fault notifications by outcome: sent (the webhook took it), duplicate (its "
+            "incident was already notified), rate_limited, queue_full and failed (the "
+            "receiver refused it, stayed unreachable through every retry, or the collector "
+            "stopped first); the last two are lost",
+            ["outcome"],
+            registry=r,
+        )
         self.drift_score = SignalHistogram(
             "otel_dl_collector_drift_score",
             "dl.drift.score of each span that carries one, by service and dl.drift.method",
@@ -252,9 +268,13 @@ class CollectorMetrics:
             )
         return OTHER_SERVICES
 
-    def count_fault(self, service: str, kind: str) -> None:
-        """Count one trace attributed to ``service`` (its root cause) with ``kind``."""
-        self.faults.labels(self._service_label(service), kind).inc()
+    def count_fault(self, service: str, kind: str, mode: str | None = None) -> None:
+        """Count one trace attributed to ``service`` (its root cause) with ``kind``, and
+        with the failure ``mode`` id when given."""
+        label = self._service_label(service)
+        self.faults.labels(label, kind).inc()
+        if mode is not None:
+            self.fault_modes.labels(label, mode).inc()
 
     def observe_signals(self, spans: Iterable[SpanRecord]) -> None:
         """Observe the drift score, drift status and mean confidence each span carries.

@@ -1,4 +1,6 @@
-"""The wiring: receive → journal → assemble → attribute → enrich → export queue / store.
+"""The wiring: receive → journal → assemble → fault processor → export queue.
+
+The fault processor (faults.py) attributes, enriches and stores each whole trace.
 
 :class:`Collector` owns every stage and thread. Run it from code (tests, benchmarks)::
 
@@ -30,21 +32,30 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from .admission import MemoryGuard, TimedExecutor, rss_bytes, rss_supported
 from .api import api_routes
-from .assemble import DecisionCache, SpanRecord, Trace, TraceBuffer, expected_type, flatten
-from .attribute import Attributor, Decision
+from .assemble import (
+    Callees,
+    DecisionCache,
+    SpanRecord,
+    Trace,
+    TraceBuffer,
+    expected_type,
+    flatten,
+)
+from .attribute import Attributor
 from .catalog import Catalog, load_catalog
 from .config import CollectorConfig, ConfigError
 from .diskqueue import DiskBudget, ExportQueue, Journal, QueueFull
-from .enrich import enrich, enrich_late
 from .export import Exporter, queue_item
+from .faults import FaultProcessor
 from .metrics import SIGNAL_ATTRIBUTES, CollectorMetrics
+from .notify import Notifier
 from .receive import add_grpc_receiver, http_routes
 from .security import BearerAuth, grpc_credentials, server_ssl_context
+from .spans import operation
 from .store import FaultStore
 
 _log = logging.getLogger(__name__)
 _TICK_SECONDS = 0.05
-_HEALTHY = ("", "")
 
 
 class Collector:
@@ -52,7 +63,9 @@ class Collector:
 
     def __init__(self, config: CollectorConfig, catalog: Catalog | None = None) -> None:
         self.config = config
-        self.catalog = catalog or load_catalog(Path(config.catalog) if config.catalog else None)
+        self.catalog = catalog or load_catalog(
+            Path(config.catalog) if config.catalog else None, config.runbook_base_url
+        )
         self.metrics = CollectorMetrics(config.max_metric_services)
         self.attributor = Attributor(self.catalog, config.min_baseline_samples, config.fp_budget)
         self._wanted = self.attributor.wanted_attributes | SIGNAL_ATTRIBUTES
@@ -63,6 +76,7 @@ class Collector:
             config.max_spans,
             config.max_traces,
             self.decisions,
+            Callees(operation),
         )
         queue_dir = Path(config.queue_dir)
         self.budget = DiskBudget(config.queue_max_bytes)
@@ -71,6 +85,10 @@ class Collector:
             ExportQueue(queue_dir / "export", self.budget) if config.export_endpoint else None
         )
         self.store = FaultStore(Path(config.store)) if config.store else None
+        self.notifier = Notifier.from_config(config, self.metrics)
+        self.faults = FaultProcessor(
+            self.attributor, self.decisions, self.metrics, self.store, self.notifier
+        )
         self._lock = threading.Lock()
         self._decide_lock = threading.Lock()
         self._evicted: list[Trace] = []
@@ -229,6 +247,8 @@ class Collector:
         self._stop.set()
         if self._decider.is_alive():
             self._decider.join(timeout=10)
+        if self.notifier is not None:
+            self.notifier.close()
         if self._exporter is not None:
             self._exporter.stop()
         if self.queue is not None:
@@ -354,47 +374,7 @@ class Collector:
             self.metrics.spans_buffered.set(self.buffer.span_count)
         self.metrics.traces_evicted.inc(len(evicted))
         traces = evicted + done
-        out: list[SpanRecord] = []
-        stored: list[tuple[Decision, list[SpanRecord]]] = []
-        for trace in traces:
-            started = time.perf_counter()
-            try:
-                decision = self.attributor.decide(trace.trace_id, trace.spans)
-                enrich(decision)
-            except Exception as exc:
-                # Forward the trace unattributed rather than lose it; log no values.
-                self.metrics.decision_errors.inc()
-                _log.error(
-                    "could not attribute trace %s (%s); forwarding it unattributed",
-                    trace.trace_id.hex(),
-                    type(exc).__name__,
-                )
-                decision = Decision(trace.trace_id, fault=False)
-            self.metrics.attribution_seconds.observe(time.perf_counter() - started)
-            if decision.fault and decision.root is not None and decision.mode is not None:
-                self.decisions.put(
-                    trace.trace_id, (decision.root.service, decision.root.span_id.hex())
-                )
-                self.metrics.count_fault(decision.root.service, decision.mode.kind)
-                stored.append((decision, trace.spans))
-            else:
-                self.decisions.put(trace.trace_id, _HEALTHY)
-                if self.store is not None:
-                    stored.append((decision, trace.spans))
-            out.extend(trace.spans)
-        self.metrics.traces_assembled.inc(len(traces))
-        for rec in late:
-            cause = self.decisions.get(rec.trace_id)
-            if cause and cause != _HEALTHY:
-                enrich_late(rec, cause)
-        self.metrics.spans_late.inc(len(late))
-        out.extend(late)
-        self.metrics.observe_signals(out)
-        if self.store is not None and stored:
-            try:
-                self.store.record(stored)
-            except Exception:
-                _log.exception("could not write faults to the store %s", self.store.path)
+        out = self.faults.process(traces, late)
         if out:
             self._backlog.append((out, _segments(out)))
         self._hand_on()

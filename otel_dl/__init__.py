@@ -29,6 +29,7 @@ from otel_dl.export import (
     FastOTLPHTTPSpanExporter,
     FastOTLPSpanExporter,
 )
+from otel_dl.guard import Guarded, GuardPolicy, guard
 from otel_dl.monitor import FeatureMonitor
 from otel_dl.reference import Reference, ReferenceFileError
 from otel_dl.sampling import SignalAwareSpanProcessor
@@ -42,6 +43,8 @@ __all__ = [
     "FastOTLPHTTPSpanExporter",
     "FastOTLPSpanExporter",
     "FeatureMonitor",
+    "GuardPolicy",
+    "Guarded",
     "Hooks",
     "Instrumentation",
     "Reference",
@@ -52,6 +55,7 @@ __all__ = [
     "attributes",
     "confidence",
     "drift",
+    "guard",
     "instrument",
     "internal_error_counts",
     "semconv",

@@ -232,6 +232,17 @@ DL_SAMPLING_RATE: Final = _attr(
     "spans this kept span stands for under signal-aware sampling: 1 if abnormal, else N",
 )
 
+# --- Guard (otel_dl.guard), on the model's span and the span current at the call ---------
+DL_GUARD_STATE: Final = _attr(
+    "dl.guard.state", "string", "", "circuit-breaker state at the call: closed, open or half_open"
+)
+DL_GUARD_ACTION: Final = _attr(
+    "dl.guard.action", "string", "", "who answered the call: model, fallback or probe"
+)
+DL_GUARD_REASON: Final = _attr(
+    "dl.guard.reason", "string", "", "the guard policy rule the call's signals tripped"
+)
+
 # --- Fault attribution, written by the otel-dl collector ----------------------------------
 DL_FAULT_ROOT_CAUSE: Final = _attr(
     "dl.fault.root_cause", "boolean", "", "true on the span that caused the trace's fault"
@@ -365,6 +376,15 @@ FAULT_BLAME_LINK: Final = "link"
 #: An untraced dependency named by the root-cause client span's peer.
 FAULT_BLAME_DEPENDENCY: Final = "dependency"
 FAULT_BLAMES: Final = (FAULT_BLAME_SELF, FAULT_BLAME_LINK, FAULT_BLAME_DEPENDENCY)
+
+GUARD_STATE_CLOSED: Final = "closed"
+GUARD_STATE_OPEN: Final = "open"
+GUARD_STATE_HALF_OPEN: Final = "half_open"
+GUARD_STATES: Final = (GUARD_STATE_CLOSED, GUARD_STATE_OPEN, GUARD_STATE_HALF_OPEN)
+GUARD_ACTION_MODEL: Final = "model"
+GUARD_ACTION_FALLBACK: Final = "fallback"
+GUARD_ACTION_PROBE: Final = "probe"
+GUARD_ACTIONS: Final = (GUARD_ACTION_MODEL, GUARD_ACTION_FALLBACK, GUARD_ACTION_PROBE)
 
 # --- Span names ---------------------------------------------------------------------------
 # Low-cardinality: the model or dataset goes in attributes, never in the name.

@@ -784,6 +784,17 @@ def test_deploy_doc_traceql_uses_otel_dl_attributes() -> None:
         _check_traceql(query)
 
 
+RUNBOOK_PAGES = sorted(p for p in (ROOT / "docs" / "runbooks").glob("*.md") if p.stem != "README")
+
+
+@pytest.mark.parametrize("page", RUNBOOK_PAGES, ids=lambda p: p.name)
+def test_runbook_traceql_uses_otel_dl_attributes(page: Path) -> None:
+    queries = re.findall(r"```traceql\n(.*?)\n```", page.read_text(encoding="utf-8"), re.DOTALL)
+    assert queries, f"{page.name} has no TraceQL query"
+    for query in queries:
+        _check_traceql(query)
+
+
 def test_tempo_serves_traceql_metrics_over_internal_spans() -> None:
     tempo = _yaml(_mounted(_service_named("grafana/tempo:"), "tempo.yaml"))
     assert "local-blocks" in tempo["overrides"]["defaults"]["metrics_generator"]["processors"]

@@ -108,8 +108,15 @@ def test_report_table_and_html(tmp_path, make_collector, wait_for):
     html_path = tmp_path / "r.html"
     assert report_main(["report", "--store", str(store), "--html", str(html_path)]) == 0
     page = html_path.read_text()
-    assert "data:image/png;base64" in page and "https://otel-dl.dev/runbooks/error" in page
+    assert "data:image/png;base64" in page and "runbooks/internal-error.md" in page
     assert report_main(["report", "--store", str(tmp_path / "missing.sqlite")]) == 2
+    # Trace links: every trace id of the page links to the trace; a bad template is refused.
+    template = "http://jaeger:16686/trace/{trace_id}"
+    linked = ["report", "--store", str(store), "--html", str(html_path)]
+    assert report_main([*linked, "--trace-link-template", template]) == 0
+    trace_id = (7).to_bytes(16, "big").hex()
+    assert f'href="http://jaeger:16686/trace/{trace_id}"' in html_path.read_text()
+    assert report_main([*linked, "--trace-link-template", "http://jaeger/{trace}"]) == 2
 
 
 @pytest.mark.parametrize(

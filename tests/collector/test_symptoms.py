@@ -12,9 +12,10 @@ import random
 from typing import Any
 
 from otel_dl import semconv
-from otel_dl.collector.attribute import Attributor, operation
+from otel_dl.collector.attribute import Attributor
 from otel_dl.collector.catalog import load_catalog
 from otel_dl.collector.enrich import enrich
+from otel_dl.collector.spans import operation
 from tests.collector.test_attribute import _trace
 
 Row = tuple[str, str, int | None, float, float, dict[str, Any]]
@@ -311,3 +312,147 @@ def test_operation_names_the_route_and_the_peer():
     assert operation(records[0]) == "HTTP GET /users/{id}"
     assert operation(records[1]) == "HTTP GET /users/{}/orders @10.0.0.7:8081"
     assert operation(records[2]) == "work"
+
+
+def _batches(rng: random.Random, alerts: set[int], n: int = 8) -> list[Row]:
+    """A scoring request reading ``n`` batches from a loader; batches in ``alerts`` carry
+    a drift score past the alert threshold."""
+    rows: list[Row] = [("scorer", "POST /score", None, 0.0, 0.05 * n + 0.02, {})]
+    for i in range(n):
+        drift = 0.4 if i in alerts else rng.uniform(0.01, 0.08)
+        status = semconv.DRIFT_STATUS_ALERT if i in alerts else semconv.DRIFT_STATUS_OK
+        start = 0.01 + 0.05 * i
+        rows.append(
+            (
+                "loader",
+                "dataloader.next",
+                0,
+                start,
+                start + 0.04 + rng.uniform(0, 0.002),
+                {semconv.DL_DRIFT_SCORE: drift, semconv.DL_DRIFT_STATUS: status},
+            )
+        )
+    return rows
+
+
+def test_one_isolated_drift_alert_on_one_batch_is_not_a_fault():
+    rng = random.Random(10)
+    new, old = _attributor(), _attributor(symptom_first=False)
+    for _ in range(20):
+        rows = _batches(rng, set())
+        assert not _decide(new, rows).fault
+        _decide(old, rows)
+    blip = _batches(rng, {5})
+    assert not _decide(new, blip).fault
+    assert _decide(old, blip).mode.id == "data-drift"
+    # A healthy trace in between: the next blip is isolated again.
+    assert not _decide(new, _batches(rng, set())).fault
+    assert not _decide(new, _batches(rng, {2})).fault
+    # A drifted source shows on batch after batch...
+    decision = _decide(new, _batches(rng, {3, 4, 5, 6, 7}))
+    assert decision.fault and decision.mode.id == "data-drift"
+    assert decision.root.service == "loader"
+    # ...or trace after trace, even on one batch each.
+    assert not _decide(new, _batches(rng, set())).fault
+    assert not _decide(new, _batches(rng, {7})).fault
+    decision = _decide(new, _batches(rng, {7}))
+    assert decision.fault and decision.mode.id == "data-drift"
+
+
+def test_transient_noise_earlier_in_a_faulty_trace_does_not_outrank_the_fault():
+    """The request failed because the customer service failed. Before that, a redis call
+    failed and was retried, an external API answered 404 to a call whose answer is
+    optional, and one loader batch drifted: none of them may be the root cause."""
+    rng = random.Random(11)
+    attributor = _attributor()
+    _warm(attributor, rng)
+    for _ in range(3):
+        rows = _dispatch(rng)
+        rows.append(
+            ("frontend", "HTTP GET", 0, 0.001, 0.002, {"client": True, "server.address": "api.x"})
+        )
+        _decide(attributor, rows)
+
+    rows = _dispatch(rng, redis_error=True, entry_error=True)
+    rows[1] = (*rows[1][:5], {**rows[1][5], "error": True})
+    rows[2] = (*rows[2][:5], {"error": True})
+    # Noise, all starting before the customer call.
+    rows.append(
+        (
+            "frontend",
+            "HTTP GET",
+            0,
+            0.001,
+            0.002,
+            {
+                "client": True,
+                "server.address": "api.x",
+                "error": True,
+                "http.response.status_code": 404,
+            },
+        )
+    )
+    for i in range(4):
+        status = semconv.DRIFT_STATUS_ALERT if i == 0 else semconv.DRIFT_STATUS_OK
+        rows.append(
+            (
+                "loader",
+                "dataloader.next",
+                0,
+                0.001 + 0.001 * i,
+                0.0015 + 0.001 * i,
+                {semconv.DL_DRIFT_SCORE: 0.4 if i == 0 else 0.02, semconv.DL_DRIFT_STATUS: status},
+            )
+        )
+    # Move the retried redis call before the customer call too.
+    rows[5] = (rows[5][0], rows[5][1], rows[5][2], 0.003, 0.004, rows[5][5])
+    decision = _decide(attributor, rows)
+    assert decision.fault and decision.root.service == "customer", decision.evidence
+    assert decision.candidates[0] == "customer", decision.candidates
+    assert not {"redis-manual", "loader"} & set(decision.candidates), decision.candidates
+    assert decision.ranked_spans[-1].attrs.get("server.address") == "api.x"
+
+
+def test_a_4xx_answer_at_the_entry_is_not_a_fault():
+    rng = random.Random(12)
+    new, old = _attributor(), _attributor(symptom_first=False)
+    _warm(new, rng)
+    _warm(old, rng)
+    rows = _dispatch(rng)
+    # Some servers mark their 4xx answers as errors; a bad request is the client's fault.
+    rows[0] = (*rows[0][:5], {"error": True, "http.response.status_code": 404})
+    assert not _decide(new, rows).fault
+    assert _decide(old, rows).fault
+    rows[0] = (*rows[0][:5], {"error": True, "http.response.status_code": 503})
+    decision = _decide(new, rows)
+    assert decision.fault and decision.root.service == "frontend"
+
+
+def test_a_sub_millisecond_callee_whose_spans_double_is_the_root_cause():
+    """CPU contention on a pricing service doubles its ~1.05 ms spans. The catalog's 10 ms
+    floor hid it; its own floor (half its median) does not, once it is slow in more than
+    one trace: a single doubled span is as likely jitter."""
+    rng = random.Random(13)
+    new, old = _attributor(), _attributor(symptom_first=False)
+
+    def trace(work: float) -> list[Row]:
+        url = "http://127.0.0.1:8085/price?item=7"
+        return [
+            ("frontend", "GET /quote", None, 0.0, work + 0.0004, {}),
+            ("frontend", "HTTP GET", 0, 0.0001, 0.0003 + work, {"client": True, "url.full": url}),
+            ("pricing", "GET /price", 1, 0.0002, 0.0002 + work, {}),
+        ]
+
+    for _ in range(60):
+        rows = trace(rng.uniform(1.0e-3, 1.1e-3))
+        assert not _decide(new, rows).fault
+        _decide(old, rows)
+    slow = [trace(rng.uniform(2.25e-3, 2.35e-3)) for _ in range(6)]
+    assert not _decide(new, slow[0]).fault
+    for rows in slow[1:]:
+        decision = _decide(new, rows)
+        assert decision.fault and decision.mode.kind == semconv.FAULT_KIND_LATENCY
+        assert decision.root.service == "pricing" and decision.blame == semconv.FAULT_BLAME_SELF
+    assert not any(_decide(old, rows).fault for rows in slow)
+    # Back to normal: healthy again.
+    assert not _decide(new, trace(rng.uniform(1.0e-3, 1.1e-3))).fault

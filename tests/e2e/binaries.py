@@ -21,6 +21,10 @@ takes several minutes each, later runs reuse the cache.
   from ``examples/deploy/otelcol/builder.yaml`` (otlp receiver, loadbalancing and otlp
   exporters, tail_sampling). The cached name carries a hash of the manifest, so editing
   the manifest rebuilds it.
+- ``promtool_binary()`` and ``amtool_binary()``: Prometheus' and Alertmanager's own
+  checkers (``go install``), for the alerting rules and routes generated from the
+  catalog (tests/collector/test_alerts.py). promtool takes about 7 minutes to build
+  cold on two cores.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ BUILD_TIMEOUT_SECONDS = 2400
 
 JAEGER = ("github.com/jaegertracing/jaeger", "v1.76.0")
 BUILDER = ("go.opentelemetry.io/collector/cmd/builder", "v0.160.0")
+PROMTOOL = ("github.com/prometheus/prometheus/cmd/promtool", "v0.316.0")
+AMTOOL = ("github.com/prometheus/alertmanager/cmd/amtool", "v0.35.0")
 OTELCOL_MANIFEST = ROOT / "examples" / "deploy" / "otelcol" / "builder.yaml"
 
 
@@ -120,6 +126,35 @@ def hotrod_binary() -> Path:
     return _build_from_jaeger_module("HotROD", "./examples/hotrod", binary)
 
 
+def _go_tool(module: str, version: str) -> Path:
+    """A Go command, built with ``go install`` into a scratch GOBIN and cached by version."""
+    name = module.rsplit("/", 1)[-1]
+    binary = CACHE_BIN / f"{name}-{version}"
+    if _cached(binary):
+        return binary
+    go = _go(f"{module}@{version}")
+    CACHE_BIN.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="otel-dl-go-") as gobin:
+        subprocess.run(
+            [go, "install", f"{module}@{version}"],
+            env={**os.environ, "GOBIN": gobin},
+            check=True,
+            timeout=BUILD_TIMEOUT_SECONDS,
+        )
+        shutil.move(Path(gobin) / name, binary)
+    return binary
+
+
+def promtool_binary() -> Path:
+    """Prometheus' ``promtool``."""
+    return _go_tool(*PROMTOOL)
+
+
+def amtool_binary() -> Path:
+    """Alertmanager's ``amtool``."""
+    return _go_tool(*AMTOOL)
+
+
 def otelcol_binary() -> Path:
     """The OpenTelemetry Collector of ``examples/deploy/otelcol/builder.yaml``."""
     manifest = OTELCOL_MANIFEST.read_bytes()
@@ -143,7 +178,7 @@ def otelcol_binary() -> Path:
 
 if __name__ == "__main__":
     # HotROD is built on demand by benchmarks/rca_real.py: no test runs it.
-    for build in (jaeger_binary, otelcol_binary):
+    for build in (jaeger_binary, otelcol_binary, promtool_binary, amtool_binary):
         try:
             print(build())
         except NoGoToolchain as exc:

@@ -19,12 +19,14 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from otel_dl.collector.tracelink import render_trace_link
 from tests.e2e.binaries import NoGoToolchain, jaeger_binary
 from tests.e2e.jaeger import Jaeger, tag_map, tag_types
 
@@ -107,6 +109,22 @@ def test_demo_runs_and_leaves_no_process(demo: dict[str, Any]) -> None:
     assert re.search(rf"^{FAULT_SERVICE} +{FAULT_KIND} +\d+ ", demo["stdout"], re.MULTILINE)
     assert "<title>otel-dl fault report</title>" in Path(demo["html"]).read_text()
     assert _processes_mentioning(str(demo["work"])) == []
+
+
+@pytest.mark.timeout(300)
+def test_trace_links_open_the_trace_in_jaeger(jaeger: Jaeger, demo: dict[str, Any]) -> None:
+    trace_id = demo["traces"][0]
+    _wait_for(lambda: jaeger.traces(FAULT_SERVICE, tags={"dl.fault.root_cause": "true"}))
+    page = render_trace_link(f"{jaeger.query}/trace/{{trace_id}}", trace_id)
+    assert page is not None
+    with urllib.request.urlopen(page, timeout=10) as reply:  # Jaeger's UI page of the trace
+        assert reply.status == 200 and "html" in reply.headers["Content-Type"]
+    # The same template over Jaeger's API: the link names exactly that trace.
+    api = render_trace_link(f"{jaeger.query}/api/traces/{{trace_id}}", trace_id)
+    assert api is not None
+    with urllib.request.urlopen(api, timeout=10) as reply:
+        (found,) = json.load(reply)["data"]
+    assert found["traceID"] == trace_id and found["spans"]
 
 
 @pytest.mark.timeout(300)

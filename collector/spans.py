@@ -1,0 +1,226 @@
+"""What attribution reads from spans: operation keys, remote peers, and the tree of a trace.
+
+:func:`operation` names what a span does, finer than its name (baselines are learned per
+service and operation); :func:`peer_host` names the remote peer of a client span.
+:class:`TraceView` is one trace as the detectors read it: its spans in data-flow order,
+parents and children, its entry span, and each span's operation, computed once::
+
+    view = TraceView(trace.spans)
+    for span in view.order:          # callees before callers, earlier siblings first
+        print(view.op(span), view.children.get(span.span_id, ()))
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+from otel_dl import semconv
+
+from .assemble import SpanRecord
+
+CLIENT = 3
+
+#: Attributes naming the remote peer of a client span, in the order they are trusted.
+#: Instrumentations differ: current semconv writes ``server.address`` (gRPC also
+#: ``rpc.service``), the requests/urllib instrumentations in their default (old) semconv
+#: mode write only ``http.url`` and sometimes ``net.peer.name`` or ``http.host``.
+PEER_NAME_ATTRIBUTES = (
+    "server.address",
+    "peer.service",
+    "net.peer.name",
+    "http.host",
+    "rpc.service",
+)
+#: URL attributes the peer host is parsed from when no name attribute is set.
+PEER_URL_ATTRIBUTES = ("url.full", "http.url")
+#: Attributes naming the operation within a span name, in the order they are trusted:
+#: HotROD names its customer calls (~300 ms) and route calls (~50 ms) both ``HTTP GET``,
+#: so a baseline keyed by span name alone mixes them.
+ROUTE_ATTRIBUTES = ("http.route", "url.template", "rpc.method")
+#: Path attributes a route is derived from when no route attribute is set.
+PATH_ATTRIBUTES = ("url.path", "http.target")
+#: Port attributes that tell apart services on one host (loopback deployments).
+PORT_ATTRIBUTES = ("server.port", "net.peer.port")
+#: HTTP status code attributes, current and old semconv: a 4xx answer is the client's
+#: mistake, not an error of the span that gave it (OpenTelemetry's HTTP semconv).
+HTTP_STATUS_ATTRIBUTES = ("http.response.status_code", "http.status_code")
+_OPERATION_ATTRIBUTES = frozenset(
+    {*ROUTE_ATTRIBUTES, *PATH_ATTRIBUTES, *PORT_ATTRIBUTES, *PEER_URL_ATTRIBUTES}
+)
+#: Span attributes read besides the catalog's own signals.
+CORE_ATTRIBUTES = frozenset(
+    {
+        "error.type",
+        *PEER_NAME_ATTRIBUTES,
+        *PEER_URL_ATTRIBUTES,
+        *ROUTE_ATTRIBUTES,
+        *PATH_ATTRIBUTES,
+        *PORT_ATTRIBUTES,
+        *HTTP_STATUS_ATTRIBUTES,
+        semconv.DL_MODEL_NAME,
+        semconv.DL_STAGE,
+    }
+)
+
+
+def peer_host(attrs: Mapping[str, Any]) -> str | None:
+    """The remote peer a span names, or None: a peer name attribute, else a URL's host."""
+    for key in PEER_NAME_ATTRIBUTES:
+        value = attrs.get(key)
+        if isinstance(value, str) and value.strip():
+            return value
+    for key in PEER_URL_ATTRIBUTES:
+        value = attrs.get(key)
+        if not isinstance(value, str):
+            continue
+        try:
+            host = urlsplit(value.strip()).hostname
+        except ValueError:
+            # A malformed URL (an unclosed IPv6 bracket...) names no usable peer.
+            continue
+        if host:
+            return host
+    return None
+
+
+def _template(path: str) -> str:
+    """A low-cardinality template of a URL path: segments holding a digit become ``{}``."""
+    return "/".join(
+        "{}" if any(c.isdigit() for c in part) else part
+        for part in path.split("?", 1)[0].split("/")
+    )
+
+
+def _url(attrs: Mapping[str, Any]) -> tuple[str, str]:
+    """(path template, port) of the span's URL attribute, or empty strings."""
+    for key in PEER_URL_ATTRIBUTES:
+        value = attrs.get(key)
+        if isinstance(value, str):
+            try:
+                parts = urlsplit(value.strip())
+                port = parts.port
+            except ValueError:
+                continue
+            return _template(parts.path), str(port) if port else ""
+    return "", ""
+
+
+def operation(span: SpanRecord) -> str:
+    """What a span does, finer than its name: the name, plus the route (``http.route``,
+    ``url.template``, ``rpc.method``, else a template of the URL path), plus the peer
+    ``host:port`` of a client span. Baselines are learned per (service, operation)."""
+    attrs = span.attrs
+    if span.kind != CLIENT and attrs.keys().isdisjoint(_OPERATION_ATTRIBUTES):
+        return span.name  # the common case, kept cheap: it runs for every span
+    route = next((v for k in ROUTE_ATTRIBUTES if isinstance(v := attrs.get(k), str)), "")
+    port = next((str(v) for k in PORT_ATTRIBUTES if (v := attrs.get(k)) is not None), "")
+    if not route:
+        path = next((v for k in PATH_ATTRIBUTES if isinstance(v := attrs.get(k), str)), "")
+        if path:
+            route = _template(path)
+    if not route or not port:
+        url_route, url_port = _url(attrs)
+        route, port = route or url_route, port or url_port
+    peer = ""
+    if span.kind == CLIENT:
+        host = peer_host(attrs)
+        if host:
+            peer = f"{host}:{port}" if port else host
+    if not route and not peer:
+        return span.name
+    return f"{span.name} {route} @{peer}" if peer else f"{span.name} {route}"
+
+
+class TraceView:
+    """One trace as the detectors read it. ``by_operation=False`` keys operations by span
+    name alone (the behaviour before per-operation baselines, for benchmarks)."""
+
+    def __init__(self, spans: Sequence[SpanRecord], by_operation: bool = True) -> None:
+        self.spans = spans
+        self.by_operation = by_operation
+        self.by_id: dict[bytes, SpanRecord] = {s.span_id: s for s in spans}
+        self.children: dict[bytes, list[SpanRecord]] = {}
+        for s in spans:
+            if s.parent_id:
+                self.children.setdefault(s.parent_id, []).append(s)
+        #: Span ids with a child span in the trace (see the catalog's ``peer`` signal).
+        self.callers = frozenset(self.children)
+        self.order = _post_order(spans, self.by_id)
+        self.entry: SpanRecord | None = next(
+            (s for s in reversed(self.order) if not s.parent_id),
+            self.order[-1] if self.order else None,
+        )
+        self._ops: dict[int, str] = {}
+        self._op_counts: Counter[tuple[str, str]] | None = None
+
+    def op(self, span: SpanRecord) -> str:
+        """The span's operation (see :func:`operation`), computed once per span."""
+        if not self.by_operation:
+            return span.name
+        op = self._ops.get(id(span))
+        if op is None:
+            op = self._ops[id(span)] = operation(span)
+        return op
+
+    def key(self, span: SpanRecord) -> tuple[str, str]:
+        """``(service, operation)``: what baselines and detectors are kept per."""
+        return (span.service, self.op(span))
+
+    @property
+    def op_counts(self) -> Counter[tuple[str, str]]:
+        """Spans per ``(service, operation)`` in the trace."""
+        if self._op_counts is None:
+            self._op_counts = Counter(self.key(s) for s in self.order)
+        return self._op_counts
+
+    def depths(self) -> dict[bytes, int]:
+        """Each span's number of ancestors in the trace (a parent cycle stops the count)."""
+        parent = {s.span_id: s.parent_id for s in self.spans}
+        depths: dict[bytes, int] = {}
+        for span_id in parent:
+            depth, seen, cur = 0, {span_id}, parent[span_id]
+            while cur in parent and cur not in seen:
+                seen.add(cur)
+                depth += 1
+                cur = parent[cur]
+            depths[span_id] = depth
+        return depths
+
+
+def _post_order(spans: Sequence[SpanRecord], by_id: Mapping[bytes, SpanRecord]) -> list[SpanRecord]:
+    """Spans in post-order, children by start time: callees before their caller and
+    earlier siblings before later ones."""
+    children: dict[bytes, list[SpanRecord]] = {}
+    roots: list[SpanRecord] = []
+    for s in spans:
+        if s.parent_id and s.parent_id in by_id and s.parent_id != s.span_id:
+            children.setdefault(s.parent_id, []).append(s)
+        else:
+            roots.append(s)
+    order: list[SpanRecord] = []
+    seen: set[bytes] = set()
+    stack: list[tuple[SpanRecord, bool]] = [
+        (s, False) for s in sorted(roots, key=lambda r: r.start, reverse=True)
+    ]
+    while True:
+        if not stack:
+            # Spans on a parent cycle are reachable from no root; walk them from
+            # their earliest span so they are still evaluated.
+            rest = [s for s in spans if s.span_id not in seen]
+            if not rest:
+                break
+            stack.append((min(rest, key=lambda r: r.start), False))
+        span, expanded = stack.pop()
+        if expanded:
+            order.append(span)
+            continue
+        if span.span_id in seen:
+            continue
+        seen.add(span.span_id)
+        stack.append((span, True))
+        kids = children.get(span.span_id, ())
+        stack.extend((k, False) for k in sorted(kids, key=lambda r: r.start, reverse=True))
+    return order
