@@ -383,11 +383,13 @@ def instrument(
                 provider.add_span_processor(processor)
             trace.set_tracer_provider(provider)
             handle.tracer_provider = provider
-        if not _meter_provider_is_set():
-            reader = _metric_reader(config)
+        reader = None if _meter_provider_is_set() else _metric_reader(config)
+        if reader is not None:
+            # No reader (metrics_exporter "none"): no provider, so that nothing is
+            # aggregated per call for nobody; the API's no-op meter takes the records.
             meter_provider = MeterProvider(
                 resource=_resource(config),
-                metric_readers=[reader] if reader else [],
+                metric_readers=[reader],
                 shutdown_on_exit=False,
             )
             metrics.set_meter_provider(meter_provider)
