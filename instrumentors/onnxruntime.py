@@ -234,8 +234,9 @@ class OnnxRuntimeInstrumentor(DlInstrumentor):
             scores = _class_scores(outputs) if config.signals else None
             if scores is not None:
                 monitor = ensure_state(session).monitor()
-                later = monitor.confidence_later(scores) if config.signals_delay_ms > 0 else None
-                return later if later is not None else dict(monitor.confidence(scores))
+                if config.signals_delay_ms > 0:
+                    return monitor.confidence_later(scores)
+                return dict(monitor.confidence(scores))
             else:
                 rows = _row_count(_to_numpy(outputs[0]))
                 if rows is not None:

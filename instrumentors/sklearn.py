@@ -293,12 +293,11 @@ class SklearnInstrumentor(DlInstrumentor):
             attrs[semconv.DL_PREDICTION_COUNT] = int(shape[0])
         later = config.signals_delay_ms > 0
         if config.signals and method in _CONFIDENCE_METHODS and shape and len(shape) <= 2:
-            monitor = ensure_state(call.instance).monitor()
-            found = monitor.confidence_later(result) if later else None
-            if found is None:
-                attrs.update(confidence_attributes(result, config.confidence_threshold))
+            if later:  # every prediction, as below, but in a burst
+                monitor = ensure_state(call.instance).monitor()
+                attrs = combine(attrs, monitor.confidence_later(result, sample=False))
             else:
-                attrs = combine(attrs, found)
+                attrs.update(confidence_attributes(result, config.confidence_threshold))
         X = _input(call)
         if X is None or _is_sparse(X):
             return attrs

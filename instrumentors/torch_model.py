@@ -118,16 +118,17 @@ def _input_signals(
 
 
 def _output_signals(module: Any, output: Any) -> Mapping[str, Any]:
-    """Confidence of a 2-D floating-point output (a small one's left for a burst), else
-    the prediction count."""
+    """Confidence of a 2-D floating-point output (left for a burst), else the prediction
+    count."""
     import torch
 
     if not isinstance(output, torch.Tensor):
         return {}
     if output.dim() == 2 and output.is_floating_point():
         monitor = ensure_state(module).monitor()
-        later = monitor.confidence_later(output) if get_config().signals_delay_ms > 0 else None
-        return later if later is not None else monitor.confidence(output)
+        if get_config().signals_delay_ms > 0:
+            return monitor.confidence_later(output)
+        return monitor.confidence(output)
     if output.dim() >= 1:
         return {semconv.DL_PREDICTION_COUNT: int(output.shape[0])}
     return {}

@@ -1,10 +1,11 @@
-"""Small calls' signals, computed a burst at a time, off the caller's path.
+"""Calls' signals, computed a burst at a time, off the caller's path.
 
 A model served one request at a time pays numpy's fixed cost per call dozens of times
 for a handful of values: profiling one row costs more than the span. So a call of at
 most :data:`~otel_dl.monitor.BURST_MAX_ROWS` rows does only constant work when it ends:
 its extractors return a :class:`~otel_dl.monitor.Later` holding private copies of its
-inputs and scores, and :func:`submit` parks its span here, open, with its end time.
+inputs and scores, and :func:`submit` parks its span here, open, with its end time. A
+batch call's confidence goes the same way, as a copy of the rows its figures cover.
 
 The parked calls of one monitor are profiled together by
 :meth:`~otel_dl.monitor.FeatureMonitor.profile_burst` (one vectorised pass per signal
@@ -119,7 +120,9 @@ def _profile(monitor: FeatureMonitor, parked: list[_Parked]) -> None:
     of this burst, never the spans."""
     try:
         found = monitor.profile_burst(
-            [p.later.inputs for p in parked], [p.later.scores for p in parked]
+            [p.later.inputs for p in parked],
+            [p.later.scores for p in parked],
+            [p.later.predictions for p in parked],
         )
     except Exception:
         report_internal_error(_SITE)

@@ -148,11 +148,16 @@ class Later(dict[str, Any]):
         monitor: FeatureMonitor,
         inputs: np.ndarray | None = None,
         scores: np.ndarray | None = None,
+        predictions: int | None = None,
     ) -> None:
         super().__init__()
         self.monitor = monitor
         self.inputs = inputs
         self.scores = scores
+        # Rows of the whole output (``scores`` may hold a sample of them).
+        if predictions is None and scores is not None:
+            predictions = len(scores)
+        self.predictions = predictions
 
     def merge(self, other: Later) -> None:
         """Take ``other``'s inputs or scores where this has none (one call, one monitor)."""
@@ -160,7 +165,7 @@ class Later(dict[str, Any]):
         if self.inputs is None:
             self.inputs = other.inputs
         if self.scores is None:
-            self.scores = other.scores
+            self.scores, self.predictions = other.scores, other.predictions
 
 
 def combine(*parts: Mapping[str, Any]) -> dict[str, Any]:
@@ -180,11 +185,16 @@ def combine(*parts: Mapping[str, Any]) -> dict[str, Any]:
     return later
 
 
-def _small_float_rows(value: Any, limit: int) -> np.ndarray | None:
-    """A private copy of a CPU numpy array or torch tensor of 2 dimensions, 1..limit rows
-    and float32/float64 values; else None."""
+LATER_MAX_VALUES = 1 << 16
+"""Most values of an output whose every row a burst's copy keeps (256 KiB in float32)."""
+
+
+def _float_rows(value: Any) -> np.ndarray | None:
+    """A CPU numpy array or torch tensor of 2 dimensions, at least one row and column and
+    float32/float64 values, as a numpy array (a view: copy what must outlive the call);
+    else None."""
     shape = getattr(value, "shape", None)
-    if shape is None or len(shape) != 2 or not 0 < shape[0] <= limit or shape[1] == 0:
+    if shape is None or len(shape) != 2 or not shape[0] or not shape[1]:
         return None
     if not isinstance(value, np.ndarray):
         device = getattr(getattr(value, "device", None), "type", None)
@@ -196,7 +206,7 @@ def _small_float_rows(value: Any, limit: int) -> np.ndarray | None:
             return None
     if value.dtype != np.float32 and value.dtype != np.float64:
         return None
-    return np.array(value, order="C")
+    return value
 
 
 class FeatureMonitor:
@@ -360,20 +370,32 @@ class FeatureMonitor:
         ``confidence_rows`` predictions (one request) and on every ``drift_every``-th call,
         else on ``confidence_rows`` evenly spaced predictions; ``dl.confidence.rows`` says
         how many the figures cover."""
-        with self._lock:
-            self._calls += 1
-            exact = self._calls % self.config.drift_every == 0
-        limit = None if exact else self.config.confidence_rows
+        limit = None if self._exact_call() else self.config.confidence_rows
         return confidence_attributes(outputs, self.config.confidence_threshold, limit)
 
-    def confidence_later(self, outputs: Any) -> Later | None:
-        """A :class:`Later` holding a copy of a small 2-D output of two or more classes (at
-        most ``BURST_MAX_ROWS`` and ``confidence_rows`` rows), whose exact confidence
-        :meth:`profile_burst` computes; None for any other output."""
-        scores = _small_float_rows(outputs, min(BURST_MAX_ROWS, self.config.confidence_rows))
+    def _exact_call(self) -> bool:
+        with self._lock:
+            self._calls += 1
+            return self._calls % self.config.drift_every == 0
+
+    def confidence_later(self, outputs: Any, *, sample: bool = True) -> dict[str, Any]:
+        """What :meth:`confidence` gives, left for :meth:`profile_burst` when it can be: a
+        :class:`Later` holding a copy of the rows the figures cover (the same rows
+        :meth:`confidence` would read) of a 2-D CPU output of two or more classes. Other
+        outputs, and an exact call whose output exceeds ``LATER_MAX_VALUES``, are
+        summarised now. ``sample=False``: always on every prediction."""
+        scores = _float_rows(outputs)
         if scores is None or scores.shape[1] < 2:
-            return None
-        return Later(self, scores=scores)
+            return self.confidence(outputs) if sample else self._exact(outputs)
+        rows, limit = len(scores), self.config.confidence_rows
+        if sample and rows > limit and not self._exact_call():
+            return Later(self, scores=scores[_spaced(rows, limit)], predictions=rows)
+        if scores.size > LATER_MAX_VALUES:
+            return self._exact(outputs)
+        return Later(self, scores=np.array(scores, order="C"))
+
+    def _exact(self, outputs: Any) -> dict[str, AttributeValue]:
+        return confidence_attributes(outputs, self.config.confidence_threshold)
 
     # -- bursts of small calls ----------------------------------------------------------
 
@@ -388,9 +410,10 @@ class FeatureMonitor:
         features = batch.shape[1]
         if features != len(reference.numeric_names) or features > self.config.drift_max_features:
             return None
-        values = _small_float_rows(batch, BURST_MAX_ROWS)
-        if values is None:
+        values = _float_rows(batch)
+        if values is None or len(values) > BURST_MAX_ROWS:
             return None
+        values = np.array(values, order="C")
         key = (values.dtype, features)
         if key not in self._burst_tables:
             table = reference.read(values[:1])
@@ -403,22 +426,25 @@ class FeatureMonitor:
         return values if self._burst_tables[key] is not None else None
 
     def profile_burst(
-        self, inputs: list[np.ndarray | None], scores: list[np.ndarray | None]
+        self,
+        inputs: list[np.ndarray | None],
+        scores: list[np.ndarray | None],
+        predictions: list[int | None] | None = None,
     ) -> list[dict[str, AttributeValue]]:
         """The attributes :meth:`observe` and :meth:`confidence` would have given each of
-        several small calls (``inputs[i]`` from :meth:`burst_inputs`, ``scores[i]`` from
-        :meth:`confidence_later`, None where call ``i`` has none), computed with
-        one vectorised pass per signal over the rows of all of them."""
+        several calls (``inputs[i]`` from :meth:`burst_inputs`; ``scores[i]`` and
+        ``predictions[i]``, the output's row count when ``scores[i]`` is a sample of it,
+        from :meth:`confidence_later`'s :class:`Later`; None where call ``i`` has none),
+        computed with one vectorised pass per signal over the rows of all of them."""
         out: list[dict[str, AttributeValue]] = [{} for _ in inputs]
         for key, calls in _groups(inputs).items():
             self._profile_inputs(key, [inputs[i] for i in calls], [out[i] for i in calls])
         for _key, calls in _groups(scores).items():
             stacked, starts = _stack([scores[i] for i in calls])
             summaries = summarize_each(stacked, starts, self.config.confidence_threshold)
-            with self._lock:
-                self._calls += len(calls)
             for i, summary in zip(calls, summaries, strict=True):
-                out[i].update(_confidence_out(int(summary["count"]), summary))
+                count = predictions[i] if predictions is not None else None
+                out[i].update(_confidence_out(count or int(summary["count"]), summary))
         return out
 
     def _profile_inputs(

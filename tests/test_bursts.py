@@ -15,7 +15,7 @@ from sklearn.linear_model import LogisticRegression
 
 import otel_dl
 from otel_dl import _burst, semconv
-from otel_dl.monitor import BURST_MAX_ROWS, FeatureMonitor
+from otel_dl.monitor import BURST_MAX_ROWS, FeatureMonitor, Later
 from otel_dl.reference import Reference
 from otel_dl.table import to_table
 from tests.support import EXPORTER, SpanList
@@ -84,9 +84,9 @@ def test_a_burst_gives_each_call_what_it_would_get_alone(dtype: type) -> None:
     expected = [{**alone.observe(i), **alone.confidence(s)} for i, s in calls]
     inputs = [burst.burst_inputs(i) for i, _ in calls]
     laters = [burst.confidence_later(s) for _, s in calls]
-    assert all(i is not None for i in inputs) and all(later is not None for later in laters)
-    scores = [later.scores if later is not None else None for later in laters]
-    found = burst.profile_burst(inputs, scores)
+    assert all(i is not None for i in inputs)
+    assert all(isinstance(later, Later) for later in laters)
+    found = burst.profile_burst(inputs, [later.scores for later in laters])
     for want, got in zip(expected, found, strict=True):
         assert {k for k in want if k in _SIGNALS} == {k for k in got if k in _SIGNALS}
         for key in _SIGNALS:
@@ -94,6 +94,34 @@ def test_a_burst_gives_each_call_what_it_would_get_alone(dtype: type) -> None:
                 assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
             elif key in want:
                 assert got[key] == want[key], key
+
+
+@pytest.mark.parametrize("probabilities", [False, True])
+def test_a_batch_output_left_for_a_burst_gets_what_confidence_gives(probabilities: bool) -> None:
+    """A batch's confidence (a sample of confidence_rows rows, all of them every
+    drift_every-th call) leaves the caller's path as a copy of the rows it covers."""
+    rng = np.random.default_rng(3)
+    alone, burst = FeatureMonitor(), FeatureMonitor()
+    outputs = []
+    for _ in range(20):
+        logits = rng.normal(0, 2, (256, 10)).astype(np.float32)
+        outputs.append(
+            np.exp(logits) / np.exp(logits).sum(1, keepdims=True) if probabilities else logits
+        )
+    expected = [alone.confidence(y) for y in outputs]
+    laters = [burst.confidence_later(y) for y in outputs]
+    assert all(isinstance(later, Later) for later in laters)
+    assert {len(later.scores) for later in laters} == {16, 256}  # sampled, and exact calls
+    found = burst.profile_burst(
+        [None] * len(laters),
+        [later.scores for later in laters],
+        [later.predictions for later in laters],
+    )
+    for want, got in zip(expected, found, strict=True):
+        assert want.keys() == got.keys()
+        assert got[semconv.DL_PREDICTION_COUNT] == 256
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
 
 
 def test_the_copies_are_taken_at_the_call() -> None:
@@ -112,7 +140,8 @@ def test_what_a_burst_cannot_take_is_observed_now() -> None:
     assert fitted.burst_inputs(x[: BURST_MAX_ROWS + 1]) is None  # a batch, not a request
     assert fitted.burst_inputs(x[:1, :3]) is None  # another width than the reference's
     assert fitted.burst_inputs(x[:1].astype(np.float16)) is None
-    assert fitted.confidence_later(np.zeros((1, 1))) is None  # one column: a sigmoid
+    # One column (a sigmoid) is summarised at once.
+    assert not isinstance(fitted.confidence_later(np.zeros((1, 1))), Later)
     assert fitted.burst_inputs(x[:1]) is not None
 
 

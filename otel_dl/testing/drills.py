@@ -32,7 +32,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from opentelemetry.trace import StatusCode
 
-from otel_dl import semconv
+from otel_dl import _burst, semconv
 from otel_dl.collector.catalog import Catalog, Condition, FailureMode, load_catalog
 from otel_dl.collector.spans import peer_host
 from otel_dl.testing.faults import Fault, Faults
@@ -396,6 +396,7 @@ def _run(pipeline: Pipeline, capture: _Capture, fault: Fault | None, runs: int) 
                 out.error = exc  # a failing fault run is what some drills are about
             finally:
                 faults.close()
+                _burst.drain()  # calls whose signals wait for a burst end their spans now
         out.spans.extend(spans)
         out.offered |= faults.offered
         out.applied = out.applied or faults.applied
