@@ -43,10 +43,10 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from prometheus_client import CollectorRegistry, Histogram
 
 from otel_dl import semconv
-from otel_dl.collector.assemble import flatten
 from otel_dl.collector.attribute import Attributor
 from otel_dl.collector.catalog import load_catalog
 from otel_dl.collector.config import load_config
+from otel_dl.collector.decode import flatten
 from otel_dl.collector.metrics import SIGNAL_ATTRIBUTES, UNKNOWN_METHOD, CollectorMetrics
 from otel_dl.collector.pipeline import Collector
 

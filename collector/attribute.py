@@ -36,10 +36,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .assemble import SpanRecord
 from .baselines import Baselines, changed_key
 from .catalog import SPAN_SIGNALS, Catalog, Condition
 from .decision import ERROR_SIGNALS, SYMPTOM_KINDS, Decision, Evidence, from_ml_signal
+from .decode import SpanRecord
 from .detect_errors import ErrorRules, error_status
 from .detect_latency import LatencyRules
 from .detect_signals import SignalRules
@@ -97,6 +97,18 @@ class Attributor:
         )
         self._changed_signals = frozenset(
             c.signal for m in catalog.modes for c in m.detect if c.op == "changed"
+        )
+        # The mode a slow entry's explaining span is put under: a latency mode that any
+        # span may fire (no `where`) on its duration above its baseline.
+        self._slow_mode = next(
+            (
+                (m, c)
+                for m in catalog.modes
+                if not m.where
+                for c in m.detect
+                if c.signal == "duration" and c.op == "above_baseline"
+            ),
+            None,
         )
         # Specific modes first, cause kinds before symptom kinds: see the module docstring.
         modes = sorted(catalog.modes, key=lambda m: (not m.where, m.kind in SYMPTOM_KINDS))
@@ -217,6 +229,11 @@ class Attributor:
                     kept.append((span, judged))
             elif ev.signal != "duration" or slow:
                 kept.append((span, ev))
+        if slow and not kept and self._slow_mode is not None:
+            mode, condition = self._slow_mode
+            explained = self.latency.explain(view, mode, condition.min_excess)
+            if explained is not None:
+                kept.append(explained)
         return kept
 
     def decide(self, trace_id: bytes, spans: Sequence[SpanRecord]) -> Decision:
@@ -240,7 +257,7 @@ class Attributor:
             if raw:
                 linked = self.latency.blame_links(raw, view)[0]
                 anomalous = tuple(dict.fromkeys(s.service for s, _ in linked))
-        self._learn(view, {id(s) for s, _ in raw}, bool(found))
+        self._learn(view, {id(s) for s, _ in (*raw, *found)}, bool(found))
         if not found:
             return Decision(trace_id, fault=False, trace_root=view.entry, anomalous=anomalous)
         return rank(trace_id, found, view, blame, link_callers, anomalous)

@@ -2,7 +2,8 @@
 
 :class:`Baselines` holds, per (service, operation), DDSketch streaming quantiles of the
 catalog's ``above_baseline`` signals, the established values of its ``changed`` signals,
-and the usual error rate with a window of recent calls (:class:`Calls`)::
+and the usual error rate with a window of recent calls (:class:`Calls`); and, per client
+operation, the traced service that answers it (:meth:`Baselines.callee`)::
 
     baselines = Baselines(min_samples=30)
     baselines.learn(("api", "GET /users/{}", "duration"), 0.012)
@@ -21,7 +22,7 @@ from ddsketch import DDSketch
 
 from otel_dl import semconv
 
-from .assemble import SpanRecord
+from .decode import SpanRecord
 
 BASELINE_QUANTILE = 0.99
 MAX_KEYS = 20_000
@@ -45,6 +46,17 @@ class Baselines:
         self.values: dict[tuple[str, ...], tuple[dict[Any, int], set[Any]]] = {}
         #: Calls and errors per (service, operation): see :class:`Calls`.
         self.calls: dict[tuple[str, str], Calls] = {}
+        #: The service whose span answered each client (service, operation) last.
+        self.callees: dict[tuple[str, str], str] = {}
+
+    def learn_callee(self, key: tuple[str, str], service: str) -> None:
+        """Record that a span of ``service`` answered the client operation ``key``."""
+        if key in self.callees or len(self.callees) < MAX_KEYS:
+            self.callees[key] = service
+
+    def callee(self, key: tuple[str, str]) -> str | None:
+        """The traced service that answers the client operation ``key``, if one was seen."""
+        return self.callees.get(key)
 
     def count_call(self, key: tuple[str, str], error: bool, budget: float) -> None:
         entry = self.calls.get(key)

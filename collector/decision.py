@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 from otel_dl import semconv
 
-from .assemble import SpanRecord
 from .catalog import FailureMode
+from .decode import SpanRecord
 
 #: Kinds that usually show a fault rather than cause it; discounted when explained.
 SYMPTOM_KINDS = frozenset(

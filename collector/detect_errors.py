@@ -21,9 +21,9 @@ operation's background rate) is noise, whatever else the trace shows.
 
 from __future__ import annotations
 
-from .assemble import SpanRecord
 from .baselines import Baselines
 from .decision import Evidence
+from .decode import SpanRecord
 from .spans import CLIENT, HTTP_STATUS_ATTRIBUTES, TraceView
 
 #: Strength of weak error evidence, against that of an error on the failure's path.

@@ -10,9 +10,9 @@ one batch is a blip.
 
 from __future__ import annotations
 
-from .assemble import SpanRecord
 from .baselines import MAX_KEYS
 from .decision import Evidence, from_ml_signal
+from .decode import SpanRecord
 from .spans import TraceView
 
 #: Spans of one operation in a trace from which a mode fired on one of them only is a blip.

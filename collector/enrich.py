@@ -19,8 +19,8 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from otel_dl import semconv
 
-from .assemble import SpanRecord
 from .decision import Decision
+from .decode import SpanRecord
 
 AttrValue = str | bool | float | int | Sequence[str]
 

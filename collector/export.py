@@ -40,7 +40,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
-from .assemble import SpanRecord
+from .decode import SpanRecord
 from .diskqueue import ExportQueue
 from .metrics import CollectorMetrics
 

@@ -18,8 +18,9 @@ import logging
 import time
 from collections.abc import Sequence
 
-from .assemble import DecisionCache, SpanRecord, Trace
+from .assemble import DecisionCache, Trace
 from .attribute import Attributor, Decision
+from .decode import SpanRecord
 from .enrich import enrich, enrich_late
 from .metrics import CollectorMetrics
 from .notify import Notifier, fault_from_decision

@@ -37,7 +37,7 @@ from prometheus_client.utils import floatToGoString
 
 from otel_dl import semconv
 
-from .assemble import SpanRecord
+from .decode import SpanRecord
 
 _log = logging.getLogger(__name__)
 
@@ -279,7 +279,7 @@ class CollectorMetrics:
     def observe_signals(self, spans: Iterable[SpanRecord]) -> None:
         """Observe the drift score, drift status and mean confidence each span carries.
 
-        Values arrive type-checked (see assemble.py); non-finite ones are skipped, as a
+        Values arrive type-checked (see decode.py); non-finite ones are skipped, as a
         histogram cannot place them.
         """
         statuses: Tally[tuple[str, str]] = Tally()

@@ -32,18 +32,11 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from .admission import MemoryGuard, TimedExecutor, rss_bytes, rss_supported
 from .api import api_routes
-from .assemble import (
-    Callees,
-    DecisionCache,
-    SpanRecord,
-    Trace,
-    TraceBuffer,
-    expected_type,
-    flatten,
-)
+from .assemble import Callees, DecisionCache, Trace, TraceBuffer
 from .attribute import Attributor
 from .catalog import Catalog, load_catalog
 from .config import CollectorConfig, ConfigError
+from .decode import SpanRecord, expected_type, flatten
 from .diskqueue import DiskBudget, ExportQueue, Journal, QueueFull
 from .export import Exporter, queue_item
 from .faults import FaultProcessor

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from otel_dl import semconv
 
-from .assemble import SpanRecord
 from .decision import SYMPTOM_KINDS, Decision, Evidence
+from .decode import SpanRecord
 from .spans import TraceView
 
 EXPLAINED_SYMPTOM = 0.3

@@ -3,7 +3,7 @@
 Both receivers decode a request and hand it to a *sink*, a callable
 ``sink(request, raw) -> (rejected_spans, error_message)`` (the collector's
 ``ingest``), which may raise :class:`~.diskqueue.QueueFull` or
-:class:`~.assemble.PayloadError`. Before decoding they ask a *gate*,
+:class:`~.decode.PayloadError`. Before decoding they ask a *gate*,
 ``gate(waited)`` (the collector's ``admit``; ``waited`` is how long the request waited
 for a worker thread), which raises :class:`~.diskqueue.QueueFull` to refuse it; the
 HTTP receiver also asks before it reads the body. Responses follow the OTLP
@@ -45,7 +45,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 
 from .admission import waited
-from .assemble import PayloadError
+from .decode import PayloadError
 from .diskqueue import QueueFull
 from .security import UNAUTHENTICATED_MESSAGE, BearerAuth
 

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 from otel_dl import semconv
 
-from .assemble import SpanRecord
+from .decode import SpanRecord
 
 CLIENT = 3
 

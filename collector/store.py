@@ -35,8 +35,8 @@ from pathlib import Path
 
 from otel_dl import semconv
 
-from .assemble import SpanRecord
 from .decision import Decision
+from .decode import SpanRecord
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS faults (

@@ -30,7 +30,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from otel_dl import semconv
-from otel_dl.collector.assemble import any_value
+from otel_dl.collector.decode import any_value
 
 SERVICES = ("gateway", "ingest", "feature-store", "preprocess", "inference", "external-api")
 # Ground truth per kind: (service, span name) where the fault is injected.

@@ -48,8 +48,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from prometheus_client.parser import text_string_to_metric_families
 
 from otel_dl import semconv
-from otel_dl.collector.assemble import any_value
 from otel_dl.collector.config import load_config
+from otel_dl.collector.decode import any_value
 from otel_dl.collector.pipeline import Collector
 
 EXPORT_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
@@ -85,9 +85,10 @@ class Sink(trace_service_pb2_grpc.TraceServiceServicer):
                 self.requests.append(request)
         return ExportTraceServiceResponse()
 
-    def spans(self) -> dict[str, dict[str, Any]]:
-        """Received spans by name: attributes plus 'service' and ids."""
-        out: dict[str, dict[str, Any]] = {}
+    def by_trace(self) -> dict[bytes, list[dict[str, Any]]]:
+        """Received spans by trace id, in arrival order: attributes plus 'service',
+        'name' and 'span_id'."""
+        out: dict[bytes, list[dict[str, Any]]] = {}
         with self.lock:
             for req in self.requests:
                 for rs in req.resource_spans:
@@ -99,10 +100,14 @@ class Sink(trace_service_pb2_grpc.TraceServiceServicer):
                     for ss in rs.scope_spans:
                         for span in ss.spans:
                             attrs = {kv.key: any_value(kv.value) for kv in span.attributes}
-                            attrs["service"] = service
+                            attrs.update(service=service, name=span.name)
                             attrs["span_id"] = span.span_id.hex()
-                            out[span.name] = attrs
+                            out.setdefault(span.trace_id, []).append(attrs)
         return out
+
+    def spans(self) -> dict[str, dict[str, Any]]:
+        """Received spans by name (the last of each name)."""
+        return {s["name"]: s for spans in self.by_trace().values() for s in spans}
 
     def count(self) -> int:
         """Spans received, duplicates included."""

@@ -8,9 +8,9 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from otel_dl import semconv
-from otel_dl.collector.assemble import flatten
 from otel_dl.collector.attribute import Attributor
 from otel_dl.collector.catalog import load_catalog
+from otel_dl.collector.decode import flatten
 from otel_dl.collector.enrich import set_attribute
 
 _ids = itertools.count(1)

@@ -37,9 +37,9 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from otel_dl.collector.assemble import PayloadError, flatten
 from otel_dl.collector.attribute import Attributor
 from otel_dl.collector.catalog import load_catalog
+from otel_dl.collector.decode import PayloadError, flatten
 from otel_dl.collector.receive import decode_json, decode_protobuf
 from tests.collector.conftest import time_until
 from tests.reliability.findings import record, scale

@@ -9,34 +9,14 @@ busy exporter or a briefly stalled process delivers them.
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from otel_dl import semconv
-from otel_dl.collector.assemble import any_value
 
 _LATE = 1.3
 _URL = "http://127.0.0.1:8083/route?pickup=1&dropoff=2"
-
-
-def _spans_by_trace(sink) -> dict[bytes, list[dict[str, Any]]]:
-    out: dict[bytes, list[dict[str, Any]]] = {}
-    with sink.lock:
-        for req in sink.requests:
-            for rs in req.resource_spans:
-                service = next(
-                    kv.value.string_value
-                    for kv in rs.resource.attributes
-                    if kv.key == "service.name"
-                )
-                for ss in rs.scope_spans:
-                    for span in ss.spans:
-                        attrs = {kv.key: any_value(kv.value) for kv in span.attributes}
-                        attrs.update(service=service, name=span.name)
-                        out.setdefault(span.trace_id, []).append(attrs)
-    return out
 
 
 def _dispatch(frontend, route, *, fail: bool, late: float) -> bytes:
@@ -76,15 +56,12 @@ def test_a_callee_whose_spans_arrive_late_is_still_the_root_cause(
     frontend, route = make_provider("frontend", endpoint), make_provider("route", endpoint)
     # Healthy traffic, the callee's spans on time: its calls are learned as traced.
     warm = [_dispatch(frontend, route, fail=False, late=0.0) for _ in range(6)]
-    wait_for(lambda: all(t in _spans_by_trace(servicer) for t in warm))
+    wait_for(lambda: all(t in servicer.by_trace() for t in warm))
 
     sent = time.monotonic()
     faulty = _dispatch(frontend, route, fail=True, late=_LATE)
     spans = wait_for(
-        lambda: (
-            len(_spans_by_trace(servicer).get(faulty, ())) == 3
-            and _spans_by_trace(servicer)[faulty]
-        )
+        lambda: len(servicer.by_trace().get(faulty, ())) == 3 and servicer.by_trace()[faulty]
     )
     # Nothing of the trace went out before its late callee span arrived.
     assert len({s["name"] for s in spans}) == 3
@@ -123,12 +100,12 @@ def test_a_call_into_an_untraced_dependency_does_not_hold_its_trace(
     # While the call is being learned, its trace waits for a callee that may come.
     first = request()
     started = time.monotonic()
-    wait_for(lambda: first in _spans_by_trace(servicer))
+    wait_for(lambda: first in servicer.by_trace())
     assert time.monotonic() - started >= 2.0
     for _ in range(3):
         request()
-    wait_for(lambda: len(_spans_by_trace(servicer)) == 4, timeout=15)
+    wait_for(lambda: len(servicer.by_trace()) == 4, timeout=15)
     last = request()
     started = time.monotonic()
-    wait_for(lambda: last in _spans_by_trace(servicer))
+    wait_for(lambda: last in servicer.by_trace())
     assert time.monotonic() - started < 1.2

@@ -15,10 +15,10 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from prometheus_client.parser import text_string_to_metric_families
 
 from otel_dl import semconv
-from otel_dl.collector.assemble import flatten
 from otel_dl.collector.attribute import Attributor
 from otel_dl.collector.catalog import load_catalog
 from otel_dl.collector.config import ConfigError, load_config
+from otel_dl.collector.decode import flatten
 from otel_dl.collector.enrich import set_attribute
 from otel_dl.collector.metrics import CollectorMetrics
 from otel_dl.collector.notify import OUTCOMES, Notifier, fault_from_decision

@@ -456,3 +456,19 @@ def test_a_sub_millisecond_callee_whose_spans_double_is_the_root_cause():
     assert not any(_decide(old, rows).fault for rows in slow)
     # Back to normal: healthy again.
     assert not _decide(new, trace(rng.uniform(1.0e-3, 1.1e-3))).fault
+
+
+def test_a_moderate_slow_link_that_breaches_the_slo_is_blamed_on_the_callee():
+    """+40 ms on a 50 ms call stays under twice the client span's p99, so no span's own
+    rule fires; but it is why the request breached its SLO, and the callee's span is
+    normal: a slow link into the callee (HotROD's customer link under a +200 ms toxic)."""
+    rng = random.Random(11)
+    attributor = _attributor()
+    _warm(attributor, rng, n=200)
+    decision = _decide(attributor, _dispatch(rng, customer_gap=0.04))
+    assert decision.fault and decision.mode.kind == semconv.FAULT_KIND_LATENCY
+    assert decision.root.service == "customer"
+    assert decision.blame == semconv.FAULT_BLAME_LINK
+    assert "of the slow entry's excess" in decision.evidence
+    # The same request without the delay is no fault.
+    assert not _decide(attributor, _dispatch(rng)).fault

@@ -21,10 +21,16 @@ takes several minutes each, later runs reuse the cache.
   from ``examples/deploy/otelcol/builder.yaml`` (otlp receiver, loadbalancing and otlp
   exporters, tail_sampling). The cached name carries a hash of the manifest, so editing
   the manifest rebuilds it.
+- ``toxiproxy_binary()``: Shopify's toxiproxy (``go install``), a TCP proxy that
+  injects latency, timeouts and resets into one link: the network faults of
+  ``benchmarks/rca_real.py``. Like HotROD, built on demand: no test runs it.
 - ``promtool_binary()`` and ``amtool_binary()``: Prometheus' and Alertmanager's own
   checkers (``go install``), for the alerting rules and routes generated from the
   catalog (tests/collector/test_alerts.py). promtool takes about 7 minutes to build
   cold on two cores.
+- ``telemetrygen_binary()``: opentelemetry-collector-contrib's load generator
+  (``go install``, about 40 s): the side-by-side benchmark's load from a client the
+  project did not write.
 """
 
 from __future__ import annotations
@@ -47,6 +53,11 @@ JAEGER = ("github.com/jaegertracing/jaeger", "v1.76.0")
 BUILDER = ("go.opentelemetry.io/collector/cmd/builder", "v0.160.0")
 PROMTOOL = ("github.com/prometheus/prometheus/cmd/promtool", "v0.316.0")
 AMTOOL = ("github.com/prometheus/alertmanager/cmd/amtool", "v0.35.0")
+TOXIPROXY = ("github.com/Shopify/toxiproxy/v2/cmd/server", "v2.5.0")
+TELEMETRYGEN = (
+    "github.com/open-telemetry/opentelemetry-collector-contrib/cmd/telemetrygen",
+    "v0.160.0",
+)
 OTELCOL_MANIFEST = ROOT / "examples" / "deploy" / "otelcol" / "builder.yaml"
 
 
@@ -126,10 +137,11 @@ def hotrod_binary() -> Path:
     return _build_from_jaeger_module("HotROD", "./examples/hotrod", binary)
 
 
-def _go_tool(module: str, version: str) -> Path:
-    """A Go command, built with ``go install`` into a scratch GOBIN and cached by version."""
+def _go_tool(module: str, version: str, cached_as: str | None = None) -> Path:
+    """A Go command, built with ``go install`` into a scratch GOBIN and cached by version
+    (as ``cached_as`` when the command's own name, such as ``server``, says too little)."""
     name = module.rsplit("/", 1)[-1]
-    binary = CACHE_BIN / f"{name}-{version}"
+    binary = CACHE_BIN / f"{cached_as or name}-{version}"
     if _cached(binary):
         return binary
     go = _go(f"{module}@{version}")
@@ -155,6 +167,16 @@ def amtool_binary() -> Path:
     return _go_tool(*AMTOOL)
 
 
+def telemetrygen_binary() -> Path:
+    """opentelemetry-collector-contrib's ``telemetrygen`` load generator."""
+    return _go_tool(*TELEMETRYGEN)
+
+
+def toxiproxy_binary() -> Path:
+    """Toxiproxy, a TCP proxy that injects network faults (latency, timeouts, resets)."""
+    return _go_tool(*TOXIPROXY, cached_as="toxiproxy")
+
+
 def otelcol_binary() -> Path:
     """The OpenTelemetry Collector of ``examples/deploy/otelcol/builder.yaml``."""
     manifest = OTELCOL_MANIFEST.read_bytes()
@@ -177,8 +199,9 @@ def otelcol_binary() -> Path:
 
 
 if __name__ == "__main__":
-    # HotROD is built on demand by benchmarks/rca_real.py: no test runs it.
-    for build in (jaeger_binary, otelcol_binary, promtool_binary, amtool_binary):
+    # HotROD and toxiproxy are built on demand by benchmarks/rca_real.py: no test runs them.
+    builds = (jaeger_binary, otelcol_binary, promtool_binary, amtool_binary, telemetrygen_binary)
+    for build in builds:
         try:
             print(build())
         except NoGoToolchain as exc:
