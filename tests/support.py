@@ -158,3 +158,22 @@ class InternalErrors:
 def broken_extractor(*_args: object, **_kwargs: object) -> None:
     """Stands in for an instrumentor's extractor that has a bug."""
     raise RuntimeError("extractor bug")
+
+
+def promql_parts(tree: Any) -> tuple[list[Any], set[str]]:
+    """The vector selectors of a parsed PromQL expression (``promql_parser.parse``) and
+    the labels its aggregations group by."""
+    import promql_parser
+
+    selectors: list[Any] = []
+    groupings: set[str] = set()
+
+    def visit(node: Any) -> bool:
+        if isinstance(node, promql_parser.VectorSelector):
+            selectors.append(node)
+        if isinstance(node, promql_parser.AggregateExpr) and node.modifier is not None:
+            groupings.update(node.modifier.labels)
+        return True
+
+    promql_parser.walk(tree, visit)
+    return selectors, groupings

@@ -49,6 +49,7 @@ from otel_dl import semconv
 from otel_dl.collector.config import CollectorConfig, load_config
 from otel_dl.collector.metrics import UNKNOWN_METHOD, CollectorMetrics, SignalHistogram
 from tests.e2e.binaries import BUILD_TIMEOUT_SECONDS, NoGoToolchain, jaeger_binary, otelcol_binary
+from tests.support import promql_parts
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -629,17 +630,7 @@ def test_dashboard_promql_uses_only_exported_metrics_and_labels() -> None:
     used: set[str] = set()
     per_service: set[str] = set()
     for where, target in targets:
-        selectors: list[Any] = []
-        groupings: set[str] = set()
-
-        def visit(node: Any, selectors: list[Any] = selectors, groupings: set[str] = groupings):
-            if isinstance(node, promql_parser.VectorSelector):
-                selectors.append(node)
-            if isinstance(node, promql_parser.AggregateExpr) and node.modifier is not None:
-                groupings.update(node.modifier.labels)
-            return True
-
-        promql_parser.walk(_promql(target["expr"]), visit)
+        selectors, groupings = promql_parts(_promql(target["expr"]))
         allowed = set(PROMETHEUS_TARGET_LABELS)
         for selector in selectors:
             assert selector.name in exported | PROMETHEUS_TARGET_SERIES, (

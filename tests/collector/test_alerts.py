@@ -32,6 +32,7 @@ from tests.e2e.binaries import (
     amtool_binary,
     promtool_binary,
 )
+from tests.support import promql_parts
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "examples" / "deploy" / "prometheus" / "otel-dl-alerts.yaml"
@@ -125,17 +126,7 @@ def _exported_labels() -> dict[str, set[str]]:
 def test_expressions_parse_and_select_exported_series():
     exported = _exported_labels()
     for rule in _rules():
-        selectors: list[Any] = []
-        groupings: set[str] = set()
-
-        def visit(node: Any, selectors: list[Any] = selectors, groupings: set[str] = groupings):
-            if isinstance(node, promql_parser.VectorSelector):
-                selectors.append(node)
-            if isinstance(node, promql_parser.AggregateExpr) and node.modifier is not None:
-                groupings.update(node.modifier.labels)
-            return True
-
-        promql_parser.walk(promql_parser.parse(rule["expr"]), visit)
+        selectors, groupings = promql_parts(promql_parser.parse(rule["expr"]))
         assert groupings == {"service_name"}, rule["alert"]
         assert selectors, rule["alert"]
         for selector in selectors:
