@@ -308,15 +308,24 @@ def resolve_config(
         if value is None:
             continue
         option = _OPTION_BY_NAME[key]
-        if isinstance(value, str) and option.parse is _parse_list:
-            value = _parse_list(value)
+        if isinstance(value, str) and option.parse is not str:
+            # A string is read as the environment variable would be ("4", "true").
+            try:
+                value = option.parse(value)
+            except ValueError as exc:
+                raise ConfigError(
+                    f"otel-dl option {key} = {value!r} is not valid: {exc}. Give {option.help}."
+                ) from None
         elif isinstance(value, list):
             value = tuple(value)
         values[key] = value
     config = replace(Config(), **values)
     for option in OPTIONS:
         value = getattr(config, option.name)
-        problem = None if value is None else option.check(value)
+        try:
+            problem = None if value is None else option.check(value)
+        except TypeError:
+            problem = f"is a {type(value).__name__}; give {option.help}"
         if problem:
             raise ConfigError(f"otel-dl option {option.name} ({option.env}) = {value!r} {problem}.")
     return config

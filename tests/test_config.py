@@ -53,3 +53,12 @@ def test_readme_lists_every_option_with_its_variable() -> None:
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     rows = set(re.findall(r"^\|\s*`(\w+)`\s*\|\s*`(OTEL_\w+)`", readme, flags=re.M))
     assert rows == {(option.name, option.env) for option in OPTIONS}
+
+
+def test_arguments_of_the_wrong_type_get_a_clear_error() -> None:
+    # A string argument reads as the environment variable would.
+    assert resolve_config({"drift_every": "4", "signals": "false"}, environ={}).drift_every == 4
+    with pytest.raises(ConfigError, match=r"signals_delay_ms = 'soon' is not valid.*Give"):
+        resolve_config({"signals_delay_ms": "soon"}, environ={})
+    with pytest.raises(ConfigError, match=r"drift_every \(OTEL_DL_DRIFT_EVERY\).*is a dict"):
+        resolve_config({"drift_every": {"every": 4}}, environ={})
