@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from aiohttp import web
@@ -76,13 +77,16 @@ def api_routes(
             status=404,
         )
 
+    def window(q: Mapping[str, str]) -> tuple[float, float | None]:
+        """(since, until) of a query; ValueError when either cannot be read."""
+        return parse_since(q.get("since", "0")), parse_since(q["until"]) if "until" in q else None
+
     async def faults(request: web.Request) -> web.Response:
         if store is None:
             return no_store()
         q = request.query
         try:
-            since = parse_since(q.get("since", "0"))
-            until = parse_since(q["until"]) if "until" in q else None
+            since, until = window(q)
             limit = min(10_000, max(1, int(q.get("limit", "100"))))
         except ValueError:
             return web.json_response(
@@ -100,8 +104,7 @@ def api_routes(
             return no_store()
         q = request.query
         try:
-            since = parse_since(q.get("since", "0"))
-            until = parse_since(q["until"]) if "until" in q else None
+            since, until = window(q)
             gap = float(q.get("gap", DEFAULT_GAP))
             baseline = float(q.get("baseline", DEFAULT_BASELINE))
             if not (gap > 0 and baseline >= 0):
