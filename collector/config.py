@@ -1,8 +1,10 @@
 """Collector configuration: YAML file, environment and flags, checked once at start.
 
 Precedence is flag > environment (``OTEL_DL_COLLECTOR_<KEY>``) > YAML file > default.
-Every key of :class:`CollectorConfig` can be set in the file; ``OPTIONS`` lists them
-with their environment variable. Build a configuration with :func:`load_config`::
+``OPTIONS`` is the one table of keys: every key of :class:`CollectorConfig` can be set
+in the file and by its environment variable, and every key but a secret one by its flag
+``--<key with dashes>``, which ``python -m otel_dl.collector`` generates from the table.
+Build a configuration with :func:`load_config`::
 
     config = load_config(Path("collector.yaml"), env=os.environ, flags={"grpc_port": 4317})
 
@@ -12,7 +14,6 @@ the key and the fix; the CLI prints it and exits with status 2.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -21,11 +22,23 @@ from urllib.parse import urlparse
 
 import yaml
 
+from otel_dl._options import (
+    Check,
+    ConfigError,
+    Option,
+    accept,
+    integer,
+    key_values,
+    non_negative,
+    number,
+    open_fraction,
+    optional_text,
+    port,
+    positive,
+    text,
+)
+
 from .tracelink import TraceLinkError, check_trace_link_template
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot be used; the message names the key and the fix."""
 
 
 @dataclass(frozen=True)
@@ -68,75 +81,7 @@ class CollectorConfig:
     webhook_retries: int = 3
 
 
-def _int(value: Any) -> int:
-    if isinstance(value, bool):
-        raise ValueError("expected an integer")
-    if isinstance(value, str):
-        value = value.strip()
-    out = int(value)
-    if isinstance(value, float) and value != out:
-        raise ValueError("expected an integer")
-    return out
-
-
-def _float(value: Any) -> float:
-    if isinstance(value, bool):
-        raise ValueError("expected a number")
-    out = float(value)
-    if not math.isfinite(out):
-        raise ValueError("expected a finite number")
-    return out
-
-
-def _optional_str(value: Any) -> str | None:
-    if value is None:
-        return None
-    text = str(value).strip()
-    return None if text == "" or text.lower() == "none" else text
-
-
-def _str(value: Any) -> str:
-    text = str(value).strip()
-    if not text:
-        raise ValueError("expected a non-empty string")
-    return text
-
-
-def _headers(value: Any) -> tuple[tuple[str, str], ...]:
-    if isinstance(value, Mapping):
-        return tuple((str(k).lower(), str(v)) for k, v in value.items())
-    if isinstance(value, str):
-        pairs = []
-        for item in value.split(","):
-            if not item.strip():
-                continue
-            key, sep, val = item.partition("=")
-            if not sep:
-                raise ValueError("expected key=value pairs separated by commas")
-            pairs.append((key.strip().lower(), val.strip()))
-        return tuple(pairs)
-    raise ValueError("expected a mapping or key=value,key=value")
-
-
-def _port(value: int) -> str | None:
-    return None if 0 <= value <= 65535 else "must be a port number in 0..65535 (0 picks a free one)"
-
-
-def _positive(value: float) -> str | None:
-    return None if value > 0 else "must be greater than 0"
-
-
-def _fraction(value: float) -> str | None:
-    return None if 0 < value < 1 else "must be between 0 and 1, exclusive"
-
-
-def _non_negative(value: float) -> str | None:
-    return None if value >= 0 else "must be 0 or more"
-
-
-def _endpoint(value: str | None) -> str | None:
-    if value is None:
-        return None
+def _endpoint(value: str) -> str | None:
     if value.startswith(("http://", "https://")):
         parsed = urlparse(value)
         return None if parsed.hostname else "must be an http(s):// URL with a host"
@@ -146,9 +91,7 @@ def _endpoint(value: str | None) -> str | None:
     return None
 
 
-def _base_url(value: str | None) -> str | None:
-    if value is None:
-        return None
+def _base_url(value: str) -> str | None:
     parsed = urlparse(value)
     if parsed.scheme in ("http", "https") and parsed.hostname:
         return None
@@ -160,9 +103,7 @@ def _base_url(value: str | None) -> str | None:
     )
 
 
-def _trace_link(value: str | None) -> str | None:
-    if value is None:
-        return None
+def _trace_link(value: str) -> str | None:
     try:
         check_trace_link_template(value)
     except TraceLinkError as exc:
@@ -170,27 +111,21 @@ def _trace_link(value: str | None) -> str | None:
     return None
 
 
-def _webhook(value: str | None) -> str | None:
-    if value is None:
-        return None
+def _webhook(value: str) -> str | None:
     parsed = urlparse(value)
     if parsed.scheme in ("http", "https") and parsed.hostname:
         return None
     return "must be an http(s):// URL with a host"
 
 
-def _token(value: str | None) -> str | None:
-    if value is None:
-        return None
+def _token(value: str) -> str | None:
     # The token travels in an HTTP header and gRPC metadata: printable ASCII, no spaces.
     if not all("!" <= ch <= "~" for ch in value):
         return "must be printable ASCII without spaces"
     return None
 
 
-def _readable_file(value: str | None) -> str | None:
-    if value is None:
-        return None
+def _readable_file(value: str) -> str | None:
     try:
         with open(value, "rb"):
             pass
@@ -200,145 +135,253 @@ def _readable_file(value: str | None) -> str | None:
 
 
 @dataclass(frozen=True)
-class Option:
-    """One configuration key: how to parse it and what makes it valid."""
+class CollectorOption(Option):
+    """A collector key: settable in the YAML file, by its variable and, unless secret, by a flag."""
 
-    key: str
-    parse: Callable[[Any], Any]
-    check: Callable[[Any], str | None]
-    help: str
     # A secret's value never appears in error messages (they reach logs and terminals).
     secret: bool = False
+    # Shown for the flag's value in ``--help``.
+    metavar: str | None = None
 
     @property
-    def env(self) -> str:
-        return "OTEL_DL_COLLECTOR_" + self.key.upper()
+    def flag(self) -> str | None:
+        """``--<key with dashes>``; ``None`` for a secret."""
+        # No flag for a secret (auth_token, webhook_url): a command line is visible to every
+        # user in the process list.
+        return None if self.secret else "--" + self.name.replace("_", "-")
 
 
-def _ok(_value: Any) -> str | None:
-    return None
+def _key(
+    name: str,
+    parse: Callable[[Any], Any],
+    help: str,
+    check: Check = accept,
+    *,
+    metavar: str | None = None,
+    secret: bool = False,
+) -> CollectorOption:
+    env = "OTEL_DL_COLLECTOR_" + name.upper()
+    return CollectorOption(name, env, parse, help, check, secret=secret, metavar=metavar)
 
 
-OPTIONS: tuple[Option, ...] = (
-    Option("host", _str, _ok, "address the receivers and the API listen on"),
-    Option("grpc_port", _int, _port, "OTLP/gRPC receiver port"),
-    Option("http_port", _int, _port, "OTLP/HTTP receiver port"),
-    Option("api_port", _int, _port, "fault API and Prometheus metrics port"),
-    Option(
+OPTIONS: tuple[CollectorOption, ...] = (
+    _key("host", text, "address the receivers and the API listen on", metavar="HOST"),
+    _key("grpc_port", integer, "OTLP/gRPC receiver port", port, metavar="PORT"),
+    _key("http_port", integer, "OTLP/HTTP receiver port", port, metavar="PORT"),
+    _key("api_port", integer, "fault API and Prometheus metrics port", port, metavar="PORT"),
+    _key(
         "export_endpoint",
-        _optional_str,
-        _endpoint,
+        optional_text,
         "OTLP/gRPC host:port or http(s):// URL to forward to; none stores only",
+        _endpoint,
+        metavar="ENDPOINT",
     ),
-    Option("export_headers", _headers, _ok, "headers sent with every export, key=value,..."),
-    Option("export_timeout", _float, _positive, "seconds one export call may take"),
-    Option("export_batch_spans", _int, _positive, "most spans in one export request"),
-    Option("export_max_backoff", _float, _positive, "longest wait between export retries, s"),
-    Option("decision_wait", _float, _non_negative, "seconds after a trace's last span"),
-    Option("early_grace", _float, _non_negative, "quiet seconds before an early decision"),
-    Option("max_spans", _int, _positive, "spans held in memory before the oldest trace is evicted"),
-    Option("max_traces", _int, _positive, "traces held in memory before the oldest is evicted"),
-    Option("decision_cache_size", _int, _positive, "decided traces remembered for late spans"),
-    Option("store", _optional_str, _ok, "SQLite file for attributed faults; none disables it"),
-    Option("catalog", _optional_str, _ok, "YAML file with extra or overriding failure modes"),
-    Option("queue_dir", _str, _ok, "directory of the persistent inbox journal and export queue"),
-    Option("queue_max_bytes", _int, _positive, "disk bytes before senders get back-pressure"),
-    Option("min_baseline_samples", _int, _positive, "samples before a learned baseline is used"),
-    Option(
+    _key(
+        "export_headers",
+        key_values,
+        "headers sent with every export, key=value,...",
+        metavar="KEY=VALUE,...",
+    ),
+    _key("export_timeout", number, "seconds one export call may take", positive, metavar="SECONDS"),
+    _key("export_batch_spans", integer, "most spans in one export request", positive, metavar="N"),
+    _key(
+        "export_max_backoff",
+        number,
+        "longest wait between export retries, s",
+        positive,
+        metavar="SECONDS",
+    ),
+    _key(
+        "decision_wait",
+        number,
+        "seconds after a trace's last span before it is decided",
+        non_negative,
+        metavar="SECONDS",
+    ),
+    _key(
+        "early_grace",
+        number,
+        "quiet seconds before an early decision",
+        non_negative,
+        metavar="SECONDS",
+    ),
+    _key(
+        "max_spans",
+        integer,
+        "spans held in memory before the oldest trace is evicted",
+        positive,
+        metavar="N",
+    ),
+    _key(
+        "max_traces",
+        integer,
+        "traces held in memory before the oldest is evicted",
+        positive,
+        metavar="N",
+    ),
+    _key(
+        "decision_cache_size",
+        integer,
+        "decided traces remembered for late spans",
+        positive,
+        metavar="N",
+    ),
+    _key(
+        "store",
+        optional_text,
+        "SQLite file for attributed faults; none disables it",
+        metavar="PATH",
+    ),
+    _key(
+        "catalog",
+        optional_text,
+        "YAML file with extra or overriding failure modes",
+        metavar="PATH",
+    ),
+    _key(
+        "queue_dir",
+        text,
+        "directory of the persistent inbox journal and export queue",
+        metavar="DIR",
+    ),
+    _key(
+        "queue_max_bytes",
+        integer,
+        "disk bytes before senders get back-pressure",
+        positive,
+        metavar="BYTES",
+    ),
+    _key(
+        "min_baseline_samples",
+        integer,
+        "samples before a learned baseline is used",
+        positive,
+        metavar="N",
+    ),
+    _key(
         "fp_budget",
-        _float,
-        _fraction,
+        number,
         "share of healthy calls of an entry operation allowed over its SLO threshold "
         "(the threshold is that learned quantile); also the error rate below which an "
         "operation's errors are unusual, and the tail probability of an error burst",
+        open_fraction,
+        metavar="FRACTION",
     ),
-    Option("max_request_bytes", _int, _positive, "largest accepted OTLP request, bytes"),
-    Option(
+    _key(
+        "max_request_bytes",
+        integer,
+        "largest accepted OTLP request, after decompression, bytes",
+        positive,
+        metavar="BYTES",
+    ),
+    _key(
         "max_request_wait",
-        _float,
-        _non_negative,
+        number,
         "seconds a request may wait for a worker before it is refused with back-pressure; "
         "0 never refuses",
+        non_negative,
+        metavar="SECONDS",
     ),
-    Option(
+    _key(
         "memory_limit_mib",
-        _int,
-        _non_negative,
+        integer,
         "resident memory (MiB) to stay under: new data is refused with back-pressure above "
         "80 % of it; 0 sets no limit",
+        non_negative,
+        metavar="MIB",
     ),
-    Option(
+    _key(
         "max_metric_services",
-        _int,
-        _positive,
+        integer,
         "service names the per-service Prometheus metrics label; later ones count as (other)",
+        positive,
+        metavar="N",
     ),
-    Option(
+    _key(
         "auth_token",
-        _optional_str,
-        _token,
+        optional_text,
         "bearer token senders and API clients must present; unset disables auth",
+        _token,
         secret=True,
     ),
-    Option("tls_cert", _optional_str, _readable_file, "PEM server certificate (chain) for TLS"),
-    Option("tls_key", _optional_str, _readable_file, "PEM private key of --tls-cert"),
-    Option(
-        "tls_client_ca",
-        _optional_str,
+    _key(
+        "tls_cert",
+        optional_text,
+        "PEM server certificate (chain) for TLS",
         _readable_file,
-        "PEM CA bundle; when set, clients must present a certificate it signed (mTLS)",
+        metavar="PATH",
     ),
-    Option(
+    _key(
+        "tls_key",
+        optional_text,
+        "PEM private key of --tls-cert",
+        _readable_file,
+        metavar="PATH",
+    ),
+    _key(
+        "tls_client_ca",
+        optional_text,
+        "PEM CA bundle; when set, clients must present a certificate it signed (mTLS)",
+        _readable_file,
+        metavar="PATH",
+    ),
+    _key(
         "runbook_base_url",
-        _optional_str,
-        _base_url,
+        optional_text,
         "URL the catalog's relative runbook links resolve against; unset: the runbook "
         "pages shipped in docs/runbooks",
+        _base_url,
+        metavar="URL",
     ),
-    Option(
+    _key(
         "trace_link_template",
-        _optional_str,
-        _trace_link,
+        optional_text,
         "URL of one trace in Jaeger or Tempo, with {trace_id} (and optionally {span_id}, "
         "{service}), e.g. http://jaeger:16686/trace/{trace_id}; unset: no links",
+        _trace_link,
+        metavar="URL",
     ),
-    Option(
+    _key(
         "webhook_url",
-        _optional_str,
-        _webhook,
+        optional_text,
         "http(s):// URL the fault notifier POSTs JSON to; unset disables notifications",
+        _webhook,
         secret=True,
     ),
-    Option(
+    _key(
         "webhook_dedupe_window",
-        _float,
-        _non_negative,
+        number,
         "seconds a (mode, service) incident stays open: its later faults notify no one",
+        non_negative,
+        metavar="SECONDS",
     ),
-    Option(
+    _key(
         "webhook_max_per_minute",
-        _int,
-        _positive,
+        integer,
         "most webhook notifications sent in any minute; the rest are dropped and counted",
+        positive,
+        metavar="N",
     ),
-    Option(
+    _key(
         "webhook_retries",
-        _int,
-        _non_negative,
+        integer,
         "retries of a failed webhook delivery, with exponential backoff",
+        non_negative,
+        metavar="N",
     ),
 )
-_BY_KEY = {o.key: o for o in OPTIONS}
+
+_BY_KEY = {o.name: o for o in OPTIONS}
 assert set(_BY_KEY) == {f.name for f in fields(CollectorConfig)}
 
 
-def _apply(option: Option, raw: Any, source: str) -> Any:
+def _apply(option: CollectorOption, raw: Any, source: str) -> Any:
     shown = "the value" if option.secret else repr(raw)
     try:
         value = option.parse(raw)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{source}: invalid {shown} ({exc}); {option.help}") from exc
-    problem = option.check(value)
+    problem = option.problem(value)
     if problem:
         raise ConfigError(f"{source}: {shown} {problem}; {option.help}")
     return value
@@ -375,7 +418,7 @@ def load_config(
             values[key] = _apply(_BY_KEY[key], raw, f"{path}: key '{key}'")
     for option in OPTIONS:
         if env is not None and option.env in env:
-            values[option.key] = _apply(option, env[option.env], f"environment {option.env}")
+            values[option.name] = _apply(option, env[option.env], f"environment {option.env}")
     for key, raw in (flags or {}).items():
         if raw is None:
             continue

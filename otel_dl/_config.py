@@ -3,68 +3,29 @@
 Every option has a field on :class:`Config`, an environment variable and a default.
 ``OPTIONS`` is the single table that ``instrument()``, the README's configuration
 table and its test read. Standard ``OTEL_*`` variables are used where OpenTelemetry
-defines one; otel-dl's own options are ``OTEL_DL_*``.
+defines one; otel-dl's own options are ``OTEL_DL_*``. :class:`Option`, the parsers,
+the checks and :class:`ConfigError` are ``otel_dl._options``, shared with the collector.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from otel_dl import semconv
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot be used; the message names the option and the fix."""
-
-
-def _parse_bool(raw: str) -> bool:
-    value = raw.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise ValueError("expected true or false")
-
-
-def _parse_list(raw: str) -> tuple[str, ...]:
-    return tuple(item.strip() for item in raw.split(",") if item.strip())
-
-
-def _parse_optional_float(raw: str) -> float | None:
-    return None if raw.strip() == "" else float(raw)
-
-
-@dataclass(frozen=True)
-class Option:
-    """One row of the configuration table."""
-
-    name: str
-    env: str
-    parse: Callable[[str], Any]
-    help: str
-    check: Callable[[Any], str | None] = lambda _value: None
-
-
-def _non_negative(value: Any) -> str | None:
-    return None if value >= 0 else "must be 0 or more"
-
-
-def _positive(value: Any) -> str | None:
-    return None if value is None or value > 0 else "must be greater than 0"
-
-
-def _fraction(value: Any) -> str | None:
-    return None if 0.0 <= value <= 1.0 else "must lie in [0, 1]"
-
-
-def _one_of(*choices: str) -> Callable[[Any], str | None]:
-    def check(value: Any) -> str | None:
-        return None if value in choices else f"must be one of {', '.join(choices)}"
-
-    return check
+from otel_dl._options import (
+    ConfigError,
+    Option,
+    fraction,
+    non_negative,
+    one_of,
+    parse_bool,
+    parse_list,
+    parse_optional_float,
+    positive,
+)
 
 
 @dataclass(frozen=True)
@@ -108,21 +69,21 @@ OPTIONS: tuple[Option, ...] = (
         "OTEL_TRACES_EXPORTER",
         str,
         "`otlp`, `console` or `none`",
-        _one_of("otlp", "console", "none"),
+        one_of("otlp", "console", "none"),
     ),
     Option(
         "metrics_exporter",
         "OTEL_METRICS_EXPORTER",
         str,
         "`otlp`, `console` or `none`",
-        _one_of("otlp", "console", "none"),
+        one_of("otlp", "console", "none"),
     ),
     Option(
         "protocol",
         "OTEL_EXPORTER_OTLP_PROTOCOL",
         str,
         "`grpc` or `http/protobuf`",
-        _one_of("grpc", "http/protobuf"),
+        one_of("grpc", "http/protobuf"),
     ),
     Option(
         "endpoint",
@@ -136,77 +97,77 @@ OPTIONS: tuple[Option, ...] = (
         str,
         "`official` or `fast` (otel-dl's OTLP span encoder: the same OTLP for about a third of"
         " the CPU)",
-        _one_of("fast", "official"),
+        one_of("fast", "official"),
     ),
     Option(
         "include",
         "OTEL_DL_INSTRUMENTATIONS",
-        _parse_list,
+        parse_list,
         "comma-separated instrumentor names to enable (default: every installed one)",
     ),
     Option(
         "exclude",
         "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS",
-        _parse_list,
+        parse_list,
         "comma-separated instrumentor names to skip",
     ),
     Option(
         "propagation",
         "OTEL_DL_PROPAGATION",
-        _parse_bool,
+        parse_bool,
         "enable the installed standard HTTP/gRPC instrumentations, so calls between services"
         " join one trace",
     ),
-    Option("signals", "OTEL_DL_SIGNALS", _parse_bool, "compute drift, quality and confidence"),
+    Option("signals", "OTEL_DL_SIGNALS", parse_bool, "compute drift, quality and confidence"),
     Option(
         "drift_method",
         "OTEL_DL_DRIFT_METHOD",
         str,
         "`psi`, `js`, `ks` or `wasserstein`",
-        _one_of(*semconv.DRIFT_METHODS),
+        one_of(*semconv.DRIFT_METHODS),
     ),
-    Option("drift_bins", "OTEL_DL_DRIFT_BINS", int, "bins per numeric feature", _positive),
+    Option("drift_bins", "OTEL_DL_DRIFT_BINS", int, "bins per numeric feature", positive),
     Option(
         "drift_warn",
         "OTEL_DL_DRIFT_WARN",
-        _parse_optional_float,
+        parse_optional_float,
         "score at which `dl.drift.status` becomes `warn` (default per method)",
-        _positive,
+        positive,
     ),
     Option(
         "drift_alert",
         "OTEL_DL_DRIFT_ALERT",
-        _parse_optional_float,
+        parse_optional_float,
         "score at which `dl.drift.status` becomes `alert` (default per method)",
-        _positive,
+        positive,
     ),
     Option(
         "drift_window_rows",
         "OTEL_DL_DRIFT_WINDOW_ROWS",
         int,
         "recent rows the streaming drift window holds",
-        _positive,
+        positive,
     ),
     Option(
         "drift_min_rows",
         "OTEL_DL_DRIFT_MIN_ROWS",
         int,
         "rows the drift window must hold before drift is reported",
-        _positive,
+        positive,
     ),
     Option(
         "drift_max_rows",
         "OTEL_DL_DRIFT_MAX_ROWS",
         int,
         "rows per batch copied into the drift window (evenly spaced subsample above it)",
-        _positive,
+        positive,
     ),
     Option(
         "drift_max_features",
         "OTEL_DL_DRIFT_MAX_FEATURES",
         int,
         "numeric features per batch used for drift (evenly spaced subset above it)",
-        _positive,
+        positive,
     ),
     Option(
         "drift_every",
@@ -214,21 +175,21 @@ OPTIONS: tuple[Option, ...] = (
         int,
         "bin and score the drift window every k-th batch (spans between carry the latest"
         " score); exact confidence every k-th call",
-        _positive,
+        positive,
     ),
     Option(
         "baseline_rows",
         "OTEL_DL_BASELINE_ROWS",
         int,
         "rows that become the reference when none is given",
-        _positive,
+        positive,
     ),
     Option(
         "confidence_threshold",
         "OTEL_DL_CONFIDENCE_THRESHOLD",
         float,
         "confidence under which a prediction counts as low",
-        _fraction,
+        fraction,
     ),
     Option(
         "confidence_rows",
@@ -236,7 +197,7 @@ OPTIONS: tuple[Option, ...] = (
         int,
         "predictions per call the confidence figures are computed on (evenly spaced above"
         " it; all of them every `drift_every`-th call)",
-        _positive,
+        positive,
     ),
     Option(
         "signals_delay_ms",
@@ -244,26 +205,26 @@ OPTIONS: tuple[Option, ...] = (
         int,
         "calls of at most 16 rows get their signals computed together, in bursts of 16"
         " calls or this many milliseconds after the call at most (0: each at its call's end)",
-        _non_negative,
+        non_negative,
     ),
     Option(
         "sample_every",
         "OTEL_DL_SAMPLE_EVERY",
         int,
         "keep every abnormal otel-dl span and 1 in N of the normal ones (1: keep all)",
-        _positive,
+        positive,
     ),
     Option(
         "sample_latency",
         "OTEL_DL_SAMPLE_LATENCY",
-        _parse_optional_float,
+        parse_optional_float,
         "seconds above which an otel-dl span counts as abnormal for sampling",
-        _positive,
+        positive,
     ),
     Option(
         "trace_training",
         "OTEL_DL_TRACE_TRAINING",
-        _parse_bool,
+        parse_bool,
         "also trace torch model forwards in training mode",
     ),
     Option(
@@ -323,7 +284,7 @@ def resolve_config(
     for option in OPTIONS:
         value = getattr(config, option.name)
         try:
-            problem = None if value is None else option.check(value)
+            problem = option.problem(value)
         except TypeError:
             problem = f"is a {type(value).__name__}; give {option.help}"
         if problem:

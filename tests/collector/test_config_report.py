@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import requests
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+import otel_dl
+from otel_dl.collector.__main__ import build_parser, config_from_args, main
 from otel_dl.collector.catalog import CatalogError, load_catalog
-from otel_dl.collector.config import ConfigError, load_config
+from otel_dl.collector.config import OPTIONS, ConfigError, load_config
 from otel_dl.collector.report import main as report_main
 from otel_dl.collector.report import report
 from otel_dl.collector.store import query_faults
@@ -83,6 +88,107 @@ def test_collector_cli_refuses_bad_config(tmp_path):
     )
     assert proc.returncode == 2
     assert "c.yaml: key 'grpc_port'" in proc.stderr
+
+
+# The flags the command line had before they were generated from OPTIONS.
+EARLIER_FLAGS = (
+    "--grpc-port",
+    "--http-port",
+    "--host",
+    "--export-endpoint",
+    "--decision-wait",
+    "--store",
+    "--catalog",
+    "--api-port",
+    "--max-request-bytes",
+    "--max-request-wait",
+    "--memory-limit-mib",
+    "--tls-cert",
+    "--tls-key",
+    "--tls-client-ca",
+)
+
+
+@pytest.fixture
+def clean_environment(monkeypatch):
+    """main() reads os.environ: no OTEL_DL_COLLECTOR_* variable of the caller's."""
+    for name in [n for n in os.environ if n.startswith("OTEL_DL_COLLECTOR_")]:
+        monkeypatch.delenv(name)
+
+
+def test_every_key_but_a_secret_has_a_flag(capsys):
+    parser = build_parser()
+    for option in OPTIONS:
+        flag = "--" + option.name.replace("_", "-")
+        if option.name in ("auth_token", "webhook_url"):
+            assert option.flag is None
+            with pytest.raises(SystemExit) as exited:
+                parser.parse_args([flag, "x"])
+            assert exited.value.code == 2
+            assert f"unrecognized arguments: {flag}" in capsys.readouterr().err
+        else:
+            assert option.flag == flag
+            assert getattr(parser.parse_args([flag, "x"]), option.name) == "x"
+    assert set(EARLIER_FLAGS) <= {option.flag for option in OPTIONS}
+    # An absent flag leaves the key to the environment and the file.
+    args = parser.parse_args([])
+    assert all(getattr(args, o.name) is None for o in OPTIONS if o.flag)
+    assert (args.config, args.log_level) == (None, "INFO")
+
+
+def test_generated_flags_reach_the_configuration(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("fp_budget: 0.2\nearly_grace: 3\nwebhook_retries: 1\nmax_spans: 10\n")
+    argv = ["--config", str(path), "--fp-budget", "0.5", "--early-grace", "2.5"]
+    argv += ["--export-headers", "X-Team=ml", "--store", "none"]
+    env = {"OTEL_DL_COLLECTOR_EARLY_GRACE": "4", "OTEL_DL_COLLECTOR_WEBHOOK_RETRIES": "5"}
+    config = config_from_args(build_parser().parse_args(argv), env)
+    assert (config.fp_budget, config.early_grace, config.export_headers) == (
+        0.5,
+        2.5,
+        (("x-team", "ml"),),
+    )
+    assert (config.store, config.webhook_retries, config.max_spans) == (None, 5, 10)
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--fp-budget", "1.5"], "flag --fp-budget: '1.5' must be between 0 and 1, exclusive"),
+        (["--early-grace", "soon"], "flag --early-grace: invalid 'soon'"),
+        (["--grpc-port", "70000"], "flag --grpc-port: '70000' must be a port number"),
+    ],
+)
+def test_a_bad_flag_value_exits_2_naming_the_flag(capsys, clean_environment, argv, needle):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("otel-dl-collector: configuration error: ") and needle in err
+
+
+def test_help_lists_every_flag_with_its_default(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["--help"])
+    assert exited.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    flagged = [option for option in OPTIONS if option.flag]
+    for option in flagged:
+        assert f"{option.flag} {option.metavar} {option.help} (default: " in text
+    assert text.count("(default: ") == len(flagged) + 1  # and --log-level
+    assert "--grpc-port PORT OTLP/gRPC receiver port (default: 4317)" in text
+    assert "--fp-budget FRACTION" in text and "(default: 0.001)" in text
+    assert "(default: ./otel-dl.sqlite)" in text and "80 % of it" in text
+    assert "--auth-token" not in text and "--webhook-url" not in text
+
+
+def test_one_config_error_for_the_sdk_and_the_collector():
+    assert ConfigError is otel_dl.ConfigError
+
+
+def test_docs_list_every_collector_key():
+    doc = (Path(__file__).parents[2] / "docs" / "collector.md").read_text()
+    section = doc.split("### Configuration keys", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"`(\w+)`", "".join(re.findall(r"^\|([^|]+)\|", section, re.M))))
+    assert listed == {option.name for option in OPTIONS}
 
 
 def test_report_table_and_html(tmp_path, make_collector, wait_for):
