@@ -51,14 +51,8 @@ from otel_dl.collector.metrics import SIGNAL_ATTRIBUTES, UNKNOWN_METHOD, Collect
 from otel_dl.collector.pipeline import Collector
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.faultsim import (
-    TRUTH,
-    System,
-    collect_traces,
-    collector_ranking,
-    preserialised_requests,
-    start_sink,
-)
+from tests.faultsim import TRUTH, System, collector_ranking, preserialised_requests
+from tests.otlp_sink import OtlpSink
 
 
 # --- 1. accuracy ------------------------------------------------------------------------
@@ -88,7 +82,7 @@ def _ranking_zscore(spans, stats) -> tuple[list[str], str | None]:
 
 def accuracy(per_kind: int, normal: int, warmup: int, seed: int) -> None:
     rng = random.Random(seed)
-    sink, sink_server, sink_port = start_sink(keep=True)
+    sink = OtlpSink().start()
     tmp = tempfile.mkdtemp(prefix="otel-dl-bench-")
     collector = Collector(
         load_config(
@@ -100,7 +94,7 @@ def accuracy(per_kind: int, normal: int, warmup: int, seed: int) -> None:
                 "early_grace": 0.5,
                 "store": "none",
                 "queue_dir": f"{tmp}/q",
-                "export_endpoint": f"127.0.0.1:{sink_port}",
+                "export_endpoint": f"127.0.0.1:{sink.port}",
             }
         )
     )
@@ -126,8 +120,8 @@ def accuracy(per_kind: int, normal: int, warmup: int, seed: int) -> None:
         time.sleep(0.1)
     system.shutdown()
     collector.stop()
-    sink_server.stop(None)
-    traces = collect_traces(sink)
+    sink.stop()
+    traces = sink.traces()
 
     durations: dict[tuple[str, str], list[float]] = {}
     for tid, spans in traces.items():
@@ -181,7 +175,7 @@ def _rss_kib() -> int:
 def throughput(n_requests: int, traces_per_request: int, connections: int) -> None:
     payloads = preserialised_requests(n_requests, traces_per_request, seed=1)
     spans_total = n_requests * traces_per_request * 5
-    sink, sink_server, sink_port = start_sink(keep=False)
+    sink = OtlpSink(keep=False).start()
     tmp = tempfile.mkdtemp(prefix="otel-dl-bench-")
     port = 43170 + os.getpid() % 1000
     proc = subprocess.Popen(
@@ -200,7 +194,7 @@ def throughput(n_requests: int, traces_per_request: int, connections: int) -> No
             "--decision-wait",
             "1",
             "--export-endpoint",
-            f"127.0.0.1:{sink_port}",
+            f"127.0.0.1:{sink.port}",
             "--log-level",
             "WARNING",
         ],
@@ -243,7 +237,7 @@ def throughput(n_requests: int, traces_per_request: int, connections: int) -> No
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-        sink_server.stop(None)
+        sink.stop()
     print(
         f"\n## Throughput ({spans_total} spans in {n_requests} pre-serialised requests, "
         f"{connections} connections, early grace 0.1 s)\n"

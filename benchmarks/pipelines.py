@@ -60,7 +60,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.e2e.binaries import free_port, jaeger_binary, otelcol_binary, telemetrygen_binary
-from tests.faultsim import preserialised_requests, start_sink
+from tests.faultsim import preserialised_requests
+from tests.otlp_sink import OtlpSink
 
 EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 RETRYABLE = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
@@ -284,10 +285,10 @@ def _span_count(payload: bytes) -> int:
 
 def run_once(name: str, load: Preserialised | Telemetrygen, warmup: bytes, wait: float) -> Run:
     """One run of ``load`` through pipeline ``name``, after one warm-up request."""
-    sink, sink_server, sink_port = start_sink(keep=False)
+    sink = OtlpSink(keep=False).start()
     port, http_port = free_port(), free_port()
     with tempfile.TemporaryDirectory(prefix="otel-dl-bench-") as tmp:
-        proc = PIPELINES[name](port, http_port, sink_port, wait, tmp)
+        proc = PIPELINES[name](port, http_port, sink.port, wait, tmp)
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         try:
             _wait_listening(port, proc)
@@ -322,7 +323,7 @@ def run_once(name: str, load: Preserialised | Telemetrygen, warmup: bytes, wait:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-            sink_server.stop(None)
+            sink.stop()
     return Run(received / elapsed, cpu / received * 100_000, load.spans, received)
 
 

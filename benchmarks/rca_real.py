@@ -80,7 +80,7 @@ from otel_dl.collector.decode import SpanRecord, flatten  # noqa: E402
 from otel_dl.collector.incidents import query_incidents  # noqa: E402
 from otel_dl.collector.pipeline import Collector  # noqa: E402
 from tests.e2e.binaries import free_port, hotrod_binary, toxiproxy_binary  # noqa: E402
-from tests.faultsim import start_sink  # noqa: E402
+from tests.otlp_sink import OtlpSink  # noqa: E402
 
 SERVICES = ("customer", "driver", "route", "frontend")
 TRUTH: dict[str, frozenset[str]] = {
@@ -543,7 +543,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="otel-dl-rca-real-"))
     network = any(f in TOXICS for f in args.faults)
     proxy = FaultProxy(toxiproxy_binary(), tmp) if network else None
-    sink, sink_server, sink_port = start_sink(keep=True)
+    sink = OtlpSink().start()
     collector = Collector(
         load_config(
             flags={
@@ -555,7 +555,7 @@ def main() -> None:
                 "early_grace": 3.0,
                 "store": str(tmp / "faults.sqlite"),
                 "queue_dir": str(tmp / "q"),
-                "export_endpoint": f"127.0.0.1:{sink_port}",
+                "export_endpoint": f"127.0.0.1:{sink.port}",
             }
         )
     )
@@ -579,7 +579,7 @@ def main() -> None:
             proxy.close()
     time.sleep(2.0)  # HotROD's exporters flushed at exit; let the collector decide
     collector.stop()
-    sink_server.stop(None)
+    sink.stop()
     raw = [r.SerializeToString() for r in sink.requests]
     wanted = Attributor(load_catalog()).wanted_attributes | {
         "dl.fault.candidates",

@@ -25,7 +25,8 @@ from otel_dl import semconv
 from otel_dl.sampling import SignalAwareSpanProcessor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.faultsim import TRUTH, System, start_sink
+from tests.faultsim import TRUTH, System
+from tests.otlp_sink import OtlpSink
 
 # The otel-dl spans of one simulated trace (the others are SERVER/CLIENT spans, never dropped).
 DL_SPANS = ("ingest.read", "feature_store.get", "preprocess.transform", "inference")
@@ -40,14 +41,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
     rng = random.Random(args.seed)
-    sink, server, port = start_sink(keep=True)
+    sink = OtlpSink().start()
     processors: list[SignalAwareSpanProcessor] = []
 
     def wrap(inner: SpanProcessor) -> SpanProcessor:
         processors.append(SignalAwareSpanProcessor(inner, args.every))
         return processors[-1]
 
-    system = System(f"127.0.0.1:{port}", rng, wrap)
+    system = System(f"127.0.0.1:{sink.port}", rng, wrap)
     t0 = time.time_ns()
     for _ in range(args.warmup):
         system.request(None, t0)
@@ -62,14 +63,9 @@ def main() -> None:
         t0 += 50_000_000
     system.flush()
     system.shutdown()
-    server.stop(grace=None)
+    sink.stop()
 
-    exported: set[tuple[str, str]] = set()
-    for request in sink.requests:
-        for rs in request.resource_spans:
-            for ss in rs.scope_spans:
-                for span in ss.spans:
-                    exported.add((span.trace_id.hex(), span.span_id.hex()))
+    exported = {(t, s["span_id"]) for t, spans in sink.traces().items() for s in spans}
 
     print(f"signal-aware sampling, 1 in {args.every} normal spans kept\n")
     print(f"{'fault kind':<20} {'traces':>7} {'root cause kept':>16}")

@@ -4,33 +4,26 @@ Six services (gateway, ingest, feature-store, preprocess, inference, external-ap
 with its own real SDK TracerProvider exporting over OTLP/gRPC, emit one trace per
 request; ``System.request(kind, t0)`` injects the fault ``kind`` (a ``dl.fault.kind``,
 or None for normal traffic) at a random magnitude. ``TRUTH`` names the service and span
-where each kind is injected. ``Sink`` is an in-process OTLP/gRPC backend.
+where each kind is injected. The traces go to an OTLP backend such as
+:class:`tests.otlp_sink.OtlpSink`; ``collector_ranking`` reads the collector's verdict off
+one trace of its ``traces()``.
 """
 
 from __future__ import annotations
 
 import random
-import threading
-import time
 from collections.abc import Callable
-from concurrent import futures
 from typing import Any
 
-import grpc
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
-)
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from otel_dl import semconv
-from otel_dl.collector.decode import any_value
 
 SERVICES = ("gateway", "ingest", "feature-store", "preprocess", "inference", "external-api")
 # Ground truth per kind: (service, span name) where the fault is injected.
@@ -45,35 +38,6 @@ TRUTH = {
     semconv.FAULT_KIND_ERROR: ("preprocess", "preprocess.transform"),
     semconv.FAULT_KIND_DEPENDENCY_OUTAGE: ("external-api", "external.call"),
 }
-
-
-class Sink(trace_service_pb2_grpc.TraceServiceServicer):
-    """OTLP backend: keeps requests (accuracy) or only counts spans (throughput)."""
-
-    def __init__(self, keep: bool) -> None:
-        self.keep = keep
-        self.requests: list[ExportTraceServiceRequest] = []
-        self.spans = 0
-        self.arrivals: list[float] = []
-        self.lock = threading.Lock()
-
-    def Export(self, request, context):
-        n = sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
-        with self.lock:
-            self.spans += n
-            self.arrivals.append(time.monotonic())
-            if self.keep:
-                self.requests.append(request)
-        return ExportTraceServiceResponse()
-
-
-def start_sink(keep: bool) -> tuple[Sink, grpc.Server, int]:
-    sink = Sink(keep)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(sink, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    return sink, server, port
 
 
 class System:
@@ -228,33 +192,9 @@ class System:
             provider.shutdown()
 
 
-def collect_traces(sink: Sink) -> dict[str, list[dict[str, Any]]]:
-    """The spans a keeping sink received, by trace id hex, as plain dicts."""
-    traces: dict[str, list[dict[str, Any]]] = {}
-    for req in sink.requests:
-        for rs in req.resource_spans:
-            service = next(
-                kv.value.string_value for kv in rs.resource.attributes if kv.key == "service.name"
-            )
-            for ss in rs.scope_spans:
-                for s in ss.spans:
-                    attrs = {kv.key: any_value(kv.value) for kv in s.attributes}
-                    traces.setdefault(s.trace_id.hex(), []).append(
-                        {
-                            "service": service,
-                            "name": s.name,
-                            "span_id": s.span_id.hex(),
-                            "parent": s.parent_span_id.hex(),
-                            "error": s.status.code == 2,
-                            "duration": (s.end_time_unix_nano - s.start_time_unix_nano) / 1e9,
-                            "attrs": attrs,
-                        }
-                    )
-    return traces
-
-
 def collector_ranking(spans: list[dict[str, Any]]) -> tuple[list[str], str | None]:
-    """The collector's verdict on one trace: (candidate services ranked, root-cause span id)."""
+    """The collector's verdict on one trace (its spans as ``OtlpSink.traces()`` gives them):
+    (candidate services ranked, root-cause span id)."""
     root = next((s for s in spans if not s["parent"]), None)
     if root is None or semconv.DL_FAULT_CANDIDATES not in root["attrs"]:
         return [], None

@@ -14,17 +14,13 @@ import logging
 import random
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import (
     encode_spans as official_encode_spans,
 )
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
-)
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -249,54 +245,32 @@ def test_grpc_exporter_sends_to_a_real_server() -> None:
     assert _normalised(received) == _normalised(official_encode_spans(spans))
 
 
-class _HttpSink(BaseHTTPRequestHandler):
-    received: ClassVar[list[bytes]] = []
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        type(self).received.append(body)
-        reply = ExportTraceServiceResponse().SerializeToString()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/x-protobuf")
-        self.send_header("Content-Length", str(len(reply)))
-        self.end_headers()
-        self.wfile.write(reply)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture
-def http_sink() -> Iterator[tuple[str, list[bytes]]]:
-    _HttpSink.received = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _HttpSink)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1/traces", _HttpSink.received
-    server.shutdown()
-    server.server_close()
+def http_sink() -> Iterator[OtlpSink]:
+    with OtlpSink(http=True) as sink:
+        yield sink
 
 
-def test_http_exporter_sends_to_a_real_server(http_sink: tuple[str, list[bytes]]) -> None:
-    endpoint, received = http_sink
+def test_http_exporter_sends_to_a_real_server(http_sink: OtlpSink) -> None:
     spans = _random_spans(8, 25)
+    endpoint = f"{http_sink.http_endpoint}/v1/traces"
     exporter = FastOTLPHTTPSpanExporter(endpoint=endpoint, timeout=10)
     try:
         assert exporter.export(spans) is SpanExportResult.SUCCESS
     finally:
         exporter.shutdown()
-    assert len(received) == 1
-    assert _normalised(_parsed(received[0])) == _normalised(official_encode_spans(spans))
+    assert len(http_sink.requests) == 1
+    assert _normalised(http_sink.requests[0]) == _normalised(official_encode_spans(spans))
 
 
-def test_http_exporter_keeps_the_request_size_limit(http_sink: tuple[str, list[bytes]]) -> None:
-    endpoint, received = http_sink
+def test_http_exporter_keeps_the_request_size_limit(http_sink: OtlpSink) -> None:
+    endpoint = f"{http_sink.http_endpoint}/v1/traces"
     exporter = FastOTLPHTTPSpanExporter(endpoint=endpoint, max_request_size=100)
     try:
         assert exporter.export(_random_spans(9, 5)) is SpanExportResult.FAILURE
     finally:
         exporter.shutdown()
-    assert received == []
+    assert http_sink.requests == []
 
 
 class _StuckExporter(InMemorySpanExporter):

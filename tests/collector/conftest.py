@@ -1,11 +1,12 @@
-"""Fixtures and helpers for the collector tests: a real OTLP sink, collectors on ephemeral
-ports (in-process, or the CLI as a child process), real OpenTelemetry SDK tracer
-providers exporting to them over loopback, and concurrent senders of raw OTLP requests
-that count what the collector acknowledged.
+"""Fixtures and helpers for the collector tests: a real OTLP sink (the ``sink`` fixture,
+an :class:`tests.otlp_sink.OtlpSink`), collectors on ephemeral ports (in-process, or the
+CLI as a child process), real OpenTelemetry SDK tracer providers exporting to them over
+loopback, and concurrent senders of raw OTLP requests that count what the collector
+acknowledged.
 
 The reliability tests (tests/reliability/test_collector_*.py) import the helpers
-(:class:`SinkServer`, :class:`CollectorProcess`, :class:`Traffic`, :func:`time_until`)
-and use them as context managers, which stop every server, process and thread on exit.
+(:class:`CollectorProcess`, :class:`Traffic`, :func:`time_until`) and use them, and
+``OtlpSink``, as context managers, which stop every server, process and thread on exit.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,6 @@ import yaml
 from google.rpc import error_details_pb2, status_pb2
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -49,116 +48,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from otel_dl import semconv
 from otel_dl.collector.config import load_config
-from otel_dl.collector.decode import any_value
 from otel_dl.collector.pipeline import Collector
+from tests.otlp_sink import OtlpSink
 
 EXPORT_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
-
-
-class Sink(trace_service_pb2_grpc.TraceServiceServicer):
-    """An in-process OTLP/gRPC backend that records what it is sent.
-
-    ``ids`` counts every span received by ``trace_id + span_id``, so a test can tell
-    each span that arrived, and how many times. With ``keep=False`` only the counts
-    are kept, not the requests (for tests that send hundreds of thousands of spans).
-    """
-
-    def __init__(self, keep: bool = True) -> None:
-        self.keep = keep
-        self.requests: list[Any] = []
-        self.ids: Counter[bytes] = Counter()
-        self.fail_with: grpc.StatusCode | None = None
-        self.lock = threading.Lock()
-
-    def Export(self, request, context):
-        if self.fail_with is not None:
-            context.abort(self.fail_with, "sink told to fail")
-        keys = [
-            span.trace_id + span.span_id
-            for rs in request.resource_spans
-            for ss in rs.scope_spans
-            for span in ss.spans
-        ]
-        with self.lock:
-            self.ids.update(keys)
-            if self.keep:
-                self.requests.append(request)
-        return ExportTraceServiceResponse()
-
-    def by_trace(self) -> dict[bytes, list[dict[str, Any]]]:
-        """Received spans by trace id, in arrival order: attributes plus 'service',
-        'name' and 'span_id'."""
-        out: dict[bytes, list[dict[str, Any]]] = {}
-        with self.lock:
-            for req in self.requests:
-                for rs in req.resource_spans:
-                    service = next(
-                        kv.value.string_value
-                        for kv in rs.resource.attributes
-                        if kv.key == "service.name"
-                    )
-                    for ss in rs.scope_spans:
-                        for span in ss.spans:
-                            attrs = {kv.key: any_value(kv.value) for kv in span.attributes}
-                            attrs.update(service=service, name=span.name)
-                            attrs["span_id"] = span.span_id.hex()
-                            out.setdefault(span.trace_id, []).append(attrs)
-        return out
-
-    def spans(self) -> dict[str, dict[str, Any]]:
-        """Received spans by name (the last of each name)."""
-        return {s["name"]: s for spans in self.by_trace().values() for s in spans}
-
-    def count(self) -> int:
-        """Spans received, duplicates included."""
-        with self.lock:
-            return self.ids.total()
-
-    def unique(self) -> int:
-        """Distinct spans received."""
-        with self.lock:
-            return len(self.ids)
-
-    def missing(self, keys: Iterator[bytes]) -> int:
-        """How many of ``keys`` never arrived."""
-        with self.lock:
-            return sum(1 for key in keys if key not in self.ids)
-
-
-class SinkServer:
-    """A :class:`Sink` served over OTLP/gRPC on loopback; ``down()`` and ``up()`` take the
-    backend away and bring it back on the same port, as an outage would.
-
-        with SinkServer(Sink(keep=False)) as server:
-            endpoint = f"127.0.0.1:{server.port}"
-    """
-
-    def __init__(self, sink: Sink | None = None) -> None:
-        self.sink = sink or Sink()
-        self.port = 0
-        self._server: grpc.Server | None = None
-
-    def up(self) -> None:
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self.sink, server)
-        port = server.add_insecure_port(f"127.0.0.1:{self.port}")
-        if port == 0:
-            raise OSError(f"cannot listen on 127.0.0.1:{self.port} for the sink")
-        self.port = port
-        server.start()
-        self._server = server
-
-    def down(self) -> None:
-        if self._server is not None:
-            self._server.stop(grace=None).wait()
-            self._server = None
-
-    def __enter__(self) -> SinkServer:
-        self.up()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.down()
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, every: float = 0.02) -> Any:
@@ -192,9 +85,10 @@ def wait_for() -> Callable[..., Any]:
 
 
 @pytest.fixture
-def sink() -> Iterator[tuple[Sink, int]]:
-    with SinkServer() as server:
-        yield server.sink, server.port
+def sink() -> Iterator[tuple[OtlpSink, int]]:
+    """An OTLP/gRPC backend for a collector to export to: ``(sink, port)``."""
+    with OtlpSink() as backend:
+        yield backend, backend.port
 
 
 @pytest.fixture

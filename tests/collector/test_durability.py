@@ -93,11 +93,11 @@ def test_backpressure_then_delivery_after_backend_and_collector_restart(
             stub.Export(_request(99, 99), timeout=5)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     collector.stop()
-    assert servicer.count() == 0
+    assert servicer.spans == 0
 
     servicer.fail_with = None
     make_collector(export_endpoint=f"127.0.0.1:{sink_port}")
-    wait_for(lambda: servicer.count() == sent)
+    wait_for(lambda: servicer.spans == sent)
 
 
 def test_late_span_gets_recorded_decision_and_eviction_still_forwards(
@@ -109,15 +109,15 @@ def test_late_span_gets_recorded_decision_and_eviction_still_forwards(
     )
     collector.ingest(_request(1, 10, service="frontend", name="root", error=True), None)
     collector.ingest(_request(1, 11, parent=10, service="prep", name="step", error=True), None)
-    spans = wait_for(lambda: servicer.count() == 2 and servicer.spans())
-    assert spans["step"][semconv.DL_FAULT_ROOT_CAUSE] is True
+    spans = wait_for(lambda: servicer.spans == 2 and servicer.by_name())
+    assert spans["step"]["attrs"][semconv.DL_FAULT_ROOT_CAUSE] is True
     collector.ingest(_request(1, 12, parent=10, service="late", name="late"), None)
-    spans = wait_for(lambda: servicer.count() == 3 and servicer.spans())
-    assert spans["late"][semconv.DL_FAULT_ROOT_CAUSE_SERVICE] == "prep"
+    spans = wait_for(lambda: servicer.spans == 3 and servicer.by_name())
+    assert spans["late"]["attrs"][semconv.DL_FAULT_ROOT_CAUSE_SERVICE] == "prep"
 
     for trace in range(2, 6):
         collector.ingest(_request(trace, 100 + trace, parent=1), None)
-    wait_for(lambda: servicer.count() == 7)
+    wait_for(lambda: servicer.spans == 7)
     metrics = collector.metrics.render().decode()
     assert "otel_dl_collector_traces_evicted_total 2.0" in metrics
     assert "otel_dl_collector_spans_late_total 1.0" in metrics

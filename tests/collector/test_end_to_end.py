@@ -46,19 +46,19 @@ def test_grpc_fault_is_attributed_enriched_forwarded_and_stored(
 
     _pipeline_trace(frontend, features, freshness=200_000.0)
 
-    spans = wait_for(lambda: servicer.count() == 3 and servicer.spans())
-    cause = spans["feature_store.get"]
+    spans = wait_for(lambda: servicer.spans == 3 and servicer.by_name())
+    cause = spans["feature_store.get"]["attrs"]
     assert cause[semconv.DL_FAULT_ROOT_CAUSE] is True
     assert cause[semconv.DL_FAULT_KIND] == semconv.FAULT_KIND_STALE_FEATURES
     assert cause[semconv.DL_FAULT_MODE] == "stale-features"
     assert cause[semconv.DL_FAULT_ORIGIN] == "internal"
     assert cause[semconv.DL_FAULT_OWNER] == "feature-platform"
     assert 0 < cause[semconv.DL_FAULT_SCORE] <= 1
-    root = spans["predict"]
+    root = spans["predict"]["attrs"]
     assert root[semconv.DL_FAULT_ROOT_CAUSE_SERVICE] == "feature-service"
-    assert root[semconv.DL_FAULT_ROOT_CAUSE_SPAN_ID] == cause["span_id"]
+    assert root[semconv.DL_FAULT_ROOT_CAUSE_SPAN_ID] == spans["feature_store.get"]["span_id"]
     assert root[semconv.DL_FAULT_CANDIDATES] == ("feature-service",)
-    assert not any(k.startswith("dl.fault") for k in spans["inference"])
+    assert not any(k.startswith("dl.fault") for k in spans["inference"]["attrs"])
 
     api = f"http://127.0.0.1:{collector.api_port}"
     faults = wait_for(lambda: requests.get(f"{api}/api/faults", timeout=5).json()["faults"])
@@ -116,7 +116,7 @@ def test_metrics_count_faults_drift_and_confidence_per_service(
             span.set_attribute(semconv.DL_DRIFT_METHOD, method)
             if status is not None:
                 span.set_attribute(semconv.DL_DRIFT_STATUS, status)
-    wait_for(lambda: servicer.count() == 3 + len(reads))
+    wait_for(lambda: servicer.spans == 3 + len(reads))
     wait_for(
         lambda: _value(
             prometheus_samples(api),
@@ -181,9 +181,9 @@ def test_http_protobuf_healthy_trace_gets_no_fault_attributes(
 
     _pipeline_trace(frontend, features)
 
-    spans = wait_for(lambda: servicer.count() == 3 and servicer.spans())
-    for attrs in spans.values():
-        assert not any(k.startswith("dl.fault") for k in attrs)
+    spans = wait_for(lambda: servicer.spans == 3 and servicer.by_name())
+    for span in spans.values():
+        assert not any(k.startswith("dl.fault") for k in span["attrs"])
 
 
 def test_http_json_gzip_and_partial_success(sink, make_collector, wait_for):
@@ -227,9 +227,9 @@ def test_http_json_gzip_and_partial_success(sink, make_collector, wait_for):
     )
     assert resp.status_code == 200
     assert resp.json()["partialSuccess"]["rejectedSpans"] == "1"
-    spans = wait_for(lambda: servicer.spans())
-    assert spans["call"][semconv.DL_FAULT_KIND] == semconv.FAULT_KIND_DEPENDENCY_OUTAGE
-    assert spans["call"][semconv.DL_FAULT_ORIGIN] == "external"
+    spans = wait_for(lambda: servicer.by_name())
+    assert spans["call"]["attrs"][semconv.DL_FAULT_KIND] == semconv.FAULT_KIND_DEPENDENCY_OUTAGE
+    assert spans["call"]["attrs"][semconv.DL_FAULT_ORIGIN] == "external"
 
 
 def test_bad_payloads_get_clear_permanent_errors(make_collector):
@@ -260,24 +260,20 @@ def test_error_status_in_child_service_is_the_root_cause(
         with prep.start_as_current_span("transform") as span:
             span.set_status(Status(StatusCode.ERROR, "boom"))
         root.set_status(Status(StatusCode.ERROR, "failed"))
-    spans = wait_for(lambda: servicer.count() == 2 and servicer.spans())
-    assert spans["transform"][semconv.DL_FAULT_ROOT_CAUSE] is True
-    assert spans["predict"][semconv.DL_FAULT_SYMPTOM] is True
-    assert spans["predict"][semconv.DL_FAULT_ROOT_CAUSE_SERVICE] == "preprocess"
+    spans = wait_for(lambda: servicer.spans == 2 and servicer.by_name())
+    assert spans["transform"]["attrs"][semconv.DL_FAULT_ROOT_CAUSE] is True
+    assert spans["predict"]["attrs"][semconv.DL_FAULT_SYMPTOM] is True
+    assert spans["predict"]["attrs"][semconv.DL_FAULT_ROOT_CAUSE_SERVICE] == "preprocess"
 
 
 def _fault_kinds(servicer) -> Counter[str]:
     """``dl.fault.kind`` of every root-cause span the sink received, counted."""
-    kinds: Counter[str] = Counter()
-    with servicer.lock:
-        for req in servicer.requests:
-            for rs in req.resource_spans:
-                for ss in rs.scope_spans:
-                    for span in ss.spans:
-                        for kv in span.attributes:
-                            if kv.key == semconv.DL_FAULT_KIND:
-                                kinds[kv.value.string_value] += 1
-    return kinds
+    return Counter(
+        span["attrs"][semconv.DL_FAULT_KIND]
+        for spans in servicer.traces().values()
+        for span in spans
+        if semconv.DL_FAULT_KIND in span["attrs"]
+    )
 
 
 def test_error_type_of_another_type_is_ignored_with_a_warning_not_an_error(
@@ -301,7 +297,7 @@ def test_error_type_of_another_type_is_ignored_with_a_warning_not_an_error(
             # The request carries the step's error.type too, so a mistyped value read as
             # an error would reach the entry and make a fault (symptom first).
             entry.set_attribute("error.type", value)
-    wait_for(lambda: servicer.count() == 2 * len(values), timeout=30)
+    wait_for(lambda: servicer.spans == 2 * len(values), timeout=30)
 
     # Only the string error.type is an error; the other 100 traces are not.
     assert _fault_kinds(servicer)[semconv.FAULT_KIND_ERROR] == 1
@@ -336,5 +332,5 @@ def test_error_type_of_another_type_is_ignored_with_a_warning_not_an_error(
     message = response.partial_success.error_message
     assert "error.type (boolean, not string)" in message, message
     assert "server.address (int, not string)" in message, message
-    wait_for(lambda: servicer.count() == 2 * len(values) + 1)
+    wait_for(lambda: servicer.spans == 2 * len(values) + 1)
     assert _fault_kinds(servicer)[semconv.FAULT_KIND_ERROR] == 1

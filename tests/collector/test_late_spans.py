@@ -19,7 +19,7 @@ _LATE = 1.3
 _URL = "http://127.0.0.1:8083/route?pickup=1&dropoff=2"
 
 
-def _dispatch(frontend, route, *, fail: bool, late: float) -> bytes:
+def _dispatch(frontend, route, *, fail: bool, late: float) -> str:
     """frontend: GET /dispatch → client GET /route → route: GET /route (``late`` s later)."""
     ft, rt = frontend.get_tracer("test"), route.get_tracer("test")
     with ft.start_as_current_span("HTTP GET /dispatch", kind=SpanKind.SERVER) as entry:
@@ -42,7 +42,7 @@ def _dispatch(frontend, route, *, fail: bool, late: float) -> bytes:
         span.set_status(Status(StatusCode.ERROR))
         span.add_event("exception", {"exception.type": "RuntimeError"})
     span.end(end_time=ended - 1_000_000)
-    return call.get_span_context().trace_id.to_bytes(16, "big")
+    return format(call.get_span_context().trace_id, "032x")
 
 
 def test_a_callee_whose_spans_arrive_late_is_still_the_root_cause(
@@ -56,23 +56,24 @@ def test_a_callee_whose_spans_arrive_late_is_still_the_root_cause(
     frontend, route = make_provider("frontend", endpoint), make_provider("route", endpoint)
     # Healthy traffic, the callee's spans on time: its calls are learned as traced.
     warm = [_dispatch(frontend, route, fail=False, late=0.0) for _ in range(6)]
-    wait_for(lambda: all(t in servicer.by_trace() for t in warm))
+    wait_for(lambda: all(t in servicer.traces() for t in warm))
 
     sent = time.monotonic()
     faulty = _dispatch(frontend, route, fail=True, late=_LATE)
     spans = wait_for(
-        lambda: len(servicer.by_trace().get(faulty, ())) == 3 and servicer.by_trace()[faulty]
+        lambda: len(servicer.traces().get(faulty, ())) == 3 and servicer.traces()[faulty]
     )
     # Nothing of the trace went out before its late callee span arrived.
     assert len({s["name"] for s in spans}) == 3
     assert time.monotonic() - sent >= _LATE
     by_name = {s["name"]: s for s in spans}
     cause = by_name["HTTP GET /route"]
-    assert cause.get(semconv.DL_FAULT_ROOT_CAUSE) is True, spans
+    assert cause["attrs"].get(semconv.DL_FAULT_ROOT_CAUSE) is True, spans
     assert cause["service"] == "route"
-    assert cause[semconv.DL_FAULT_MODE] == "internal-error"
-    assert by_name["HTTP GET /dispatch"][semconv.DL_FAULT_ROOT_CAUSE_SERVICE] == "route"
-    assert semconv.DL_FAULT_ROOT_CAUSE not in by_name["HTTP GET"]
+    assert cause["attrs"][semconv.DL_FAULT_MODE] == "internal-error"
+    entry = by_name["HTTP GET /dispatch"]["attrs"]
+    assert entry[semconv.DL_FAULT_ROOT_CAUSE_SERVICE] == "route"
+    assert semconv.DL_FAULT_ROOT_CAUSE not in by_name["HTTP GET"]["attrs"]
 
 
 def test_a_call_into_an_untraced_dependency_does_not_hold_its_trace(
@@ -88,24 +89,24 @@ def test_a_call_into_an_untraced_dependency_does_not_hold_its_trace(
     frontend = make_provider("frontend", f"127.0.0.1:{collector.grpc_port}")
     tracer = frontend.get_tracer("test")
 
-    def request() -> bytes:
+    def request() -> str:
         db = {"server.address": "db.example"}
         with (
             tracer.start_as_current_span("HTTP GET /dispatch", kind=SpanKind.SERVER) as entry,
             tracer.start_as_current_span("SELECT", kind=SpanKind.CLIENT, attributes=db),
         ):
             pass
-        return entry.get_span_context().trace_id.to_bytes(16, "big")
+        return format(entry.get_span_context().trace_id, "032x")
 
     # While the call is being learned, its trace waits for a callee that may come.
     first = request()
     started = time.monotonic()
-    wait_for(lambda: first in servicer.by_trace())
+    wait_for(lambda: first in servicer.traces())
     assert time.monotonic() - started >= 2.0
     for _ in range(3):
         request()
-    wait_for(lambda: len(servicer.by_trace()) == 4, timeout=15)
+    wait_for(lambda: len(servicer.traces()) == 4, timeout=15)
     last = request()
     started = time.monotonic()
-    wait_for(lambda: last in servicer.by_trace())
+    wait_for(lambda: last in servicer.traces())
     assert time.monotonic() - started < 1.2

@@ -87,7 +87,7 @@ def route_server(make_provider) -> Iterator[Any]:
         server.server_close()
 
 
-def _dispatch(frontend: TracerProvider, port: int) -> bytes:
+def _dispatch(frontend: TracerProvider, port: int) -> str:
     """frontend: GET /dispatch → client GET /route over real HTTP; a failed call fails
     the request."""
     tracer = frontend.get_tracer("test")
@@ -107,12 +107,13 @@ def _dispatch(frontend: TracerProvider, port: int) -> bytes:
             call.record_exception(exc)
             call.set_status(Status(StatusCode.ERROR, str(exc)))
             entry.set_status(Status(StatusCode.ERROR))
-    return entry.get_span_context().trace_id.to_bytes(16, "big")
+    return format(entry.get_span_context().trace_id, "032x")
 
 
-def _verdict(servicer, trace_id: bytes, wait_for) -> dict[str, dict[str, Any]]:
-    spans = wait_for(lambda: servicer.by_trace().get(trace_id))
-    return {s["name"]: s for s in spans}
+def _verdict(servicer, trace_id: str, wait_for) -> dict[str, dict[str, Any]]:
+    """The attributes of the trace's spans the sink received, by span name."""
+    spans = wait_for(lambda: servicer.traces().get(trace_id))
+    return {s["name"]: s["attrs"] for s in spans}
 
 
 def test_a_reset_link_into_a_traced_callee_blames_the_callee_not_the_caller(
@@ -125,7 +126,7 @@ def test_a_reset_link_into_a_traced_callee_blames_the_callee_not_the_caller(
     port = route.server_address[1]
     # Healthy traffic: the client call is learned to be answered by route.
     warm = [_dispatch(frontend, port) for _ in range(8)]
-    wait_for(lambda: all(len(servicer.by_trace().get(t, ())) == 3 for t in warm))
+    wait_for(lambda: all(len(servicer.traces().get(t, ())) == 3 for t in warm))
 
     route.reset = "request"
     spans = _verdict(servicer, _dispatch(frontend, port), wait_for)
@@ -156,14 +157,12 @@ def test_an_answer_lost_on_the_link_blames_the_link_into_the_callee(
     frontend, route = make_provider("frontend", endpoint), route_server(endpoint)
     port = route.server_address[1]
     warm = [_dispatch(frontend, port) for _ in range(8)]
-    wait_for(lambda: all(len(servicer.by_trace().get(t, ())) == 3 for t in warm))
+    wait_for(lambda: all(len(servicer.traces().get(t, ())) == 3 for t in warm))
 
     route.reset = "answer"
     lost = _dispatch(frontend, port)
-    spans = wait_for(
-        lambda: len(servicer.by_trace().get(lost, ())) == 3 and servicer.by_trace()[lost]
-    )
-    by_name = {s["name"]: s for s in spans}
+    spans = wait_for(lambda: len(servicer.traces().get(lost, ())) == 3 and servicer.traces()[lost])
+    by_name = {s["name"]: s["attrs"] for s in spans}
     callee, call = by_name["HTTP GET /route"], by_name["HTTP GET"]
     assert callee.get(semconv.DL_FAULT_ROOT_CAUSE) is True, spans
     assert callee[semconv.DL_FAULT_BLAME] == semconv.FAULT_BLAME_LINK

@@ -25,7 +25,8 @@ from otel_dl import semconv
 from tests.collector.conftest import CollectorProcess
 from tests.e2e.binaries import NoGoToolchain, free_port, otelcol_binary
 from tests.e2e.processes import OtelCol
-from tests.faultsim import TRUTH, Sink, System, collect_traces, collector_ranking, start_sink
+from tests.faultsim import TRUTH, System, collector_ranking
+from tests.otlp_sink import OtlpSink
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -86,17 +87,17 @@ def _front_config(port: int, members: list[str], single: str | None) -> dict[str
     }
 
 
-def _wait_spans(sinks: list[Sink], total: int, seconds: float = 120) -> None:
+def _wait_spans(sinks: list[OtlpSink], total: int, seconds: float = 120) -> None:
     """Until ``sinks`` hold ``total`` spans together, or ``seconds`` pass."""
     deadline = time.monotonic() + seconds
     while sum(sink.spans for sink in sinks) < total and time.monotonic() < deadline:
         time.sleep(0.1)
 
 
-def _verdicts(sink: Sink) -> dict[str, tuple[str | None, str | None]]:
+def _verdicts(sink: OtlpSink) -> dict[str, tuple[str | None, str | None]]:
     """Per trace: (the service blamed first, the root-cause span id), or (None, None)."""
     out = {}
-    for trace_id, spans in collect_traces(sink).items():
+    for trace_id, spans in sink.traces().items():
         ranked, span_id = collector_ranking(spans)
         out[trace_id] = (ranked[0] if ranked else None, span_id)
     return out
@@ -124,18 +125,16 @@ class Topology:
 
     def __init__(self, otelcol: Path, tmp: Path, stack: ExitStack, alone: bool) -> None:
         # One sink per member, so each trace's owner is known; cluster_sink merges them.
-        self.member_sinks: list[Sink] = []
+        self.member_sinks: list[OtlpSink] = []
         self.members: list[CollectorProcess] = []
         for i in range(MEMBERS):
-            sink, server, port = start_sink(keep=True)
-            stack.callback(server.stop, None)
+            sink = stack.enter_context(OtlpSink())
             self.member_sinks.append(sink)
-            self.members.append(_member(stack, tmp / f"member-{i}", port))
+            self.members.append(_member(stack, tmp / f"member-{i}", sink.port))
         self.single: CollectorProcess | None = None
         if alone:
-            self.single_sink, server, single_port = start_sink(keep=True)
-            stack.callback(server.stop, None)
-            self.single = _member(stack, tmp / "single", single_port)
+            self.single_sink = stack.enter_context(OtlpSink())
+            self.single = _member(stack, tmp / "single", self.single_sink.port)
         config = _front_config(
             free_port(),
             [m.otlp_grpc for m in self.members],
@@ -157,9 +156,9 @@ class Topology:
         return truth
 
     @property
-    def cluster_sink(self) -> Sink:
-        """What the members forwarded, all together."""
-        merged = Sink(keep=True)
+    def cluster_sink(self) -> OtlpSink:
+        """What the members forwarded, all together (a sink that never listens)."""
+        merged = OtlpSink()
         for sink in self.member_sinks:
             with sink.lock:
                 merged.requests += sink.requests
@@ -170,7 +169,7 @@ class Topology:
         """Trace id -> the members that forwarded any of its spans (one, if routing holds)."""
         out: dict[str, set[int]] = {}
         for i, sink in enumerate(self.member_sinks):
-            for trace_id in collect_traces(sink):
+            for trace_id in sink.traces():
                 out.setdefault(trace_id, set()).add(i)
         return out
 
@@ -196,11 +195,11 @@ SIGNAL_SERIES = (
 )
 
 
-def _root_causes(sink: Sink) -> Counter[frozenset[tuple[str, str]]]:
+def _root_causes(sink: OtlpSink) -> Counter[frozenset[tuple[str, str]]]:
     """Root-cause spans a sink received, counted under the labels of ``faults_total``."""
     return Counter(
         frozenset({("service_name", s["service"]), ("kind", s["attrs"][semconv.DL_FAULT_KIND])})
-        for spans in collect_traces(sink).values()
+        for spans in sink.traces().values()
         for s in spans
         if s["attrs"].get(semconv.DL_FAULT_ROOT_CAUSE) is True
     )
@@ -240,12 +239,10 @@ def test_members_attribute_each_trace_once_like_one_collector(
         single_signals = {name: Counter(top.single.series(name)) for name in SIGNAL_SERIES}
 
     cluster, single = _verdicts(top.cluster_sink), _verdicts(top.single_sink)
-    span_ids = Counter(
-        s["span_id"] for spans in collect_traces(top.cluster_sink).values() for s in spans
-    )
+    span_ids = Counter(s["span_id"] for spans in top.cluster_sink.traces().values() for s in spans)
     root_causes = Counter(
         t
-        for t, spans in collect_traces(top.cluster_sink).items()
+        for t, spans in top.cluster_sink.traces().items()
         for s in spans
         if s["attrs"].get(semconv.DL_FAULT_ROOT_CAUSE) is True
     )
@@ -312,7 +309,7 @@ def test_member_restart_mid_run(otelcol: Path, tmp_path: Path, how: signal.Signa
         assembled = top.member_totals("otel_dl_collector_traces_assembled_total")
         late = top.member_totals("otel_dl_collector_spans_late_total")
 
-    traces = collect_traces(top.cluster_sink)
+    traces = top.cluster_sink.traces()
     owners = top.owners()
     span_ids = Counter(s["span_id"] for spans in traces.values() for s in spans)
     verdicts = _verdicts(top.cluster_sink)

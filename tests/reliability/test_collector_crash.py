@@ -23,11 +23,10 @@ from tests.collector.conftest import (
     NO_CONNECTION,
     OK,
     CollectorProcess,
-    Sink,
-    SinkServer,
     Traffic,
     time_until,
 )
+from tests.otlp_sink import OtlpSink
 from tests.reliability.findings import record, scale
 
 SEED = 20240917
@@ -52,7 +51,7 @@ def test_every_acknowledged_span_is_exported_after_kill_9_and_restart(tmp_path: 
     rows: list[list[str]] = []
     restarts: list[float] = []
     with (
-        SinkServer(Sink(keep=False)) as backend,
+        OtlpSink(keep=False, track_ids=True) as backend,
         CollectorProcess(
             tmp_path / "data",
             export_endpoint=f"127.0.0.1:{backend.port}",
@@ -87,15 +86,15 @@ def test_every_acknowledged_span_is_exported_after_kill_9_and_restart(tmp_path: 
 
         acked_spans = traffic.acked_spans()
         drained_in = time_until(
-            lambda: backend.sink.missing(traffic.acked_keys()) == 0, DRAIN_SECONDS, 0.5
+            lambda: backend.missing(traffic.acked_keys()) == 0, DRAIN_SECONDS, 0.5
         )
-        missing = backend.sink.missing(traffic.acked_keys())
+        missing = backend.missing(traffic.acked_keys())
         exit_status = collector.stop()
-        delivered = backend.sink.count()
-        unique = backend.sink.unique()
+        delivered = backend.spans
+        unique = backend.unique()
         duplicates = delivered - unique
         acked_set = set(traffic.acked_keys())
-        unacked_delivered = sum(1 for key in backend.sink.ids if key not in acked_set)
+        unacked_delivered = sum(1 for key in backend.ids if key not in acked_set)
 
     answers = traffic.answers()
     grpc_ok = traffic.answers(protocol="grpc")[OK]
@@ -188,16 +187,16 @@ def test_a_restart_after_the_export_queue_drained_exports_new_spans(tmp_path: Pa
     runs = int(scale(2, 5))
     delivered: list[int] = []
     acked: list[int] = []
-    with SinkServer(Sink(keep=False)) as backend:
+    with OtlpSink(keep=False, track_ids=True) as backend:
         for run in range(runs):
             collector = start(f"127.0.0.1:{backend.port}")
             try:
                 with Traffic(collector, senders=2, first_index=100 * (run + 1)) as traffic:
                     time.sleep(0.5)
                 # Drained: the queue deletes all its segments before the stop.
-                time_until(lambda t=traffic: backend.sink.missing(t.acked_keys()) == 0, 15)
+                time_until(lambda t=traffic: backend.missing(t.acked_keys()) == 0, 15)
                 acked.append(traffic.acked_spans())
-                delivered.append(acked[-1] - backend.sink.missing(traffic.acked_keys()))
+                delivered.append(acked[-1] - backend.missing(traffic.acked_keys()))
             finally:
                 collector.stop()
     record(

@@ -21,12 +21,11 @@ from tests.collector.conftest import (
     BACKPRESSURE,
     OK,
     CollectorProcess,
-    Sink,
-    SinkServer,
     Traffic,
     span_request,
     time_until,
 )
+from tests.otlp_sink import OtlpSink
 from tests.reliability.findings import record, scale
 
 BEFORE = scale(1.5, 10.0)
@@ -80,7 +79,7 @@ class _Sampler(threading.Thread):
 
 def test_backend_outage_loses_nothing_acknowledged(tmp_path: Path) -> None:
     with (
-        SinkServer(Sink(keep=False)) as backend,
+        OtlpSink(keep=False, track_ids=True) as backend,
         CollectorProcess(
             tmp_path / "data",
             export_endpoint=f"127.0.0.1:{backend.port}",
@@ -94,27 +93,27 @@ def test_backend_outage_loses_nothing_acknowledged(tmp_path: Path) -> None:
             with Traffic(collector, senders=4, traces_per_request=20, rate=RATE) as traffic:
                 traffic.phase = "before"
                 time.sleep(BEFORE)
-                backend.down()
+                backend.stop()
                 down_at = time.monotonic()
                 traffic.phase = "outage"
                 time.sleep(OUTAGE)
                 acked_in_outage = list(traffic.acked_keys())
-                delivered_before = backend.sink.count()
-                backend.up()
+                delivered_before = backend.spans
+                backend.start()
                 up_at = time.monotonic()
                 traffic.phase = "after"
-                first = time_until(lambda: backend.sink.count() > delivered_before, AFTER, 0.05)
+                first = time_until(lambda: backend.spans > delivered_before, AFTER, 0.05)
                 drained = time_until(
-                    lambda: backend.sink.missing(iter(acked_in_outage)) == 0, DRAIN_SECONDS, 0.1
+                    lambda: backend.missing(iter(acked_in_outage)) == 0, DRAIN_SECONDS, 0.1
                 )
                 time.sleep(max(0.0, up_at + AFTER - time.monotonic()))
             settled = time_until(
-                lambda: backend.sink.missing(traffic.acked_keys()) == 0, DRAIN_SECONDS, 0.5
+                lambda: backend.missing(traffic.acked_keys()) == 0, DRAIN_SECONDS, 0.5
             )
         finally:
             sampler.stop()
-        missing = backend.sink.missing(traffic.acked_keys())
-        duplicates = backend.sink.count() - backend.sink.unique()
+        missing = backend.missing(traffic.acked_keys())
+        duplicates = backend.spans - backend.unique()
         exit_status = collector.stop()
 
     acked = traffic.acked_spans()
@@ -224,7 +223,7 @@ def test_a_disk_budget_spent_by_held_traces_is_given_back(tmp_path: Path) -> Non
     released and the collector refuses everything from then on."""
     budget = 256 << 10
     hold = 1.5
-    with SinkServer(Sink(keep=False)) as backend:
+    with OtlpSink(keep=False, track_ids=True) as backend:
         collector = Collector(
             load_config(
                 flags={
@@ -245,12 +244,10 @@ def test_a_disk_budget_spent_by_held_traces_is_given_back(tmp_path: Path) -> Non
         try:
             with Traffic(collector, senders=2, traces_per_request=20) as traffic:
                 time.sleep(seconds)
-            settled = time_until(
-                lambda: backend.sink.missing(traffic.acked_keys()) == 0, hold + 10, 0.1
-            )
+            settled = time_until(lambda: backend.missing(traffic.acked_keys()) == 0, hold + 10, 0.1)
         finally:
             collector.stop()
-        missing = backend.sink.missing(traffic.acked_keys())
+        missing = backend.missing(traffic.acked_keys())
     acked = traffic.acked_spans()
     answers = traffic.answers()
     # More acknowledged than the budget holds in the journal means disk was given back.

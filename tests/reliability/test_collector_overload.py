@@ -26,11 +26,10 @@ from tests.collector.conftest import (
     OK,
     TOO_MANY_IN_FLIGHT,
     CollectorProcess,
-    Sink,
-    SinkServer,
     Traffic,
     time_until,
 )
+from tests.otlp_sink import OtlpSink
 from tests.reliability.findings import record, scale
 
 LIMIT_MIB = 256
@@ -94,7 +93,7 @@ def test_overload_at_three_times_capacity_gets_back_pressure_within_the_memory_l
     tmp_path: Path,
 ) -> None:
     with (
-        SinkServer(Sink(keep=False)) as backend,
+        OtlpSink(keep=False, track_ids=True) as backend,
         CollectorProcess(
             tmp_path / "data",
             export_endpoint=f"127.0.0.1:{backend.port}",
@@ -109,16 +108,16 @@ def test_overload_at_three_times_capacity_gets_back_pressure_within_the_memory_l
             # 1. capacity: spans acknowledged per second to closed-loop senders.
             with Traffic(collector, senders=SENDERS, traces_per_request=20) as closed:
                 time.sleep(WARMUP)
-                acked0, delivered0 = closed.acked_spans(), backend.sink.unique()
+                acked0, delivered0 = closed.acked_spans(), backend.unique()
                 cpu0 = collector.cpu_seconds()
                 time.sleep(MEASURE)
-                acked1, delivered1 = closed.acked_spans(), backend.sink.unique()
+                acked1, delivered1 = closed.acked_spans(), backend.unique()
                 capacity_cpu = (collector.cpu_seconds() - cpu0) / MEASURE
             capacity_rss = watch.peak_rss
             acked_rate = (acked1 - acked0) / MEASURE
             delivered_rate = (delivered1 - delivered0) / MEASURE
             capacity = acked_rate
-            time_until(lambda: backend.sink.missing(closed.acked_keys()) == 0, 30, 0.2)
+            time_until(lambda: backend.missing(closed.acked_keys()) == 0, 30, 0.2)
             throttled_before = collector.metrics()
 
             # 2. three times that, open loop.
@@ -128,25 +127,25 @@ def test_overload_at_three_times_capacity_gets_back_pressure_within_the_memory_l
                 collector, senders=SENDERS, traces_per_request=20, rate=rate, first_index=101
             ) as flood:
                 flood.phase = "overload"
-                delivered0 = backend.sink.unique()
+                delivered0 = backend.unique()
                 cpu0 = collector.cpu_seconds()
                 time.sleep(OVERLOAD)
-                delivered_in_overload = backend.sink.unique() - delivered0
+                delivered_in_overload = backend.unique() - delivered0
                 overload_cpu = (collector.cpu_seconds() - cpu0) / OVERLOAD
             overload_rss = watch.peak_rss
             metrics = collector.metrics()
             drained = time_until(
-                lambda: backend.sink.missing(flood.acked_keys()) == 0, DRAIN_SECONDS, 0.2
+                lambda: backend.missing(flood.acked_keys()) == 0, DRAIN_SECONDS, 0.2
             )
 
             # 3. afterwards: a closed-loop burst is taken with no refusal.
             with Traffic(collector, senders=4, first_index=201) as after:
                 time.sleep(1.0)
-            time_until(lambda: backend.sink.missing(after.acked_keys()) == 0, 30, 0.2)
+            time_until(lambda: backend.missing(after.acked_keys()) == 0, 30, 0.2)
         finally:
             watch.stop()
         _, peak_rss = collector.memory()
-        missing = sum(backend.sink.missing(t.acked_keys()) for t in (closed, flood, after))
+        missing = sum(backend.missing(t.acked_keys()) for t in (closed, flood, after))
         exit_status = collector.stop()
 
     not_sent = flood.answers()[TOO_MANY_IN_FLIGHT]
@@ -283,7 +282,7 @@ def test_memory_limit_refuses_data_before_rss_reaches_it(tmp_path: Path) -> None
     hold = scale(4.0, 10.0)
     seconds = scale(6.0, 30.0)
     with (
-        SinkServer(Sink(keep=False)) as backend,
+        OtlpSink(keep=False, track_ids=True) as backend,
         CollectorProcess(
             tmp_path / "data",
             export_endpoint=f"127.0.0.1:{backend.port}",
@@ -301,12 +300,10 @@ def test_memory_limit_refuses_data_before_rss_reaches_it(tmp_path: Path) -> None
                 time.sleep(seconds)
             finally:
                 watch.stop()
-        drained = time_until(
-            lambda: backend.sink.missing(traffic.acked_keys()) == 0, DRAIN_SECONDS, 0.2
-        )
+        drained = time_until(lambda: backend.missing(traffic.acked_keys()) == 0, DRAIN_SECONDS, 0.2)
         _, peak_rss = collector.memory()
         memory_refusals = collector.metrics().get(f'{_THROTTLED}{{reason="memory"}}', 0)
-        missing = backend.sink.missing(traffic.acked_keys())
+        missing = backend.missing(traffic.acked_keys())
         exit_status = collector.stop()
 
     limit = limit_mib << 20

@@ -6,10 +6,10 @@ alone: the real OTLP exporter (gRPC or HTTP/protobuf) behind otel-dl's drop-coun
 per call, with drift, quality and fingerprint signals) and times every call. The
 backends are real servers on loopback:
 
-- healthy: the OTLP/gRPC sink of ``tests/otlp_sink.py``, or an HTTP server answering 200;
+- healthy: the OTLP sink of ``tests/otlp_sink.py`` (OTLP/gRPC, or OTLP/HTTP answering 200);
 - down: a port nothing listens on;
 - slow: a TCP server that accepts and never answers (the exporter's 10 s timeout);
-- failing: a gRPC server answering UNAVAILABLE, an HTTP server answering 503.
+- failing: the same sink refusing every export, with UNAVAILABLE (gRPC) or 503 (HTTP).
 
 Per condition the application reports the median and p99 of its per-call latency (the
 healthy run of the same protocol, in the same test run, is the baseline), its RSS growth,
@@ -37,16 +37,11 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
-)
 
 import otel_dl
 from otel_dl._instrument import SHUTDOWN_TIMEOUT_MILLIS
@@ -188,51 +183,6 @@ def _app(calls: int, flush_ms: int) -> None:
 # --- The backends ---------------------------------------------------------------------
 
 
-class _RefusingSink(OtlpSink):
-    """A real gRPC OTLP server that answers every export with UNAVAILABLE."""
-
-    def Export(self, request: Any, context: Any) -> Any:
-        context.abort(grpc.StatusCode.UNAVAILABLE, "backend overloaded")
-
-
-class _HttpBackend(BaseHTTPRequestHandler):
-    status = 200
-    spans: list[int]
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        if self.status == 200:
-            request = ExportTraceServiceRequest.FromString(body)
-            self.spans.append(
-                sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
-            )
-            reply = ExportTraceServiceResponse().SerializeToString()
-        else:
-            reply = b"busy"
-        self.send_response(self.status)
-        self.send_header("Content-Type", "application/x-protobuf")
-        self.send_header("Content-Length", str(len(reply)))
-        self.end_headers()
-        self.wfile.write(reply)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-@contextmanager
-def _http_backend(status: int) -> Iterator[tuple[str, list[int]]]:
-    spans: list[int] = []
-    handler = type("Handler", (_HttpBackend,), {"status": status, "spans": spans})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", spans
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 @contextmanager
 def _silent_backend() -> Iterator[str]:
     """Accepts connections and never reads or answers."""
@@ -272,11 +222,11 @@ def _backend(stack: ExitStack, protocol: str, condition: str) -> _Backend:
         return _Backend(_dead_endpoint(), lambda: None)
     if condition == "slow":
         return _Backend(stack.enter_context(_silent_backend()), lambda: None)
-    if protocol == "grpc":
-        sink = stack.enter_context(OtlpSink() if condition == "healthy" else _RefusingSink())
-        return _Backend(sink.endpoint, lambda: len(sink.span_names()))
-    endpoint, spans = stack.enter_context(_http_backend(200 if condition == "healthy" else 503))
-    return _Backend(endpoint, lambda: sum(spans))
+    # Failing: every export refused with UNAVAILABLE (gRPC) or 503 (HTTP).
+    refusal = None if condition == "healthy" else grpc.StatusCode.UNAVAILABLE
+    sink = stack.enter_context(OtlpSink(keep=False, http=protocol == "http", fail_with=refusal))
+    endpoint = sink.endpoint if protocol == "grpc" else sink.http_endpoint
+    return _Backend(endpoint, lambda: sink.spans)
 
 
 # --- The test ---------------------------------------------------------------------------

@@ -235,21 +235,6 @@ def gunicorn_app() -> Callable[..., Iterable[bytes]]:
 # --- The test side ---------------------------------------------------------------------
 
 
-class _UnavailableOnce(OtlpSink):
-    """A sink that refuses its first export with UNAVAILABLE: the exporter backs off for
-    about a second, then retries."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.refused = 0
-
-    def Export(self, request: Any, context: Any) -> Any:
-        if not self.refused:
-            self.refused += 1
-            context.abort(grpc.StatusCode.UNAVAILABLE, "not ready yet")
-        return super().Export(request, context)
-
-
 def _env(sink: OtlpSink, **extra: str) -> dict[str, str]:
     env = {
         k: v
@@ -553,7 +538,9 @@ def test_spans_from_prefork_server_workers_reach_the_backend(tmp_path: Path) -> 
 
 def test_worker_stopped_during_its_exit_flush_still_delivers() -> None:
     spans = 5
-    with _UnavailableOnce() as sink:
+    # The sink refuses the first export with UNAVAILABLE: the exporter backs off for about
+    # a second, then retries.
+    with OtlpSink(fail_with=grpc.StatusCode.UNAVAILABLE, fail_times=1) as sink:
         result = subprocess.run(
             [sys.executable, "-m", MODULE, "stopping", "fork", str(spans)],
             env=_env(sink),
