@@ -18,9 +18,15 @@ has a traced callee is learned per call key (see :class:`Callees`): a callee who
 arrive a second or more after its caller's (a busy exporter, a stalled process) must
 not be judged missing, or its caller's client span looks like an untraced dependency
 and the fault goes to the wrong service. Memory is bounded by ``max_spans`` and ``max_traces``:
-beyond either, the oldest traces are evicted (decided at once and forwarded). Spans of
-an already decided trace are returned as *late* by :meth:`TraceBuffer.add`, to be given
-the recorded decision from the :class:`DecisionCache`.
+beyond either, the traces quiet the longest are evicted (decided at once and forwarded).
+Spans of an already decided trace are returned as *late* by :meth:`TraceBuffer.add`, to
+be given the recorded decision from the :class:`DecisionCache`.
+
+The buffer keeps traces in the order of their last span's arrival, so a decision round
+looks only at the traces quiet for ``early_grace`` or more, never at the whole buffer.
+A trace found still open there waits aside until ``decision_wait``; it is looked at
+again only when a span of it arrives or when :class:`Callees` learns that a call no
+longer needs to wait.
 """
 
 from __future__ import annotations
@@ -99,6 +105,8 @@ class Callees:
     def __init__(self, key: Callable[[SpanRecord], Hashable] = _span_key) -> None:
         self.key = key
         self._calls: dict[Hashable, list[int]] = {}  # key -> [calls, calls with a child]
+        #: Grows each time a key stops holding traces open (learned to be untraced).
+        self.generation = 0
 
     def awaits_callee(self, span: SpanRecord) -> bool:
         seen = self._calls.get(self.key(span))
@@ -117,6 +125,8 @@ class Callees:
                 seen = self._calls[key] = [0, 0]
             seen[0] += 1
             seen[1] += span.span_id in parents
+            if seen[0] == _CALLS_TO_LEARN and not seen[1]:
+                self.generation += 1
 
     def open_calls(self, trace: Trace) -> bool:
         """Whether a client span of ``trace`` has no child yet, and its callee may send one."""
@@ -145,24 +155,33 @@ class TraceBuffer:
         self.max_traces = max_traces
         self.decided = decided
         self.callees = callees or Callees()
-        # Ordered by first arrival, so eviction takes the oldest trace.
+        # Both ordered by the last span's arrival: traces that may complete early, and
+        # traces found still open, which wait for decision_wait.
         self._traces: OrderedDict[bytes, Trace] = OrderedDict()
+        self._open: OrderedDict[bytes, Trace] = OrderedDict()
+        self._generation = self.callees.generation
         self.span_count = 0
 
     def __len__(self) -> int:
-        return len(self._traces)
+        return len(self._traces) + len(self._open)
 
     def add(self, records: list[SpanRecord], now: float) -> tuple[list[SpanRecord], list[Trace]]:
         """Add records; return ``(late spans of decided traces, evicted traces)``."""
         late: list[SpanRecord] = []
-        traces = self._traces
+        traces, open_ = self._traces, self._open
         for rec in records:
-            trace = traces.get(rec.trace_id)
+            tid = rec.trace_id
+            trace = traces.get(tid)
             if trace is None:
-                if rec.trace_id in self.decided:
-                    late.append(rec)
-                    continue
-                trace = traces[rec.trace_id] = Trace(rec.trace_id, now, now)
+                trace = open_.pop(tid, None)
+                if trace is None:
+                    if tid in self.decided:
+                        late.append(rec)
+                        continue
+                    trace = Trace(tid, now, now)
+                traces[tid] = trace
+            elif trace.last_seen != now:
+                traces.move_to_end(tid)
             trace.spans.append(rec)
             trace.span_ids.add(rec.span_id)
             trace.last_seen = now
@@ -170,34 +189,61 @@ class TraceBuffer:
                 trace.has_root = True
             self.span_count += 1
         evicted: list[Trace] = []
-        while traces and (self.span_count > self.max_spans or len(traces) > self.max_traces):
-            _, trace = traces.popitem(last=False)
+        while self.span_count > self.max_spans or len(self) > self.max_traces:
+            trace = self._pop_quietest()
+            if trace is None:
+                break
             trace.evicted = True
             self.span_count -= len(trace.spans)
             evicted.append(trace)
         return late, evicted
 
+    def _pop_quietest(self) -> Trace | None:
+        fronts = [d for d in (self._open, self._traces) if d]
+        if not fronts:
+            return None
+        oldest = min(fronts, key=lambda d: next(iter(d.values())).last_seen)
+        return oldest.popitem(last=False)[1]
+
     def pop_complete(self, now: float) -> list[Trace]:
         """Remove and return every trace the completion rule says is whole."""
         done: list[Trace] = []
-        for trace in self._traces.values():
+        traces, open_ = self._traces, self._open
+        if self._generation != self.callees.generation:
+            # A call key was learned to be untraced: open traces may be whole now.
+            self._generation = self.callees.generation
+            traces.update(open_)
+            open_.clear()
+            traces = self._traces = OrderedDict(
+                sorted(traces.items(), key=lambda item: item[1].last_seen)
+            )
+        grace, wait = self.early_grace, self.decision_wait
+        while open_:
+            trace = next(iter(open_.values()))
+            if now - trace.last_seen < wait:
+                break
+            done.append(open_.popitem(last=False)[1])
+        while traces:
+            trace = next(iter(traces.values()))
             quiet = now - trace.last_seen
-            if quiet >= self.decision_wait or (
-                quiet >= self.early_grace
-                and trace.has_root
-                and trace.connected()
-                and not self.callees.open_calls(trace)
+            if quiet < grace:
+                break
+            del traces[trace.trace_id]
+            if quiet >= wait or (
+                trace.has_root and trace.connected() and not self.callees.open_calls(trace)
             ):
                 done.append(trace)
+            else:
+                open_[trace.trace_id] = trace
         for trace in done:
-            del self._traces[trace.trace_id]
             self.span_count -= len(trace.spans)
             self.callees.learn(trace)
         return done
 
     def pop_all(self) -> list[Trace]:
         """Remove and return every trace (used at shutdown)."""
-        done = list(self._traces.values())
+        done = [*self._open.values(), *self._traces.values()]
         self._traces.clear()
+        self._open.clear()
         self.span_count = 0
         return done

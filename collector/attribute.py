@@ -33,7 +33,7 @@ The steps, each in its own module (docs/collector.md has the long form):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .baselines import Baselines, changed_key
@@ -49,6 +49,14 @@ from .spans import CORE_ATTRIBUTES, TraceView, peer_host
 _SPAN_KIND_NAMES = {1: "internal", 2: "server", 3: "client", 4: "producer", 5: "consumer"}
 
 Found = list[tuple[SpanRecord, Evidence]]
+#: A compiled condition: ``(strength, reason)`` when it fires on the span, else None.
+Check = Callable[[SpanRecord, TraceView], tuple[float, str] | None]
+_PEER_HIT = (1.0, "peer=True")
+#: The span's own boolean signals.
+_FLAGS: dict[str, Callable[[SpanRecord], bool]] = {
+    "status.error": error_status,
+    "exception": lambda span: span.exception,
+}
 
 
 def _strength_above(value: float, limit: float) -> float:
@@ -114,15 +122,43 @@ class Attributor:
         modes = sorted(catalog.modes, key=lambda m: (not m.where, m.kind in SYMPTOM_KINDS))
         # A condition on a span attribute cannot fire on a span without that attribute,
         # so evidence() skips those without reading them: most spans carry few dl.* keys.
+        # Each condition is compiled once into a check (see _check).
         self._plan = [
             (
                 mode,
                 (not mode.where, mode.kind in SYMPTOM_KINDS),
                 frozenset(c.signal for c in mode.where if c.signal not in SPAN_SIGNALS),
-                tuple((c, c.signal in SPAN_SIGNALS) for c in mode.detect),
+                tuple(self._check(c) for c in mode.where),
+                tuple(
+                    (self._check(c), None if c.signal in SPAN_SIGNALS else c.signal, c.signal)
+                    for c in mode.detect
+                ),
             )
             for mode in modes
         ]
+        # The plan for a plain span, with no error, no exception event and none of the
+        # catalog's attributes: only what can fire on such a span (see evidence()).
+        self._detect_attributes = frozenset(
+            c.signal for m in modes for c in (*m.where, *m.detect) if c.signal not in SPAN_SIGNALS
+        )
+        self._plain_plan = []
+        for (mode, rank_, where_attributes, where, detect), conds in zip(
+            self._plan, ([*m.detect] for m in modes), strict=True
+        ):
+            plain = tuple(
+                step
+                for step, cond in zip(detect, conds, strict=True)
+                if cond.signal in SPAN_SIGNALS
+                and not (cond.op == "equals" and cond.value is True and cond.signal in _FLAGS)
+            )
+            if plain and not where_attributes:
+                self._plain_plan.append((mode, rank_, where_attributes, where, plain))
+        self._learned = tuple(
+            (signal, signal in SPAN_SIGNALS) for signal in sorted(self._baseline_signals)
+        )
+        self._observed = tuple(
+            (signal, signal in SPAN_SIGNALS) for signal in sorted(self._changed_signals)
+        )
 
     # --- evidence -------------------------------------------------------------------------
     @staticmethod
@@ -139,6 +175,34 @@ class Attributor:
             # A callee with spans in the trace is traced: its own spans show its fault.
             return peer_host(span.attrs) is not None and span.span_id not in view.callers
         return span.attrs.get(signal)
+
+    def _check(self, cond: Condition) -> Check:
+        """``cond`` as a function of ``(span, view)``: what :meth:`_fires` returns.
+
+        An ``equals`` test on a span's own error status, exception event or kind is
+        decided without the general path, for it runs on every span of every trace.
+        """
+        value = cond.value
+        if cond.op == "equals" and isinstance(value, bool) and cond.signal in _FLAGS:
+            flag = _FLAGS[cond.signal]
+            hit = (1.0, f"{cond.signal}={value}")
+            if value:
+                return lambda span, view: hit if flag(span) else None
+            return lambda span, view: None if flag(span) else hit
+        if cond.op == "equals" and cond.signal == "peer" and value is True:
+            # The cheap half first: a callee with spans in the trace is traced.
+            return lambda span, view: (
+                _PEER_HIT
+                if span.span_id not in view.callers and peer_host(span.attrs) is not None
+                else None
+            )
+        if cond.op == "above_baseline" and cond.signal == "duration":
+            return lambda span, view: self._past_baseline(span, cond, view, span.duration)
+        if cond.op == "equals" and cond.signal == "span.kind" and value != "unspecified":
+            kinds = frozenset(k for k, name in _SPAN_KIND_NAMES.items() if name == value)
+            hit = (1.0, f"span.kind={value}")
+            return lambda span, view: hit if span.kind in kinds else None
+        return lambda span, view: self._fires(span, cond, view)
 
     def _fires(
         self, span: SpanRecord, cond: Condition, view: TraceView
@@ -171,7 +235,12 @@ class Attributor:
                     number, cond.value
                 ), f"{cond.signal}={number:.4g} < {cond.value}"
             return None
-        # above_baseline
+        return self._past_baseline(span, cond, view, number)
+
+    def _past_baseline(
+        self, span: SpanRecord, cond: Condition, view: TraceView, number: float
+    ) -> tuple[float, str] | None:
+        """The ``above_baseline`` test of ``number``, the span's value of the signal."""
         key = (*view.key(span), cond.signal)
         p99 = self.baselines.quantile(key)
         if p99 is None:
@@ -192,19 +261,26 @@ class Attributor:
         best: Evidence | None = None
         best_rank: tuple[bool, bool] | None = None
         attrs = span.attrs
-        for mode, rank_, where_attributes, detect in self._plan:
+        plain = (
+            not span.exception
+            and not error_status(span)
+            and self._detect_attributes.isdisjoint(attrs)
+        )
+        for mode, rank_, where_attributes, where, detect in (
+            self._plain_plan if plain else self._plan
+        ):
             if best_rank is not None and rank_ > best_rank:
                 break
             if where_attributes and not where_attributes <= attrs.keys():
                 continue
-            if mode.where and not all(self._fires(span, c, view) for c in mode.where):
+            if where and not all(check(span, view) for check in where):
                 continue
-            for cond, builtin in detect:
-                if not builtin and cond.signal not in attrs:
+            for check, attribute, signal in detect:
+                if attribute is not None and attribute not in attrs:
                     continue
-                hit = self._fires(span, cond, view)
+                hit = check(span, view)
                 if hit and (best is None or hit[0] > best.strength):
-                    best, best_rank = Evidence(mode, hit[0], hit[1], cond.signal), rank_
+                    best, best_rank = Evidence(mode, hit[0], hit[1], signal), rank_
         return best
 
     # --- decision -------------------------------------------------------------------------
@@ -265,16 +341,22 @@ class Attributor:
     def _learn(self, view: TraceView, anomalous: set[int], fault: bool) -> None:
         baselines = self.baselines
         for span in view.order:
+            attrs = span.attrs
             # Established values count anomalous spans too, so an intended change
             # (a new model version) settles after min_baseline_samples traces.
-            for signal in self._changed_signals:
-                value = self._signal(span, signal, view)
+            for signal, builtin in self._observed:
+                value = self._signal(span, signal, view) if builtin else attrs.get(signal)
                 if value is not None:
                     baselines.observe(changed_key(span, signal), value)
             if id(span) in anomalous:
                 continue
-            for signal in self._baseline_signals:
-                number = _number(self._signal(span, signal, view))
+            for signal, builtin in self._learned:
+                if signal == "duration":
+                    number: float | None = span.duration
+                else:
+                    number = _number(
+                        self._signal(span, signal, view) if builtin else attrs.get(signal)
+                    )
                 if number is not None and number >= 0:
                     baselines.learn((*view.key(span), signal), number)
         if self.symptom_first and not fault:

@@ -1,27 +1,27 @@
 """OTLP decoding: turn an ``ExportTraceServiceRequest`` into the span records the collector reads.
 
 :func:`flatten` validates each span's ids and makes one :class:`SpanRecord` per valid
-span, keeping its resource and scope (as shared :class:`ResourceRef` / :class:`ScopeRef`)
-so the spans can be regrouped for export, and reading only the attributes attribution
-asks for (``wanted``)::
+span, reading only the attributes attribution asks for (``wanted``)::
 
     records, rejected, message = flatten(request, wanted=frozenset({"dl.drift.status"}))
 
-A span with an invalid id is rejected (OTLP partial success); an attribute whose value has
-the wrong type for the semantic conventions is kept on the forwarded span but ignored for
-attribution, with a warning. A payload that cannot be accepted at all raises
-:class:`PayloadError`.
+Every record of a request points at one shared :class:`Received`: the request message
+itself, which is forwarded whole (its spans enriched in place) once every span in it
+has been decided, so spans are never copied or regrouped on their way out.
+
+A span with an invalid id is rejected (OTLP partial success) and removed from the
+request; an attribute whose value has the wrong type for the semantic conventions is
+kept on the forwarded span but ignored for attribution, with a warning. A payload that
+cannot be accepted at all raises :class:`PayloadError`.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope
-from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from otel_dl import semconv
@@ -70,23 +70,17 @@ class PayloadError(ValueError):
     """An OTLP payload that cannot be accepted; the message names the cause."""
 
 
-@dataclass(frozen=True, eq=False)
-class ResourceRef:
-    """A resource shared by the spans of one ``ResourceSpans``."""
+class Received:
+    """One accepted request: its message, forwarded as a whole once none of its spans is
+    still undecided, and the journal segment that holds it until then."""
 
-    resource: Resource
-    schema_url: str
-    service: str
-    key: bytes
+    __slots__ = ("request", "segment", "spans", "undecided")
 
-
-@dataclass(frozen=True, eq=False)
-class ScopeRef:
-    """An instrumentation scope shared by the spans of one ``ScopeSpans``."""
-
-    scope: InstrumentationScope
-    schema_url: str
-    key: bytes
+    def __init__(self, request: ExportTraceServiceRequest, spans: int) -> None:
+        self.request = request
+        self.spans = spans
+        self.undecided = spans
+        self.segment = -1
 
 
 class SpanRecord:
@@ -96,13 +90,13 @@ class SpanRecord:
         "attrs",
         "end",
         "exception",
-        "journal_segment",
         "kind",
         "mistyped",
         "name",
+        "op_key",
         "parent_id",
-        "resource",
-        "scope",
+        "received",
+        "service",
         "span",
         "span_id",
         "start",
@@ -110,10 +104,10 @@ class SpanRecord:
         "trace_id",
     )
 
-    def __init__(self, span: Span, resource: ResourceRef, scope: ScopeRef, wanted: frozenset[str]):
+    def __init__(self, span: Span, service: str, received: Received, wanted: frozenset[str]):
         self.span = span
-        self.resource = resource
-        self.scope = scope
+        self.service = service
+        self.received = received
         self.trace_id: bytes = span.trace_id
         self.span_id: bytes = span.span_id
         self.parent_id: bytes = span.parent_span_id
@@ -122,23 +116,22 @@ class SpanRecord:
         self.start: int = span.start_time_unix_nano
         self.end: int = span.end_time_unix_nano
         self.status_error: bool = span.status.code == _STATUS_ERROR
-        self.exception: bool = any(e.name == "exception" for e in span.events)
+        events = span.events
+        self.exception: bool = bool(events) and any(e.name == "exception" for e in events)
         self.attrs: dict[str, Any] = {}
+        #: ``(service, operation)``, set by :meth:`.spans.TraceView.key` when first asked.
+        self.op_key: tuple[str, str] | None = None
         # (attribute, value type) a sender typed wrongly: ignored for attribution, not refused.
         self.mistyped: list[tuple[str, str]] = []
         for kv in span.attributes:
-            if kv.key in wanted:
+            key = kv.key
+            if key in wanted:
                 value = any_value(kv.value)
-                if _usable(kv.key, value):
-                    self.attrs[kv.key] = value
+                if _usable(key, value):
+                    self.attrs[key] = value
                 else:
                     which = kv.value.WhichOneof("value")
-                    self.mistyped.append((kv.key, _VALUE_TYPES.get(which or "", "empty")))
-        self.journal_segment: int = -1
-
-    @property
-    def service(self) -> str:
-        return self.resource.service
+                    self.mistyped.append((key, _VALUE_TYPES.get(which or "", "empty")))
 
     @property
     def duration(self) -> float:
@@ -204,7 +197,8 @@ def flatten(
 
     Spans with an invalid id (a trace id other than 16 bytes, a span id other than 8,
     a parent id neither empty nor 8 bytes, or any all-zero id) are rejected (OTLP
-    partial success) rather than failing the whole request. Spans whose known ``dl.*``
+    partial success) and removed from ``request``, rather than failing the whole
+    request. Spans whose known ``dl.*``
     attributes (or the standard ones in :data:`STANDARD_TYPES`) have the wrong value type
     are kept and forwarded unchanged, but those attributes are ignored for attribution;
     the message then carries a warning (OTLP partial success with 0 rejected spans), and
@@ -215,28 +209,31 @@ def flatten(
     problems: dict[str, int] = {}
     # (attribute, value type) causes in this request, for its own warning.
     found: set[tuple[str, str]] = set()
+    received = Received(request, 0)
     for rs in request.resource_spans:
         service = _UNKNOWN_SERVICE
         for kv in rs.resource.attributes:
             if kv.key == _SERVICE_NAME:
                 service = kv.value.string_value or _UNKNOWN_SERVICE
                 break
-        rkey = rs.resource.SerializeToString(deterministic=True) + rs.schema_url.encode()
-        rref = ResourceRef(rs.resource, rs.schema_url, service, rkey)
         for ss in rs.scope_spans:
-            skey = ss.scope.SerializeToString(deterministic=True) + ss.schema_url.encode()
-            sref = ScopeRef(ss.scope, ss.schema_url, skey)
-            for span in ss.spans:
+            invalid: list[int] = []
+            for i, span in enumerate(ss.spans):
                 problem = _id_problem(span)
                 if problem is not None:
                     problems[problem] = problems.get(problem, 0) + 1
+                    invalid.append(i)
                     continue
-                rec = SpanRecord(span, rref, sref, wanted)
+                rec = SpanRecord(span, service, received, wanted)
                 if rec.mistyped:
                     found.update(rec.mistyped)
                     if ignored is not None:
                         ignored.update(rec.mistyped)
                 records.append(rec)
+            # Rejected spans are not forwarded: the request goes on without them.
+            for i in reversed(invalid):
+                del ss.spans[i]
+    received.spans = received.undecided = len(records)
     rejected = sum(problems.values())
     parts = [f"{n} span(s) rejected: {problem}" for problem, n in problems.items()]
     if found:

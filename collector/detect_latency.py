@@ -33,7 +33,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 
 from otel_dl import semconv
 
@@ -232,5 +231,6 @@ def _standing_for(span: SpanRecord, service: str) -> SpanRecord:
     """The client span of a broken link as the root cause: the same span (attributes are
     written on it), standing for the service it could not reach."""
     link = copy.copy(span)
-    link.resource = dataclasses.replace(span.resource, service=service)
+    link.service = service
+    link.op_key = None
     return link

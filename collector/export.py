@@ -1,7 +1,7 @@
 """Export: forward enriched spans from the persistent queue to an OTLP backend.
 
-:func:`build_request` regroups span records by resource and scope into one
-``ExportTraceServiceRequest``. :class:`Exporter` is a thread that takes requests from
+:func:`queue_item` joins encoded requests into one export-queue record.
+:class:`Exporter` is a thread that takes requests from
 the :class:`~.diskqueue.ExportQueue` in order, sends each over OTLP/gRPC
 (``host:port``) or OTLP/HTTP protobuf (``http(s)://`` URL, ``/v1/traces`` appended when
 the URL has no path), and acknowledges it only once the backend accepted it::
@@ -35,12 +35,8 @@ from urllib.parse import urlparse
 
 import grpc
 import requests
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
-)
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
-from .decode import SpanRecord
 from .diskqueue import ExportQueue
 from .metrics import CollectorMetrics
 
@@ -84,33 +80,13 @@ class _Permanent(Exception):
     """The backend refused the request for good."""
 
 
-def build_request(records: Iterable[SpanRecord]) -> ExportTraceServiceRequest:
-    """Regroup records under their resource and scope in one request."""
-    request = ExportTraceServiceRequest()
-    by_resource: dict[bytes, tuple[object, dict[bytes, object]]] = {}
-    for rec in records:
-        entry = by_resource.get(rec.resource.key)
-        if entry is None:
-            rs = request.resource_spans.add()
-            rs.resource.CopyFrom(rec.resource.resource)
-            rs.schema_url = rec.resource.schema_url
-            entry = by_resource[rec.resource.key] = (rs, {})
-        rs, scopes = entry
-        ss = scopes.get(rec.scope.key)
-        if ss is None:
-            ss = scopes[rec.scope.key] = rs.scope_spans.add()  # type: ignore[attr-defined]
-            ss.scope.CopyFrom(rec.scope.scope)  # type: ignore[attr-defined]
-            ss.schema_url = rec.scope.schema_url  # type: ignore[attr-defined]
-        ss.spans.append(rec.span)  # type: ignore[attr-defined]
-    return request
-
-
 _COUNT = struct.Struct("<I")
 
 
-def queue_item(records: list[SpanRecord]) -> bytes:
-    """The export-queue record for ``records``: span count, then the serialised request."""
-    return _COUNT.pack(len(records)) + build_request(records).SerializeToString()
+def queue_item(spans: int, requests: Iterable[bytes]) -> bytes:
+    """The export-queue record of encoded requests holding ``spans`` spans in all: the
+    count, then the requests concatenated, which encodes one request holding them all."""
+    return _COUNT.pack(spans) + b"".join(requests)
 
 
 class _GrpcSender:

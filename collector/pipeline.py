@@ -36,7 +36,7 @@ from .assemble import Callees, DecisionCache, Trace, TraceBuffer
 from .attribute import Attributor
 from .catalog import Catalog, load_catalog
 from .config import CollectorConfig, ConfigError
-from .decode import SpanRecord, expected_type, flatten
+from .decode import Received, SpanRecord, expected_type, flatten
 from .diskqueue import DiskBudget, ExportQueue, Journal, QueueFull
 from .export import Exporter, queue_item
 from .faults import FaultProcessor
@@ -44,7 +44,7 @@ from .metrics import SIGNAL_ATTRIBUTES, CollectorMetrics
 from .notify import Notifier
 from .receive import add_grpc_receiver, http_routes
 from .security import BearerAuth, grpc_credentials, server_ssl_context
-from .spans import operation
+from .spans import operation_of
 from .store import FaultStore
 
 _log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class Collector:
             config.max_spans,
             config.max_traces,
             self.decisions,
-            Callees(operation),
+            Callees(operation_of),
         )
         queue_dir = Path(config.queue_dir)
         self.budget = DiskBudget(config.queue_max_bytes)
@@ -86,7 +86,9 @@ class Collector:
         self._decide_lock = threading.Lock()
         self._evicted: list[Trace] = []
         self._late: list[SpanRecord] = []
-        self._backlog: list[tuple[list[SpanRecord], dict[int, int]]] = []
+        # Requests whose spans are all decided, oldest first, until they sit in the
+        # export queue (see _hand_on).
+        self._backlog: list[Received] = []
         self._warned: set[tuple[str, str]] = set()  # ignored-attribute causes logged
         self._stop = threading.Event()
         self._decider = threading.Thread(
@@ -296,12 +298,10 @@ class Collector:
             return rejected, message
         payload = raw if raw is not None and not rejected else request.SerializeToString()
         try:
-            segment = self.journal.append(payload, len(records), force)
+            records[0].received.segment = self.journal.append(payload, len(records), force)
         except QueueFull:
             self.metrics.requests_throttled.labels("disk").inc()
             raise
-        for rec in records:
-            rec.journal_segment = segment
         with self._lock:
             late, evicted = self.buffer.add(records, time.monotonic())
             self._late.extend(late)
@@ -367,37 +367,44 @@ class Collector:
             self.metrics.spans_buffered.set(self.buffer.span_count)
         self.metrics.traces_evicted.inc(len(evicted))
         traces = evicted + done
-        out = self.faults.process(traces, late)
-        if out:
-            self._backlog.append((out, _segments(out)))
+        for rec in self.faults.process(traces, late):
+            received = rec.received
+            received.undecided -= 1
+            if not received.undecided:
+                self._backlog.append(received)
         self._hand_on()
         self.metrics.queue_bytes.set(self.budget.used)
         return len(traces)
 
     def _hand_on(self) -> None:
-        """Move decided spans into the export queue, then release them from the journal.
+        """Move every request whose spans are all decided into the export queue, then
+        release it from the journal.
 
-        The export queue takes them even when the disk budget is spent: they already
-        count against it in the journal, which is given back only once they moved.
-        Refusing them there would hold the journal, and the budget, for good.
+        A request is forwarded as received, its spans enriched in place: requests are
+        joined into queue items of about ``export_batch_spans`` spans by concatenating
+        their encodings (two encoded ``ExportTraceServiceRequest`` messages, concatenated,
+        are one request holding both), so no span is copied or regrouped. The export
+        queue takes them even when the disk budget is spent: they already count against
+        it in the journal, which is given back only once they moved. Refusing them there
+        would hold the journal, and the budget, for good.
         """
-        while self._backlog:
-            records, segments = self._backlog[0]
-            if self.queue is not None:
+        backlog = self._backlog
+        while backlog:
+            if self.queue is None:
+                taken = len(backlog)
+            else:
+                taken, spans, parts = 0, 0, []
                 step = self.config.export_batch_spans
-                while records:
-                    chunk = records[:step]
-                    self.queue.append(queue_item(chunk), force=True)
-                    self.metrics.spans_queued.inc(len(chunk))
-                    # A partly queued batch must not be queued twice on retry.
-                    records = records[step:]
-                    self._backlog[0] = (records, segments)
-            self._backlog.pop(0)
+                while taken < len(backlog) and (not spans or spans + backlog[taken].spans <= step):
+                    parts.append(backlog[taken].request.SerializeToString())
+                    spans += backlog[taken].spans
+                    taken += 1
+                self.queue.append(queue_item(spans, parts), force=True)
+                self.metrics.spans_queued.inc(spans)
+            segments: dict[int, int] = {}
+            for received in backlog[:taken]:
+                segments[received.segment] = segments.get(received.segment, 0) + received.spans
+            # Taken off the backlog before the journal lets go, so a failure in between
+            # can only leave the journal holding spans (replayed), never queue them twice.
+            del backlog[:taken]
             self.journal.release(segments)
-
-
-def _segments(records: list[SpanRecord]) -> dict[int, int]:
-    counts: dict[int, int] = {}
-    for rec in records:
-        counts[rec.journal_segment] = counts.get(rec.journal_segment, 0) + 1
-    return counts

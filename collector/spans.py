@@ -134,6 +134,19 @@ def operation(span: SpanRecord) -> str:
     return f"{span.name} {route} @{peer}" if peer else f"{span.name} {route}"
 
 
+def operation_key(span: SpanRecord) -> tuple[str, str]:
+    """``(service, operation)`` of a span, computed once (kept on the record)."""
+    key = span.op_key
+    if key is None:
+        key = span.op_key = (span.service, operation(span))
+    return key
+
+
+def operation_of(span: SpanRecord) -> str:
+    """:func:`operation`, computed once per span."""
+    return operation_key(span)[1]
+
+
 class TraceView:
     """One trace as the detectors read it. ``by_operation=False`` keys operations by span
     name alone (the behaviour before per-operation baselines, for benchmarks)."""
@@ -153,21 +166,17 @@ class TraceView:
             (s for s in reversed(self.order) if not s.parent_id),
             self.order[-1] if self.order else None,
         )
-        self._ops: dict[int, str] = {}
         self._op_counts: Counter[tuple[str, str]] | None = None
 
     def op(self, span: SpanRecord) -> str:
-        """The span's operation (see :func:`operation`), computed once per span."""
-        if not self.by_operation:
-            return span.name
-        op = self._ops.get(id(span))
-        if op is None:
-            op = self._ops[id(span)] = operation(span)
-        return op
+        """The span's operation (see :func:`operation`)."""
+        return self.key(span)[1]
 
     def key(self, span: SpanRecord) -> tuple[str, str]:
         """``(service, operation)``: what baselines and detectors are kept per."""
-        return (span.service, self.op(span))
+        if not self.by_operation:
+            return (span.service, span.name)
+        return operation_key(span)
 
     @property
     def op_counts(self) -> Counter[tuple[str, str]]:
