@@ -96,7 +96,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
-    done.wait()
+    # A timed wait: a signal the kernel hands to another thread (gRPC's own, say) sets
+    # Python's pending flag but does not wake a main thread blocked on a lock, so an
+    # untimed wait could miss SIGTERM for good.
+    while not done.wait(0.5):
+        pass
     collector.stop()
     return 0
 

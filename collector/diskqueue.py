@@ -2,7 +2,8 @@
 
 Both are append-only segment files of records ``[u32 length][u32 crc32][payload]``.
 A write returns only after ``fsync``, so whatever the collector acknowledged survives
-a crash or restart.
+a crash or restart. The journal's concurrent appends share their fsyncs (group commit,
+see :meth:`_SegmentLog.sync`).
 
 - :class:`Journal` keeps every received OTLP request until all its spans have been
   decided and handed on; segments are deleted once nothing in them is pending. At
@@ -107,6 +108,11 @@ class _SegmentLog:
         self.active = (self.segments[-1] + 1) if self.segments else 0
         self._fh: BinaryIO | None = None
         self._active_size = 0
+        # Group commit (see sync): records written, and written and on disk, counted.
+        self._written = 0
+        self._synced = 0
+        self._syncing = False
+        self._sync = threading.Condition(threading.Lock())
 
     def _seq(self, path: Path) -> int:
         return int(path.stem.rsplit("-", 1)[1])
@@ -116,6 +122,15 @@ class _SegmentLog:
 
     def write(self, payload: bytes, force: bool = False) -> int:
         """Append and fsync one record; return its segment. Call with ``lock`` held."""
+        seq, _ = self.write_unsynced(payload, force)
+        assert self._fh is not None
+        os.fsync(self._fh.fileno())
+        self._synced_to(self._written)
+        return seq
+
+    def write_unsynced(self, payload: bytes, force: bool = False) -> tuple[int, int]:
+        """Append one record without waiting for the disk; return its segment and the
+        ticket to pass to :meth:`sync`. Call with ``lock`` held."""
         record = _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
         self.budget.reserve(len(record), force)
         if self._fh is None or self._active_size >= self.segment_bytes:
@@ -123,13 +138,56 @@ class _SegmentLog:
         assert self._fh is not None
         self._fh.write(record)
         self._fh.flush()
-        os.fsync(self._fh.fileno())
         self._active_size += len(record)
-        return self.active
+        self._written += 1
+        return self.active, self._written
+
+    def sync(self, ticket: int) -> None:
+        """Return once the record of ``ticket`` is on disk. Call without ``lock`` held.
+
+        Group commit: one caller at a time fsyncs everything written so far, while the
+        others wait for it; a caller whose record that fsync covered returns without
+        one of its own. Under concurrent appends one fsync serves many of them, and no
+        caller waits for more than the fsync in progress and then its own.
+        """
+        with self._sync:
+            while self._synced < ticket:
+                if not self._syncing:
+                    self._syncing = True
+                    break
+                self._sync.wait()
+            else:
+                return
+        target, done = 0, False
+        try:
+            with self.lock:
+                target = self._written
+                # A duplicate, so a rotation meanwhile cannot close it under the fsync.
+                fd = os.dup(self._fh.fileno()) if self._fh is not None else -1
+            if fd >= 0:
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            done = True
+        finally:
+            with self._sync:
+                self._syncing = False
+                if done:
+                    self._synced = max(self._synced, target)
+                self._sync.notify_all()
+
+    def _synced_to(self, ticket: int) -> None:
+        with self._sync:
+            self._synced = max(self._synced, ticket)
+            self._sync.notify_all()
 
     def _rotate(self) -> None:
         if self._fh is not None:
+            # Everything written so far is in this file: make it durable before closing.
+            os.fsync(self._fh.fileno())
             self._fh.close()
+            self._synced_to(self._written)
             self.active += 1
         # Segments hold whole requests, attribute values included: owner only.
         fd = os.open(self.path(self.active), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -188,9 +246,15 @@ class Journal:
         ``force`` skips the budget check, for requests replayed from a previous run.
         """
         with self._log.lock:
-            seq = self._log.write(payload, force)
+            seq, ticket = self._log.write_unsynced(payload, force)
             self._pending[seq] = self._pending.get(seq, 0) + spans
-            return seq
+        try:
+            self._log.sync(ticket)
+        except OSError:
+            # Not acknowledged: the sender sends it again, so it holds nothing here.
+            self.release({seq: spans})
+            raise
+        return seq
 
     def release(self, counts: dict[int, int]) -> None:
         """Mark spans handed on; delete the segments with nothing pending."""

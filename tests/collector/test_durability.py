@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import grpc
 import pytest
 import requests
@@ -9,6 +12,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from otel_dl import semconv
+from otel_dl.collector import diskqueue
 from otel_dl.collector.diskqueue import DiskBudget, ExportQueue, Journal, QueueFull
 
 
@@ -46,6 +50,28 @@ def test_journal_replays_unreleased_requests_after_restart(tmp_path):
     assert list(reopened.replay()) == [b"two"]
     reopened.drop_replayed()
     assert list(Journal(tmp_path, DiskBudget(1 << 20)).replay()) == []
+
+
+def test_concurrent_journal_appends_share_fsyncs_and_all_survive(tmp_path, monkeypatch):
+    """Group commit: appends from many threads return only once on disk, across segment
+    rotations, with fewer fsyncs than appends. The fsync is the real one, slowed down so
+    that appends overlap as they do on a busy disk."""
+    real_fsync = diskqueue.os.fsync
+    calls = []
+
+    def slow_fsync(fd: int) -> None:
+        calls.append(fd)
+        time.sleep(0.005)
+        real_fsync(fd)
+
+    monkeypatch.setattr(diskqueue.os, "fsync", slow_fsync)
+    journal = Journal(tmp_path, DiskBudget(64 << 20))
+    payloads = [f"{i:04d}".encode() * 2048 for i in range(400)]  # 8 KiB: 3 rotations
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda p: journal.append(p, 1), payloads))
+    journal.close()
+    assert sorted(Journal(tmp_path, DiskBudget(64 << 20)).replay()) == payloads
+    assert len(calls) <= len(payloads) // 2, f"{len(calls)} fsyncs for {len(payloads)} appends"
 
 
 def test_export_queue_keeps_unacked_items_and_enforces_its_budget(tmp_path):
