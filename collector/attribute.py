@@ -77,6 +77,14 @@ def _number(value: Any) -> float | None:
     return float(value)
 
 
+def _all_fire(checks: tuple[Check, ...], span: SpanRecord, view: TraceView) -> bool:
+    # A loop, not all() over a generator: it runs for every span of every trace.
+    for check in checks:  # noqa: SIM110
+        if not check(span, view):
+            return False
+    return True
+
+
 class Attributor:
     """Matches whole traces against the catalog and learns baselines from healthy spans."""
 
@@ -273,7 +281,7 @@ class Attributor:
                 break
             if where_attributes and not where_attributes <= attrs.keys():
                 continue
-            if where and not all(check(span, view) for check in where):
+            if where and not _all_fire(where, span, view):
                 continue
             for check, attribute, signal in detect:
                 if attribute is not None and attribute not in attrs:

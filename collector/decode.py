@@ -47,6 +47,7 @@ _SCALARS = (str, bool, int, float)
 STANDARD_TYPES: dict[str, str] = {
     "error.type": "string",
     "server.address": "string",
+    "service.peer.name": "string",
     "peer.service": "string",
     "net.peer.name": "string",
     "http.host": "string",

@@ -25,10 +25,12 @@ CLIENT = 3
 
 #: Attributes naming the remote peer of a client span, in the order they are trusted.
 #: Instrumentations differ: current semconv writes ``server.address`` (gRPC also
-#: ``rpc.service``), the requests/urllib instrumentations in their default (old) semconv
+#: ``rpc.service``) and names a traced callee ``service.peer.name`` (``peer.service``
+#: before it), the requests/urllib instrumentations in their default (old) semconv
 #: mode write only ``http.url`` and sometimes ``net.peer.name`` or ``http.host``.
 PEER_NAME_ATTRIBUTES = (
     "server.address",
+    "service.peer.name",
     "peer.service",
     "net.peer.name",
     "http.host",
@@ -50,6 +52,7 @@ HTTP_STATUS_ATTRIBUTES = ("http.response.status_code", "http.status_code")
 _OPERATION_ATTRIBUTES = frozenset(
     {*ROUTE_ATTRIBUTES, *PATH_ATTRIBUTES, *PORT_ATTRIBUTES, *PEER_URL_ATTRIBUTES}
 )
+_CLIENT_OPERATION_ATTRIBUTES = _OPERATION_ATTRIBUTES | frozenset(PEER_NAME_ATTRIBUTES)
 #: Span attributes read besides the catalog's own signals.
 CORE_ATTRIBUTES = frozenset(
     {
@@ -108,24 +111,33 @@ def _url(attrs: Mapping[str, Any]) -> tuple[str, str]:
     return "", ""
 
 
+def _first_string(attrs: Mapping[str, Any], keys: Sequence[str]) -> str:
+    for key in keys:
+        value = attrs.get(key)
+        if isinstance(value, str):
+            return value
+    return ""
+
+
 def operation(span: SpanRecord) -> str:
     """What a span does, finer than its name: the name, plus the route (``http.route``,
     ``url.template``, ``rpc.method``, else a template of the URL path), plus the peer
     ``host:port`` of a client span. Baselines are learned per (service, operation)."""
     attrs = span.attrs
-    if span.kind != CLIENT and attrs.keys().isdisjoint(_OPERATION_ATTRIBUTES):
+    client = span.kind == CLIENT
+    if attrs.keys().isdisjoint(_CLIENT_OPERATION_ATTRIBUTES if client else _OPERATION_ATTRIBUTES):
         return span.name  # the common case, kept cheap: it runs for every span
-    route = next((v for k in ROUTE_ATTRIBUTES if isinstance(v := attrs.get(k), str)), "")
+    route = _first_string(attrs, ROUTE_ATTRIBUTES)
     port = next((str(v) for k in PORT_ATTRIBUTES if (v := attrs.get(k)) is not None), "")
     if not route:
-        path = next((v for k in PATH_ATTRIBUTES if isinstance(v := attrs.get(k), str)), "")
+        path = _first_string(attrs, PATH_ATTRIBUTES)
         if path:
             route = _template(path)
     if not route or not port:
         url_route, url_port = _url(attrs)
         route, port = route or url_route, port or url_port
     peer = ""
-    if span.kind == CLIENT:
+    if client:
         host = peer_host(attrs)
         if host:
             peer = f"{host}:{port}" if port else host
@@ -161,7 +173,7 @@ class TraceView:
                 self.children.setdefault(s.parent_id, []).append(s)
         #: Span ids with a child span in the trace (see the catalog's ``peer`` signal).
         self.callers = frozenset(self.children)
-        self.order = _post_order(spans, self.by_id)
+        self.order = _post_order(spans, self.by_id, self.children)
         self.entry: SpanRecord | None = next(
             (s for s in reversed(self.order) if not s.parent_id),
             self.order[-1] if self.order else None,
@@ -199,20 +211,20 @@ class TraceView:
         return depths
 
 
-def _post_order(spans: Sequence[SpanRecord], by_id: Mapping[bytes, SpanRecord]) -> list[SpanRecord]:
+def _post_order(
+    spans: Sequence[SpanRecord],
+    by_id: Mapping[bytes, SpanRecord],
+    children: Mapping[bytes, list[SpanRecord]],
+) -> list[SpanRecord]:
     """Spans in post-order, children by start time: callees before their caller and
-    earlier siblings before later ones."""
-    children: dict[bytes, list[SpanRecord]] = {}
-    roots: list[SpanRecord] = []
-    for s in spans:
-        if s.parent_id and s.parent_id in by_id and s.parent_id != s.span_id:
-            children.setdefault(s.parent_id, []).append(s)
-        else:
-            roots.append(s)
+    earlier siblings before later ones. ``children``: spans by parent id."""
+    roots = [
+        s for s in spans if not s.parent_id or s.parent_id not in by_id or s.parent_id == s.span_id
+    ]
     order: list[SpanRecord] = []
     seen: set[bytes] = set()
     stack: list[tuple[SpanRecord, bool]] = [
-        (s, False) for s in sorted(roots, key=lambda r: r.start, reverse=True)
+        (s, False) for s in sorted(roots, key=_start, reverse=True)
     ]
     while True:
         if not stack:
@@ -221,7 +233,7 @@ def _post_order(spans: Sequence[SpanRecord], by_id: Mapping[bytes, SpanRecord]) 
             rest = [s for s in spans if s.span_id not in seen]
             if not rest:
                 break
-            stack.append((min(rest, key=lambda r: r.start), False))
+            stack.append((min(rest, key=_start), False))
         span, expanded = stack.pop()
         if expanded:
             order.append(span)
@@ -230,6 +242,14 @@ def _post_order(spans: Sequence[SpanRecord], by_id: Mapping[bytes, SpanRecord]) 
             continue
         seen.add(span.span_id)
         stack.append((span, True))
-        kids = children.get(span.span_id, ())
-        stack.extend((k, False) for k in sorted(kids, key=lambda r: r.start, reverse=True))
+        kids = children.get(span.span_id)
+        if kids:
+            # A span that names itself as parent is a root, never its own child.
+            stack.extend(
+                (k, False) for k in sorted(kids, key=_start, reverse=True) if k is not span
+            )
     return order
+
+
+def _start(span: SpanRecord) -> int:
+    return span.start
