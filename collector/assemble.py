@@ -33,7 +33,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field
 from typing import Any
 
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
@@ -46,17 +45,18 @@ _CALLS_TO_LEARN = 3
 _MAX_CALL_KEYS = 20_000
 
 
-@dataclass
 class Trace:
     """Spans of one trace gathered so far."""
 
-    trace_id: bytes
-    first_seen: float
-    last_seen: float
-    spans: list[SpanRecord] = field(default_factory=list)
-    span_ids: set[bytes] = field(default_factory=set)
-    has_root: bool = False
-    evicted: bool = False
+    __slots__ = ("evicted", "has_root", "last_seen", "span_ids", "spans", "trace_id")
+
+    def __init__(self, trace_id: bytes, last_seen: float) -> None:
+        self.trace_id = trace_id
+        self.last_seen = last_seen
+        self.spans: list[SpanRecord] = []
+        self.span_ids: set[bytes] = set()
+        self.has_root = False
+        self.evicted = False
 
     def connected(self) -> bool:
         """Whether every span's parent is in the trace (nothing known to be still open)."""
@@ -178,7 +178,7 @@ class TraceBuffer:
                     if tid in self.decided:
                         late.append(rec)
                         continue
-                    trace = Trace(tid, now, now)
+                    trace = Trace(tid, now)
                 traces[tid] = trace
             elif trace.last_seen != now:
                 traces.move_to_end(tid)

@@ -67,6 +67,10 @@ _VALUE_TYPES = {
 }
 
 
+#: The ``mistyped`` list of the spans that have none (shared, never appended to).
+_NONE_MISTYPED: list[tuple[str, str]] = []
+
+
 class PayloadError(ValueError):
     """An OTLP payload that cannot be accepted; the message names the cause."""
 
@@ -123,7 +127,7 @@ class SpanRecord:
         #: ``(service, operation)``, set by :meth:`.spans.TraceView.key` when first asked.
         self.op_key: tuple[str, str] | None = None
         # (attribute, value type) a sender typed wrongly: ignored for attribution, not refused.
-        self.mistyped: list[tuple[str, str]] = []
+        self.mistyped: list[tuple[str, str]] = _NONE_MISTYPED
         for kv in span.attributes:
             key = kv.key
             if key in wanted:
@@ -132,6 +136,8 @@ class SpanRecord:
                     self.attrs[key] = value
                 else:
                     which = kv.value.WhichOneof("value")
+                    if not self.mistyped:
+                        self.mistyped = []
                     self.mistyped.append((key, _VALUE_TYPES.get(which or "", "empty")))
 
     @property

@@ -107,6 +107,8 @@ class LatencyRules:
                     if child.service != span.service:
                         self.baselines.learn_callee(view.key(span), child.service)
                         break
+        if not self._now and not self._before:
+            return  # no operation past its floor, now or in its last trace
         for key in view.op_counts:
             if key in self._now:
                 if len(self._before) < MAX_KEYS:

@@ -46,6 +46,8 @@ class SignalRules:
 
     def remember(self, raw: Found, view: TraceView) -> None:
         """End of a trace: the modes its operations fired, transient or not."""
+        if not raw and not self._fired_before:
+            return  # nothing fired, before or now: the common healthy trace
         fired: dict[tuple[str, str], set[str]] = {}
         for span, ev in raw:
             if from_ml_signal(ev):
