@@ -1,7 +1,9 @@
 """Side by side: the otel-dl collector and Jaeger v2's own trace-grouping pipeline.
 
 Run ``python benchmarks/pipelines.py`` (``--quick`` for a smoke run, ``--loads`` to pick
-loads). Each load is sent, in the same run, to three pipelines, each its own process
+loads, ``--pipelines`` to pick pipelines). To measure another revision of otel-dl, run
+this script with ``PYTHONPATH`` naming that revision's tree (with ``otel_dl/collector``
+linked to its ``collector``): the collector process inherits it. Each load is sent, in the same run, to three pipelines, each its own process
 forwarding over OTLP/gRPC to the same in-process sink:
 
 - **otel-dl**: ``python -m otel_dl.collector`` with its defaults (fsync'd journal, disk
@@ -155,6 +157,14 @@ PIPELINES: dict[str, Callable[..., subprocess.Popen[bytes]]] = {
     "otel-dl collector": _otel_dl,
     JAEGER: _tail_sampling(jaeger_binary, "otlp"),
     "OTel Collector tail_sampling": _tail_sampling(otelcol_binary, "otlp_grpc"),
+}
+
+
+#: The pipelines by their ``--pipelines`` names.
+SHORT = {
+    "otel-dl": "otel-dl collector",
+    "jaeger": JAEGER,
+    "otelcol": "OTel Collector tail_sampling",
 }
 
 
@@ -368,6 +378,11 @@ def main() -> None:
         help="comma-separated loads to run (default: all; --quick: every load but tg-grpc, "
         "which differs from tg-http only in its transport)",
     )
+    parser.add_argument(
+        "--pipelines",
+        help=f"comma-separated pipelines to run (default: all of {', '.join(SHORT)}); the "
+        "ratio columns need jaeger",
+    )
     args = parser.parse_args()
     if args.quick:
         args.requests, args.telemetrygen_spans, args.repeats = 21, 8_000, 1
@@ -385,12 +400,17 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown load(s) {', '.join(unknown)}; choose from {', '.join(every)}")
     loads = {key: every[key] for key in chosen}
+    picked = [key.strip() for key in (args.pipelines or ",".join(SHORT)).split(",") if key]
+    unknown = [key for key in picked if key not in SHORT]
+    if unknown:
+        parser.error(f"unknown pipeline(s) {', '.join(unknown)}; choose from {', '.join(SHORT)}")
+    chosen_pipelines = [SHORT[key] for key in picked]
     results: dict[str, dict[str, list[Run]]] = {
-        key: {name: [] for name in PIPELINES} for key in loads
+        key: {name: [] for name in chosen_pipelines} for key in loads
     }
     for repeat in range(args.repeats):
         for key, load in loads.items():
-            for name in PIPELINES:
+            for name in chosen_pipelines:
                 run = run_once(name, load, warmup, args.decision_wait)
                 results[key][name].append(run)
                 print(
@@ -408,7 +428,8 @@ def main() -> None:
             name: (statistics.median(r.rate for r in runs), statistics.median(r.cpu for r in runs))
             for name, runs in results[key].items()
         }
-        ref_rate, ref_cpu = medians[JAEGER]
+        # Without Jaeger in the run, the ratios are left out.
+        ref_rate, ref_cpu = medians.get(JAEGER, (float("nan"), float("nan")))
         print(
             f"| {'pipeline':<30} | {'spans/s':>9} | {'CPU-s per 100k spans':>20} "
             f"| {'rate vs Jaeger':>14} | {'CPU vs Jaeger':>13} | {'sent → at sink':>25} |"
