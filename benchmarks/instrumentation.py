@@ -1,6 +1,6 @@
 """Overhead of otel-dl instrumentation, instrumented vs bare, measured in the same run.
 
-    .venv/bin/python benchmarks/instrumentation.py [--repeats 7]
+    .venv/bin/python benchmarks/instrumentation.py [--repeats 7] [--cases dataloader,mlp,small]
     .venv/bin/python benchmarks/instrumentation.py --device cuda   # on a machine with a GPU
 
 Every case alternates bare and instrumented blocks in one process and reports medians
@@ -17,6 +17,7 @@ per-call cost).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 from collections.abc import Callable
 from typing import Any
@@ -33,7 +34,9 @@ from timing import Discard, per_call
 from torch.utils.data import DataLoader, TensorDataset
 
 import otel_dl
-from otel_dl import semconv
+from otel_dl import _burst, semconv
+from otel_dl._config import get_config, set_config
+from otel_dl.sampling import SignalAwareSpanProcessor
 
 
 def _paired(
@@ -120,10 +123,15 @@ def _model_case(
         return _paired(lambda: bare_model(x), lambda: traced_model(x), calls, repeats)
 
 
-def _dataloader_case(repeats: int, with_model: bool = False) -> tuple[float, float]:
+def _dataloader_case(
+    repeats: int, with_model: bool = False, sample_every: int = 1
+) -> tuple[float, float]:
     """Per batch: a DataLoader epoch, optionally with an MLP forward on every batch.
 
-    Bare runs have every otel-dl instrumentor off; instrumented runs, the defaults.
+    Bare runs have every otel-dl instrumentor off; instrumented runs, the defaults, or
+    with ``sample_every`` > 1 signal-aware sampling as ``instrument(sample_every=N)`` sets
+    it up: the option in force, and the spans going through a
+    ``SignalAwareSpanProcessor`` in front of the batch processor.
     """
     from otel_dl.instrumentors.dataloader import DataLoaderInstrumentor
     from otel_dl.instrumentors.torch_model import TorchModelInstrumentor
@@ -131,23 +139,44 @@ def _dataloader_case(repeats: int, with_model: bool = False) -> tuple[float, flo
     loader = DataLoader(TensorDataset(torch.randn(100_000, 32)), batch_size=256)
     instrumentors = [DataLoaderInstrumentor(), TorchModelInstrumentor()]
     model = otel_dl.watch(_mlp().eval(), name="bench-mlp")
+    provider: TracerProvider | None = None
+    config = get_config()
+    if sample_every > 1:
+        provider = TracerProvider()
+        export = BatchSpanProcessor(Discard(), max_queue_size=100_000)
+        provider.add_span_processor(SignalAwareSpanProcessor(export, sample_every))
+        set_config(dataclasses.replace(config, sample_every=sample_every))
 
     def epoch() -> None:
         with torch.inference_mode():
             for (x,) in loader:
                 if with_model:
                     model(x)
+        # The last batches' signals and spans, parked for a burst, are this epoch's work.
+        _burst.drain()
 
-    epoch()  # learn the baselines before timing
-    bare, traced = [], []
-    for _ in range(repeats):
+    def instrument(tracer_provider: TracerProvider | None) -> None:
         for instrumentor in instrumentors:
-            instrumentor.uninstrument()
-        bare.append(per_call(epoch, 1) / len(loader))
-        for instrumentor in instrumentors:
-            instrumentor.instrument()
+            if instrumentor.is_instrumented_by_opentelemetry:
+                instrumentor.uninstrument()
+            instrumentor.instrument(tracer_provider=tracer_provider)
         otel_dl.watch(model, name="bench-mlp")
-        traced.append(per_call(epoch, 1) / len(loader))
+
+    bare, traced = [], []
+    try:
+        instrument(provider)
+        epoch()  # learn the baselines before timing
+        for _ in range(repeats):
+            for instrumentor in instrumentors:
+                instrumentor.uninstrument()
+            bare.append(per_call(epoch, 1) / len(loader))
+            instrument(provider)
+            traced.append(per_call(epoch, 1) / len(loader))
+    finally:
+        if provider is not None:
+            set_config(config)
+            instrument(None)
+            provider.shutdown()
     return statistics.median(bare), statistics.median(traced)
 
 
@@ -246,6 +275,27 @@ def _gpu_rows(repeats: int) -> list[tuple[str, float, float, str]]:
     return rows
 
 
+def _suppressed_case(repeats: int) -> tuple[float, float]:
+    """An MLP call on one row under ``suppress_instrumentation()``: the wrapper's cost."""
+    with suppress_instrumentation():
+        bare_model = _mlp().eval()  # eval() under suppression: stays untraced
+    traced_model = otel_dl.watch(_mlp().eval())
+    x = torch.randn(1, 32)
+
+    def suppressed(model: torch.nn.Module) -> Callable[[], Any]:
+        def call() -> Any:
+            with suppress_instrumentation():
+                return model(x)
+
+        return call
+
+    with torch.inference_mode():
+        return _paired(suppressed(bare_model), suppressed(traced_model), 2000, repeats)
+
+
+CASES = ("dataloader", "cnn", "mlp", "small", "onnx", "sklearn", "suppressed")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
@@ -254,6 +304,11 @@ def main() -> None:
         choices=("cpu", "cuda"),
         default="cpu",
         help="cuda: the GPU cases only (a CUDA device is needed)",
+    )
+    parser.add_argument(
+        "--cases",
+        default="",
+        help=f"comma-separated subset of the CPU cases ({','.join(CASES)}; default: all)",
     )
     arguments = parser.parse_args()
     repeats = arguments.repeats
@@ -273,47 +328,46 @@ def main() -> None:
         _print(floor, rows)
         return
 
-    bare, traced = _dataloader_case(repeats)
-    rows.append(("DataLoader 100k x 32 f32, batch 256 (per batch)", bare, traced, "<= 1.10"))
-    bare, traced = _dataloader_case(repeats, with_model=True)
-    rows.append(("DataLoader + MLP loop (per batch)", bare, traced, "<= 1.10"))
-    bare, traced = _model_case(_cnn, torch.randn(32, 3, 32, 32), 40, repeats)
-    rows.append(("CNN forward, batch 32 (~5 ms)", bare, traced, "<= 1.02"))
-    bare, traced = _model_case(_mlp, torch.randn(256, 32), 500, repeats)
-    rows.append(("MLP 32-256-10, batch 256", bare, traced, "added <= 2 x floor"))
-    deep_bare, deep_traced = _model_case(lambda: _Deep(50), torch.randn(1, 4), 1000, repeats)
-    rows.append(("50-submodule model, batch 1", deep_bare, deep_traced, "added within 10 us"))
-    one_bare, one_traced = _model_case(lambda: _Deep(1), torch.randn(1, 4), 1000, repeats)
-    rows.append(("1-module model, batch 1", one_bare, one_traced, "added <= 2 x floor"))
-    onnx = _onnx_case(repeats, 256)
-    if onnx is not None:
-        rows.append(("ONNX Runtime MLP session, batch 256", *onnx, "added <= 2 x floor"))
-    onnx = _onnx_case(repeats, 1)
-    if onnx is not None:
-        rows.append(("ONNX Runtime MLP session, batch 1", *onnx, "added <= 2 x floor"))
-    sklearn = _sklearn_case(repeats)
-    if sklearn is not None:
-        rows.append(("scikit-learn predict_proba, 1 row", *sklearn, "added <= 2 x floor"))
-
-    with suppress_instrumentation():
-        bare_model = _mlp().eval()  # eval() under suppression: stays untraced
-    traced_model = otel_dl.watch(_mlp().eval())
-    x = torch.randn(1, 32)
-
-    def suppressed(model: torch.nn.Module) -> Callable[[], Any]:
-        def call() -> Any:
-            with suppress_instrumentation():
-                return model(x)
-
-        return call
-
-    with torch.inference_mode():
-        b, s = _paired(suppressed(bare_model), suppressed(traced_model), 2000, repeats)
-    rows.append(("suppressed wrapper (MLP batch 1)", b, s, "<= 1.5 us added"))
+    cases = set(arguments.cases.split(",")) if arguments.cases else set(CASES)
+    if "dataloader" in cases:
+        bare, traced = _dataloader_case(repeats)
+        rows.append(("DataLoader 100k x 32 f32, batch 256 (per batch)", bare, traced, "<= 1.10"))
+        bare, traced = _dataloader_case(repeats, with_model=True)
+        rows.append(("DataLoader + MLP loop (per batch)", bare, traced, "<= 1.10"))
+        bare, traced = _dataloader_case(repeats, with_model=True, sample_every=10)
+        rows.append(("DataLoader + MLP loop, sample_every=10", bare, traced, "<= 1.03"))
+    if "cnn" in cases:
+        bare, traced = _model_case(_cnn, torch.randn(32, 3, 32, 32), 40, repeats)
+        rows.append(("CNN forward, batch 32 (~5 ms)", bare, traced, "<= 1.02"))
+    if "mlp" in cases:
+        bare, traced = _model_case(_mlp, torch.randn(256, 32), 500, repeats)
+        rows.append(("MLP 32-256-10, batch 256", bare, traced, "added <= 2 x floor"))
+    diff: float | None = None
+    if "small" in cases:
+        deep_bare, deep_traced = _model_case(lambda: _Deep(50), torch.randn(1, 4), 1000, repeats)
+        rows.append(("50-submodule model, batch 1", deep_bare, deep_traced, "added within 10 us"))
+        one_bare, one_traced = _model_case(lambda: _Deep(1), torch.randn(1, 4), 1000, repeats)
+        rows.append(("1-module model, batch 1", one_bare, one_traced, "added <= 2 x floor"))
+        diff = ((deep_traced - deep_bare) - (one_traced - one_bare)) * 1e6
+    if "onnx" in cases:
+        onnx = _onnx_case(repeats, 256)
+        if onnx is not None:
+            rows.append(("ONNX Runtime MLP session, batch 256", *onnx, "added <= 2 x floor"))
+        onnx = _onnx_case(repeats, 1)
+        if onnx is not None:
+            rows.append(("ONNX Runtime MLP session, batch 1", *onnx, "added <= 2 x floor"))
+    if "sklearn" in cases:
+        sklearn = _sklearn_case(repeats)
+        if sklearn is not None:
+            rows.append(("scikit-learn predict_proba, 1 row", *sklearn, "added <= 2 x floor"))
+    if "suppressed" in cases:
+        rows.append(
+            ("suppressed wrapper (MLP batch 1)", *_suppressed_case(repeats), "<= 1.5 us added")
+        )
     handle.shutdown()
     _print(floor, rows)
-    diff = ((deep_traced - deep_bare) - (one_traced - one_bare)) * 1e6
-    print(f"\nadded cost, 50 submodules minus 1 module: {diff:+.1f} us (target: within 10 us)")
+    if diff is not None:
+        print(f"\nadded cost, 50 submodules minus 1 module: {diff:+.1f} us (target: within 10 us)")
 
 
 def _print(floor: float, rows: list[tuple[str, float, float, str]]) -> None:

@@ -3,8 +3,9 @@
 Run ``python benchmarks/pipelines.py`` (``--quick`` for a smoke run, ``--loads`` to pick
 loads, ``--pipelines`` to pick pipelines). To measure another revision of otel-dl, run
 this script with ``PYTHONPATH`` naming that revision's tree (with ``otel_dl/collector``
-linked to its ``collector``): the collector process inherits it. Each load is sent, in the same run, to three pipelines, each its own process
-forwarding over OTLP/gRPC to the same in-process sink:
+linked to its ``collector``): the collector process inherits it. Each load is sent, in
+the same run, to three pipelines, each its own process forwarding over OTLP/gRPC to the
+same in-process sink:
 
 - **otel-dl**: ``python -m otel_dl.collector`` with its defaults (fsync'd journal, disk
   export queue, attribution of every trace) and no store (``--store none``);

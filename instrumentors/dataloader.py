@@ -20,8 +20,14 @@ fingerprint of the batch's features:
 
 The span is made in the main process, after the batch arrives, so it works the same with
 ``num_workers > 0``, ``persistent_workers``, ``pin_memory`` and every multiprocessing
-start method. The end of an epoch (``StopIteration``) makes no span; an exception from
-the loader (a worker error, say) is recorded on the span and re-raised unchanged.
+start method. Once the source has a reference, a batch of at most 65,536 feature values
+(one 2-D float tensor) is parked: ``next()`` keeps a copy of the features, the context
+current at the call and the call's times, and the span is made with its signals in a
+burst of the loader's batches (``otel_dl._burst``), at most ``signals_delay_ms`` later,
+with the same attributes, parent and times; a model called with that batch shares its
+profile. Flush through the handle ``otel_dl.instrument()`` returns before reading spans.
+The end of an epoch (``StopIteration``) makes no span; an exception from the loader (a
+worker error, say) is recorded on a span made at once and re-raised unchanged.
 
 Spans that the dataset's own code makes in a worker are flushed when the worker exits
 (see ``otel_dl.instrument``). Persistent workers still running when the application
@@ -42,7 +48,7 @@ from otel_dl._config import get_config
 from otel_dl._guard import instrumentation_enabled, report_internal_error
 from otel_dl._span import DlCall, DlSpan, base_attributes
 from otel_dl._watch import WatchState, ensure_state, watch_state
-from otel_dl.monitor import observe_once
+from otel_dl.monitor import LATER_MAX_VALUES, combine, observe_once, share
 
 from ._base import DlInstrumentor, Patches
 
@@ -194,23 +200,42 @@ class DataLoaderInstrumentor(DlInstrumentor):
     ) -> None:
         state = self._state(iterator)
         call = self._span(iterator, start_ns)
-        call.extract("signals", _signals, state, batch)
+        hooked = self._hooks.request is not None or self._hooks.response is not None
+        call.extract("signals", _signals, state, batch, not hooked)
+        later = call.later
+        if later is not None:
+            # Parked: the batch's profile waits for a burst, and so does the span, made
+            # then with this call's parent, times and every attribute (see otel_dl._burst).
+            call.defer_start(self._tracer, semconv.SPAN_DATALOADER_BATCH)
+            call.end(end_ns)
+            share(later)  # a model given this batch takes the profile, not a second one
+            return
         # The batch has arrived: the span is made whole now, never current.
         call.start(self._tracer, semconv.SPAN_DATALOADER_BATCH, attach=False)
-        if self._hooks.request is not None or self._hooks.response is not None:
+        if hooked:
             dl_call = DlCall(semconv.COMPONENT_TORCH_DATALOADER, iterator, tuple(args), kwargs)
             call.hook(self._hooks.request, dl_call)
             call.hook(self._hooks.response, dl_call, batch)
         call.finish(end_ns)
 
 
-def _signals(state: WatchState, batch: Any) -> dict[str, Any]:
-    """Batch size, and the drift, quality and fingerprint of the batch's features."""
+PARK_MAX_VALUES = LATER_MAX_VALUES
+"""A batch of at most this many feature values is parked (copied, profiled in a burst);
+a larger one is profiled at the call."""
+
+
+def _signals(state: WatchState, batch: Any, park: bool = False) -> dict[str, Any]:
+    """Batch size, and the drift, quality and fingerprint of the batch's features; with
+    ``park``, those of a batch :meth:`~otel_dl.monitor.FeatureMonitor.burst_inputs` takes
+    come back as a :class:`~otel_dl.monitor.Later` for a burst."""
     out: dict[str, Any] = {}
     features = select_features(batch, state.features)
     first = next(iter(features.values()), None) if isinstance(features, dict) else features
     if first is not None and _is_tensor(first) and first.dim() > 0:
         out[semconv.DL_BATCH_SIZE] = int(first.shape[0])
-    if features is not None and get_config().signals:
-        out.update(observe_once(state.monitor(), features))
+    config = get_config()
+    if features is not None and config.signals:
+        later = park and config.signals_delay_ms > 0
+        found = observe_once(state.monitor(), features, later=later, max_values=PARK_MAX_VALUES)
+        return combine(out, found)
     return out

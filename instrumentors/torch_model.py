@@ -399,6 +399,8 @@ class TorchModelInstrumentor(DlInstrumentor):
                 later, call.later = call.later, None
                 if later is not None and later.inputs is not None:  # a CPU input, kept
                     call.attributes.update(later.monitor.observe(later.inputs))
+                if later is not None and later.source is not None:  # the loader's profile
+                    call.attributes.update(later.source.resolved())
                 _finish_on_gpu(call, module, args, kwargs, output)
                 return
             except Exception:

@@ -7,6 +7,13 @@ its extractors return a :class:`~otel_dl.monitor.Later` holding private copies o
 inputs and scores, and :func:`submit` parks its span here, open, with its end time. A
 batch call's confidence goes the same way, as a copy of the rows its figures cover.
 
+A DataLoader batch of at most 65,536 feature values goes the same way with its span
+not even started: the instrumentor keeps the context current at ``next()`` and the
+call's times (:meth:`~otel_dl._span.DlSpan.defer_start`), and the burst makes the span
+whole, with every attribute. A model called with that very batch takes the batch's
+profile when the burst has made it (``Later.source``): its span ends once both its own
+burst and the batch's have run.
+
 The parked calls of one monitor are profiled together by
 :meth:`~otel_dl.monitor.FeatureMonitor.profile_burst` (one vectorised pass per signal
 over all their rows), then each span gets its own attributes and ends at its call's end
@@ -27,6 +34,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from otel_dl import monitor as monitor_module
 from otel_dl._config import get_config
 from otel_dl._guard import report_internal_error
 from otel_dl.monitor import FeatureMonitor, Later
@@ -52,6 +60,7 @@ class _Bursts:
         self._lock = threading.Lock()
         self._parked: dict[FeatureMonitor, list[_Parked]] = {}
         self._since: dict[FeatureMonitor, float] = {}
+        self._inputs: dict[FeatureMonitor, int] = {}  # parked calls with inputs, per monitor
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._exit_hooked = False
@@ -64,6 +73,8 @@ class _Bursts:
             if not parked:
                 self._since[monitor] = time.monotonic()
             parked.append(_Parked(call, later, end_ns))
+            if later.inputs is not None:
+                self._inputs[monitor] = self._inputs.get(monitor, 0) + 1
             if len(parked) >= BURST_CALLS:
                 full = self._take(monitor)
             elif self._thread is None:
@@ -75,6 +86,16 @@ class _Bursts:
         with self._lock:
             return sum(len(parked) for parked in self._parked.values())
 
+    def parks_inputs(self, monitor: FeatureMonitor) -> bool:
+        return monitor in self._inputs
+
+    def flush(self, monitor: FeatureMonitor) -> None:
+        """Profile the calls ``monitor`` has parked, now, on this thread."""
+        with self._lock:
+            parked = self._take(monitor) if monitor in self._parked else None
+        if parked:
+            _profile(monitor, parked)
+
     def drain(self) -> None:
         with self._lock:
             taken = [(monitor, self._take(monitor)) for monitor in list(self._parked)]
@@ -83,6 +104,7 @@ class _Bursts:
 
     def _take(self, monitor: FeatureMonitor) -> list[_Parked]:
         self._since.pop(monitor, None)
+        self._inputs.pop(monitor, None)
         return self._parked.pop(monitor)
 
     def _start(self) -> None:
@@ -111,13 +133,14 @@ class _Bursts:
     def reset_after_fork(self) -> None:
         """In a forked child: the parent's parked spans and thread are not this process's."""
         self._lock = threading.Lock()
-        self._parked, self._since = {}, {}
+        self._parked, self._since, self._inputs = {}, {}, {}
         self._thread = None
 
 
 def _profile(monitor: FeatureMonitor, parked: list[_Parked]) -> None:
     """Give each parked call its signals and end its span; a failure costs the signals
-    of this burst, never the spans."""
+    of this burst, never the spans. A call's input profile also goes to the calls that
+    share it (a model given the DataLoader's batch), which end once they have it."""
     try:
         found = monitor.profile_burst(
             [p.later.inputs for p in parked],
@@ -128,12 +151,20 @@ def _profile(monitor: FeatureMonitor, parked: list[_Parked]) -> None:
         report_internal_error(_SITE)
         found = [{} for _ in parked]
     for item, attributes in zip(parked, found, strict=True):
-        item.call.attributes.update(attributes)
-        item.call.finish(item.end_ns)
+        try:
+            if item.later._batch is not None:  # shared (see otel_dl.monitor.share)
+                item.later.profiled(attributes)
+        except Exception:
+            report_internal_error(_SITE)
+        item.call.settle(attributes)
 
 
 _bursts = _Bursts()
 os.register_at_fork(after_in_child=_bursts.reset_after_fork)
+# A consumer that cannot wait for a parked profile (a GPU call, a stage) profiles its
+# burst now; a batch observed at once first lets the batches parked before it feed drift.
+monitor_module._flush_parked = _bursts.flush
+monitor_module._parks_inputs = _bursts.parks_inputs
 
 
 def submit(call: DlSpan, later: Later, end_ns: int) -> None:

@@ -203,8 +203,10 @@ OPTIONS: tuple[Option, ...] = (
         "signals_delay_ms",
         "OTEL_DL_SIGNALS_DELAY_MS",
         int,
-        "calls of at most 16 rows get their signals computed together, in bursts of 16"
-        " calls or this many milliseconds after the call at most (0: each at its call's end)",
+        "calls of at most 16 rows, and DataLoader batches of at most 65,536 feature values,"
+        " get their signals computed together (and a DataLoader batch its span made), in"
+        " bursts of 16 calls or this many milliseconds after the call at most (0: each at"
+        " its call's end)",
         non_negative,
     ),
     Option(

@@ -33,6 +33,7 @@ by the collector, not recorded per call here.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -128,7 +129,19 @@ def record_error(span: Span, exc: BaseException) -> None:
 class DlSpan:
     """One otel-dl span's life; see the module docstring. Never raises."""
 
-    __slots__ = ("_error", "_token", "attributes", "labels", "later", "site", "span", "start_ns")
+    __slots__ = (
+        "_end_ns",
+        "_error",
+        "_holds",
+        "_token",
+        "_unborn",
+        "attributes",
+        "labels",
+        "later",
+        "site",
+        "span",
+        "start_ns",
+    )
 
     def __init__(
         self,
@@ -146,6 +159,10 @@ class DlSpan:
         self.later: Later | None = None  # signals left for a burst (see otel_dl._burst)
         self._token: object | None = None
         self._error = False
+        # (tracer, name, kind, parent context) of a span made only when it ends (defer_start)
+        self._unborn: tuple[Tracer, str, SpanKind, context.Context] | None = None
+        self._holds = 0  # what the span still waits for once ended: its burst, a shared profile
+        self._end_ns: int | None = None
 
     def extract(self, part: str, fn: Callable[..., Mapping[str, Any] | None], *args: Any) -> None:
         """Add ``fn(*args)``'s attributes; a failure drops only them, counted at ``part``."""
@@ -178,6 +195,17 @@ class DlSpan:
             self.attributes = {}
             if attach:
                 self._token = context.attach(trace.set_span_in_context(self.span))
+        except Exception:
+            report_internal_error(self.site)
+
+    def defer_start(
+        self, tracer: Tracer | None, name: str, *, kind: SpanKind = SpanKind.INTERNAL
+    ) -> None:
+        """Start the span only when it ends (:meth:`finish`, after its burst), as a child
+        of the context current now, at ``start_ns``, with every attribute at once. Until
+        then it costs its caller a reference to that context; it is never current."""
+        try:
+            self._unborn = (tracer or _tracer, name, kind, context.get_current())
         except Exception:
             report_internal_error(self.site)
 
@@ -216,37 +244,83 @@ class DlSpan:
 
     def end(self, end_ns: int) -> None:
         """:meth:`finish` now, or, when an extractor left signals for later, once a burst
-        has computed them (:mod:`otel_dl._burst`); the span's end time is ``end_ns``."""
-        if self.later is None or self.span is None:
+        has computed them (:mod:`otel_dl._burst`) and the profile this call shares with an
+        earlier one (``later.source``) is in; the span's end time is ``end_ns``."""
+        later = self.later
+        if later is None or (self.span is None and self._unborn is None):
             self.finish(end_ns)
             return
         self.detach()
-        _burst.submit(self, self.later, end_ns)
+        self._end_ns = end_ns
+        work = later.inputs is not None or later.scores is not None
+        source = later.source
+        if source is not None:
+            self._holds = 2 if work else 1  # before either can settle
+            source.when_profiled(self.settle)
+        if work:
+            _burst.submit(self, later, end_ns)
+        elif source is None:
+            self.finish(end_ns)
+
+    def settle(self, attributes: Mapping[str, AttributeValue]) -> None:
+        """Add signals a burst (or a shared profile) brought; end the span when nothing
+        else is awaited. Any thread may call it."""
+        if not self._holds:  # its burst alone: no other thread settles it
+            if attributes:
+                self.attributes.update(attributes)
+            self.finish(self._end_ns)
+            return
+        with _settling:
+            if attributes:
+                self.attributes.update(attributes)
+            if self._holds > 1:
+                self._holds -= 1
+                return
+            self._holds = 0
+        self.finish(self._end_ns)
 
     def finish(self, end_ns: int | None = None) -> None:
-        """Detach if still current, set the late attributes, record the duration, end."""
+        """Detach if still current, set the late attributes, record the duration, end.
+        A span whose start was deferred is made here, with all its attributes."""
         end_ns = time.time_ns() if end_ns is None else end_ns
         self.detach()
         span, self.span = self.span, None  # ends once, whoever calls first
-        if span is None:
+        unborn, self._unborn = self._unborn, None
+        if span is None and unborn is None:
             return
         try:
             attrs = self.attributes
             config = get_config()
-            if config.sample_every > 1 and span.is_recording():
-                every = {**(getattr(span, "attributes", None) or {}), **attrs}
-                duration_s = (end_ns - self.start_ns) / 1e9
-                attrs[semconv.DL_SAMPLING_RATE] = sampling_rate(
-                    every, self._error, duration_s, config
+            if span is None and unborn is not None:
+                if config.sample_every > 1:
+                    duration_s = (end_ns - self.start_ns) / 1e9
+                    attrs[semconv.DL_SAMPLING_RATE] = sampling_rate(
+                        attrs, self._error, duration_s, config
+                    )
+                tracer, name, kind, parent = unborn
+                span = tracer.start_span(
+                    name, parent, kind=kind, attributes=attrs, start_time=self.start_ns
                 )
-            if attrs:
-                span.set_attributes(attrs)
-            if span.is_recording():
+                self.attributes = {}
+            elif span is not None:
+                if config.sample_every > 1 and span.is_recording():
+                    every = {**(getattr(span, "attributes", None) or {}), **attrs}
+                    duration_s = (end_ns - self.start_ns) / 1e9
+                    attrs[semconv.DL_SAMPLING_RATE] = sampling_rate(
+                        every, self._error, duration_s, config
+                    )
+                if attrs:
+                    span.set_attributes(attrs)
+            if span is not None and span.is_recording():
                 _duration_histogram().record((end_ns - self.start_ns) / 1e9, self.labels)
         except Exception:
             report_internal_error(self.site)
         finally:
-            span.end(end_time=end_ns)
+            if span is not None:
+                span.end(end_time=end_ns)
+
+
+_settling = threading.Lock()
 
 
 Extractor = Callable[[DlCall], Attributes | None]

@@ -24,10 +24,11 @@ computed is left out.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 from typing import Any
 
@@ -139,9 +140,14 @@ with other small calls (see :meth:`FeatureMonitor.profile_burst`)."""
 
 
 class Later(dict[str, Any]):
-    """What a signal extractor returns for a small call whose signals wait for a burst:
-    the attributes known now, plus private copies of the inputs and/or the scores that
-    :meth:`FeatureMonitor.profile_burst` turns into the rest."""
+    """What a signal extractor returns for a call whose signals wait for a burst: the
+    attributes known now, plus private copies of the inputs and/or the scores that
+    :meth:`FeatureMonitor.profile_burst` turns into the rest.
+
+    ``source`` is another call's :class:`Later` whose inputs are this call's inputs (the
+    same tensor, unchanged: a DataLoader batch passed on to a model): this call takes that
+    profile once its burst has made it (:meth:`when_profiled`), and profiles nothing
+    itself. ``profile`` is what a burst found for ``inputs`` (None until then)."""
 
     def __init__(
         self,
@@ -149,6 +155,7 @@ class Later(dict[str, Any]):
         inputs: np.ndarray | None = None,
         scores: np.ndarray | None = None,
         predictions: int | None = None,
+        source: Later | None = None,
     ) -> None:
         super().__init__()
         self.monitor = monitor
@@ -158,6 +165,11 @@ class Later(dict[str, Any]):
         if predictions is None and scores is not None:
             predictions = len(scores)
         self.predictions = predictions
+        self.source = source
+        self.profile: dict[str, AttributeValue] | None = None
+        self._waiters: list[Callable[[Mapping[str, Any]], None]] | None = None
+        # (id, weak reference, token) of the batch ``inputs`` copies, for :func:`share`.
+        self._batch: tuple[int, weakref.ref[Any], Any] | None = None
 
     def merge(self, other: Later) -> None:
         """Take ``other``'s inputs or scores where this has none (one call, one monitor)."""
@@ -166,6 +178,46 @@ class Later(dict[str, Any]):
             self.inputs = other.inputs
         if self.scores is None:
             self.scores, self.predictions = other.scores, other.predictions
+        if self.source is None:
+            self.source = other.source
+
+    def profiled(self, attributes: dict[str, AttributeValue]) -> None:
+        """Record what a burst found for ``inputs``, and hand it to the calls waiting."""
+        with _handoff:
+            self.profile = attributes
+            waiters, self._waiters = self._waiters, None
+            self.inputs = None  # the copy has served
+            _handoff.notify_all()
+        for waiter in waiters or ():
+            waiter(attributes)
+
+    def when_profiled(self, waiter: Callable[[Mapping[str, Any]], None]) -> None:
+        """``waiter(profile)`` once :meth:`profiled` is (now, when it already was)."""
+        with _handoff:
+            profile = self.profile
+            if profile is None:
+                if self._waiters is None:
+                    self._waiters = []
+                self._waiters.append(waiter)
+                return
+        waiter(profile)
+
+    def resolved(self, timeout: float = 1.0) -> dict[str, AttributeValue]:
+        """The profile now: its burst is profiled at once when it is still parked (and
+        waited for, ``timeout`` seconds at most, when another thread is profiling it);
+        empty when it could not be had."""
+        if self.profile is None and _flush_parked is not None:
+            _flush_parked(self.monitor)
+        with _handoff:
+            _handoff.wait_for(lambda: self.profile is not None, timeout)
+            return dict(self.profile or {})
+
+
+# Set by otel_dl._burst: profile the calls a monitor has parked, now.
+_flush_parked: Callable[[FeatureMonitor], None] | None = None
+# Set by otel_dl._burst: whether a monitor has parked calls whose inputs wait for a burst.
+_parks_inputs: Callable[[FeatureMonitor], bool] | None = None
+_handoff = threading.Condition(threading.Lock())
 
 
 def combine(*parts: Mapping[str, Any]) -> dict[str, Any]:
@@ -399,10 +451,11 @@ class FeatureMonitor:
 
     # -- bursts of small calls ----------------------------------------------------------
 
-    def burst_inputs(self, batch: Any) -> np.ndarray | None:
+    def burst_inputs(self, batch: Any, max_values: int | None = None) -> np.ndarray | None:
         """A private copy of ``batch`` when its signals can wait for :meth:`profile_burst`:
-        a 2-D float32/float64 numpy array or CPU tensor of at most ``BURST_MAX_ROWS`` rows,
-        read as this monitor's reference's numeric features. None otherwise (before the
+        a 2-D float32/float64 numpy array or CPU tensor of at most ``BURST_MAX_ROWS`` rows
+        (or, given ``max_values``, of at most that many values: a DataLoader batch), read
+        as this monitor's reference's numeric features. None otherwise (before the
         reference exists, too): observe such a batch now."""
         reference = self._reference
         if reference is None or getattr(batch, "ndim", 0) != 2:
@@ -411,7 +464,9 @@ class FeatureMonitor:
         if features != len(reference.numeric_names) or features > self.config.drift_max_features:
             return None
         values = _float_rows(batch)
-        if values is None or len(values) > BURST_MAX_ROWS:
+        if values is None:
+            return None
+        if len(values) > BURST_MAX_ROWS if max_values is None else values.size > max_values:
             return None
         values = np.array(values, order="C")
         key = (values.dtype, features)
@@ -466,7 +521,10 @@ class FeatureMonitor:
             # Fed call by call, as observe() would: each span carries the drift status
             # of the window its own rows completed, never one that later calls made.
             rows = stacked[starts[i] : ends[i]]
-            self._feed(Table(len(rows), table.names, rows, table.numeric_names, {}, table.schema))
+            part = Table(len(rows), table.names, rows, table.numeric_names, {}, table.schema)
+            # The rows observe() would feed: at most drift_max_rows, evenly spaced (a
+            # subsample is a copy; a slice of ``stacked`` is private to this burst already).
+            self._feed(_subsample(part, self.config.drift_max_rows))
             out.update(self._latest)
             out[semconv.DL_BATCH_SIZE] = len(values[i])
             out[semconv.DL_DATA_SCHEMA_FINGERPRINT] = schema
@@ -550,21 +608,27 @@ _CONFIDENCE_KEYS = (
 _PROBE_VALUES = 64
 _RECENT = 8
 _recent_lock = threading.Lock()
-_recent: OrderedDict[int, tuple[weakref.ref[Any], Any, FeatureMonitor, dict[str, Any]]]
-_recent = OrderedDict()
+# id(batch) -> (weak reference, token, monitor, its profile: the attributes, or the Later
+# whose burst will make them)
+_Recent = tuple[weakref.ref[Any], Any, FeatureMonitor, dict[str, Any] | Later]
+_recent: OrderedDict[int, _Recent] = OrderedDict()
 
 
 def _token(batch: Any) -> Any:
     """What must be unchanged for a profile of ``batch`` to stand: a torch tensor's version
     counter (every in-place torch operation bumps it) and storage address; else (arrays,
-    and inference-mode tensors, which keep no version) at most 64 evenly spaced values of
-    a contiguous array, copied; None when neither can be read."""
+    and inference-mode tensors, which keep no version) the bytes of at most 64 evenly
+    spaced values of a contiguous array; None when neither can be read.
+
+    An inference tensor is recognised by ``is_inference()`` before its version is read:
+    reading it raises, and the raise costs more than the rest of the token."""
     try:
-        version = getattr(batch, "_version", None)
-    except RuntimeError:  # an inference-mode tensor has no version counter: probe it
-        version = None
-    if type(version) is int:
-        return (version, batch.data_ptr())
+        if getattr(batch, "is_inference", None) is not None and not batch.is_inference():
+            version = batch._version
+            if type(version) is int:
+                return (version, batch.data_ptr())
+    except RuntimeError:
+        pass
     try:
         values = to_numpy(batch)
     except (TypeError, ValueError):
@@ -572,24 +636,38 @@ def _token(batch: Any) -> Any:
     if not values.flags.c_contiguous or values.dtype.kind not in "fiub":
         return None
     flat = values.reshape(-1)
-    return flat[:: max(1, flat.size // _PROBE_VALUES)].copy()
+    return flat[:: max(1, flat.size // _PROBE_VALUES)].tobytes()
 
 
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, tuple) or isinstance(b, tuple):
-        return a == b
-    return bool(np.array_equal(a, b))
+def _remember(
+    key: int,
+    ref: weakref.ref[Any],
+    token: Any,
+    monitor: FeatureMonitor,
+    profile: dict[str, Any] | Later,
+) -> None:
+    with _recent_lock:
+        _recent[key] = (ref, token, monitor, profile)
+        _recent.move_to_end(key)
+        if len(_recent) > _RECENT:
+            _recent.popitem(last=False)
 
 
 def observe_once(
-    monitor: FeatureMonitor, batch: Any, *, later: bool = False
+    monitor: FeatureMonitor,
+    batch: Any,
+    *,
+    later: bool = False,
+    max_values: int | None = None,
 ) -> dict[str, AttributeValue]:
     """``monitor.observe(batch)``, or the profile another monitor already made of this very
     array or tensor (the same object, unchanged since), when ``monitor`` has no reference
     of its own or the same one. A DataLoader batch passed on to a model is so profiled
     once; the same batch given to the same source again is a new observation. With
-    ``later``, a batch :meth:`FeatureMonitor.burst_inputs` takes comes back as a
-    :class:`Later` instead of being profiled now.
+    ``later``, a batch :meth:`FeatureMonitor.burst_inputs` takes (``max_values`` as it
+    reads it) comes back as a :class:`Later` instead of being profiled now, and so does
+    a batch whose other monitor's profile is still waiting for its burst (a Later whose
+    ``source`` it is); without ``later`` that burst is profiled now.
 
     "Unchanged" is a tensor's version counter, which in-place torch operations bump (a
     write through a numpy view of the tensor does not), or an array's probed values."""
@@ -604,12 +682,27 @@ def observe_once(
         and (monitor.given is None or monitor.given is entry[2].given)
     ):
         token = _token(batch)
-        if token is not None and _same(entry[1], token):
-            return dict(entry[3])
+        if token is not None and entry[1] == token:
+            found = entry[3]
+            if not isinstance(found, Later):
+                return dict(found)
+            if found.profile is not None:
+                return dict(found.profile)
+            if later:
+                return Later(monitor, source=found)
+            return found.resolved()
     if later:
-        inputs = monitor.burst_inputs(batch)
+        inputs = monitor.burst_inputs(batch, max_values)
         if inputs is not None:
-            return Later(monitor, inputs=inputs)
+            parked = Later(monitor, inputs=inputs)
+            if max_values is not None:  # a batch others may be given next: see share()
+                token = _token(batch)
+                if token is not None:
+                    with contextlib.suppress(TypeError):
+                        parked._batch = (key, weakref.ref(batch), token)
+            return parked
+    if _parks_inputs is not None and _flush_parked is not None and _parks_inputs(monitor):
+        _flush_parked(monitor)  # the batches parked before this one feed drift first
     attributes = monitor.observe(batch)
     token = _token(batch)
     if token is not None:
@@ -617,11 +710,28 @@ def observe_once(
             ref = weakref.ref(batch)
         except TypeError:
             return attributes
-        with _recent_lock:
-            _recent[key] = (ref, token, monitor, dict(attributes))
-            if len(_recent) > _RECENT:
-                _recent.popitem(last=False)
+        _remember(key, ref, token, monitor, dict(attributes))
     return attributes
+
+
+def share(later: Later) -> None:
+    """Offer the profile ``later`` is waiting for (its call was parked for a burst) to the
+    next consumer of the same batch: a model called with the DataLoader's batch follows
+    it (see :func:`observe_once`) instead of profiling the batch again."""
+    batch = later._batch
+    if batch is not None:
+        _remember(*batch, later.monitor, later)
+
+
+def _reset_after_fork() -> None:
+    """In a forked child: profiles the parent's bursts would make never come here."""
+    global _recent_lock, _handoff
+    _recent_lock = threading.Lock()
+    _handoff = threading.Condition(threading.Lock())
+    _recent.clear()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def _copy(table: Table) -> Table:

@@ -223,3 +223,32 @@ def test_a_failing_burst_costs_its_signals_never_its_spans(
     assert otel_dl.internal_error_counts()["signals.burst"] == before + 1
     assert semconv.DL_MODEL_FINGERPRINT in span.attributes
     assert semconv.DL_CONFIDENCE_MEAN not in span.attributes
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_quality_of_a_burst_is_each_batch_quality(dtype: type) -> None:
+    """quality_each over stacked batches equals batch_quality batch by batch: clean
+    batches, NaN and infinite values, values outside the range, and a feature the
+    reference has no range for."""
+    from otel_dl.quality import batch_quality, quality_each
+
+    rng = np.random.default_rng(5)
+    fit = rng.normal(size=(500, 5)).astype(dtype)
+    fit[:, 4] = np.nan  # no finite reference value: no range for feature 4
+    reference = Reference.fit(to_table(fit))
+    batches = []
+    for i in range(12):
+        batch = rng.normal(size=(int(rng.integers(1, 300)), 5)).astype(dtype)
+        if i % 3 == 1:
+            batch[0, 1] = np.nan
+        if i % 4 == 2:
+            batch[-1, 0] = np.inf if i % 2 else -np.inf
+        if i % 5 == 3:
+            batch[:, 2] *= 10
+        batches.append(batch)
+    for group in (batches, [b for b in batches if np.isfinite(b).all()], batches[:1]):
+        starts = np.cumsum([0] + [len(b) for b in group[:-1]]).tolist()
+        nan, outside = quality_each(reference, np.concatenate(group), starts)
+        want = [batch_quality(reference, reference.read(b)) for b in group]
+        assert nan == [w[0] for w in want]
+        assert outside == [w[1] for w in want]

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -10,7 +15,8 @@ from opentelemetry.trace import StatusCode
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import otel_dl
-from otel_dl import semconv
+from otel_dl import _burst, semconv
+from otel_dl._config import get_config, set_config
 from tests.support import SpanList
 
 
@@ -145,6 +151,7 @@ def test_each_span_records_one_low_cardinality_duration(spans: SpanList) -> None
     )
     x = torch.randn(1500, 3, generator=torch.Generator().manual_seed(5))
     list(DataLoader(TensorDataset(x), batch_size=250))
+    spans.get()  # parked batches record their duration when their burst ends their span
     points = [
         p
         for p in metric_points(semconv.METRIC_OPERATION_DURATION)
@@ -153,3 +160,178 @@ def test_each_span_records_one_low_cardinality_duration(spans: SpanList) -> None
     assert sum(p.count for p in points) - before == 6  # one record per batch span
     for point in points:
         assert set(point.attributes) <= {semconv.DL_STAGE, semconv.DL_COMPONENT}
+
+
+# --- Parked batches: profiled in bursts, spans made then ----------------------------------
+
+
+def _drifting_batches() -> torch.Tensor:
+    """Rows that a learned baseline (the first 1000) finds drifting later, with a NaN, an
+    infinity and values far outside the range on the way; 8990 rows, so the last batch
+    is a short one."""
+    x = torch.randn(8990, 4, generator=torch.Generator().manual_seed(11))
+    x[5000:, 1] += 2.5
+    x[3100, 0] = float("nan")
+    x[4200, 2] = float("inf")
+    x[6500:6510, 3] = 40.0
+    return x
+
+
+def _epoch(
+    tracer: Any,
+    spans: SpanList,
+    loader: DataLoader[Any],
+    delay_ms: int,
+    model: torch.nn.Module | None = None,
+    sample_every: int = 1,
+) -> tuple[list[Any], list[Any], Any, int, list[tuple[int, int]]]:
+    """One epoch of ``loader`` with ``signals_delay_ms=delay_ms``: the batch spans, the
+    model spans, the epoch span, the spans parked when the loop ended, and each batch's
+    (before ``next()``, after it) times."""
+    config = get_config()
+    set_config(dataclasses.replace(config, signals_delay_ms=delay_ms, sample_every=sample_every))
+    try:
+        spans.clear()
+        times = []
+        with torch.inference_mode(), tracer.start_as_current_span("epoch") as epoch:
+            iterator = iter(loader)
+            while True:
+                before = time.time_ns()
+                try:
+                    (batch,) = next(iterator)
+                except StopIteration:
+                    break
+                times.append((before, time.time_ns()))
+                if model is not None:
+                    model(batch)
+        parked = _burst.pending_spans()
+        return (
+            spans.get(semconv.SPAN_DATALOADER_BATCH),
+            spans.get(semconv.SPAN_INFERENCE),
+            epoch,
+            parked,
+            times,
+        )
+    finally:
+        set_config(config)
+
+
+def _signals_of(span: Any) -> dict[str, Any]:
+    return {k: v for k, v in span.attributes.items() if k.startswith("dl.")}
+
+
+@pytest.mark.parametrize(("batch_size", "sample_every"), [(300, 1), (2000, 1), (300, 10)])
+def test_parked_batches_get_what_they_would_get_at_the_call(
+    batch_size: int, sample_every: int, spans: SpanList, tracer: Any
+) -> None:
+    """Batches of 300 rows, and of 2000 (drift is fed a 1024-row subsample of each); with
+    sampling, each span's dl.sampling.rate too (1 for an abnormal batch, else 10)."""
+    x = _drifting_batches()
+    # Two loaders over the same rows: each learns its own baseline and drift window.
+    first, second = (DataLoader(TensorDataset(x), batch_size=batch_size) for _ in range(2))
+    at_call, _, _, none_parked, _ = _epoch(
+        tracer, spans, first, delay_ms=0, sample_every=sample_every
+    )
+    parked, _, epoch, some_parked, times = _epoch(
+        tracer, spans, second, delay_ms=100, sample_every=sample_every
+    )
+    if sample_every > 1:
+        assert {s.attributes[semconv.DL_SAMPLING_RATE] for s in parked} == {1, sample_every}
+    assert none_parked == 0 and some_parked > 0
+    assert len(at_call) == len(parked) == len(times) == -(-len(x) // batch_size)
+    for want, got, (before, after) in zip(at_call, parked, times, strict=True):
+        assert _signals_of(got) == _signals_of(want)
+        # Made in the burst, with the call's own parent and times.
+        assert got.parent.span_id == epoch.get_span_context().span_id
+        assert before <= got.start_time <= got.end_time <= after
+    statuses = [s.attributes.get(semconv.DL_DRIFT_STATUS) for s in parked]
+    assert "alert" in statuses  # the signals under comparison are not all trivial
+    assert any(s.attributes[semconv.DL_QUALITY_NAN_FRACTION] > 0 for s in parked)
+
+
+def test_a_model_given_a_parked_batch_takes_its_profile(spans: SpanList, tracer: Any) -> None:
+    x = _drifting_batches()
+    torch.manual_seed(0)
+    model = otel_dl.watch(torch.nn.Linear(4, 3).eval(), name="scorer")
+    loader = DataLoader(TensorDataset(x), batch_size=300)
+    batches, calls, epoch, parked, _ = _epoch(tracer, spans, loader, delay_ms=100, model=model)
+    assert parked > 0
+    assert len(batches) == len(calls) == 30
+    keys = (
+        semconv.DL_DATA_FINGERPRINT,
+        semconv.DL_QUALITY_NAN_FRACTION,
+        semconv.DL_QUALITY_OUT_OF_RANGE_FRACTION,
+        semconv.DL_DRIFT_STATUS,
+        semconv.DL_DRIFT_SCORE,
+    )
+    for batch, call in zip(batches, calls, strict=True):
+        assert call.parent.span_id == epoch.get_span_context().span_id
+        assert batch.end_time <= call.start_time  # the model ran after next() returned
+        for key in keys:
+            assert call.attributes.get(key) == batch.attributes.get(key), key
+        assert semconv.DL_CONFIDENCE_MEAN in call.attributes
+    # The model's own monitor never profiled a batch: it took the loader's profiles.
+    assert otel_dl._watch.ensure_state(model).monitor().feature_count is None
+
+
+def test_a_failing_burst_costs_parked_batches_their_signals_never_their_spans(
+    spans: SpanList, tracer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from otel_dl.monitor import FeatureMonitor
+
+    def broken(*_args: object) -> None:
+        raise RuntimeError("injected")
+
+    x = torch.randn(2000, 4, generator=torch.Generator().manual_seed(2))
+    model = otel_dl.watch(torch.nn.Linear(4, 3).eval(), name="scorer")
+    loader = DataLoader(TensorDataset(x), batch_size=250)
+    list(loader)  # the baseline is learned
+    monkeypatch.setattr(FeatureMonitor, "profile_burst", broken)
+    before = otel_dl.internal_error_counts().get("signals.burst", 0)
+    batches, calls, _, parked, _ = _epoch(tracer, spans, loader, delay_ms=100, model=model)
+    assert parked > 0
+    assert len(batches) == len(calls) == 8
+    assert otel_dl.internal_error_counts()["signals.burst"] > before
+    assert all(semconv.DL_DATA_FINGERPRINT not in s.attributes for s in batches)
+    assert [s.attributes[semconv.DL_BATCH_INDEX] for s in batches] == list(range(8))
+    assert all(s.attributes[semconv.DL_BATCH_SIZE] == 250 for s in batches)
+    assert all(s.attributes[semconv.DL_MODEL_NAME] == "scorer" for s in calls)
+
+
+def test_parked_batches_go_out_on_force_flush_and_at_exit(
+    handle: otel_dl.Instrumentation,
+) -> None:
+    x = torch.randn(3000, 4, generator=torch.Generator().manual_seed(4))
+    list(DataLoader(TensorDataset(x), batch_size=100))
+    assert _burst.pending_spans() > 0
+    assert handle.force_flush()
+    assert _burst.pending_spans() == 0
+
+    code = (
+        "import torch, otel_dl\n"
+        "from torch.utils.data import DataLoader, TensorDataset\n"
+        "otel_dl.instrument(traces_exporter='console', metrics_exporter='none',"
+        " propagation=False)\n"
+        "for _ in DataLoader(TensorDataset(torch.randn(3000, 4)), batch_size=100):\n"
+        "    pass\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
+    assert out.count('"name": "dataloader.batch"') == 30
+
+
+def test_a_parked_batch_changed_in_place_keeps_its_own_profile(spans: SpanList) -> None:
+    """The copy is taken at ``next()``: the loop's in-place change is not the loader's
+    batch, and the model, given the changed tensor, profiles it itself."""
+    x = torch.randn(2000, 4, generator=torch.Generator().manual_seed(6))
+    model = otel_dl.watch(torch.nn.Linear(4, 3).eval(), name="scorer")
+    loader = DataLoader(TensorDataset(x), batch_size=250)
+    with torch.no_grad():
+        for (batch,) in loader:
+            batch[0, 0] = float("nan")  # a version bump: no longer the profiled tensor
+            model(batch)
+    batches = spans.get(semconv.SPAN_DATALOADER_BATCH)
+    calls = spans.get(semconv.SPAN_INFERENCE)
+    assert all(s.attributes[semconv.DL_QUALITY_NAN_FRACTION] == 0.0 for s in batches)
+    assert all(s.attributes[semconv.DL_QUALITY_NAN_FRACTION] == 1 / 1000 for s in calls)
