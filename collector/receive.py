@@ -3,11 +3,20 @@
 Both receivers decode a request and hand it to a *sink*, a callable
 ``sink(request, raw) -> (rejected_spans, error_message)`` (the collector's
 ``ingest``), which may raise :class:`~.diskqueue.QueueFull` or
-:class:`~.decode.PayloadError`. Before decoding they ask a *gate*,
-``gate(waited)`` (the collector's ``admit``; ``waited`` is how long the request waited
-for a worker thread), which raises :class:`~.diskqueue.QueueFull` to refuse it; the
-HTTP receiver also asks before it reads the body. Responses follow the OTLP
-specification:
+:class:`~.decode.PayloadError`. They run requests on worker threads of their own
+(:class:`~.admission.TimedExecutor`) and ask a *gate*, ``gate(waited)`` (the
+collector's ``admit``), which raises :class:`~.diskqueue.QueueFull` to refuse a request:
+
+- as the request arrives, with how long it would wait for a worker: on OTLP/gRPC in
+  grpc's serving thread, before the request message is read, answering a refusal from
+  there; on OTLP/HTTP before the body is read. A refused request costs no worker, no
+  read and no decoding;
+- when a worker takes it, with how long it waited; while memory in use is above the
+  pace limit (:class:`~.admission.MemoryGuard`) the worker holds the request back,
+  asking again after every memory sample, until memory falls (at most
+  :data:`MAX_HOLD_SECONDS`).
+
+Responses follow the OTLP specification:
 
 - success, with ``partial_success`` (rejected spans and a message) when some spans
   were refused;
@@ -31,7 +40,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -44,7 +55,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
-from .admission import waited
+from .admission import TimedExecutor, memory_pressing, wait_for_memory_sample, waited
 from .decode import PayloadError
 from .diskqueue import QueueFull
 from .security import UNAUTHENTICATED_MESSAGE, BearerAuth
@@ -52,12 +63,17 @@ from .security import UNAUTHENTICATED_MESSAGE, BearerAuth
 Sink = Callable[[ExportTraceServiceRequest, bytes | None], tuple[int, str]]
 Gate = Callable[[float], None]
 RETRY_AFTER_SECONDS = 1
+MAX_HOLD_SECONDS = 2.0
+# Worker threads of each receiver. The work is Python under one interpreter lock: more
+# threads add no throughput, and each busy one delays grpc's serving thread and the
+# HTTP event loop (which answer refusals) a switch interval more.
+WORKERS = 4
 # Protobuf refuses messages nested deeper than 100; JSON gets the same bound.
 MAX_JSON_DEPTH = 100
 _PROTOBUF = "application/x-protobuf"
 _JSON = "application/json"
 _ID_FIELDS = ("traceId", "spanId", "parentSpanId")
-_SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
+_EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 
 
 def _hex_ids_to_base64(data: Any) -> None:
@@ -147,6 +163,9 @@ def _retry_info_trailer() -> tuple[tuple[str, bytes], ...]:
     return (("grpc-status-details-bin", status.SerializeToString()),)
 
 
+_RETRY_INFO_TRAILER = _retry_info_trailer()
+
+
 def _response(rejected: int, message: str) -> ExportTraceServiceResponse:
     response = ExportTraceServiceResponse()
     # rejected 0 with a message is the specification's way to send a warning.
@@ -160,31 +179,106 @@ def _open(_waited: float) -> None:
     """A gate that takes every request."""
 
 
-def add_grpc_receiver(server: grpc.Server, sink: Sink, gate: Gate = _open) -> None:
-    """Register the OTLP ``TraceService/Export`` method on ``server``.
-
-    The request arrives as raw bytes and is decoded here, so undecodable protobuf gets
-    ``INVALID_ARGUMENT`` with the cause rather than grpc's generic ``INTERNAL``, and a
-    valid request is journaled as received, without a second serialization.
+def _admit(gate: Gate) -> None:
+    """On a worker thread: ask ``gate`` with how long the request has waited, and while
+    memory in use is above the pace limit (:func:`~.admission.memory_pressing`), hold the
+    request back until it falls, asking again after each memory sample: the gate refuses
+    it once it has waited ``max_request_wait`` or memory is over its limit. A request is
+    held at most :data:`MAX_HOLD_SECONDS`.
     """
+    since = time.monotonic() - waited()
+    while True:
+        held = time.monotonic() - since
+        gate(held)
+        if held >= MAX_HOLD_SECONDS or not memory_pressing():
+            return
+        wait_for_memory_sample(MAX_HOLD_SECONDS - held)
 
-    def export(body: bytes, context: grpc.ServicerContext) -> ExportTraceServiceResponse:
+
+class _Inline(ThreadPoolExecutor):
+    """Runs a task at once on the thread that submits it: grpc's serving thread, for a
+    refusal, which reads nothing and only queues its status to be sent."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
         try:
-            gate(waited())
-            rejected, message = sink(decode_protobuf(body), body)
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:
+            future.set_exception(exc)
+        return future
+
+
+_INLINE = _Inline(max_workers=1)
+
+
+class _Refuse:
+    """A refused gRPC call's behaviour: back-pressure without reading the request."""
+
+    # grpc runs a behaviour on its own pool when it names one: this one on the serving thread.
+    experimental_thread_pool = _INLINE
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    def __call__(self, _requests: Any, context: grpc.ServicerContext) -> None:
+        context.set_trailing_metadata(_RETRY_INFO_TRAILER)
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self.message)
+
+
+class _Export:
+    """``TraceService/Export`` on a :class:`TimedExecutor` of its own."""
+
+    def __init__(self, sink: Sink, gate: Gate, workers: int) -> None:
+        self.sink = sink
+        self.gate = gate
+        self.experimental_thread_pool = TimedExecutor(workers, "otel-dl-otlp-grpc")
+
+    def __call__(self, body: bytes, context: grpc.ServicerContext) -> ExportTraceServiceResponse:
+        try:
+            _admit(self.gate)
+            rejected, message = self.sink(decode_protobuf(body), body)
         except QueueFull as exc:
-            context.set_trailing_metadata(_retry_info_trailer())
+            context.set_trailing_metadata(_RETRY_INFO_TRAILER)
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; retry later")
         except PayloadError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return _response(rejected, message)
 
-    handler = grpc.unary_unary_rpc_method_handler(
-        export, response_serializer=ExportTraceServiceResponse.SerializeToString
-    )
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(_SERVICE, {"Export": handler}),)
-    )
+
+class _TraceService(grpc.GenericRpcHandler):
+    """Asks the gate as each call arrives, on grpc's serving thread: a refused call is
+    answered there, before its request is read or a worker is taken."""
+
+    def __init__(self, sink: Sink, gate: Gate, workers: int) -> None:
+        self.export = _Export(sink, gate, workers)
+        self.gate = gate
+        self.accept = grpc.unary_unary_rpc_method_handler(
+            self.export, response_serializer=ExportTraceServiceResponse.SerializeToString
+        )
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        if details.method != _EXPORT:
+            return None
+        try:
+            self.gate(self.export.experimental_thread_pool.expected_wait())
+        except QueueFull as exc:
+            return grpc.stream_unary_rpc_method_handler(_Refuse(f"{exc}; retry later"))
+        return self.accept
+
+
+def add_grpc_receiver(
+    server: grpc.Server, sink: Sink, gate: Gate = _open, workers: int = WORKERS
+) -> None:
+    """Register the OTLP ``TraceService/Export`` method on ``server``.
+
+    The request arrives as raw bytes and is decoded here, so undecodable protobuf gets
+    ``INVALID_ARGUMENT`` with the cause rather than grpc's generic ``INTERNAL``, and a
+    valid request is journaled as received, without a second serialization. Requests
+    run on a pool of ``workers`` threads of the receiver's own; the gate is asked as a
+    call arrives, with how long it would wait for one of them, and again when it has
+    one, with how long it waited.
+    """
+    server.add_generic_rpc_handlers((_TraceService(sink, gate, workers),))
 
 
 def _supported_encoding(encoding: str) -> bool:
@@ -198,13 +292,23 @@ def http_routes(
     max_bytes: int,
     auth: BearerAuth | None = None,
     gate: Gate = _open,
+    workers: int = WORKERS,
 ) -> None:
     """Add ``POST /v1/traces`` to an aiohttp application.
 
     ``max_bytes`` bounds the body after decompression; give the application the same
-    ``client_max_size`` so aiohttp stops reading at that size.
+    ``client_max_size`` so aiohttp stops reading at that size. Requests are decoded and
+    handed to the sink on a pool of ``workers`` threads of the receiver's own (shut down
+    with the application); the gate is asked before the body is read, with how long the
+    request would wait for one of them, and again when it has one.
     """
     auth = auth or BearerAuth(None)
+    pool = TimedExecutor(workers, "otel-dl-otlp-http")
+
+    async def close_pool(_app: web.Application) -> None:
+        pool.shutdown(wait=False)
+
+    app.on_cleanup.append(close_pool)
 
     def respond(
         as_json: bool, response: ExportTraceServiceResponse, status: int = 200
@@ -232,7 +336,7 @@ def http_routes(
         )
 
     def handle_sync(body: bytes, as_json: bool) -> tuple[int, str]:
-        gate(waited())
+        _admit(gate)
         if as_json:
             return sink(decode_json(body), None)
         return sink(decode_protobuf(body), body)
@@ -263,7 +367,7 @@ def http_routes(
         if request.content_length is not None and request.content_length > max_bytes:
             return error(as_json, 413, too_large)
         try:
-            gate(0.0)  # refused before the body is read: no memory spent on it
+            gate(pool.expected_wait())  # refused before the body is read: nothing spent on it
         except QueueFull as exc:
             return backpressure(as_json, exc)
         try:
@@ -273,7 +377,7 @@ def http_routes(
         loop = asyncio.get_running_loop()
         try:
             # Decoding and the fsync'd journal write block; keep them off the event loop.
-            rejected, message = await loop.run_in_executor(None, handle_sync, body, as_json)
+            rejected, message = await loop.run_in_executor(pool, handle_sync, body, as_json)
         except QueueFull as exc:
             return backpressure(as_json, exc)
         except PayloadError as exc:

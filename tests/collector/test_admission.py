@@ -1,20 +1,39 @@
-"""The memory guard judges memory in use, not the resident set a burst leaves behind.
+"""Admission: what the collector takes, holds back or refuses, and when it decides.
 
+The memory guard judges memory in use, not the resident set a burst leaves behind.
 CPython's small-object allocator keeps an arena resident while any object in it lives,
 so after a burst is freed RSS stays near its peak. Judged on RSS alone, a collector
 that had handed every span on went on refusing data (tests/reliability/
 test_collector_overload.py saw it refuse in the first second after an overload, and
-once take nothing again after its first refusal). These tests use the real allocator
-and the process's real ``/proc/self/statm``: no mocks.
+once take nothing again after its first refusal).
+
+The receivers refuse a request as it arrives when it would wait longer than
+max_request_wait for a worker (before a gRPC request message or an HTTP body is read),
+hold a request back while memory in use is above the pace limit, and refuse it for
+memory when that does not let memory fall. These tests use real collectors, real gRPC
+and HTTP clients, the real allocator and the process's real ``/proc/self/statm``: no
+mocks. A stalled pipeline is its lock held; memory pressure is memory allocated.
 """
 
 from __future__ import annotations
 
 import gc
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
+import grpc
 import pytest
+import requests
+from google.rpc import error_details_pb2, status_pb2
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
 from otel_dl.collector import admission
+from otel_dl.collector.pipeline import Collector
+from otel_dl.collector.receive import WORKERS
+from tests.collector.conftest import EXPORT_METHOD, span_request
 
 MIB = 1 << 20
 # Bytes objects of 56 payload bytes: pymalloc's 96-byte class, 170 to a 16 KiB pool.
@@ -61,3 +80,258 @@ def test_freed_python_memory_is_free_for_the_guard_and_reused_before_rss_grows()
     assert guard.sample() is True  # now the memory is in use again: refuse
     assert guard.in_use > guard.soft_limit
     del again, survivors
+
+
+# --- the receivers' queues: refused as they arrive -----------------------------------------
+_PROTOBUF = {"Content-Type": "application/x-protobuf"}
+
+
+def test_timed_executor_expects_the_wait_and_forgets_cancelled_tasks() -> None:
+    pool = admission.TimedExecutor(1)
+    release = threading.Event()
+    try:
+        pool.submit(release.wait)
+        queued = [pool.submit(admission.waited) for _ in range(3)]
+        time.sleep(0.3)
+        assert pool.queued == 3
+        assert 0.25 < pool.expected_wait() < 1.0  # the oldest has waited 0.3 s
+        # A task cancelled before it starts (asyncio does it when a client goes away)
+        # leaves the figures at once, wherever it stands in the queue.
+        assert queued[0].cancel() and queued[2].cancel()
+        assert pool.queued == 1
+        release.set()
+        assert queued[1].result(timeout=5) >= 0.3
+        assert pool.queued == 0 and pool.expected_wait() == 0.0
+    finally:
+        release.set()
+        pool.shutdown()
+
+
+def _throttled(collector: Collector, reason: str) -> float:
+    return collector.metrics.requests_throttled.labels(reason)._value.get()
+
+
+def _grpc_export(channel: grpc.Channel, body: bytes, timeout: float = 10.0) -> Any:
+    return channel.unary_unary(
+        EXPORT_METHOD, response_deserializer=ExportTraceServiceResponse.FromString
+    ).future(body, timeout=timeout)
+
+
+def _retry_seconds(error: grpc.RpcError) -> float:
+    """The RetryInfo delay of a gRPC error, 0 without one."""
+    for key, value in error.trailing_metadata() or ():  # type: ignore[attr-defined]
+        if key == "grpc-status-details-bin":
+            for detail in status_pb2.Status.FromString(value).details:
+                info = error_details_pb2.RetryInfo()
+                if detail.Unpack(info):
+                    return info.retry_delay.seconds + info.retry_delay.nanos / 1e9
+    return 0.0
+
+
+def test_grpc_request_is_refused_as_it_arrives_when_it_would_wait_too_long(
+    make_collector: Callable[..., Collector],
+) -> None:
+    """The pipeline stalls (its lock held, as by a long decision round): the receiver's
+    workers block, requests queue behind them. Once the oldest has waited longer than
+    max_request_wait, a new request is refused at once, without waiting for a worker,
+    and those still queued are refused when a worker takes them; then requests are
+    taken again."""
+    collector = make_collector(max_request_wait=0.3)
+    body = span_request(1, 0, 2)
+    with grpc.insecure_channel(f"127.0.0.1:{collector.grpc_port}") as channel:
+        _grpc_export(channel, body).result(timeout=10)  # connected, workers warm
+        with collector._lock:
+            stuck = [_grpc_export(channel, span_request(1, i, 2)) for i in range(1, WORKERS + 5)]
+            time.sleep(0.6)
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as refused:
+                _grpc_export(channel, span_request(1, 99, 2)).result(timeout=10)
+            answered = time.monotonic() - started
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert _retry_seconds(refused.value) == 1.0
+            assert "max_request_wait" in refused.value.details()
+            assert answered < 0.3, f"refused after {answered:.2f} s"
+            assert _throttled(collector, "overload") == 1
+        codes = []
+        for future in stuck:
+            try:
+                future.result(timeout=10)
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as exc:
+                codes.append(exc.code())
+        # The workers had each taken one before the stall; the four queued waited too long.
+        assert codes.count(grpc.StatusCode.OK) == WORKERS
+        assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 4
+        _grpc_export(channel, span_request(1, 100, 2)).result(timeout=10)
+    assert _throttled(collector, "overload") == 5
+
+
+def test_http_request_is_refused_before_its_body_is_read_when_it_would_wait_too_long(
+    make_collector: Callable[..., Collector],
+) -> None:
+    collector = make_collector(max_request_wait=0.3)
+    url = f"http://127.0.0.1:{collector.http_port}/v1/traces"
+
+    def post(seq: int) -> requests.Response:
+        return requests.post(url, data=span_request(2, seq, 2), headers=_PROTOBUF, timeout=10)
+
+    assert post(0).status_code == 200
+    with ThreadPoolExecutor(WORKERS + 4) as senders:
+        with collector._lock:
+            stuck = [senders.submit(post, i) for i in range(1, WORKERS + 5)]
+            time.sleep(0.6)
+            started = time.monotonic()
+            refused = post(99)
+            answered = time.monotonic() - started
+            assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
+            assert "max_request_wait" in refused.text
+            assert answered < 0.3, f"refused after {answered:.2f} s"
+        statuses = sorted(f.result(timeout=10).status_code for f in stuck)
+    assert statuses == [200] * WORKERS + [429] * 4
+    assert post(100).status_code == 200
+    assert _throttled(collector, "overload") == 5
+
+
+# --- memory: held back above the pace limit, refused above the soft limit ------------------
+def _memory_limited(make_collector: Callable[..., Collector], **flags: Any) -> Collector:
+    """A collector whose pace limit is 40 MiB above the process's memory now."""
+    gc.collect()
+    limit_mib = int((admission.rss_bytes() + 40 * MIB) / admission.PACE_FRACTION / MIB) + 1
+    collector = make_collector(memory_limit_mib=limit_mib, **flags)
+    assert collector.memory is not None
+    return collector
+
+
+def _fill_to(guard: admission.MemoryGuard, level: int) -> bytearray:
+    """Memory, allocated and touched, that brings the guard's memory in use to ``level``."""
+    guard.sample()
+    blob = bytearray(b"\x01") * max(0, level - guard.in_use)
+    guard.sample()
+    return blob
+
+
+@pytest.mark.skipif(not admission.rss_supported(), reason="needs /proc/self/statm")
+def test_request_is_held_back_while_memory_is_above_the_pace_limit_then_taken(
+    make_collector: Callable[..., Collector],
+) -> None:
+    """Memory in use between the pace and the soft limit: a request is neither taken nor
+    refused; it waits, and is taken once memory falls (as when buffered spans are handed
+    on), within max_request_wait. Closed-loop senders slow down instead of being refused."""
+    collector = _memory_limited(make_collector, max_request_wait=5)
+    guard = collector.memory
+    assert guard is not None
+    middle = (guard.pace_limit + guard.soft_limit) // 2
+    url = f"http://127.0.0.1:{collector.http_port}/v1/traces"
+    with (
+        grpc.insecure_channel(f"127.0.0.1:{collector.grpc_port}") as channel,
+        ThreadPoolExecutor(1) as sender,
+    ):
+        _grpc_export(channel, span_request(3, 0, 2)).result(timeout=10)
+        blob = _fill_to(guard, middle)
+        assert guard.pressing and not guard.over, (guard.in_use >> 20, guard.pace_limit >> 20)
+        held_grpc = _grpc_export(channel, span_request(3, 1, 2))
+        held_http = sender.submit(
+            requests.post, url, data=span_request(3, 2, 2), headers=_PROTOBUF, timeout=10
+        )
+        time.sleep(0.5)
+        assert not held_grpc.done() and not held_http.done()
+        received = collector.metrics.spans_received._value.get()
+        del blob
+        held_grpc.result(timeout=5)
+        assert held_http.result(timeout=5).status_code == 200
+    assert collector.metrics.spans_received._value.get() == received + 20
+    assert sum(_throttled(collector, r) for r in ("memory", "overload", "disk")) == 0
+
+
+@pytest.mark.skipif(not admission.rss_supported(), reason="needs /proc/self/statm")
+def test_request_held_back_longer_than_max_request_wait_is_refused(
+    make_collector: Callable[..., Collector],
+) -> None:
+    collector = _memory_limited(make_collector, max_request_wait=0.5)
+    guard = collector.memory
+    assert guard is not None
+    with grpc.insecure_channel(f"127.0.0.1:{collector.grpc_port}") as channel:
+        _grpc_export(channel, span_request(4, 0, 2)).result(timeout=10)
+        blob = _fill_to(guard, (guard.pace_limit + guard.soft_limit) // 2)
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as refused:
+            _grpc_export(channel, span_request(4, 1, 2)).result(timeout=10)
+        held = time.monotonic() - started
+        del blob
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert _retry_seconds(refused.value) == 1.0
+    assert 0.5 <= held < 2.0
+    assert _throttled(collector, "overload") == 1
+
+
+@pytest.mark.skipif(not admission.rss_supported(), reason="needs /proc/self/statm")
+def test_request_is_refused_as_it_arrives_while_memory_is_over_the_soft_limit(
+    make_collector: Callable[..., Collector],
+) -> None:
+    collector = _memory_limited(make_collector)
+    guard = collector.memory
+    assert guard is not None
+    url = f"http://127.0.0.1:{collector.http_port}/v1/traces"
+    with grpc.insecure_channel(f"127.0.0.1:{collector.grpc_port}") as channel:
+        _grpc_export(channel, span_request(5, 0, 2)).result(timeout=10)
+        blob = _fill_to(guard, guard.soft_limit + 8 * MIB)
+        assert guard.over
+        with pytest.raises(grpc.RpcError) as refused:
+            _grpc_export(channel, span_request(5, 1, 2)).result(timeout=10)
+        answer = requests.post(url, data=span_request(5, 2, 2), headers=_PROTOBUF, timeout=10)
+        del blob
+        deadline = time.monotonic() + 5
+        while guard.pressing and time.monotonic() < deadline:
+            time.sleep(admission._SAMPLE_SECONDS)
+        _grpc_export(channel, span_request(5, 3, 2)).result(timeout=10)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert _retry_seconds(refused.value) == 1.0
+    assert "memory" in refused.value.details()
+    assert answer.status_code == 429 and answer.headers["Retry-After"] == "1"
+    assert _throttled(collector, "memory") == 2
+
+
+@pytest.mark.skipif(not admission.rss_supported(), reason="needs /proc/self/statm")
+def test_guard_refuses_once_memory_stays_above_the_pace_limit_until_it_falls_below_it() -> None:
+    """Holding requests back must let memory fall: memory in use still above the pace
+    limit after PRESS_SECONDS means the data in memory is not being handed on (traces
+    held for their decision), and new data is refused. Refusing then stops only below
+    the pace limit, so it does not flap as single requests come and go."""
+    gc.collect()
+    guard = admission.MemoryGuard(int((admission.rss_bytes() + 40 * MIB) / admission.PACE_FRACTION))
+    middle = (guard.pace_limit + guard.soft_limit) // 2
+    blob = _fill_to(guard, middle)
+    assert guard.sample() is False and guard.pressing
+    time.sleep(admission.PRESS_SECONDS)
+    assert guard.sample() is True, "still pressing after PRESS_SECONDS"
+    more = _fill_to(guard, guard.soft_limit + 8 * MIB)
+    assert guard.sample() is True
+    del more  # back between the limits: still refusing
+    assert guard.sample() is True and guard.pressing
+    del blob
+    assert guard.sample() is False and not guard.pressing
+
+
+@pytest.mark.skipif(not admission.rss_supported(), reason="needs /proc/self/statm")
+def test_request_held_back_while_memory_does_not_fall_is_refused_for_memory(
+    make_collector: Callable[..., Collector],
+) -> None:
+    collector = _memory_limited(make_collector, max_request_wait=5)
+    guard = collector.memory
+    assert guard is not None
+    url = f"http://127.0.0.1:{collector.http_port}/v1/traces"
+    with grpc.insecure_channel(f"127.0.0.1:{collector.grpc_port}") as channel:
+        _grpc_export(channel, span_request(6, 0, 2)).result(timeout=10)
+        blob = _fill_to(guard, (guard.pace_limit + guard.soft_limit) // 2)
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as refused:
+            _grpc_export(channel, span_request(6, 1, 2)).result(timeout=10)
+        held = time.monotonic() - started
+        answer = requests.post(url, data=span_request(6, 2, 2), headers=_PROTOBUF, timeout=10)
+        del blob
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "memory" in refused.value.details()
+    assert held < admission.PRESS_SECONDS + 1.0
+    assert answer.status_code == 429 and answer.headers["Retry-After"] == "1"
+    assert _throttled(collector, "memory") == 2
+    assert _throttled(collector, "overload") == 0

@@ -6,9 +6,12 @@ same run: closed-loop senders (each sends its next request once the last is answ
 over OTLP/gRPC and OTLP/HTTP, spans acknowledged per second. Then an open-loop client
 offers three times that, on schedule whatever the answers. The collector must answer
 the excess with back-pressure (HTTP 429 with Retry-After, gRPC RESOURCE_EXHAUSTED with
-a RetryInfo), keep its peak RSS (``VmHWM``) under the limit, and deliver every span it
-acknowledged. A second test holds traces in memory so that only the memory limit can
-stop RSS from growing; a third checks the option itself.
+a RetryInfo), keep its peak RSS (``VmHWM``) under the limit, deliver every span it
+acknowledged, and take a closed-loop burst right after the overload without refusing
+any of it. Its goodput, spans acknowledged per second while overloaded (measured after
+a warm-up, as the capacity is), is reported against the target of 90 % of the
+capacity. A second test holds traces in memory so that only the memory limit can stop
+RSS from growing; a third checks the option itself.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import threading
 import time
 from pathlib import Path
 
+from otel_dl.collector.admission import PRESS_SECONDS
 from otel_dl.collector.config import load_config
 from tests.collector.conftest import (
     BACKPRESSURE,
@@ -36,8 +40,12 @@ LIMIT_MIB = 256
 SENDERS = 8
 WARMUP = scale(1.0, 3.0)
 MEASURE = scale(2.5, 20.0)
+OVERLOAD_WARMUP = scale(1.0, 5.0)
 OVERLOAD = scale(4.0, 60.0)
 FACTOR = 3
+# Goodput under overload, as a share of the capacity, that a server shedding load well
+# keeps: reported, not asserted (see the note in the figures).
+GOODPUT_TARGET = 0.9
 DRAIN_SECONDS = scale(60, 180)
 _THROTTLED = "otel_dl_collector_requests_throttled_total"
 
@@ -127,9 +135,11 @@ def test_overload_at_three_times_capacity_gets_back_pressure_within_the_memory_l
                 collector, senders=SENDERS, traces_per_request=20, rate=rate, first_index=101
             ) as flood:
                 flood.phase = "overload"
-                delivered0 = backend.unique()
+                time.sleep(OVERLOAD_WARMUP)
+                acked0, delivered0 = flood.acked_spans(), backend.unique()
                 cpu0 = collector.cpu_seconds()
                 time.sleep(OVERLOAD)
+                acked_in_overload = flood.acked_spans() - acked0
                 delivered_in_overload = backend.unique() - delivered0
                 overload_cpu = (collector.cpu_seconds() - cpu0) / OVERLOAD
             overload_rss = watch.peak_rss
@@ -150,6 +160,7 @@ def test_overload_at_three_times_capacity_gets_back_pressure_within_the_memory_l
 
     not_sent = flood.answers()[TOO_MANY_IN_FLIGHT]
     offered = (flood.offered_requests() - not_sent) * flood.spans_per_request
+    flood_seconds = OVERLOAD_WARMUP + OVERLOAD
     answers = flood.answers()
     grpc, http = flood.answers(protocol="grpc"), flood.answers(protocol="http")
     others = {a: n for a, n in answers.items() if a not in (OK, BACKPRESSURE)}
@@ -160,16 +171,16 @@ def test_overload_at_three_times_capacity_gets_back_pressure_within_the_memory_l
     }
     after_answers = after.answers()
     limit = LIMIT_MIB << 20
-    factor = offered / OVERLOAD / capacity
-    share = flood.acked_spans() / OVERLOAD / capacity
+    factor = offered / flood_seconds / capacity
+    share = acked_in_overload / OVERLOAD / capacity
     table = [
         ["phase", "seconds", "offered spans/s", "acknowledged spans/s", "delivered spans/s",
          "back-pressure answers", "collector CPU", "peak RSS"],
         ["capacity (closed loop)", f"{MEASURE:g}", "as answered", f"{acked_rate:,.0f}",
          f"{delivered_rate:,.0f}", f"{closed.answers()[BACKPRESSURE]:,}",
          f"{capacity_cpu:.0%} of a core", _mib(capacity_rss)],
-        [f"{FACTOR}x (open loop)", f"{OVERLOAD:g}", _rate(offered, OVERLOAD),
-         _rate(flood.acked_spans(), OVERLOAD), _rate(delivered_in_overload, OVERLOAD),
+        [f"{FACTOR}x (open loop)", f"{OVERLOAD:g}", _rate(offered, flood_seconds),
+         _rate(acked_in_overload, OVERLOAD), _rate(delivered_in_overload, OVERLOAD),
          f"{answers[BACKPRESSURE]:,} (gRPC {grpc[BACKPRESSURE]:,}, HTTP {http[BACKPRESSURE]:,})",
          f"{overload_cpu:.0%} of a core", _mib(overload_rss)],
     ]  # fmt: skip
@@ -177,33 +188,25 @@ def test_overload_at_three_times_capacity_gets_back_pressure_within_the_memory_l
     (held if factor >= 0.9 * FACTOR else did_not_hold).append(
         f"The open-loop client offered {factor:.2f}x the measured capacity of "
         f"{capacity:,.0f} spans/s ({SENDERS} senders, half OTLP/gRPC, half OTLP/HTTP, "
-        f"{flood.offered_requests() - not_sent:,} requests of 100 spans in {OVERLOAD:.0f} s)."
+        f"{flood.offered_requests() - not_sent:,} requests of 100 spans in "
+        f"{flood_seconds:.0f} s)."
     )
     (held if answers[BACKPRESSURE] and not flood.no_retry_hint() else did_not_hold).append(
-        f"The collector acknowledged {answers[OK]:,} requests "
-        f"({share:.0%} of capacity) and refused "
+        f"The collector acknowledged {answers[OK]:,} requests and refused "
         f"{answers[BACKPRESSURE]:,} with back-pressure, {flood.no_retry_hint()} of them "
         "without a retry hint (HTTP 429 with Retry-After, gRPC RESOURCE_EXHAUSTED with a "
-        f"RetryInfo); by reason: {reasons['overload']:,} waited over max_request_wait (2 s), "
-        f"{reasons['memory']:,} memory, {reasons['disk']:,} disk."
+        f"RetryInfo); by reason: {reasons['overload']:,} would have waited, or had waited, "
+        f"over max_request_wait (2 s), {reasons['memory']:,} memory, {reasons['disk']:,} disk."
     )
-    if share < 0.9:
-        held.append(
-            f"Overloaded, the collector acknowledged {share:.0%} of its closed-loop capacity "
-            f"and delivered {delivered_in_overload / OVERLOAD:,.0f} spans/s, with "
-            f"{overload_cpu:.0%} of a core busy ({capacity_cpu:.0%} at capacity): part of "
-            "its one interpreter's time went to refusing "
-            f"{answers[BACKPRESSURE] / OVERLOAD:,.0f} requests/s, and the client offering "
-            f"the load shared the machine's {os.cpu_count()} cores with it."
-        )
-    if share > 1.1:
-        held.append(
-            f"Overloaded, the collector acknowledged {share:.0%} of the closed-loop capacity: "
-            "with the open loop every worker thread always has a request waiting, where "
-            "closed-loop senders leave gaps between an answer and their next request, and "
-            "requests queued in the first seconds are still taken until they have waited "
-            "max_request_wait."
-        )
+    (held if share >= GOODPUT_TARGET else did_not_hold).append(
+        f"Overloaded, the collector acknowledged {share:.0%} of its closed-loop capacity "
+        f"({acked_in_overload / OVERLOAD:,.0f} spans/s over {OVERLOAD:g} s after a "
+        f"{OVERLOAD_WARMUP:g} s warm-up) and delivered {delivered_in_overload / OVERLOAD:,.0f} "
+        f"spans/s, with {overload_cpu:.0%} of a core busy ({capacity_cpu:.0%} at capacity); "
+        f"it refused {answers[BACKPRESSURE] / flood_seconds:,.0f} requests/s, and the client "
+        f"offering the load shared the machine's {os.cpu_count()} cores with it. The "
+        f"target is {GOODPUT_TARGET:.0%}."
+    )
     if capacity_cpu < 0.8:
         did_not_hold.append(
             f"The collector used only {capacity_cpu:.0%} of a core while its capacity was "
@@ -264,6 +267,32 @@ def test_overload_at_three_times_capacity_gets_back_pressure_within_the_memory_l
             "refused for memory, and it still refused 4 requests in the first second after "
             "the overload. It now judges memory in use: RSS less what that allocator holds "
             "free for reuse (collector/admission.py).",
+            "**Found and fixed by this test.** Overloaded at 3x, a request was refused only "
+            "once it had waited max_request_wait (2 s) for a worker thread: 1,500 to 2,600 "
+            "requests sat in the receivers' queues, accepted ones were answered after up "
+            "to 7 s, some got gRPC CANCELLED instead of an answer (145 in a full-scale "
+            "run, which fails this test), and "
+            "between bursts of refusals for memory (14,000 of them) the receivers took "
+            "spans faster than the decision thread hands them on, so a burst after the "
+            "overload could fill memory past the soft limit before the first trace was "
+            "decided. A request is now refused as it arrives when the queue ahead of it "
+            "would make it wait longer than max_request_wait (on OTLP/gRPC in grpc's "
+            "serving thread, before the request message is read; on OTLP/HTTP before "
+            "the body is read), and while memory in use is between 75 % and 80 % of the "
+            "limit a request is held back, not refused, until the data in memory has "
+            "been handed on (collector/receive.py, collector/admission.py). Back to back "
+            "at full scale on the same machine: goodput 68 % before, 72 % after; no "
+            "refusal for memory, no CANCELLED answer, accepted answers p99 2.5 s instead "
+            "of 6.3 s, at most 1,131 requests in flight instead of 2,205, peak RSS 218 MiB "
+            "instead of 243 MiB.",
+            "**Not yet at the target.** Where goodput goes, from the collector's CPU time "
+            "per thread over a 60 s overload (46 ms of CPU per 1,000 acknowledged spans at "
+            "capacity, 61 overloaded): answering the three refused requests that come "
+            "with each accepted one costs 10 ms (aiohttp's event loop 3.8, grpc's serving "
+            "thread 3.9, grpc's C core 2.2), about 0.3 ms per refusal, in the same "
+            "interpreter as the decision thread; the worker threads' ingest takes 4 ms "
+            "more per 1,000 spans with more threads busy. A cheaper pipeline raises the "
+            "capacity and with it the refusals per second, so this share grows.",
         ],
     )
     assert factor >= 0.9 * FACTOR, f"offered only {factor:.2f}x capacity"
@@ -311,10 +340,10 @@ def test_memory_limit_refuses_data_before_rss_reaches_it(tmp_path: Path) -> None
     held, did_not_hold = [], []
     (held if memory_refusals and peak_rss < limit else did_not_hold).append(
         f"With traces held {hold:.0f} s for their decision and 4 closed-loop senders for "
-        f"{seconds:.0f} s, the collector refused {memory_refusals:,.0f} requests because its "
-        f"memory in use was over the soft limit ({_mib(limit * 0.8)}, 80 % of "
-        f"memory_limit_mib "
-        f"{limit_mib}); peak RSS (VmHWM) was {_mib(peak_rss)}, idle {_mib(idle_rss)}."
+        f"{seconds:.0f} s, the collector refused {memory_refusals:,.0f} requests for memory "
+        f"(memory in use over the soft limit, {_mib(limit * 0.8)}, 80 % of memory_limit_mib "
+        f"{limit_mib}, or still over 75 % after requests were held back for "
+        f"{PRESS_SECONDS:g} s); peak RSS (VmHWM) was {_mib(peak_rss)}, idle {_mib(idle_rss)}."
     )
     (held if later[OK] else did_not_hold).append(
         f"It took data again as held traces were handed on: after the first refusal, "
