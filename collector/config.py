@@ -277,16 +277,16 @@ OPTIONS: tuple[CollectorOption, ...] = (
     _key(
         "max_request_wait",
         number,
-        "seconds a request may wait for a worker before it is refused with back-pressure; "
-        "0 never refuses",
+        "seconds a request may wait for a worker: one that would wait longer is refused "
+        "with back-pressure as it arrives, before it is read; 0 never refuses",
         non_negative,
         metavar="SECONDS",
     ),
     _key(
         "memory_limit_mib",
         integer,
-        "resident memory (MiB) to stay under: new data is refused with back-pressure above "
-        "80 % of it; 0 sets no limit",
+        "resident memory (MiB) to stay under: requests are held back above 75 % and "
+        "refused above 80 % of it; 0 sets no limit",
         non_negative,
         metavar="MIB",
     ),

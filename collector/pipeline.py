@@ -256,7 +256,8 @@ class Collector:
     def admit(self, waited: float = 0.0) -> None:
         """Raise :class:`QueueFull` (back-pressure) when no request should be taken now.
 
-        ``waited``: seconds the request waited for a worker thread. See admission.py.
+        ``waited``: seconds the request waited, or would wait, for a worker thread. See
+        admission.py.
         """
         if self.budget.full:
             self.metrics.requests_throttled.labels("disk").inc()
@@ -268,15 +269,17 @@ class Collector:
             self.metrics.requests_throttled.labels("memory").inc()
             raise QueueFull(
                 f"collector memory in use {self.memory.in_use >> 20} MiB (resident "
-                f"{self.memory.rss >> 20} MiB) is over its soft limit of "
-                f"{self.memory.soft_limit >> 20} MiB (80 % of memory_limit_mib)"
+                f"{self.memory.rss >> 20} MiB) is over its limit: refused above "
+                f"{self.memory.soft_limit >> 20} MiB (80 % of memory_limit_mib), or above "
+                f"{self.memory.pace_limit >> 20} MiB (75 %) once requests held back did not "
+                "bring it down"
             )
         limit = self.config.max_request_wait
         if limit and waited > limit:
             self.metrics.requests_throttled.labels("overload").inc()
             raise QueueFull(
-                f"overloaded: the request waited {waited:.1f} s for a worker "
-                f"(max_request_wait {limit:g} s)"
+                f"overloaded: the request would wait, or waited, {waited:.1f} s for a "
+                f"worker (max_request_wait {limit:g} s)"
             )
 
     def ingest(
