@@ -48,7 +48,7 @@ from otel_dl._config import get_config
 from otel_dl._guard import instrumentation_enabled, report_internal_error
 from otel_dl._span import DlCall, DlSpan, base_attributes
 from otel_dl._watch import WatchState, ensure_state, watch_state
-from otel_dl.monitor import LATER_MAX_VALUES, combine, observe_once, share
+from otel_dl.monitor import combine, observe_once, share
 
 from ._base import DlInstrumentor, Patches
 
@@ -219,11 +219,6 @@ class DataLoaderInstrumentor(DlInstrumentor):
         call.finish(end_ns)
 
 
-PARK_MAX_VALUES = LATER_MAX_VALUES
-"""A batch of at most this many feature values is parked (copied, profiled in a burst);
-a larger one is profiled at the call."""
-
-
 def _signals(state: WatchState, batch: Any, park: bool = False) -> dict[str, Any]:
     """Batch size, and the drift, quality and fingerprint of the batch's features; with
     ``park``, those of a batch :meth:`~otel_dl.monitor.FeatureMonitor.burst_inputs` takes
@@ -236,6 +231,6 @@ def _signals(state: WatchState, batch: Any, park: bool = False) -> dict[str, Any
     config = get_config()
     if features is not None and config.signals:
         later = park and config.signals_delay_ms > 0
-        found = observe_once(state.monitor(), features, later=later, max_values=PARK_MAX_VALUES)
+        found = observe_once(state.monitor(), features, later=later, shared=True)
         return combine(out, found)
     return out

@@ -1,14 +1,15 @@
 """Calls' signals, computed a burst at a time, off the caller's path.
 
 A model served one request at a time pays numpy's fixed cost per call dozens of times
-for a handful of values: profiling one row costs more than the span. So a call of at
-most :data:`~otel_dl.monitor.BURST_MAX_ROWS` rows does only constant work when it ends:
-its extractors return a :class:`~otel_dl.monitor.Later` holding private copies of its
-inputs and scores, and :func:`submit` parks its span here, open, with its end time. A
-batch call's confidence goes the same way, as a copy of the rows its figures cover.
+for a handful of values: profiling one row costs more than the span. And right after a
+forward, numpy's code and data are cold: profiling a 256-row batch there costs about
+twice what it costs among other batches. So a call whose inputs hold at most
+:data:`~otel_dl.monitor.BURST_MAX_VALUES` feature values does only constant work when it
+ends: its extractors return a :class:`~otel_dl.monitor.Later` holding private copies of
+its inputs and of the score rows its confidence covers, and :func:`submit` parks its
+span here, open, with its end time.
 
-A DataLoader batch of at most 65,536 feature values goes the same way with its span
-not even started: the instrumentor keeps the context current at ``next()`` and the
+A DataLoader batch goes the same way with its span not even started: the instrumentor keeps the context current at ``next()`` and the
 call's times (:meth:`~otel_dl._span.DlSpan.defer_start`), and the burst makes the span
 whole, with every attribute. A model called with that very batch takes the batch's
 profile when the burst has made it (``Later.source``): its span ends once both its own

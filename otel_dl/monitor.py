@@ -134,9 +134,11 @@ def _concat(tables: list[Table]) -> Table:
 MIN_BINNED_ROWS = 128
 """Rows the monitor queues at least before binning them into the drift window."""
 
-BURST_MAX_ROWS = 16
-"""Calls of at most this many rows may have their signals computed later, in a burst
-with other small calls (see :meth:`FeatureMonitor.profile_burst`)."""
+BURST_MAX_VALUES = 1 << 16
+"""A call's inputs of at most this many feature values (256 KiB in float32), and its
+scores of at most this many values, may have their signals computed later, in a burst
+with other calls of the same source (see :meth:`FeatureMonitor.profile_burst`): a
+request of a few rows as well as a batch of 256 rows of 32 features."""
 
 
 class Later(dict[str, Any]):
@@ -235,10 +237,6 @@ def combine(*parts: Mapping[str, Any]) -> dict[str, Any]:
         return out
     later.update(out)
     return later
-
-
-LATER_MAX_VALUES = 1 << 16
-"""Most values of an output whose every row a burst's copy keeps (256 KiB in float32)."""
 
 
 def _float_rows(value: Any) -> np.ndarray | None:
@@ -434,15 +432,16 @@ class FeatureMonitor:
         """What :meth:`confidence` gives, left for :meth:`profile_burst` when it can be: a
         :class:`Later` holding a copy of the rows the figures cover (the same rows
         :meth:`confidence` would read) of a 2-D CPU output of two or more classes. Other
-        outputs, and an exact call whose output exceeds ``LATER_MAX_VALUES``, are
+        outputs, and an exact call whose output exceeds ``BURST_MAX_VALUES``, are
         summarised now. ``sample=False``: always on every prediction."""
         scores = _float_rows(outputs)
         if scores is None or scores.shape[1] < 2:
             return self.confidence(outputs) if sample else self._exact(outputs)
         rows, limit = len(scores), self.config.confidence_rows
-        if sample and rows > limit and not self._exact_call():
+        # Every call counts towards the drift_every-th exact one, as in confidence().
+        if sample and not self._exact_call() and rows > limit:
             return Later(self, scores=scores[_spaced(rows, limit)], predictions=rows)
-        if scores.size > LATER_MAX_VALUES:
+        if scores.size > BURST_MAX_VALUES:
             return self._exact(outputs)
         return Later(self, scores=np.array(scores, order="C"))
 
@@ -451,12 +450,11 @@ class FeatureMonitor:
 
     # -- bursts of small calls ----------------------------------------------------------
 
-    def burst_inputs(self, batch: Any, max_values: int | None = None) -> np.ndarray | None:
+    def burst_inputs(self, batch: Any) -> np.ndarray | None:
         """A private copy of ``batch`` when its signals can wait for :meth:`profile_burst`:
-        a 2-D float32/float64 numpy array or CPU tensor of at most ``BURST_MAX_ROWS`` rows
-        (or, given ``max_values``, of at most that many values: a DataLoader batch), read
-        as this monitor's reference's numeric features. None otherwise (before the
-        reference exists, too): observe such a batch now."""
+        a 2-D float32/float64 numpy array or CPU tensor of at most ``BURST_MAX_VALUES``
+        values, read as this monitor's reference's numeric features. None otherwise
+        (before the reference exists, too): observe such a batch now."""
         reference = self._reference
         if reference is None or getattr(batch, "ndim", 0) != 2:
             return None
@@ -466,7 +464,7 @@ class FeatureMonitor:
         values = _float_rows(batch)
         if values is None:
             return None
-        if len(values) > BURST_MAX_ROWS if max_values is None else values.size > max_values:
+        if values.size > BURST_MAX_VALUES:
             return None
         values = np.array(values, order="C")
         key = (values.dtype, features)
@@ -658,16 +656,17 @@ def observe_once(
     batch: Any,
     *,
     later: bool = False,
-    max_values: int | None = None,
+    shared: bool = False,
 ) -> dict[str, AttributeValue]:
     """``monitor.observe(batch)``, or the profile another monitor already made of this very
     array or tensor (the same object, unchanged since), when ``monitor`` has no reference
     of its own or the same one. A DataLoader batch passed on to a model is so profiled
     once; the same batch given to the same source again is a new observation. With
-    ``later``, a batch :meth:`FeatureMonitor.burst_inputs` takes (``max_values`` as it
-    reads it) comes back as a :class:`Later` instead of being profiled now, and so does
-    a batch whose other monitor's profile is still waiting for its burst (a Later whose
-    ``source`` it is); without ``later`` that burst is profiled now.
+    ``later``, a batch :meth:`FeatureMonitor.burst_inputs` takes comes back as a
+    :class:`Later` instead of being profiled now, and so does a batch whose other
+    monitor's profile is still waiting for its burst (a Later whose ``source`` it is);
+    without ``later`` that burst is profiled now. ``shared``: the batch goes on to other
+    consumers (a DataLoader's), so a parked one can be offered to them (:func:`share`).
 
     "Unchanged" is a tensor's version counter, which in-place torch operations bump (a
     write through a numpy view of the tensor does not), or an array's probed values."""
@@ -692,10 +691,10 @@ def observe_once(
                 return Later(monitor, source=found)
             return found.resolved()
     if later:
-        inputs = monitor.burst_inputs(batch, max_values)
+        inputs = monitor.burst_inputs(batch)
         if inputs is not None:
             parked = Later(monitor, inputs=inputs)
-            if max_values is not None:  # a batch others may be given next: see share()
+            if shared:  # a batch others may be given next: see share()
                 token = _token(batch)
                 if token is not None:
                     with contextlib.suppress(TypeError):

@@ -15,7 +15,7 @@ from sklearn.linear_model import LogisticRegression
 
 import otel_dl
 from otel_dl import _burst, semconv
-from otel_dl.monitor import BURST_MAX_ROWS, FeatureMonitor, Later
+from otel_dl.monitor import BURST_MAX_VALUES, FeatureMonitor, Later
 from otel_dl.reference import Reference
 from otel_dl.table import to_table
 from tests.support import EXPORTER, SpanList
@@ -45,14 +45,15 @@ def handle() -> Iterator[otel_dl.Instrumentation]:
 
 
 def _calls(seed: int, dtype: type) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Small calls of iris-like inputs and 3-class outputs: clean ones, NaN and infinite
-    inputs, values outside the reference's range, probabilities, logits, NaN and -inf
-    scores, one row or several."""
+    """Calls of iris-like inputs and 3-class outputs: clean ones, NaN and infinite inputs,
+    values outside the reference's range, probabilities, logits, NaN and -inf scores, one
+    row, several, or a batch."""
     rng = np.random.default_rng(seed)
     x, _ = load_iris(return_X_y=True)
     calls = []
     for i in range(40):
-        rows = int(rng.integers(1, BURST_MAX_ROWS + 1))
+        # Requests of a few rows, and now and then a batch of 256.
+        rows = 256 if i % 10 == 9 else int(rng.integers(1, 17))
         inputs = x[rng.integers(0, len(x), rows)].astype(dtype)
         logits = rng.normal(0, 3, (rows, 3)).astype(dtype)
         if i % 5 == 1:
@@ -86,7 +87,9 @@ def test_a_burst_gives_each_call_what_it_would_get_alone(dtype: type) -> None:
     laters = [burst.confidence_later(s) for _, s in calls]
     assert all(i is not None for i in inputs)
     assert all(isinstance(later, Later) for later in laters)
-    found = burst.profile_burst(inputs, [later.scores for later in laters])
+    found = burst.profile_burst(
+        inputs, [later.scores for later in laters], [later.predictions for later in laters]
+    )
     for want, got in zip(expected, found, strict=True):
         assert {k for k in want if k in _SIGNALS} == {k for k in got if k in _SIGNALS}
         for key in _SIGNALS:
@@ -137,7 +140,9 @@ def test_what_a_burst_cannot_take_is_observed_now() -> None:
     x, _ = load_iris(return_X_y=True)
     fitted = FeatureMonitor(Reference.fit(to_table(x)))
     assert FeatureMonitor().burst_inputs(x[:1]) is None  # no reference yet: baseline first
-    assert fitted.burst_inputs(x[: BURST_MAX_ROWS + 1]) is None  # a batch, not a request
+    big = np.tile(x, (BURST_MAX_VALUES // x.size + 1, 1))
+    assert fitted.burst_inputs(big) is None  # profiled at the call: too large to copy
+    assert fitted.burst_inputs(big[: BURST_MAX_VALUES // x.shape[1]]) is not None
     assert fitted.burst_inputs(x[:1, :3]) is None  # another width than the reference's
     assert fitted.burst_inputs(x[:1].astype(np.float16)) is None
     # One column (a sigmoid) is summarised at once.
