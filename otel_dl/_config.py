@@ -203,7 +203,7 @@ OPTIONS: tuple[Option, ...] = (
         "signals_delay_ms",
         "OTEL_DL_SIGNALS_DELAY_MS",
         int,
-        "calls of at most 16 rows, and DataLoader batches of at most 65,536 feature values,"
+        "model calls and DataLoader batches whose inputs hold at most 65,536 feature values"
         " get their signals computed together (and a DataLoader batch its span made), in"
         " bursts of 16 calls or this many milliseconds after the call at most (0: each at"
         " its call's end)",
