@@ -24,6 +24,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -42,7 +43,7 @@ from .export import Exporter, queue_item
 from .faults import FaultProcessor
 from .metrics import SIGNAL_ATTRIBUTES, CollectorMetrics
 from .notify import Notifier
-from .receive import add_grpc_receiver, http_routes
+from .receive import GRPC_SERVER_OPTIONS, add_grpc_receiver, http_routes
 from .security import BearerAuth, grpc_credentials, server_ssl_context
 from .spans import operation_of
 from .store import FaultStore
@@ -153,11 +154,14 @@ class Collector:
 
     def _start_grpc(self) -> None:
         server = grpc.server(
-            # Timed, so a request that waited too long for a worker can be refused.
-            TimedExecutor(max_workers=8, thread_name_prefix="otel-dl-grpc"),
+            # For methods other than Export (none is served): Export has its own pool.
+            ThreadPoolExecutor(max_workers=2, thread_name_prefix="otel-dl-grpc"),
             interceptors=self._auth.grpc_interceptors(),
-            # grpc answers a larger message (after decompression) with RESOURCE_EXHAUSTED.
-            options=[("grpc.max_receive_message_length", self.config.max_request_bytes)],
+            options=[
+                # grpc answers a larger message (after decompression) with RESOURCE_EXHAUSTED.
+                ("grpc.max_receive_message_length", self.config.max_request_bytes),
+                *GRPC_SERVER_OPTIONS,
+            ],
         )
         add_grpc_receiver(server, self.ingest, self.admit)
         address = f"{self.config.host}:{self.config.grpc_port}"

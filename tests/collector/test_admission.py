@@ -17,9 +17,11 @@ mocks. A stalled pipeline is its lock held; memory pressure is memory allocated.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -164,6 +166,49 @@ def test_grpc_request_is_refused_as_it_arrives_when_it_would_wait_too_long(
         assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 4
         _grpc_export(channel, span_request(1, 100, 2)).result(timeout=10)
     assert _throttled(collector, "overload") == 5
+
+
+def test_a_burst_of_grpc_calls_gets_back_pressure_not_cancelled(
+    make_collector: Callable[..., Collector],
+) -> None:
+    """5,000 calls at once, faster than grpc's one Python serving thread picks them up.
+    Each must get the collector's own answer, RESOURCE_EXHAUSTED with a RetryInfo while
+    its disk budget is spent: with grpc's default limits on calls not picked up yet, its
+    core cancelled the newest and their clients got CANCELLED, with no retry hint."""
+    collector = make_collector(queue_max_bytes=1)
+    address = f"127.0.0.1:{collector.grpc_port}"
+    with grpc.insecure_channel(address) as channel:
+        _grpc_export(channel, span_request(1, 0, 2)).result(timeout=10)  # spends the budget
+    codes: Counter[grpc.StatusCode] = Counter()
+    hints: Counter[float] = Counter()
+
+    async def burst() -> None:
+        channels = [grpc.aio.insecure_channel(address) for _ in range(4)]
+        calls = [ch.unary_unary(EXPORT_METHOD) for ch in channels]
+        body = span_request(1, 1, 20)
+
+        async def one(i: int) -> None:
+            try:
+                await calls[i % len(calls)](body, timeout=60)
+                codes[grpc.StatusCode.OK] += 1
+            except grpc.aio.AioRpcError as exc:
+                codes[exc.code()] += 1
+                hints[_retry_seconds(exc)] += 1
+
+        tasks = []
+        for i in range(5_000):
+            tasks.append(asyncio.create_task(one(i)))
+            if i % 50 == 0:
+                await asyncio.sleep(0)
+        await asyncio.gather(*tasks)
+        for ch in channels:
+            await ch.close()
+
+    asyncio.run(burst())
+    # A request whose turn came once the journal had handed data on may be taken.
+    refused = codes.pop(grpc.StatusCode.RESOURCE_EXHAUSTED, 0)
+    assert refused > 4_000 and set(codes) <= {grpc.StatusCode.OK}, codes
+    assert hints == {1.0: refused}
 
 
 def test_http_request_is_refused_before_its_body_is_read_when_it_would_wait_too_long(
