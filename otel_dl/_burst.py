@@ -9,9 +9,10 @@ ends: its extractors return a :class:`~otel_dl.monitor.Later` holding private co
 its inputs and of the score rows its confidence covers, and :func:`submit` parks its
 span here, open, with its end time.
 
-A DataLoader batch goes the same way with its span not even started: the instrumentor keeps the context current at ``next()`` and the
-call's times (:meth:`~otel_dl._span.DlSpan.defer_start`), and the burst makes the span
-whole, with every attribute. A model called with that very batch takes the batch's
+A DataLoader batch goes the same way with its span not even started: the instrumentor
+keeps the context current at ``next()`` and the call's times
+(:meth:`~otel_dl._span.DlSpan.defer_start`), and the burst makes the span whole, with
+every attribute. A model called with that very batch takes the batch's
 profile when the burst has made it (``Later.source``): its span ends once both its own
 burst and the batch's have run.
 
