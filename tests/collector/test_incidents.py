@@ -98,7 +98,13 @@ def test_incidents_are_stored_served_and_reported(
             time.sleep(2.0)
         for _ in range(4):
             _request(frontend, customer, redis, fail=True)
-    wait_for(lambda: len(query_faults(store)) == 8 if store.exists() else False)
+    try:
+        wait_for(lambda: len(query_faults(store)) == 8 if store.exists() else False)
+    except AssertionError:
+        # Under heavy load this has failed with a fault on "frontend": say which faults.
+        found = query_faults(store) if store.exists() else []
+        rows = [(f.service, f.kind, f.mode, f.span_name, f.evidence) for f in found]
+        raise AssertionError(f"{len(found)} faults, not 8: {rows}") from None
     collector.decide_now()
 
     faults = requests.get(f"{api}/api/faults", timeout=5).json()["faults"]
