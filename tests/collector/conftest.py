@@ -432,7 +432,7 @@ class Tally:
 def _grpc_answer(code: grpc.StatusCode, trailers: Any) -> tuple[str, float, bool]:
     """``(answer, retry delay, whether back-pressure came without a retry hint)``."""
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        delay = _retry_delay(trailers)
+        delay = retry_delay(trailers)
         return BACKPRESSURE, delay, delay == 0
     if code == grpc.StatusCode.UNAVAILABLE:
         # The collector refuses with RESOURCE_EXHAUSTED; UNAVAILABLE is grpc's answer
@@ -449,7 +449,7 @@ def _http_answer(status: int, retry_after: str | None) -> tuple[str, float, bool
     return f"HTTP {status}", 0.0, False
 
 
-def _retry_delay(trailers: Any) -> float:
+def retry_delay(trailers: Any) -> float:
     """The RetryInfo delay in a gRPC error's status details, or 0."""
     for key, value in trailers or ():
         if key == "grpc-status-details-bin":

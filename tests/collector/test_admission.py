@@ -29,13 +29,12 @@ from typing import Any
 import grpc
 import pytest
 import requests
-from google.rpc import error_details_pb2, status_pb2
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
 from otel_dl.collector import admission
 from otel_dl.collector.pipeline import Collector
 from otel_dl.collector.receive import WORKERS
-from tests.collector.conftest import EXPORT_METHOD, span_request
+from tests.collector.conftest import EXPORT_METHOD, retry_delay, span_request
 
 MIB = 1 << 20
 # Bytes objects of 56 payload bytes: pymalloc's 96-byte class, 170 to a 16 KiB pool.
@@ -121,13 +120,7 @@ def _grpc_export(channel: grpc.Channel, body: bytes, timeout: float = 10.0) -> A
 
 def _retry_seconds(error: grpc.RpcError) -> float:
     """The RetryInfo delay of a gRPC error, 0 without one."""
-    for key, value in error.trailing_metadata() or ():  # type: ignore[attr-defined]
-        if key == "grpc-status-details-bin":
-            for detail in status_pb2.Status.FromString(value).details:
-                info = error_details_pb2.RetryInfo()
-                if detail.Unpack(info):
-                    return info.retry_delay.seconds + info.retry_delay.nanos / 1e9
-    return 0.0
+    return retry_delay(error.trailing_metadata())  # type: ignore[attr-defined]
 
 
 def test_grpc_request_is_refused_as_it_arrives_when_it_would_wait_too_long(
