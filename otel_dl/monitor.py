@@ -448,7 +448,7 @@ class FeatureMonitor:
     def _exact(self, outputs: Any) -> dict[str, AttributeValue]:
         return confidence_attributes(outputs, self.config.confidence_threshold)
 
-    # -- bursts of small calls ----------------------------------------------------------
+    # -- bursts of calls ----------------------------------------------------------------
 
     def burst_inputs(self, batch: Any) -> np.ndarray | None:
         """A private copy of ``batch`` when its signals can wait for :meth:`profile_burst`:
