@@ -10,6 +10,7 @@ stop it cleanly.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -68,6 +69,23 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Collec
     return load_config(args.config, env, flags)
 
 
+# Allocations between two collections of the youngest generation, and collections of
+# each generation between two of the next. Python's defaults (700, 10, 10) suit a
+# process whose objects die young; the collector keeps tens of thousands of spans alive
+# for a decision wait, so every young collection walked the spans that arrived since the
+# last one, and the older generations were scanned again and again. Spans are freed by
+# reference counting, not by these collections. Measured on telemetrygen's gRPC load:
+# about 12 % less CPU per span and 12 % more spans/s (docs/collector.md).
+GC_THRESHOLDS = (100_000, 50, 100)
+
+
+def _tune_gc() -> None:
+    """For the service process only: the thresholds above, and what start-up made
+    (modules, the catalog, grpc's and aiohttp's objects) frozen out of every scan."""
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -77,6 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from_args(args, os.environ)
         collector = Collector(config)
         collector.start()
+        _tune_gc()
     except (ConfigError, CatalogError) as exc:
         print(f"otel-dl-collector: configuration error: {exc}", file=sys.stderr)
         return 2
