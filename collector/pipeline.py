@@ -31,7 +31,7 @@ import grpc
 from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from .admission import MemoryGuard, TimedExecutor, rss_bytes, rss_supported
+from .admission import MemoryGuard, rss_bytes, rss_supported
 from .api import api_routes
 from .assemble import Callees, DecisionCache, Trace, TraceBuffer
 from .attribute import Attributor
@@ -204,7 +204,8 @@ class Collector:
 
         def run() -> None:
             asyncio.set_event_loop(loop)
-            loop.set_default_executor(TimedExecutor(thread_name_prefix="otel-dl-http"))
+            # The API's store queries; the OTLP/HTTP receiver has a pool of its own.
+            loop.set_default_executor(ThreadPoolExecutor(thread_name_prefix="otel-dl-http"))
             try:
                 loop.run_until_complete(setup())
             except BaseException as exc:  # reported to start() below
