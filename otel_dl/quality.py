@@ -140,7 +140,7 @@ def quality_each(
         nan = [0.0] * len(parts)
     else:
         counts = [np.count_nonzero(finite[part]) for part in parts]
-        nan = [(size - count) / size for size, count in zip(sizes, counts, strict=True)]
+        nan = [float((size - count) / size) for size, count in zip(sizes, counts, strict=True)]
     lo, hi = reference.range_for(values.dtype)
     known = np.isfinite(lo)
     if not known.all():
@@ -157,6 +157,6 @@ def quality_each(
         infinite = np.isinf(values)
         out = [o - np.count_nonzero(infinite[part]) for o, part in zip(out, parts, strict=True)]
     fractions: list[float | None] = [
-        o / f if f else None for o, f in zip(out, finite_counts, strict=True)
+        float(o / f) if f else None for o, f in zip(out, finite_counts, strict=True)
     ]
     return nan, fractions

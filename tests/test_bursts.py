@@ -95,6 +95,7 @@ def test_a_burst_gives_each_call_what_it_would_get_alone(dtype: type) -> None:
         for key in _SIGNALS:
             if isinstance(want.get(key), float):
                 assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
+                assert type(got[key]) is type(want[key]), key  # a plain float, not numpy's
             elif key in want:
                 assert got[key] == want[key], key
 
