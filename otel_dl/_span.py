@@ -312,7 +312,13 @@ class DlSpan:
                 if attrs:
                     span.set_attributes(attrs)
             if span is not None and span.is_recording():
-                _duration_histogram().record((end_ns - self.start_ns) / 1e9, self.labels)
+                # In the span's own context: an exemplar then leads to this span, not to
+                # whatever is current where the span ends (a burst runs for many calls).
+                _duration_histogram().record(
+                    (end_ns - self.start_ns) / 1e9,
+                    self.labels,
+                    context=trace.set_span_in_context(span),
+                )
         except Exception:
             report_internal_error(self.site)
         finally:

@@ -201,6 +201,41 @@ def test_a_full_burst_is_profiled_at_once_and_a_lone_call_within_the_delay(
     assert len(_inference_spans()) == _burst.BURST_CALLS + 1  # the background thread
 
 
+@pytest.mark.parametrize("delay_ms", [100, 0])
+def test_a_duration_exemplar_points_at_the_span_it_measured(
+    spans: SpanList, delay_ms: int
+) -> None:
+    """Each ``dl.operation.duration`` record is made in its own span's context: an
+    exemplar leads from the histogram to the call it measured, never to the request
+    around the call, nor to another request whose call filled the burst."""
+    from opentelemetry import trace
+
+    from tests.support import metric_points
+
+    h = otel_dl.instrument(signals_delay_ms=delay_ms)
+    name = f"exemplar-{delay_ms}"
+    try:
+        model = _served_model()
+        otel_dl.watch(model, name=name)
+        tracer = trace.get_tracer("test")
+        with torch.no_grad():
+            for i in range(_burst.BURST_CALLS):
+                with tracer.start_as_current_span(f"request {i}"):
+                    model(torch.full((1, 4), float(i % 5)))
+        measured = {s.context.span_id: s.context.trace_id for s in spans.get(semconv.SPAN_INFERENCE)}
+        exemplars = [
+            exemplar
+            for point in metric_points(semconv.METRIC_OPERATION_DURATION)
+            if point.attributes.get(semconv.DL_MODEL_NAME) == name
+            for exemplar in point.exemplars
+        ]
+    finally:
+        h.shutdown()
+    assert exemplars
+    for exemplar in exemplars:
+        assert measured.get(exemplar.span_id) == exemplar.trace_id
+
+
 def test_with_no_delay_every_span_ends_at_its_call(spans: SpanList) -> None:
     h = otel_dl.instrument(signals_delay_ms=0)
     try:
