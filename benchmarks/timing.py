@@ -11,9 +11,14 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 
 class Discard(SpanExporter):
-    """Accepts every batch and keeps nothing: export cost stays out of the measurement."""
+    """Accepts every batch and keeps only its last span (``last``): export cost stays out
+    of the measurement."""
+
+    last: Any = None
 
     def export(self, spans: Sequence[Any]) -> SpanExportResult:
+        if spans:
+            self.last = spans[-1]
         return SpanExportResult.SUCCESS
 
 
