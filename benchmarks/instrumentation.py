@@ -14,14 +14,17 @@ its duration record) is timed from the SDK alone: of a model row's added cost, t
 is the SDK's price of the attribute contract, and the rest is otel-dl's own work.
 torch runs on one thread so that the two cores of a small machine do not add noise.
 Each model learns its baseline before timing (the auto-baseline's one-off fit is not a
-per-call cost).
+per-call cost). The ``gc`` case counts the full garbage collections of a 10 s serving
+loop, bare, instrumented, and instrumented after ``gc.freeze()``, with their pauses.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import statistics
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -312,7 +315,59 @@ def _suppressed_case(repeats: int) -> tuple[float, float]:
         return _paired(suppressed(bare_model), suppressed(traced_model), 2000, repeats)
 
 
-CASES = ("dataloader", "cnn", "mlp", "small", "onnx", "sklearn", "suppressed")
+def _gc_case(seconds: float) -> list[tuple[str, int, int, float, float]]:
+    """Full garbage collections during a one-request serving loop (a watched 1-module
+    model, one row per call), bare, instrumented, and instrumented after ``gc.freeze()``.
+
+    Spans waiting in the export queue live long enough to reach Python's oldest
+    generation, and each full collection walks every object the process holds (torch's
+    included): one pause per so many calls, which a median of blocks never shows.
+    ``gc.freeze()`` moves what exists at that moment out of the walk.
+    Rows: (loop, calls, full collections, mean and longest pause in ms)."""
+    pauses: list[float] = []
+    began = [0.0]
+
+    def watch(phase: str, info: dict[str, Any]) -> None:
+        if info["generation"] != 2:
+            return
+        if phase == "start":
+            began[0] = time.perf_counter()
+        else:
+            pauses.append(time.perf_counter() - began[0])
+
+    with suppress_instrumentation():
+        bare = _Deep(1).eval()  # eval() under suppression: this copy stays untraced
+    traced = otel_dl.watch(_Deep(1).eval(), name="bench-gc")
+    x = torch.randn(1, 4)
+    rows = []
+    with torch.inference_mode():
+        _learn(traced, lambda: traced(x))
+        for label, model, freeze in (
+            ("bare", bare, False),
+            ("otel-dl", traced, False),
+            ("otel-dl, gc.freeze() after loading", traced, True),
+        ):
+            gc.collect()
+            if freeze:
+                gc.freeze()
+            pauses.clear()
+            gc.callbacks.append(watch)
+            calls, start = 0, time.perf_counter()
+            try:
+                while time.perf_counter() - start < seconds:
+                    for _ in range(1000):
+                        model(x)
+                    calls += 1000
+            finally:
+                gc.callbacks.remove(watch)
+                if freeze:
+                    gc.unfreeze()
+            mean = statistics.mean(pauses) * 1e3 if pauses else 0.0
+            rows.append((label, calls, len(pauses), mean, max(pauses, default=0.0) * 1e3))
+    return rows
+
+
+CASES = ("dataloader", "cnn", "mlp", "small", "onnx", "sklearn", "suppressed", "gc")
 
 
 def main() -> None:
@@ -384,6 +439,7 @@ def main() -> None:
         rows.append(
             ("suppressed wrapper (MLP batch 1)", *_suppressed_case(repeats), "<= 1.5 us added")
         )
+    collections = _gc_case(10.0) if "gc" in cases else []
     handle.shutdown()  # flushes: the sink's last span is the last case's last span
     _print(floor, rows)
     last = sink.last
@@ -398,6 +454,13 @@ def main() -> None:
         )
     if diff is not None:
         print(f"\nadded cost, 50 submodules minus 1 module: {diff:+.1f} us (target: within 10 us)")
+    if collections:
+        print(
+            f"\n{'full collections, 1-module model, batch 1, 10 s':<48} {'calls':>9} "
+            f"{'full GCs':>9} {'mean ms':>8} {'max ms':>8}"
+        )
+        for label, calls, count, mean, longest in collections:
+            print(f"{label:<48} {calls:>9} {count:>9} {mean:>8.1f} {longest:>8.1f}")
 
 
 def _print(floor: float, rows: list[tuple[str, float, float, str]]) -> None:

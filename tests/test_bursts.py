@@ -202,9 +202,7 @@ def test_a_full_burst_is_profiled_at_once_and_a_lone_call_within_the_delay(
 
 
 @pytest.mark.parametrize("delay_ms", [100, 0])
-def test_a_duration_exemplar_points_at_the_span_it_measured(
-    spans: SpanList, delay_ms: int
-) -> None:
+def test_a_duration_exemplar_points_at_the_span_it_measured(spans: SpanList, delay_ms: int) -> None:
     """Each ``dl.operation.duration`` record is made in its own span's context: an
     exemplar leads from the histogram to the call it measured, never to the request
     around the call, nor to another request whose call filled the burst."""
@@ -222,7 +220,9 @@ def test_a_duration_exemplar_points_at_the_span_it_measured(
             for i in range(_burst.BURST_CALLS):
                 with tracer.start_as_current_span(f"request {i}"):
                     model(torch.full((1, 4), float(i % 5)))
-        measured = {s.context.span_id: s.context.trace_id for s in spans.get(semconv.SPAN_INFERENCE)}
+        measured = {
+            s.context.span_id: s.context.trace_id for s in spans.get(semconv.SPAN_INFERENCE)
+        }
         exemplars = [
             exemplar
             for point in metric_points(semconv.METRIC_OPERATION_DURATION)
