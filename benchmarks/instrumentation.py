@@ -15,7 +15,11 @@ is the SDK's price of the attribute contract, and the rest is otel-dl's own work
 torch runs on one thread so that the two cores of a small machine do not add noise.
 Each model learns its baseline before timing (the auto-baseline's one-off fit is not a
 per-call cost). The ``gc`` case counts the full garbage collections of a 10 s serving
-loop, bare, instrumented, and instrumented after ``gc.freeze()``, with their pauses.
+loop, bare, instrumented, and instrumented after ``gc.freeze()``, with their pauses. The
+``idle`` case sleeps 5 ms before each call, as a served model waits between requests:
+its caches are then cold, and per-call latency (median, and the p99 difference) shows
+what a tight loop does not; its floor is the bare model called inside a bare SDK span
+with the floor's 10 attributes, measured the same way.
 """
 
 from __future__ import annotations
@@ -68,20 +72,23 @@ def _learn(instrumented: Any, call: Callable[[], Any]) -> None:
         call()
 
 
+_FLOOR_ATTRIBUTES = {
+    semconv.DL_STAGE: "inference",
+    semconv.DL_COMPONENT: "torch.nn",
+    semconv.DL_MODEL_NAME: "m",
+    semconv.DL_MODEL_FRAMEWORK: "torch",
+    semconv.DL_MODEL_FINGERPRINT: "0123456789abcdef",
+    semconv.DL_BATCH_SIZE: 256,
+    semconv.DL_PREDICTION_COUNT: 256,
+    semconv.DL_CONFIDENCE_MEAN: 0.9,
+    semconv.DL_DRIFT_SCORE: 0.01,
+    semconv.DL_DRIFT_STATUS: "ok",
+}
+
+
 def _floor(repeats: int) -> float:
     tracer = trace.get_tracer("bench")
-    attrs = {
-        semconv.DL_STAGE: "inference",
-        semconv.DL_COMPONENT: "torch.nn",
-        semconv.DL_MODEL_NAME: "m",
-        semconv.DL_MODEL_FRAMEWORK: "torch",
-        semconv.DL_MODEL_FINGERPRINT: "0123456789abcdef",
-        semconv.DL_BATCH_SIZE: 256,
-        semconv.DL_PREDICTION_COUNT: 256,
-        semconv.DL_CONFIDENCE_MEAN: 0.9,
-        semconv.DL_DRIFT_SCORE: 0.01,
-        semconv.DL_DRIFT_STATUS: "ok",
-    }
+    attrs = _FLOOR_ATTRIBUTES
 
     def one() -> None:
         tracer.start_span("inference", attributes=attrs).end()
@@ -367,7 +374,51 @@ def _gc_case(seconds: float) -> list[tuple[str, int, int, float, float]]:
     return rows
 
 
-CASES = ("dataloader", "cnn", "mlp", "small", "onnx", "sklearn", "suppressed", "gc")
+def _idle_case(calls: int, gap_s: float = 0.005) -> list[tuple[str, float, float, float]]:
+    """One request at a time with an idle gap before each (a served model between
+    requests), bare and instrumented, alternating: per-call latency, median and p99 in
+    µs. After a gap the caches are cold, so every line of code on the call's path costs
+    several times what a tight loop measures. Rows: (model, bare median, instrumented
+    median, instrumented p99 minus bare p99)."""
+    with suppress_instrumentation():
+        bare = _Deep(1).eval()  # eval() under suppression: this copy stays untraced
+    traced = otel_dl.watch(_Deep(1).eval(), name="bench-idle")
+    x = torch.randn(1, 4)
+    tracer = trace.get_tracer("bench")
+    attrs = _FLOOR_ATTRIBUTES
+
+    def in_bare_span() -> None:
+        span = tracer.start_span("inference", attributes=attrs)
+        bare(x)
+        span.end()
+
+    times: dict[str, list[float]] = {"bare": [], "bare span": [], "otel-dl": []}
+    calls_of = {"bare": lambda: bare(x), "bare span": in_bare_span, "otel-dl": lambda: traced(x)}
+    with torch.inference_mode():
+        _learn(traced, lambda: traced(x))
+        for _ in range(calls):
+            for label, call in calls_of.items():
+                time.sleep(gap_s)
+                start = time.perf_counter()
+                call()
+                times[label].append(time.perf_counter() - start)
+
+    def q(values: list[float], p: float) -> float:
+        return float(np.percentile(values, p)) * 1e6
+
+    b = times["bare"]
+    return [
+        (
+            f"{label}, 1 row, {gap_s * 1e3:g} ms idle before each",
+            q(b, 50),
+            q(times[label], 50),
+            q(times[label], 99) - q(b, 99),
+        )
+        for label in ("bare span", "otel-dl")
+    ]
+
+
+CASES = ("dataloader", "cnn", "mlp", "small", "onnx", "sklearn", "suppressed", "gc", "idle")
 
 
 def main() -> None:
@@ -440,6 +491,7 @@ def main() -> None:
             ("suppressed wrapper (MLP batch 1)", *_suppressed_case(repeats), "<= 1.5 us added")
         )
     collections = _gc_case(10.0) if "gc" in cases else []
+    idle = _idle_case(200 * repeats) if "idle" in cases else []
     handle.shutdown()  # flushes: the sink's last span is the last case's last span
     _print(floor, rows)
     last = sink.last
@@ -454,6 +506,17 @@ def main() -> None:
         )
     if diff is not None:
         print(f"\nadded cost, 50 submodules minus 1 module: {diff:+.1f} us (target: within 10 us)")
+    if idle:
+        print(
+            f"\n{'cold calls: 1-module model, medians':<48} {'bare us':>10} {'with us':>11} "
+            f"{'added us':>9} {'x cold floor':>12} {'p99 added':>10}"
+        )
+        cold_floor = idle[0][2] - idle[0][1]
+        for label, b, t, p99 in idle:
+            print(
+                f"{label:<48} {b:>10.1f} {t:>11.1f} {t - b:>9.1f} "
+                f"{(t - b) / cold_floor:>12.2f} {p99:>10.1f}"
+            )
     if collections:
         print(
             f"\n{'full collections, 1-module model, batch 1, 10 s':<48} {'calls':>9} "

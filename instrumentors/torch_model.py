@@ -345,7 +345,12 @@ class TorchModelInstrumentor(DlInstrumentor):
                 call = DlSpan(_SITE, static)
                 if config.signals:
                     call.extract("input_signals", _input_signals, module, args, kwargs)
-                call.start(self._tracer, semconv.SPAN_INFERENCE)
+                if self._hooks.request is None and self._hooks.response is None:
+                    # The SDK span is made when the span ends (in its burst), unless the
+                    # forward needs it sooner (a child span): see DlSpan.start_lazily.
+                    call.start_lazily(self._tracer, semconv.SPAN_INFERENCE)
+                else:
+                    call.start(self._tracer, semconv.SPAN_INFERENCE)
                 frame.call = call
                 if self._hooks.request is not None:
                     call.hook(

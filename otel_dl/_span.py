@@ -25,6 +25,14 @@ would have produced and is counted under ``<site>.<part>`` in
 It checks suppression first, records the user's exception on the span (status ERROR,
 ``error.type``) and re-raises it unchanged.
 
+A call whose span would start only to wait for a burst can start it lazily
+(:meth:`DlSpan.start_lazily`): during the call the current span is a stand-in, and the
+SDK span is made when the span ends (in its burst, with every attribute at once), or as
+soon as something needs it during the call: a child span starting, or the user's code
+adding an event or reading the span's context. Attributes the user sets on the stand-in
+go onto the span. A served model that runs cold between requests so pays for the SDK
+span off its call path.
+
 Cost. The span itself is the SDK's; around it the lifecycle adds one dict merge, the
 context attach/detach and one metric record (``dl.operation.duration``, labelled with at
 most the stage, component and model name). The signal metrics are derived from the spans
@@ -198,6 +206,40 @@ class DlSpan:
         except Exception:
             report_internal_error(self.site)
 
+    def start_lazily(
+        self, tracer: Tracer | None, name: str, *, kind: SpanKind = SpanKind.INTERNAL
+    ) -> None:
+        """:meth:`start`, but the SDK span is made only when the span ends, as
+        :meth:`defer_start` makes it, unless something needs it during the call: until
+        then a stand-in is current, which makes the span, at ``start_ns``, when a child
+        starts under it or the user's code reads its context or adds an event."""
+        try:
+            self._unborn = (tracer or _tracer, name, kind, context.get_current())
+            self._token = context.attach(trace.set_span_in_context(_StandIn(self)))
+        except Exception:
+            report_internal_error(self.site)
+
+    def materialize(self) -> Span:
+        """The SDK span, made now (at ``start_ns``, with the attributes gathered so far)
+        if its start was deferred; the invalid span once it has ended."""
+        with _settling:
+            unborn = self._unborn
+            if self.span is None and unborn is not None:
+                self._unborn = None
+                tracer, name, kind, parent = unborn
+                try:
+                    self.span = tracer.start_span(
+                        name,
+                        parent,
+                        kind=kind,
+                        attributes=self.attributes,
+                        start_time=self.start_ns,
+                    )
+                    self.attributes = {}
+                except Exception:
+                    report_internal_error(self.site)
+            return self.span if self.span is not None else trace.INVALID_SPAN
+
     def defer_start(
         self, tracer: Tracer | None, name: str, *, kind: SpanKind = SpanKind.INTERNAL
     ) -> None:
@@ -225,7 +267,11 @@ class DlSpan:
 
     def hook(self, hook: Callable[..., None] | None, call: DlCall, *result: Any) -> None:
         """Run a user's request/response hook on the span, under the guard."""
-        if hook is None or self.span is None:
+        if hook is None:
+            return
+        if self.span is None and self._unborn is not None:
+            self.materialize()
+        if self.span is None:
             return
         try:
             hook(self.span, call, *result)
@@ -235,6 +281,8 @@ class DlSpan:
     def error(self, exc: BaseException) -> None:
         """Record the user's exception (which the caller re-raises unchanged)."""
         self._error = True
+        if self.span is None and self._unborn is not None:
+            self.materialize()
         if self.span is None:
             return
         try:
@@ -284,8 +332,9 @@ class DlSpan:
         A span whose start was deferred is made here, with all its attributes."""
         end_ns = time.time_ns() if end_ns is None else end_ns
         self.detach()
-        span, self.span = self.span, None  # ends once, whoever calls first
-        unborn, self._unborn = self._unborn, None
+        with _settling:  # ends once, whoever calls first (materialize() included)
+            span, self.span = self.span, None
+            unborn, self._unborn = self._unborn, None
         if span is None and unborn is None:
             return
         try:
@@ -329,6 +378,64 @@ class DlSpan:
 _settling = threading.Lock()
 
 
+class _StandIn(Span):
+    """The current span during a call whose span starts lazily (:meth:`DlSpan.start_lazily`).
+    Attributes set on it join the call's; whatever needs the span itself (its context for
+    a child or a propagator, an event, a status, a new name) makes it first."""
+
+    __slots__ = ("_call",)
+
+    def __init__(self, call: DlSpan) -> None:
+        self._call = call
+
+    def _span(self) -> Span:
+        return self._call.materialize()
+
+    def get_span_context(self) -> trace.SpanContext:
+        return self._span().get_span_context()
+
+    def set_attributes(self, attributes: Mapping[str, AttributeValue]) -> None:
+        call = self._call
+        with _settling:
+            if call.span is None and call._unborn is not None:
+                call.attributes.update(attributes)
+                return
+        self._span().set_attributes(attributes)
+
+    def set_attribute(self, key: str, value: AttributeValue) -> None:
+        self.set_attributes({key: value})
+
+    def add_event(self, name: str, attributes: Any = None, timestamp: int | None = None) -> None:
+        self._span().add_event(name, attributes, timestamp)
+
+    def add_link(self, context: trace.SpanContext, attributes: Any = None) -> None:
+        self._span().add_link(context, attributes)
+
+    def update_name(self, name: str) -> None:
+        self._span().update_name(name)
+
+    def is_recording(self) -> bool:
+        call = self._call
+        if call.span is None and call._unborn is not None:
+            return True  # its attributes are kept for the span
+        return self._span().is_recording()
+
+    def set_status(self, status: Any, description: str | None = None) -> None:
+        self._span().set_status(status, description)
+
+    def record_exception(
+        self,
+        exception: BaseException,
+        attributes: Any = None,
+        timestamp: int | None = None,
+        escaped: bool = False,
+    ) -> None:
+        self._span().record_exception(exception, attributes, timestamp, escaped)
+
+    def end(self, end_time: int | None = None) -> None:
+        """Not the user's to end: the call ends its span."""
+
+
 Extractor = Callable[[DlCall], Attributes | None]
 ResultExtractor = Callable[[DlCall, Any], Attributes | None]
 KeepOpen = Callable[["DlSpan", DlCall, Any, int], bool]
@@ -369,7 +476,10 @@ def traced_call(
         if before is not None:
             lifecycle.extract("before", before, call)
             lifecycle.labels = metric_labels(lifecycle.attributes)
-        lifecycle.start(tracer, name)
+        if hooks.request is None and hooks.response is None and keep_open is None:
+            lifecycle.start_lazily(tracer, name)  # made when it ends, or when needed
+        else:
+            lifecycle.start(tracer, name)
         lifecycle.hook(hooks.request, call)
     except Exception:
         report_internal_error(site)

@@ -114,6 +114,52 @@ def test_spans_nest_under_the_current_span(spans: SpanList, tracer) -> None:
     assert inference.parent.span_id == request.get_span_context().span_id
 
 
+class Calling(torch.nn.Module):
+    """A forward that does what an application's own code may do inside it: start a span
+    of its own, and write on the current span."""
+
+    def __init__(self, tracer) -> None:
+        super().__init__()
+        self.tracer = tracer
+        self.linear = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from opentelemetry import trace
+
+        current = trace.get_current_span()
+        assert current.is_recording()
+        current.set_attribute("app.tenant", "a")
+        if x.shape[0] > 1:
+            with self.tracer.start_as_current_span("lookup"):
+                pass
+        return self.linear(x)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_the_inference_span_is_current_during_forward(spans: SpanList, tracer, rows) -> None:
+    """The span is made lazily (when it ends, or when a child needs it), yet the forward
+    sees it as current: its own span is a child of it, and what it writes on the current
+    span is on it. With 1 row nothing needs the span during the call (made at its end);
+    with 3 the child span makes it at once."""
+    model = Calling(tracer).eval()
+    with tracer.start_as_current_span("request") as request:
+        before = request.start_time
+        model(torch.randn(rows, 4))
+    (inference,) = spans.get(semconv.SPAN_INFERENCE)
+    assert inference.parent.span_id == request.get_span_context().span_id
+    assert inference.context.trace_id == request.get_span_context().trace_id
+    assert inference.attributes["app.tenant"] == "a"
+    assert semconv.DL_BATCH_SIZE in inference.attributes
+    assert before <= inference.start_time <= inference.end_time
+    children = spans.get("lookup")
+    if rows > 1:
+        (child,) = children
+        assert child.parent.span_id == inference.context.span_id
+        assert inference.start_time <= child.start_time <= child.end_time <= inference.end_time
+    else:
+        assert children == []
+
+
 def test_torch_load_and_load_state_dict_spans(tmp_path: Path, spans: SpanList) -> None:
     model = mlp()
     path = tmp_path / "model.pt"
