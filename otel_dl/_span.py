@@ -139,6 +139,7 @@ class DlSpan:
 
     __slots__ = (
         "_end_ns",
+        "_ended",
         "_error",
         "_holds",
         "_token",
@@ -169,6 +170,7 @@ class DlSpan:
         self._error = False
         # (tracer, name, kind, parent context) of a span made only when it ends (defer_start)
         self._unborn: tuple[Tracer, str, SpanKind, context.Context] | None = None
+        self._ended: trace.SpanContext | None = None  # the span's, once it has ended
         self._holds = 0  # what the span still waits for once ended: its burst, a shared profile
         self._end_ns: int | None = None
 
@@ -221,7 +223,8 @@ class DlSpan:
 
     def materialize(self) -> Span:
         """The SDK span, made now (at ``start_ns``, with the attributes gathered so far)
-        if its start was deferred; the invalid span once it has ended."""
+        if its start was deferred; once it has ended, a non-recording span with its
+        context."""
         with _settling:
             unborn = self._unborn
             if self.span is None and unborn is not None:
@@ -238,7 +241,11 @@ class DlSpan:
                     self.attributes = {}
                 except Exception:
                     report_internal_error(self.site)
-            return self.span if self.span is not None else trace.INVALID_SPAN
+            if self.span is not None:
+                return self.span
+            # Ended already (a stand-in kept past its call): its children still join it.
+            ended = self._ended
+            return trace.NonRecordingSpan(ended) if ended is not None else trace.INVALID_SPAN
 
     def defer_start(
         self, tracer: Tracer | None, name: str, *, kind: SpanKind = SpanKind.INTERNAL
@@ -373,6 +380,7 @@ class DlSpan:
         finally:
             if span is not None:
                 span.end(end_time=end_ns)
+                self._ended = span.get_span_context()
 
 
 _settling = threading.Lock()

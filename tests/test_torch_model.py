@@ -160,6 +160,28 @@ def test_the_inference_span_is_current_during_forward(spans: SpanList, tracer, r
         assert children == []
 
 
+def test_the_current_span_kept_past_the_call_still_names_the_inference_span(
+    spans: SpanList,
+) -> None:
+    """Work the forward hands on (a task, a thread's context) may read the current span
+    after the call has ended, even after its burst ended the span: it still names it."""
+    from opentelemetry import trace
+
+    kept = []
+
+    class Keeping(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            kept.append(trace.get_current_span())
+            return x * 2
+
+    Keeping().eval()(torch.randn(1, 4))
+    (inference,) = spans.get(semconv.SPAN_INFERENCE)  # its burst has ended it
+    (late,) = kept
+    assert late.get_span_context().span_id == inference.context.span_id
+    assert late.get_span_context().trace_id == inference.context.trace_id
+    assert not late.is_recording()
+
+
 def test_torch_load_and_load_state_dict_spans(tmp_path: Path, spans: SpanList) -> None:
     model = mlp()
     path = tmp_path / "model.pt"
