@@ -383,7 +383,9 @@ class DlSpan:
                 self._ended = span.get_span_context()
 
 
-_settling = threading.Lock()
+# Re-entrant: making a lazily started span runs the application's sampler and span
+# processors, which may read the current span (the stand-in) again on this thread.
+_settling = threading.RLock()
 
 
 class _StandIn(Span):

@@ -132,6 +132,43 @@ def test_instrument_honours_tracer_provider(spans: SpanList) -> None:
     assert spans.get() == []  # nothing reached the global provider
 
 
+def test_a_processor_reading_the_current_span_as_a_lazy_span_is_made() -> None:
+    """Making a lazily started span runs the provider's processors; one that reads the
+    current span (the stand-in, still current) must neither deadlock nor fail the call.
+    Run in a thread with this context, so that a regression fails instead of hanging."""
+    import contextvars
+
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import SpanProcessor
+
+    seen: list[object] = []
+
+    class Reading(SpanProcessor):
+        def on_start(self, span: object, parent_context: object = None) -> None:
+            seen.append(trace.get_current_span().get_span_context())
+
+    own = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(Reading())
+    provider.add_span_processor(SimpleSpanProcessor(own))
+    tracer = provider.get_tracer("test")
+
+    def call() -> None:
+        lifecycle = DlSpan("test", {semconv.DL_STAGE: semconv.STAGE_INFERENCE})
+        lifecycle.start_lazily(tracer, semconv.SPAN_INFERENCE)
+        with tracer.start_as_current_span("child"):  # makes the span now
+            pass
+        lifecycle.finish()
+
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(call,), daemon=True)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive()
+    names = {s.name: s for s in own.get_finished_spans()}
+    assert names["child"].parent.span_id == names[semconv.SPAN_INFERENCE].context.span_id
+    assert len(seen) == 2
+
+
 def test_gpu_spans_end_when_their_work_has_completed(spans: SpanList) -> None:
     """The poller that ends GPU spans, driven by a stand-in for ``torch.cuda.Event.query``:
     this machine has no GPU, so a threading.Event says when the "GPU" has finished."""
