@@ -139,14 +139,22 @@ def _cnn() -> torch.nn.Module:
     )
 
 
-def _model_case(
-    make: Callable[[], torch.nn.Module], x: torch.Tensor, calls: int, repeats: int
-) -> tuple[float, float]:
+def _pair(
+    make: Callable[[], torch.nn.Module], name: str
+) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(bare, watched) copies of one model, with the same weights."""
     bare_model = make()
     with suppress_instrumentation():
         bare_model.eval()  # eval() under suppression: this copy stays untraced
-    traced_model = otel_dl.watch(make().eval(), name="bench")
+    traced_model = otel_dl.watch(make().eval(), name=name)
     traced_model.load_state_dict(bare_model.state_dict())
+    return bare_model, traced_model
+
+
+def _model_case(
+    make: Callable[[], torch.nn.Module], x: torch.Tensor, calls: int, repeats: int
+) -> tuple[float, float]:
+    bare_model, traced_model = _pair(make, "bench")
     with torch.inference_mode():
         _learn(traced_model, lambda: traced_model(x))
         return _paired(lambda: bare_model(x), lambda: traced_model(x), calls, repeats)
@@ -342,9 +350,7 @@ def _gc_case(seconds: float) -> list[tuple[str, int, int, float, float]]:
         else:
             pauses.append(time.perf_counter() - began[0])
 
-    with suppress_instrumentation():
-        bare = _Deep(1).eval()  # eval() under suppression: this copy stays untraced
-    traced = otel_dl.watch(_Deep(1).eval(), name="bench-gc")
+    bare, traced = _pair(lambda: _Deep(1), "bench-gc")
     x = torch.randn(1, 4)
     rows = []
     with torch.inference_mode():
@@ -380,9 +386,7 @@ def _idle_case(calls: int, gap_s: float = 0.005) -> list[tuple[str, float, float
     µs. After a gap the caches are cold, so every line of code on the call's path costs
     several times what a tight loop measures. Rows: (model, bare median, instrumented
     median, instrumented p99 minus bare p99)."""
-    with suppress_instrumentation():
-        bare = _Deep(1).eval()  # eval() under suppression: this copy stays untraced
-    traced = otel_dl.watch(_Deep(1).eval(), name="bench-idle")
+    bare, traced = _pair(lambda: _Deep(1), "bench-idle")
     x = torch.randn(1, 4)
     tracer = trace.get_tracer("bench")
     attrs = _FLOOR_ATTRIBUTES

@@ -170,7 +170,7 @@ class DlSpan:
         self._error = False
         # (tracer, name, kind, parent context) of a span made only when it ends (defer_start)
         self._unborn: tuple[Tracer, str, SpanKind, context.Context] | None = None
-        self._ended: trace.SpanContext | None = None  # the span's, once it has ended
+        self._ended: Span | None = None  # the span, once it has ended
         self._holds = 0  # what the span still waits for once ended: its burst, a shared profile
         self._end_ns: int | None = None
 
@@ -245,7 +245,9 @@ class DlSpan:
                 return self.span
             # Ended already (a stand-in kept past its call): its children still join it.
             ended = self._ended
-            return trace.NonRecordingSpan(ended) if ended is not None else trace.INVALID_SPAN
+            if ended is None:
+                return trace.INVALID_SPAN
+            return trace.NonRecordingSpan(ended.get_span_context())
 
     def defer_start(
         self, tracer: Tracer | None, name: str, *, kind: SpanKind = SpanKind.INTERNAL
@@ -276,7 +278,7 @@ class DlSpan:
         """Run a user's request/response hook on the span, under the guard."""
         if hook is None:
             return
-        if self.span is None and self._unborn is not None:
+        if self._unborn is not None:
             self.materialize()
         if self.span is None:
             return
@@ -288,7 +290,7 @@ class DlSpan:
     def error(self, exc: BaseException) -> None:
         """Record the user's exception (which the caller re-raises unchanged)."""
         self._error = True
-        if self.span is None and self._unborn is not None:
+        if self._unborn is not None:
             self.materialize()
         if self.span is None:
             return
@@ -380,7 +382,7 @@ class DlSpan:
         finally:
             if span is not None:
                 span.end(end_time=end_ns)
-                self._ended = span.get_span_context()
+                self._ended = span
 
 
 # Re-entrant: making a lazily started span runs the application's sampler and span
