@@ -20,14 +20,15 @@ fingerprint of the batch's features:
 
 The span is made in the main process, after the batch arrives, so it works the same with
 ``num_workers > 0``, ``persistent_workers``, ``pin_memory`` and every multiprocessing
-start method. Once the source has a reference, a batch of at most 65,536 feature values
-(one 2-D float tensor) is parked: ``next()`` keeps a copy of the features, the context
-current at the call and the call's times, and the span is made with its signals in a
-burst of the loader's batches (``otel_dl._burst``), at most ``signals_delay_ms`` later,
-with the same attributes, parent and times; a model called with that batch shares its
-profile. Flush through the handle ``otel_dl.instrument()`` returns before reading spans.
-The end of an epoch (``StopIteration``) makes no span; an exception from the loader (a
-worker error, say) is recorded on a span made at once and re-raised unchanged.
+start method. Once the source has a reference, a batch of one tensor (2-D float of at
+most 65,536 feature values, or any numeric one of at most 1 MiB) is parked: ``next()``
+keeps a copy of the features, the context current at the call and the call's times, and
+the span is made with its signals in a burst of the loader's batches
+(``otel_dl._burst``), at most ``signals_delay_ms`` later, with the same attributes,
+parent and times; a model called with that batch shares its profile. Flush through the
+handle ``otel_dl.instrument()`` returns before reading spans. The end of an epoch
+(``StopIteration``) makes no span; an exception from the loader (a worker error, say) is
+recorded on a span made at once and re-raised unchanged.
 
 Spans that the dataset's own code makes in a worker are flushed when the worker exits
 (see ``otel_dl.instrument``). Persistent workers still running when the application

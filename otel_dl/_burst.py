@@ -4,7 +4,8 @@ A model served one request at a time pays numpy's fixed cost per call dozens of 
 for a handful of values: profiling one row costs more than the span. And right after a
 forward, numpy's code and data are cold: profiling a 256-row batch there costs about
 twice what it costs among other batches. So a call whose inputs hold at most
-:data:`~otel_dl.monitor.BURST_MAX_VALUES` feature values does only constant work when it
+:data:`~otel_dl.monitor.BURST_MAX_VALUES` feature values (or another numeric input of at
+most :data:`~otel_dl.monitor.BURST_COPY_MAX_BYTES`) does only constant work when it
 ends: its extractors return a :class:`~otel_dl.monitor.Later` holding private copies of
 its inputs and of the score rows its confidence covers, and :func:`submit` parks its
 span here, open, with its end time.

@@ -203,10 +203,10 @@ OPTIONS: tuple[Option, ...] = (
         "signals_delay_ms",
         "OTEL_DL_SIGNALS_DELAY_MS",
         int,
-        "model calls and DataLoader batches whose inputs hold at most 65,536 feature values"
-        " get their signals computed together (and a DataLoader batch its span made), in"
-        " bursts of 16 calls or this many milliseconds after the call at most (0: each at"
-        " its call's end)",
+        "model calls and DataLoader batches whose input is one CPU array or tensor (at most"
+        " 65,536 feature values, or 1 MiB) get their signals computed together (and a"
+        " DataLoader batch its span made), in bursts of 16 calls or this many milliseconds"
+        " after the call at most (0: each at its call's end)",
         non_negative,
     ),
     Option(

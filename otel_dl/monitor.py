@@ -140,6 +140,12 @@ scores of at most this many values, may have their signals computed later, in a 
 with other calls of the same source (see :meth:`FeatureMonitor.profile_burst`): a
 request of a few rows as well as a batch of 256 rows of 32 features."""
 
+BURST_COPY_MAX_BYTES = 1 << 20
+"""A call's numeric input that the burst cannot profile with other calls' in one pass
+(an image batch, a table wider than ``drift_max_features``) may wait for the burst as a
+copy of at most this many bytes, to be profiled there by :meth:`FeatureMonitor.observe`:
+in float32, 64 RGB images of 32x32 pixels, or 256 rows of 1,024 features."""
+
 
 class Later(dict[str, Any]):
     """What a signal extractor returns for a call whose signals wait for a burst: the
@@ -291,9 +297,10 @@ class FeatureMonitor:
         self._pending_rows = 0
         self._since_score = 0
         self._latest: dict[str, AttributeValue] = {}
-        # (dtype, features) -> the Table of such a batch's first row, or None when batches
-        # of that shape are read otherwise than as the reference's numeric features.
-        self._burst_tables: dict[tuple[np.dtype, int], Table | None] = {}
+        # (dtype, shape past the rows) -> the Table of such a 2-D batch's first row, or None
+        # when batches of that shape are read otherwise than as the reference's numeric
+        # features; batches of other shapes are never here, and are observed one by one.
+        self._burst_tables: dict[tuple[np.dtype, tuple[int, ...]], Table | None] = {}
         if reference is not None:
             self._use(reference)
 
@@ -451,23 +458,37 @@ class FeatureMonitor:
     # -- bursts of calls ----------------------------------------------------------------
 
     def burst_inputs(self, batch: Any) -> np.ndarray | None:
-        """A private copy of ``batch`` when its signals can wait for :meth:`profile_burst`:
-        a 2-D float32/float64 numpy array or CPU tensor of at most ``BURST_MAX_VALUES``
-        values, read as this monitor's reference's numeric features. None otherwise
-        (before the reference exists, too): observe such a batch now."""
+        """A private copy of ``batch`` when its signals can wait for :meth:`profile_burst`
+        (None before the reference exists: the baseline is learned call by call):
+
+        - a 2-D float32/float64 numpy array or CPU tensor of at most ``BURST_MAX_VALUES``
+          values, read as this monitor's reference's numeric features: profiled with the
+          burst's other such calls in one vectorised pass;
+        - any other numeric numpy array or CPU tensor with rows, of at most
+          ``BURST_COPY_MAX_BYTES`` (an image batch, a wide table): profiled by
+          :meth:`observe` in the burst, as it would have been at the call.
+
+        None otherwise: observe such a batch now."""
         reference = self._reference
-        if reference is None or getattr(batch, "ndim", 0) != 2:
+        if reference is None:
+            return None
+        values = self._burst_rows(reference, batch)
+        if values is not None:
+            return values
+        return _copy_of(batch)
+
+    def _burst_rows(self, reference: Reference, batch: Any) -> np.ndarray | None:
+        """The vectorised case of :meth:`burst_inputs`, copied; else None."""
+        if getattr(batch, "ndim", 0) != 2:
             return None
         features = batch.shape[1]
         if features != len(reference.numeric_names) or features > self.config.drift_max_features:
             return None
         values = _float_rows(batch)
-        if values is None:
-            return None
-        if values.size > BURST_MAX_VALUES:
+        if values is None or values.size > BURST_MAX_VALUES:
             return None
         values = np.array(values, order="C")
-        key = (values.dtype, features)
+        key = (values.dtype, values.shape[1:])
         if key not in self._burst_tables:
             table = reference.read(values[:1])
             fits = (
@@ -501,7 +522,10 @@ class FeatureMonitor:
         return out
 
     def _profile_inputs(
-        self, key: tuple[np.dtype, int], values: list[Any], outs: list[dict[str, Any]]
+        self,
+        key: tuple[np.dtype, tuple[int, ...]],
+        values: list[Any],
+        outs: list[dict[str, Any]],
     ) -> None:
         reference, table = self._reference, self._burst_tables.get(key)
         if reference is None or table is None:
@@ -532,13 +556,35 @@ class FeatureMonitor:
             _set(out, semconv.DL_QUALITY_OUT_OF_RANGE_FRACTION, outside[i])
 
 
-def _groups(arrays: list[np.ndarray | None]) -> dict[tuple[np.dtype, int], list[int]]:
-    """Positions of the 2-D arrays, by dtype and width (None entries left out)."""
-    groups: dict[tuple[np.dtype, int], list[int]] = {}
+def _groups(
+    arrays: list[np.ndarray | None],
+) -> dict[tuple[np.dtype, tuple[int, ...]], list[int]]:
+    """Positions of the arrays, by dtype and shape past the rows (None entries left out)."""
+    groups: dict[tuple[np.dtype, tuple[int, ...]], list[int]] = {}
     for i, array in enumerate(arrays):
         if array is not None:
-            groups.setdefault((array.dtype, array.shape[1]), []).append(i)
+            groups.setdefault((array.dtype, array.shape[1:]), []).append(i)
     return groups
+
+
+def _copy_of(batch: Any) -> np.ndarray | None:
+    """A C-ordered copy of a numeric (bool, integer or float) numpy array or CPU tensor
+    with at least one dimension and one row, of at most ``BURST_COPY_MAX_BYTES``; else
+    None."""
+    shape = getattr(batch, "shape", None)
+    if not shape or not shape[0]:
+        return None
+    if not isinstance(batch, np.ndarray):
+        device = getattr(getattr(batch, "device", None), "type", None)
+        if not type(batch).__module__.startswith("torch") or device != "cpu":
+            return None
+        try:
+            batch = to_numpy(batch)
+        except (TypeError, ValueError, RuntimeError):
+            return None
+    if batch.dtype.kind not in "biuf" or batch.nbytes > BURST_COPY_MAX_BYTES:
+        return None
+    return np.array(batch, order="C")
 
 
 def _stack(arrays: list[Any]) -> tuple[np.ndarray, list[int]]:

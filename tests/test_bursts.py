@@ -15,7 +15,7 @@ from sklearn.linear_model import LogisticRegression
 
 import otel_dl
 from otel_dl import _burst, semconv
-from otel_dl.monitor import BURST_MAX_VALUES, FeatureMonitor, Later
+from otel_dl.monitor import BURST_COPY_MAX_BYTES, FeatureMonitor, Later
 from otel_dl.reference import Reference
 from otel_dl.table import to_table
 from tests.support import EXPORTER, SpanList
@@ -141,14 +141,45 @@ def test_what_a_burst_cannot_take_is_observed_now() -> None:
     x, _ = load_iris(return_X_y=True)
     fitted = FeatureMonitor(Reference.fit(to_table(x)))
     assert FeatureMonitor().burst_inputs(x[:1]) is None  # no reference yet: baseline first
-    big = np.tile(x, (BURST_MAX_VALUES // x.size + 1, 1))
-    assert fitted.burst_inputs(big) is None  # profiled at the call: too large to copy
-    assert fitted.burst_inputs(big[: BURST_MAX_VALUES // x.shape[1]]) is not None
-    assert fitted.burst_inputs(x[:1, :3]) is None  # another width than the reference's
-    assert fitted.burst_inputs(x[:1].astype(np.float16)) is None
+    rows = BURST_COPY_MAX_BYTES // x[:1].nbytes
+    assert fitted.burst_inputs(np.tile(x, (rows // len(x) + 1, 1))) is None  # too large
+    assert fitted.burst_inputs(np.tile(x, (rows // len(x), 1))) is not None
+    assert fitted.burst_inputs(x[:1].astype(str)) is None  # not numbers
+    assert fitted.burst_inputs(x[:0]) is None  # no rows
+    assert fitted.burst_inputs(x[0, 0]) is None  # no rows either: a scalar
+    assert fitted.burst_inputs(x[:1].tolist()) is None  # not an array
     # One column (a sigmoid) is summarised at once.
     assert not isinstance(fitted.confidence_later(np.zeros((1, 1))), Later)
     assert fitted.burst_inputs(x[:1]) is not None
+
+
+def test_a_burst_gives_image_and_wide_batches_what_observe_gives() -> None:
+    """Batches the burst cannot profile in one vectorised pass (images, a table wider
+    than the reference, another dtype) wait as copies and are observed there one by one,
+    in call order within their shape: drift included, each call gets what it would alone."""
+    rng = np.random.default_rng(5)
+    images = rng.normal(0, 1, (512, 3, 16, 16)).astype(np.float32)  # 768 features: narrowed
+    reference = Reference.fit(to_table(images))
+    alone, burst = FeatureMonitor(reference), FeatureMonitor(reference)
+    calls: list[torch.Tensor | np.ndarray] = []
+    for i in range(40):
+        batch = rng.normal(0, 1, (32, 3, 16, 16)).astype(np.float32)
+        if i >= 20:
+            batch[:, 0] *= 4  # one channel's scale changes: drift
+        if i % 6 == 1:
+            batch[0, 1, 2, 3] = np.nan
+        calls.append(torch.from_numpy(batch) if i % 2 else batch)
+    calls.append(images[:4, :, :, :8].astype(np.float64))  # another shape and dtype
+    calls.append(images[:4].reshape(4, -1))  # 2-D, but not the reference's features
+    expected = [alone.observe(batch) for batch in calls]
+    inputs = [burst.burst_inputs(batch) for batch in calls]
+    for kept, batch in zip(inputs, calls, strict=True):
+        assert kept is not None and kept.shape == batch.shape
+    calls[1][:] = float("nan")  # the caller reuses its buffer: the copy is the call's own
+    found = burst.profile_burst(inputs, [None] * len(inputs))
+    assert semconv.DL_DRIFT_STATUS in expected[-3]
+    for want, got in zip(expected, found, strict=True):
+        assert got == want
 
 
 def _served_model() -> torch.nn.Module:

@@ -220,13 +220,19 @@ def _signals_of(span: Any) -> dict[str, Any]:
     return {k: v for k, v in span.attributes.items() if k.startswith("dl.")}
 
 
-@pytest.mark.parametrize(("batch_size", "sample_every"), [(300, 1), (2000, 1), (300, 10)])
+@pytest.mark.parametrize(
+    ("batch_size", "sample_every", "images"),
+    [(300, 1, False), (2000, 1, False), (300, 10, False), (300, 1, True)],
+)
 def test_parked_batches_get_what_they_would_get_at_the_call(
-    batch_size: int, sample_every: int, spans: SpanList, tracer: Any
+    batch_size: int, sample_every: int, images: bool, spans: SpanList, tracer: Any
 ) -> None:
     """Batches of 300 rows, and of 2000 (drift is fed a 1024-row subsample of each); with
-    sampling, each span's dl.sampling.rate too (1 for an abnormal batch, else 10)."""
+    sampling, each span's dl.sampling.rate too (1 for an abnormal batch, else 10); and
+    the same rows as 1x2x2 images, which wait for the burst as copies."""
     x = _drifting_batches()
+    if images:
+        x = x.reshape(-1, 1, 2, 2)
     # Two loaders over the same rows: each learns its own baseline and drift window.
     first, second = (DataLoader(TensorDataset(x), batch_size=batch_size) for _ in range(2))
     at_call, _, _, none_parked, _ = _epoch(
