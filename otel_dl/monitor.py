@@ -252,17 +252,23 @@ def _float_rows(value: Any) -> np.ndarray | None:
     shape = getattr(value, "shape", None)
     if shape is None or len(shape) != 2 or not shape[0] or not shape[1]:
         return None
-    if not isinstance(value, np.ndarray):
-        device = getattr(getattr(value, "device", None), "type", None)
-        if not type(value).__module__.startswith("torch") or device != "cpu":
-            return None
-        try:
-            value = to_numpy(value)
-        except (TypeError, ValueError, RuntimeError):
-            return None
-    if value.dtype != np.float32 and value.dtype != np.float64:
+    array = _cpu_array(value)
+    if array is None or (array.dtype != np.float32 and array.dtype != np.float64):
         return None
-    return value
+    return array
+
+
+def _cpu_array(value: Any) -> np.ndarray | None:
+    """A numpy array as is, a CPU torch tensor as a numpy view of it; else None."""
+    if isinstance(value, np.ndarray):
+        return value
+    device = getattr(getattr(value, "device", None), "type", None)
+    if not type(value).__module__.startswith("torch") or device != "cpu":
+        return None
+    try:
+        return to_numpy(value)
+    except (TypeError, ValueError, RuntimeError):
+        return None
 
 
 class FeatureMonitor:
@@ -574,17 +580,10 @@ def _copy_of(batch: Any) -> np.ndarray | None:
     shape = getattr(batch, "shape", None)
     if not shape or not shape[0]:
         return None
-    if not isinstance(batch, np.ndarray):
-        device = getattr(getattr(batch, "device", None), "type", None)
-        if not type(batch).__module__.startswith("torch") or device != "cpu":
-            return None
-        try:
-            batch = to_numpy(batch)
-        except (TypeError, ValueError, RuntimeError):
-            return None
-    if batch.dtype.kind not in "biuf" or batch.nbytes > BURST_COPY_MAX_BYTES:
+    array = _cpu_array(batch)
+    if array is None or array.dtype.kind not in "biuf" or array.nbytes > BURST_COPY_MAX_BYTES:
         return None
-    return np.array(batch, order="C")
+    return np.array(array, order="C")
 
 
 def _stack(arrays: list[Any]) -> tuple[np.ndarray, list[int]]:
