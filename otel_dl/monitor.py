@@ -515,7 +515,8 @@ class FeatureMonitor:
         several calls (``inputs[i]`` from :meth:`burst_inputs`; ``scores[i]`` and
         ``predictions[i]``, the output's row count when ``scores[i]`` is a sample of it,
         from :meth:`confidence_later`'s :class:`Later`; None where call ``i`` has none),
-        computed with one vectorised pass per signal over the rows of all of them."""
+        computed with one vectorised pass per signal over the rows of all of them (inputs
+        that pass cannot read, images say, by :meth:`observe`, one by one in call order)."""
         out: list[dict[str, AttributeValue]] = [{} for _ in inputs]
         for key, calls in _groups(inputs).items():
             self._profile_inputs(key, [inputs[i] for i in calls], [out[i] for i in calls])
