@@ -170,7 +170,7 @@ def test_a_burst_gives_image_and_wide_batches_what_observe_gives() -> None:
             batch[0, 1, 2, 3] = np.nan
         calls.append(torch.from_numpy(batch) if i % 2 else batch)
     calls.append(images[:4, :, :, :8].astype(np.float64))  # another shape and dtype
-    calls.append(images[:4].reshape(4, -1))  # 2-D, but not the reference's features
+    calls.append(images[:4].reshape(4, -1))  # 2-D: another schema, wider than drift reads
     expected = [alone.observe(batch) for batch in calls]
     inputs = [burst.burst_inputs(batch) for batch in calls]
     for kept, batch in zip(inputs, calls, strict=True):
