@@ -72,10 +72,12 @@ class DecisionCache:
         self._items: OrderedDict[bytes, Any] = OrderedDict()
 
     def put(self, trace_id: bytes, decision: Any) -> None:
-        self._items[trace_id] = decision
-        self._items.move_to_end(trace_id)
-        while len(self._items) > self._size:
-            self._items.popitem(last=False)
+        items = self._items
+        if trace_id in items:
+            items.move_to_end(trace_id)
+        items[trace_id] = decision
+        while len(items) > self._size:
+            items.popitem(last=False)
 
     def get(self, trace_id: bytes) -> Any:
         return self._items.get(trace_id)

@@ -161,11 +161,38 @@ class Attributor:
             )
             if plain and not where_attributes:
                 self._plain_plan.append((mode, rank_, where_attributes, where, plain))
+        # When every plain-span check is a duration above its baseline, a plain span within
+        # the smallest factor of its p99 fires nothing, and evidence() says so from one
+        # quantile lookup (most spans of most traces).
+        plain_checks = [
+            cond
+            for mode in modes
+            if not frozenset(c.signal for c in mode.where if c.signal not in SPAN_SIGNALS)
+            for cond in mode.detect
+            if cond.signal in SPAN_SIGNALS
+            and not (cond.op == "equals" and cond.value is True and cond.signal in _FLAGS)
+        ]
+        self._plain_factor: float | None = (
+            min(c.value for c in plain_checks)
+            if plain_checks
+            and all(
+                c.op == "above_baseline" and c.signal == "duration" and c.value > 0
+                for c in plain_checks
+            )
+            else None
+        )
         self._learned = tuple(
             (signal, signal in SPAN_SIGNALS) for signal in sorted(self._baseline_signals)
         )
         self._observed = tuple(
             (signal, signal in SPAN_SIGNALS) for signal in sorted(self._changed_signals)
+        )
+        # Spans carrying none of these attributes (and with no built-in observed signal)
+        # have nothing for _learn to observe.
+        self._observed_attributes = (
+            None
+            if any(builtin for _, builtin in self._observed)
+            else frozenset(signal for signal, _ in self._observed)
         )
 
     # --- evidence -------------------------------------------------------------------------
@@ -269,11 +296,19 @@ class Attributor:
         best: Evidence | None = None
         best_rank: tuple[bool, bool] | None = None
         attrs = span.attrs
+        # error_status() inlined: this runs for every span of every trace.
         plain = (
             not span.exception
-            and not error_status(span)
+            and not span.status_error
+            and "error.type" not in attrs
             and self._detect_attributes.isdisjoint(attrs)
         )
+        if plain and self._plain_factor is not None:
+            # Each plain check is `duration above p99 × factor`: within the smallest factor
+            # (or before p99 is learned) none fires, and none has a side effect.
+            p99 = self.baselines.quantile((*view.key(span), "duration"))
+            if p99 is None or span.duration <= p99 * self._plain_factor:
+                return None
         for mode, rank_, where_attributes, where, detect in (
             self._plain_plan if plain else self._plan
         ):
@@ -295,6 +330,9 @@ class Attributor:
     def _relevant(self, found: Found, view: TraceView) -> Found:
         """Symptom first: the evidence that may explain the trace's symptom, if it has
         one (see the module docstring). Without one, nothing is a fault."""
+        if not found:
+            # No span fired: only a slow entry that a span's own excess explains is one.
+            return self._explained(view) if self.latency.entry_slow(view) else []
         entry = view.entry
         failed = entry is not None and self.errors.errored(entry)
         slow = self.latency.entry_slow(view)
@@ -313,12 +351,17 @@ class Attributor:
                     kept.append((span, judged))
             elif ev.signal != "duration" or slow:
                 kept.append((span, ev))
-        if slow and not kept and self._slow_mode is not None:
-            mode, condition = self._slow_mode
-            explained = self.latency.explain(view, mode, condition.min_excess)
-            if explained is not None:
-                kept.append(explained)
+        if slow and not kept:
+            kept = self._explained(view)
         return kept
+
+    def _explained(self, view: TraceView) -> Found:
+        """The span that explains a slow entry no span's rule explains, if one does."""
+        if self._slow_mode is None:
+            return []
+        mode, condition = self._slow_mode
+        explained = self.latency.explain(view, mode, condition.min_excess)
+        return [] if explained is None else [explained]
 
     def decide(self, trace_id: bytes, spans: Sequence[SpanRecord]) -> Decision:
         """Attribute one whole trace and learn from its healthy spans."""
@@ -337,35 +380,41 @@ class Attributor:
             found = self._relevant(raw, view)
             self.signals.remember(raw, view)
             self.latency.remember(view)
-            found, blame, link_callers = self.latency.blame_links(found, view)
+            if found:
+                found, blame, link_callers = self.latency.blame_links(found, view)
             if raw:
                 linked = self.latency.blame_links(raw, view)[0]
                 anomalous = tuple(dict.fromkeys(s.service for s, _ in linked))
-        self._learn(view, {id(s) for s, _ in (*raw, *found)}, bool(found))
+        flagged = {id(s) for s, _ in (*raw, *found)} if raw or found else set()
+        self._learn(view, flagged, bool(found))
         if not found:
             return Decision(trace_id, fault=False, trace_root=view.entry, anomalous=anomalous)
         return rank(trace_id, found, view, blame, link_callers, anomalous)
 
     def _learn(self, view: TraceView, anomalous: set[int], fault: bool) -> None:
         baselines = self.baselines
+        observed_attributes = self._observed_attributes
         for span in view.order:
             attrs = span.attrs
             # Established values count anomalous spans too, so an intended change
             # (a new model version) settles after min_baseline_samples traces.
-            for signal, builtin in self._observed:
-                value = self._signal(span, signal, view) if builtin else attrs.get(signal)
-                if value is not None:
-                    baselines.observe(changed_key(span, signal), value)
-            if id(span) in anomalous:
+            if observed_attributes is None or not observed_attributes.isdisjoint(attrs):
+                for signal, builtin in self._observed:
+                    value = self._signal(span, signal, view) if builtin else attrs.get(signal)
+                    if value is not None:
+                        baselines.observe(changed_key(span, signal), value)
+            if anomalous and id(span) in anomalous:
                 continue
+            service, operation = view.key(span)
             for signal, builtin in self._learned:
                 if signal == "duration":
                     number: float | None = span.duration
                 else:
-                    number = _number(
-                        self._signal(span, signal, view) if builtin else attrs.get(signal)
-                    )
+                    value = self._signal(span, signal, view) if builtin else attrs.get(signal)
+                    if value is None:
+                        continue
+                    number = _number(value)
                 if number is not None and number >= 0:
-                    baselines.learn((*view.key(span), signal), number)
+                    baselines.learn((service, operation, signal), number)
         if self.symptom_first and not fault:
             self.latency.learn_entry(view)

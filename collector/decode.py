@@ -93,6 +93,7 @@ class SpanRecord:
 
     __slots__ = (
         "attrs",
+        "duration",
         "end",
         "exception",
         "kind",
@@ -120,6 +121,8 @@ class SpanRecord:
         self.kind: int = span.kind
         self.start: int = span.start_time_unix_nano
         self.end: int = span.end_time_unix_nano
+        #: Duration in seconds (0 when the end precedes the start).
+        self.duration: float = max(0, self.end - self.start) / 1e9
         self.status_error: bool = span.status.code == _STATUS_ERROR
         events = span.events
         self.exception: bool = bool(events) and any(e.name == "exception" for e in events)
@@ -139,11 +142,6 @@ class SpanRecord:
                     if not self.mistyped:
                         self.mistyped = []
                     self.mistyped.append((key, _VALUE_TYPES.get(which or "", "empty")))
-
-    @property
-    def duration(self) -> float:
-        """Duration in seconds (0 when the end precedes the start)."""
-        return max(0, self.end - self.start) / 1e9
 
 
 def _usable(key: str, value: Any) -> bool:

@@ -51,9 +51,10 @@ class ErrorRules:
         self._rates_before: dict[tuple[str, str], float | None] = {}
 
     def errored(self, span: SpanRecord) -> bool:
-        if span.kind != CLIENT and client_mistake(span):
-            return False  # the span answered 4xx: its client's mistake
-        return error_status(span) or span.exception
+        if not (span.status_error or span.exception or "error.type" in span.attrs):
+            return False  # see error_status()
+        # A span that answered 4xx is not in error: it is its client's mistake.
+        return span.kind == CLIENT or not client_mistake(span)
 
     def burst(self, span: SpanRecord, view: TraceView) -> bool:
         """Whether the span's operation fails far more than usual in its recent calls."""

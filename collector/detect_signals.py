@@ -29,6 +29,8 @@ class SignalRules:
 
     def drop_isolated(self, found: Found, view: TraceView) -> Found:
         """``found`` without its transient ``dl.*`` evidence."""
+        if not found:
+            return found
         fired: dict[tuple[str, str, str], list[int]] = {}
         for i, (span, ev) in enumerate(found):
             if from_ml_signal(ev):

@@ -54,8 +54,9 @@ class FaultProcessor:
         every span, enriched, in order."""
         out: list[SpanRecord] = []
         stored: list[tuple[Decision, list[SpanRecord]]] = []
+        took: list[float] = []
         for trace in traces:
-            decision = self._decide(trace)
+            decision = self._decide(trace, took)
             if decision.fault and decision.root is not None and decision.mode is not None:
                 self.decisions.put(
                     trace.trace_id, (decision.root.service, decision.root.span_id.hex())
@@ -71,6 +72,10 @@ class FaultProcessor:
             stored.append((decision, trace.spans))
             out.extend(trace.spans)
         self.metrics.traces_assembled.inc(len(traces))
+        seconds = self.metrics.attribution_seconds
+        with seconds.lock:
+            for value in took:
+                seconds.observe((), value)
         for rec in late:
             cause = self.decisions.get(rec.trace_id)
             if cause and cause != HEALTHY:
@@ -85,11 +90,13 @@ class FaultProcessor:
                 _log.exception("could not write faults to the store %s", self.store.path)
         return out
 
-    def _decide(self, trace: Trace) -> Decision:
+    def _decide(self, trace: Trace, took: list[float]) -> Decision:
+        """Attribute and enrich ``trace``; append the seconds it took to ``took``."""
         started = time.perf_counter()
         try:
             decision = self.attributor.decide(trace.trace_id, trace.spans)
-            enrich(decision)
+            if decision.fault:
+                enrich(decision)
         except Exception as exc:
             # Forward the trace unattributed rather than lose it; log no values.
             self.metrics.decision_errors.inc()
@@ -99,5 +106,5 @@ class FaultProcessor:
                 type(exc).__name__,
             )
             decision = Decision(trace.trace_id, fault=False)
-        self.metrics.attribution_seconds.observe(time.perf_counter() - started)
+        took.append(time.perf_counter() - started)
         return decision

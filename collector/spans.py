@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from operator import attrgetter
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -52,7 +53,8 @@ HTTP_STATUS_ATTRIBUTES = ("http.response.status_code", "http.status_code")
 _OPERATION_ATTRIBUTES = frozenset(
     {*ROUTE_ATTRIBUTES, *PATH_ATTRIBUTES, *PORT_ATTRIBUTES, *PEER_URL_ATTRIBUTES}
 )
-_CLIENT_OPERATION_ATTRIBUTES = _OPERATION_ATTRIBUTES | frozenset(PEER_NAME_ATTRIBUTES)
+_PEER_NAMES = frozenset(PEER_NAME_ATTRIBUTES)
+_CLIENT_OPERATION_ATTRIBUTES = _OPERATION_ATTRIBUTES | _PEER_NAMES
 #: Span attributes read besides the catalog's own signals.
 CORE_ATTRIBUTES = frozenset(
     {
@@ -127,6 +129,11 @@ def operation(span: SpanRecord) -> str:
     client = span.kind == CLIENT
     if attrs.keys().isdisjoint(_CLIENT_OPERATION_ATTRIBUTES if client else _OPERATION_ATTRIBUTES):
         return span.name  # the common case, kept cheap: it runs for every span
+    if client and _PEER_NAMES.issuperset(attrs.keys() & _CLIENT_OPERATION_ATTRIBUTES):
+        # A client span naming its peer and nothing of its route or port (gRPC and
+        # messaging clients, telemetrygen): what the general path below gives it.
+        host = peer_host(attrs)
+        return f"{span.name}  @{host}" if host else span.name
     route = _first_string(attrs, ROUTE_ATTRIBUTES)
     port = next((str(v) for k in PORT_ATTRIBUTES if (v := attrs.get(k)) is not None), "")
     if not route:
@@ -167,10 +174,16 @@ class TraceView:
         self.spans = spans
         self.by_operation = by_operation
         self.by_id: dict[bytes, SpanRecord] = {s.span_id: s for s in spans}
-        self.children: dict[bytes, list[SpanRecord]] = {}
+        children: dict[bytes, list[SpanRecord]] = {}
         for s in spans:
-            if s.parent_id:
-                self.children.setdefault(s.parent_id, []).append(s)
+            parent = s.parent_id
+            if parent:
+                kids = children.get(parent)
+                if kids is None:
+                    children[parent] = [s]
+                else:
+                    kids.append(s)
+        self.children = children
         #: Span ids with a child span in the trace (see the catalog's ``peer`` signal).
         self.callers = frozenset(self.children)
         self.order = _post_order(spans, self.by_id, self.children)
@@ -221,11 +234,28 @@ def _post_order(
     roots = [
         s for s in spans if not s.parent_id or s.parent_id not in by_id or s.parent_id == s.span_id
     ]
+    if len(roots) > 1:
+        roots.sort(key=_start, reverse=True)
+    if len(by_id) == len(spans):
+        # Unique span ids (the usual trace): the post-order is the reverse of the pre-order
+        # that takes each span's children latest first. Spans on a parent cycle are
+        # reached from no root: such a trace takes the general walk below.
+        pre: list[SpanRecord] = []
+        todo = roots[::-1]
+        while todo:
+            span = todo.pop()
+            pre.append(span)
+            kids = children.get(span.span_id)
+            if kids:
+                if len(kids) > 1:
+                    kids = sorted(kids, key=_start, reverse=True)
+                todo.extend(k for k in reversed(kids) if k is not span)
+        if len(pre) == len(spans):
+            pre.reverse()
+            return pre
     order: list[SpanRecord] = []
     seen: set[bytes] = set()
-    stack: list[tuple[SpanRecord, bool]] = [
-        (s, False) for s in sorted(roots, key=_start, reverse=True)
-    ]
+    stack: list[tuple[SpanRecord, bool]] = [(s, False) for s in roots]
     while True:
         if not stack:
             # Spans on a parent cycle are reachable from no root; walk them from
@@ -244,12 +274,11 @@ def _post_order(
         stack.append((span, True))
         kids = children.get(span.span_id)
         if kids:
+            if len(kids) > 1:
+                kids = sorted(kids, key=_start, reverse=True)
             # A span that names itself as parent is a root, never its own child.
-            stack.extend(
-                (k, False) for k in sorted(kids, key=_start, reverse=True) if k is not span
-            )
+            stack.extend((k, False) for k in kids if k is not span)
     return order
 
 
-def _start(span: SpanRecord) -> int:
-    return span.start
+_start = attrgetter("start")

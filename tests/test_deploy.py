@@ -47,7 +47,7 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from otel_dl import semconv
 from otel_dl.collector.config import CollectorConfig, load_config
-from otel_dl.collector.metrics import UNKNOWN_METHOD, CollectorMetrics, SignalHistogram
+from otel_dl.collector.metrics import UNKNOWN_METHOD, BatchHistogram, CollectorMetrics
 from tests.e2e.binaries import BUILD_TIMEOUT_SECONDS, NoGoToolchain, jaeger_binary, otelcol_binary
 from tests.support import promql_parts
 
@@ -601,12 +601,14 @@ def _exported_metrics() -> tuple[set[str], dict[str, set[str]]]:
         if isinstance(metric, MetricWrapperBase):
             # prometheus_client keeps a metric's label names only on the metric itself.
             label_names = set(metric._labelnames)
-        elif isinstance(metric, SignalHistogram):
+        elif isinstance(metric, BatchHistogram):
             label_names = set(metric.labelnames)
         else:
             continue
         for family in metric.describe():
             for suffix in suffixes[family.type]:
+                if suffix == "_created" and isinstance(metric, BatchHistogram):
+                    continue  # served by prometheus_client's own metrics only
                 labels[family.name + suffix] = set(label_names)
             if family.type == "histogram":
                 labels[family.name + "_bucket"].add("le")
