@@ -17,6 +17,7 @@ cannot be accepted at all raises :class:`PayloadError`.
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from typing import Any
 
@@ -117,7 +118,8 @@ class SpanRecord:
         self.trace_id: bytes = span.trace_id
         self.span_id: bytes = span.span_id
         self.parent_id: bytes = span.parent_span_id
-        self.name: str = span.name
+        # Interned: spans of an operation share one name object (about 60 bytes a span).
+        self.name: str = sys.intern(span.name)
         self.kind: int = span.kind
         self.start: int = span.start_time_unix_nano
         self.end: int = span.end_time_unix_nano
