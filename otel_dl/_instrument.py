@@ -379,7 +379,9 @@ def instrument(
 
                 processor: SpanProcessor = DropCountingSpanProcessor(exporter)
                 if config.sample_every > 1:
-                    processor = SignalAwareSpanProcessor(processor, config.sample_every)
+                    processor = SignalAwareSpanProcessor(
+                        processor, config.sample_every, presample=True
+                    )
                 provider.add_span_processor(processor)
             trace.set_tracer_provider(provider)
             handle.tracer_provider = provider

@@ -57,7 +57,7 @@ from otel_dl._context import current_attributes
 from otel_dl._guard import instrumentation_enabled, report_internal_error
 from otel_dl._version import __version__
 from otel_dl.monitor import Later
-from otel_dl.sampling import sampling_rate
+from otel_dl.sampling import presampler, sampling_rate
 
 Attributes = dict[str, AttributeValue]
 
@@ -350,15 +350,22 @@ class DlSpan:
             attrs = self.attributes
             config = get_config()
             if span is None and unborn is not None:
+                tracer, name, kind, parent = unborn
+                judge = None
                 if config.sample_every > 1:
                     duration_s = (end_ns - self.start_ns) / 1e9
-                    attrs[semconv.DL_SAMPLING_RATE] = sampling_rate(
-                        attrs, self._error, duration_s, config
-                    )
-                tracer, name, kind, parent = unborn
+                    rate = sampling_rate(attrs, self._error, duration_s, config)
+                    attrs[semconv.DL_SAMPLING_RATE] = rate
+                    judge = presampler() if rate > 1 and kind is SpanKind.INTERNAL else None
+                    if judge is not None and not judge.admit(name, attrs, duration_s):
+                        # Not sampled: the span its processor would drop is never made.
+                        _duration_histogram().record(duration_s, self.labels)
+                        return
                 span = tracer.start_span(
                     name, parent, kind=kind, attributes=attrs, start_time=self.start_ns
                 )
+                if judge is not None:
+                    judge.admitted(span)
                 self.attributes = {}
             elif span is not None:
                 if config.sample_every > 1 and span.is_recording():

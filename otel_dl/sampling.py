@@ -28,15 +28,28 @@ Metrics are recorded for every span before this decision, so dashboards stay com
 ``instrument(sample_every=10)`` installs it in the provider otel-dl creates; an
 application with its own TracerProvider wraps its export processor::
 
-    provider.add_span_processor(SignalAwareSpanProcessor(BatchSpanProcessor(exporter), 10))
+    provider.add_span_processor(
+        SignalAwareSpanProcessor(BatchSpanProcessor(exporter), 10, presample=True)
+    )
+
+Spans that are made only when they end (a parked DataLoader batch, a model call whose
+span started lazily; see ``otel_dl._span``) are judged *before* they are made, when the
+processor was created with ``presample=True`` (``instrument()`` does so): a normal one
+that is not sampled is never made, which saves the SDK's cost of a span its processor
+would drop. The judgement is the one the processor makes at the end (the same signals,
+fingerprint and outlier rules, learned from the same normal spans); only the 1-in-N draw
+is a random one instead of the span id, with the same rate. Its duration is still
+recorded. The processor must be on the provider otel-dl's spans go to.
 """
 
 from __future__ import annotations
 
+import random
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
 
+from opentelemetry import trace as trace_api
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.trace import SpanKind, StatusCode
@@ -100,6 +113,15 @@ def sampling_rate(
     return 1 if is_abnormal(attrs, error, duration_s, config) else config.sample_every
 
 
+_presampler: SignalAwareSpanProcessor | None = None
+
+
+def presampler() -> SignalAwareSpanProcessor | None:
+    """The processor created with ``presample=True`` that judges otel-dl's spans before
+    they are made, if any."""
+    return _presampler
+
+
 class _Baseline:
     """Running mean and variance of one span name's value (Welford), from normal spans only."""
 
@@ -134,17 +156,48 @@ class SignalAwareSpanProcessor(SpanProcessor):
     See the module docstring.
     """
 
-    def __init__(self, inner: SpanProcessor, sample_every: int) -> None:
+    def __init__(self, inner: SpanProcessor, sample_every: int, *, presample: bool = False) -> None:
+        """``presample``: judge otel-dl's spans that are made only when they end before
+        they are made, so a dropped one costs no span (see the module docstring); the
+        latest processor created so is the one they ask, until its shutdown."""
+        global _presampler
         if sample_every < 1:
             raise ValueError(f"sample_every must be at least 1, got {sample_every}")
         self.inner = inner
         self.sample_every = sample_every
         self._lock = threading.Lock()
         self._kept_children: OrderedDict[int, None] = OrderedDict()
+        # Span ids admitted by admit(): kept at the end without being judged again.
+        self._admitted: OrderedDict[int, None] = OrderedDict()
         self._fingerprints: dict[AttributeValue, AttributeValue] = {}
         self._baselines: dict[tuple[str, str], _Baseline] = {}
         self.kept = 0
         self.dropped = 0
+        if presample and sample_every > 1:
+            _presampler = self
+
+    def admit(self, name: str, attrs: Mapping[str, AttributeValue], duration_s: float) -> bool:
+        """Whether a normal otel-dl span (``dl.sampling.rate`` above 1, INTERNAL, no
+        error, no child), not made yet, is to be kept: what :meth:`on_end` would decide,
+        with a random 1-in-N draw. Call :meth:`admitted` with the span once it is made."""
+        with self._lock:
+            changed = self._model_changed(attrs)
+            slow = self._outlier((name, "duration"), duration_s, not changed)
+            freshness = attrs.get(semconv.DL_FEATURE_FRESHNESS)
+            stale = isinstance(freshness, float) and self._outlier(
+                (name, "freshness"), freshness, not changed
+            )
+            if changed or slow or stale or random.random() * self.sample_every < 1:
+                return True
+            self.dropped += 1
+            return False
+
+    def admitted(self, span: trace_api.Span) -> None:
+        """Keep ``span``, which :meth:`admit` admitted, when it ends."""
+        with self._lock:
+            self._admitted[span.get_span_context().span_id] = None
+            if len(self._admitted) > _MAX_MARKED_PARENTS:
+                self._admitted.popitem(last=False)
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
         self.inner.on_start(span, parent_context=parent_context)
@@ -163,6 +216,11 @@ class SignalAwareSpanProcessor(SpanProcessor):
         attrs = span.attributes or {}
         context = span.get_span_context()
         if semconv.DL_STAGE not in attrs or context is None:
+            return True
+        if self._admitted and context.span_id in self._admitted:
+            with self._lock:
+                self._admitted.pop(context.span_id, None)
+                self.kept += 1
             return True
         error = span.status.status_code is StatusCode.ERROR
         duration_s = ((span.end_time or 0) - (span.start_time or 0)) / 1e9
@@ -216,6 +274,9 @@ class SignalAwareSpanProcessor(SpanProcessor):
         return outlier
 
     def shutdown(self) -> None:
+        global _presampler
+        if _presampler is self:
+            _presampler = None
         self.inner.shutdown()
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:

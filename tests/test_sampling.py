@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from opentelemetry.trace import SpanKind
 
 from otel_dl import semconv
 from otel_dl._config import resolve_config
-from otel_dl.sampling import SignalAwareSpanProcessor, is_abnormal
+from otel_dl.sampling import SignalAwareSpanProcessor, is_abnormal, presampler
 from tests.otlp_sink import OtlpSink
 
 JOB = """
@@ -37,19 +38,25 @@ JOB = """
 """
 
 
+def _run_job(job: str, sink: OtlpSink) -> str:
+    """Run ``job`` in a fresh process exporting to ``sink``; return its standard output."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env["OTEL_EXPORTER_OTLP_ENDPOINT"] = sink.endpoint
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(job)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).parents[1],
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
 def test_abnormal_spans_all_kept_normal_ones_one_in_n_and_parents_intact() -> None:
     with OtlpSink() as sink:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = sink.endpoint
-        result = subprocess.run(
-            [sys.executable, "-c", textwrap.dedent(JOB)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            cwd=Path(__file__).parents[1],
-        )
-        assert result.returncode == 0, result.stderr
+        _run_job(JOB, sink)
         spans = [s for rs in sink.resource_spans for ss in rs.scope_spans for s in ss.spans]
     attrs = {s.span_id: {kv.key: kv.value for kv in s.attributes} for s in spans}
     batches = [s for s in spans if s.name == semconv.SPAN_DATALOADER_BATCH]
@@ -65,6 +72,70 @@ def test_abnormal_spans_all_kept_normal_ones_one_in_n_and_parents_intact() -> No
     kept_ids = {s.span_id for s in spans}
     assert all(s.parent_span_id in kept_ids for s in batches)
     assert not epoch.parent_span_id
+
+
+PRESAMPLED_JOB = """
+    import json
+
+    import torch
+    from opentelemetry import metrics
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import SpanProcessor
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import otel_dl
+
+    class Made(SpanProcessor):
+        def __init__(self):
+            self.names = []
+
+        def on_start(self, span, parent_context=None):
+            self.names.append(span.name)
+
+    reader = InMemoryMetricReader()
+    metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+    h = otel_dl.instrument("presampled-job", sample_every=10, baseline_rows=500)
+    made = Made()
+    h.tracer_provider.add_span_processor(made)
+    x = torch.randn(200 * 50, 4, generator=torch.Generator().manual_seed(3))
+    x[100 * 50 : 110 * 50, 1] = float("nan")
+    for _ in DataLoader(TensorDataset(x), batch_size=50):
+        pass
+    h.force_flush()
+    durations = sum(
+        point.count
+        for rm in reader.get_metrics_data().resource_metrics
+        for sm in rm.scope_metrics
+        for metric in sm.metrics
+        if metric.name == "dl.operation.duration"
+        for point in metric.data.data_points
+    )
+    print(json.dumps({"made": made.names.count("dataloader.batch"), "durations": durations}))
+    h.shutdown()
+"""
+
+
+def test_a_batch_that_sampling_drops_is_never_made_and_still_counted() -> None:
+    """instrument(sample_every=N) judges a parked batch before its span is made: one the
+    processor would drop costs no SDK span. Abnormal ones are all kept and every batch's
+    duration is still recorded."""
+    with OtlpSink() as sink:
+        out = json.loads(_run_job(PRESAMPLED_JOB, sink).strip().splitlines()[-1])
+        spans = [s for rs in sink.resource_spans for ss in rs.scope_spans for s in ss.spans]
+    batches = [s for s in spans if s.name == semconv.SPAN_DATALOADER_BATCH]
+    index = {
+        kv.value.int_value
+        for s in batches
+        for kv in s.attributes
+        if kv.key == semconv.DL_BATCH_INDEX
+    }
+    assert set(range(100, 110)) <= index, "every abnormal batch is kept"
+    assert out["durations"] == 200, "every batch's duration is recorded"
+    # Before the reference exists (the first 10 batches of 50 rows), batches are profiled
+    # at the call and their spans made then; from there on, only the kept ones are made.
+    assert len(batches) <= out["made"] <= len(batches) + 10
+    assert 15 <= len(batches) <= 60, f"10 abnormal and about 1 in 10 of 190, {len(batches)}"
 
 
 def _span(tracer, name: str, attrs: dict, kind: SpanKind = SpanKind.INTERNAL):
@@ -94,6 +165,36 @@ def test_processor_rules_for_foreign_remote_and_parent_spans() -> None:
         expected.insert(3, "normal")
     assert names == expected
     assert processor.dropped == 5 - len(expected)
+
+
+def test_admit_judges_a_span_not_made_as_its_end_would() -> None:
+    """admit() keeps what on_end keeps of a normal span (a changed model fingerprint, an
+    outlier duration) plus a random 1 in N, learns from the rest, and an admitted span is
+    kept at its end without being judged again."""
+    exporter = InMemorySpanExporter()
+    processor = SignalAwareSpanProcessor(SimpleSpanProcessor(exporter), 1_000_000, presample=True)
+    try:
+        normal = {
+            semconv.DL_STAGE: "inference",
+            semconv.DL_SAMPLING_RATE: 1_000_000,
+            semconv.DL_MODEL_NAME: "m",
+            semconv.DL_MODEL_FINGERPRINT: "a",
+        }
+        # 40 ordinary calls: the duration baseline is learned, nothing is kept.
+        kept = [processor.admit("inference", normal, 0.010 + i * 1e-5) for i in range(40)]
+        assert not any(kept) and processor.dropped == 40
+        assert processor.admit("inference", normal, 0.5), "far slower than usual"
+        assert processor.admit("inference", {**normal, semconv.DL_MODEL_FINGERPRINT: "b"}, 0.01)
+        provider = TracerProvider()
+        provider.add_span_processor(processor)
+        span = _span(provider.get_tracer("t"), "inference", dict(normal))
+        processor.admitted(span)
+        span.end()  # by span id it would be dropped (1 in a million), but it was admitted
+        assert [s.name for s in exporter.get_finished_spans()] == ["inference"]
+        assert processor.dropped == 40
+    finally:
+        processor.shutdown()
+    assert presampler() is None, "a shut-down processor judges nothing more"
 
 
 @pytest.mark.parametrize(
