@@ -259,7 +259,7 @@ def test_demo_pipeline_drills_with_the_collector(fault_drills: Any) -> None:
     print(report.table())
     assert all(r.drilled for r in report.results), report.table()
     report.assert_detected()
-    assert report.baseline_faults == 0
+    assert report.baseline_faults == 0, report.table()
     # A failing enrichment API is answered by the pipeline's own fallback (risk 0.5): the
     # trace shows no symptom of its own, so attribution is checked on the other modes.
     unattributed = [r.mode.id for r in report.results if not r.attributed]

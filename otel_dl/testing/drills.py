@@ -91,6 +91,8 @@ class DrillReport:
     baseline_runs: int
     fault_runs: int
     baseline_faults: int | None = None  # faults the collector named on healthy traces
+    #: Each of those: its mode, root-cause service and span, and the evidence.
+    baseline_fault_notes: list[str] = field(default_factory=list)
 
     def by_mode(self, mode_id: str) -> DrillResult:
         for result in self.results:
@@ -135,6 +137,7 @@ class DrillReport:
             )
         if self.baseline_faults is not None:
             lines += ["", f"Faults the collector named on healthy traces: {self.baseline_faults}"]
+            lines += [f"- {note}" for note in self.baseline_fault_notes]
         return "\n".join(lines)
 
     def missed(self, attribution: bool = False) -> list[DrillResult]:
@@ -445,7 +448,11 @@ def run_drills(
     try:
         if sink is not None:
             sink.send(healthy.spans)
-            report.baseline_faults = len(sink.faults(_trace_ids(healthy.spans)))
+            named = sink.faults(_trace_ids(healthy.spans))
+            report.baseline_faults = len(named)
+            report.baseline_fault_notes = [
+                f"{row.mode} on {row.service}/{row.span_name}: {row.evidence}" for row in named
+            ]
         for mode in chosen:
             report.results.append(
                 _drill(pipeline, capture, mode, healthy, baseline, sink, fault_runs, recovery_runs)
