@@ -125,7 +125,15 @@ def _contract_floor(repeats: int, attrs: dict[str, Any]) -> float:
 
 
 def _mlp() -> torch.nn.Module:
-    return torch.nn.Sequential(torch.nn.Linear(32, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
+    """A 32-256-10 classifier as confident as a trained one: its output layer is scaled so
+    that the top class gets about 0.8 on average. At its initial weights it gets about
+    0.15, under ``confidence_threshold``, and signal-aware sampling would rightly keep
+    every one of its spans as low-confidence, so ``sample_every`` would measure nothing."""
+    model = torch.nn.Sequential(torch.nn.Linear(32, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
+    with torch.no_grad():
+        model[2].weight.mul_(20.0)
+        model[2].bias.mul_(20.0)
+    return model
 
 
 class _Deep(torch.nn.Module):
