@@ -150,28 +150,23 @@ class Attributor:
             c.signal for m in modes for c in (*m.where, *m.detect) if c.signal not in SPAN_SIGNALS
         )
         self._plain_plan = []
+        plain_checks: list[Condition] = []
         for (mode, rank_, where_attributes, where, detect), conds in zip(
             self._plan, ([*m.detect] for m in modes), strict=True
         ):
-            plain = tuple(
-                step
+            plain_steps = [
+                (step, cond)
                 for step, cond in zip(detect, conds, strict=True)
                 if cond.signal in SPAN_SIGNALS
                 and not (cond.op == "equals" and cond.value is True and cond.signal in _FLAGS)
-            )
-            if plain and not where_attributes:
+            ]
+            if plain_steps and not where_attributes:
+                plain = tuple(step for step, _ in plain_steps)
                 self._plain_plan.append((mode, rank_, where_attributes, where, plain))
+                plain_checks.extend(cond for _, cond in plain_steps)
         # When every plain-span check is a duration above its baseline, a plain span within
         # the smallest factor of its p99 fires nothing, and evidence() says so from one
         # quantile lookup (most spans of most traces).
-        plain_checks = [
-            cond
-            for mode in modes
-            if not frozenset(c.signal for c in mode.where if c.signal not in SPAN_SIGNALS)
-            for cond in mode.detect
-            if cond.signal in SPAN_SIGNALS
-            and not (cond.op == "equals" and cond.value is True and cond.signal in _FLAGS)
-        ]
         self._plain_factor: float | None = (
             min(c.value for c in plain_checks)
             if plain_checks
@@ -296,11 +291,9 @@ class Attributor:
         best: Evidence | None = None
         best_rank: tuple[bool, bool] | None = None
         attrs = span.attrs
-        # error_status() inlined: this runs for every span of every trace.
         plain = (
             not span.exception
-            and not span.status_error
-            and "error.type" not in attrs
+            and not error_status(span)
             and self._detect_attributes.isdisjoint(attrs)
         )
         if plain and self._plain_factor is not None:

@@ -51,8 +51,8 @@ class ErrorRules:
         self._rates_before: dict[tuple[str, str], float | None] = {}
 
     def errored(self, span: SpanRecord) -> bool:
-        if not (span.status_error or span.exception or "error.type" in span.attrs):
-            return False  # see error_status()
+        if not (error_status(span) or span.exception):
+            return False
         # A span that answered 4xx is not in error: it is its client's mistake.
         return span.kind == CLIENT or not client_mistake(span)
 

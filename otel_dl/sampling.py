@@ -181,13 +181,9 @@ class SignalAwareSpanProcessor(SpanProcessor):
         error, no child), not made yet, is to be kept: what :meth:`on_end` would decide,
         with a random 1-in-N draw. Call :meth:`admitted` with the span once it is made."""
         with self._lock:
-            changed = self._model_changed(attrs)
-            slow = self._outlier((name, "duration"), duration_s, not changed)
-            freshness = attrs.get(semconv.DL_FEATURE_FRESHNESS)
-            stale = isinstance(freshness, float) and self._outlier(
-                (name, "freshness"), freshness, not changed
-            )
-            if changed or slow or stale or random.random() * self.sample_every < 1:
+            if self._unusual(name, attrs, duration_s, normal=True):
+                return True
+            if random.random() * self.sample_every < 1:
                 return True
             self.dropped += 1
             return False
@@ -231,18 +227,10 @@ class SignalAwareSpanProcessor(SpanProcessor):
             has_kept_child = context.span_id in self._kept_children
             if has_kept_child:
                 del self._kept_children[context.span_id]
-            changed = self._model_changed(attrs)
-            learn = rate != 1 and not changed
-            slow = self._outlier((span.name, "duration"), duration_s, learn)
-            freshness = attrs.get(semconv.DL_FEATURE_FRESHNESS)
-            stale = isinstance(freshness, float) and self._outlier(
-                (span.name, "freshness"), freshness, learn
-            )
+            unusual = self._unusual(span.name, attrs, duration_s, normal=rate != 1)
         if (
             rate == 1
-            or changed
-            or slow
-            or stale
+            or unusual
             or has_kept_child
             or span.kind in _REMOTE_KINDS
             or error
@@ -252,6 +240,21 @@ class SignalAwareSpanProcessor(SpanProcessor):
             return True
         self.dropped += 1
         return False
+
+    def _unusual(
+        self, name: str, attrs: Mapping[str, AttributeValue], duration_s: float, normal: bool
+    ) -> bool:
+        """The anomalies only visible across spans: a changed model fingerprint, a duration
+        or freshness far above the span name's usual. A ``normal`` span (by its own
+        signals) teaches the usual unless its model changed. The caller holds the lock."""
+        changed = self._model_changed(attrs)
+        learn = normal and not changed
+        slow = self._outlier((name, "duration"), duration_s, learn)
+        freshness = attrs.get(semconv.DL_FEATURE_FRESHNESS)
+        stale = isinstance(freshness, float) and self._outlier(
+            (name, "freshness"), freshness, learn
+        )
+        return changed or slow or stale
 
     def _model_changed(self, attrs: Mapping[str, AttributeValue]) -> bool:
         name = attrs.get(semconv.DL_MODEL_NAME)
