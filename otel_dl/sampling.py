@@ -11,8 +11,9 @@ decides there:
 - also kept: the first span of a model whose fingerprint changed, and a span far slower
   or with far staler features than its name usually has (judged across spans by the
   processor, against a baseline learned from normal spans);
-- **normal** otel-dl spans are kept 1 in ``sample_every``, chosen by span id, so the
-  choice is uniform and needs no shared state;
+- **normal** otel-dl spans are kept 1 in ``sample_every``, chosen by span id (by a
+  random draw for a span judged before it is made, see below), so the choice is uniform
+  and needs no shared state;
 - every kept otel-dl span carries ``dl.sampling.rate``: 1 for an abnormal span, N for a
   normal one, so counts can be re-weighted (sum the rates);
 - spans that are not otel-dl's (the application's own, HTTP and gRPC spans) are never
