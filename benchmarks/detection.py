@@ -174,7 +174,9 @@ def _config(options: dict[str, Any]) -> Any:
 
 
 BURST = 16
-"""Calls per burst, as ``otel_dl._burst.BURST_CALLS``."""
+"""Calls per burst here. The library's bursts hold 16 to 64 calls (``otel_dl._burst``);
+the statuses do not depend on it: a burst feeds its calls to the drift window one by
+one, and each gets the status its own rows completed."""
 
 
 def statuses(m: Any, make: Any, count: int, key: str) -> Iterator[Any]:

@@ -205,8 +205,9 @@ OPTIONS: tuple[Option, ...] = (
         int,
         "model calls and DataLoader batches whose input is one CPU array or tensor (at most"
         " 65,536 feature values, or 1 MiB) get their signals computed together (and a"
-        " DataLoader batch its span made), in bursts of 16 calls or this many milliseconds"
-        " after the call at most (0: each at its call's end)",
+        " DataLoader batch its span made), in bursts (16 calls of a batch, up to 64 of a few"
+        " rows each) or this many milliseconds after the call at most (0: each at its"
+        " call's end)",
         non_negative,
     ),
     Option(

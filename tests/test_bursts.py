@@ -222,14 +222,35 @@ def test_a_full_burst_is_profiled_at_once_and_a_lone_call_within_the_delay(
     model = _served_model()
     row = torch.zeros(1, 4)
     with torch.no_grad():
-        for _ in range(_burst.BURST_CALLS):
+        # One-row calls: 16 hold too few values to fill a burst; 64 fill it.
+        for _ in range(_burst.BURST_MAX_CALLS - 1):
             model(row)
-        assert len(_inference_spans()) == _burst.BURST_CALLS
+        assert _inference_spans() == []
+        model(row)
+        assert len(_inference_spans()) == _burst.BURST_MAX_CALLS
         model(row)
     deadline = time.monotonic() + 5
-    while len(_inference_spans()) < _burst.BURST_CALLS + 1 and time.monotonic() < deadline:
+    while len(_inference_spans()) < _burst.BURST_MAX_CALLS + 1 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert len(_inference_spans()) == _burst.BURST_CALLS + 1  # the background thread
+    assert len(_inference_spans()) == _burst.BURST_MAX_CALLS + 1  # the background thread
+
+
+def test_batches_fill_a_burst_in_fewer_calls_than_requests(spans: SpanList) -> None:
+    """16 calls that hold BURST_VALUES values between them are a full burst."""
+    h = otel_dl.instrument(signals_delay_ms=60_000)  # no burst from the background thread
+    try:
+        model = _served_model()
+        rows = -(-_burst.BURST_VALUES // (_burst.BURST_CALLS * 4))  # 4 features a row
+        batch = torch.zeros(rows, 4)
+        with torch.no_grad():
+            for _ in range(_burst.BURST_CALLS - 1):
+                model(batch)
+            assert _burst.pending_spans() == _burst.BURST_CALLS - 1
+            model(batch)
+        assert _burst.pending_spans() == 0
+        assert len(_inference_spans()) == _burst.BURST_CALLS
+    finally:
+        h.shutdown()
 
 
 @pytest.mark.parametrize("delay_ms", [100, 0])
