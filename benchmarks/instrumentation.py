@@ -13,7 +13,8 @@ record is aggregated by a meter provider with a reader, as under the default exp
 Last, the span otel-dl really makes (every attribute of the last case's last span, and
 its duration record) is timed from the SDK alone: of a model row's added cost, that much
 is the SDK's price of the attribute contract, and the rest is otel-dl's own work.
-torch runs on one thread so that the two cores of a small machine do not add noise.
+torch and ONNX Runtime run on one thread so that the two cores of a small machine do
+not add noise.
 Each model learns its baseline before timing (the auto-baseline's one-off fit is not a
 per-call cost). The ``gc`` case counts the full garbage collections of a 10 s serving
 loop, bare, instrumented, and instrumented after ``gc.freeze()``, with their pauses. The
@@ -262,7 +263,14 @@ def _onnx_case(repeats: int, batch: int) -> tuple[float, float] | None:
             dynamic_axes={"x": {0: "rows"}},
             dynamo=False,
         )
-    session = onnxruntime.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+    options = onnxruntime.SessionOptions()
+    # One thread, as torch here: ONNX Runtime's default pool keeps a thread per core
+    # spinning after each run, which on a pinned run shares the one core with the caller.
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(
+        buffer.getvalue(), options, providers=["CPUExecutionProvider"]
+    )
     feed = {"x": np.random.default_rng(0).normal(size=(batch, 32)).astype(np.float32)}
 
     def traced() -> Any:
