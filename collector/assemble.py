@@ -48,20 +48,21 @@ _MAX_CALL_KEYS = 20_000
 class Trace:
     """Spans of one trace gathered so far."""
 
-    __slots__ = ("evicted", "has_root", "last_seen", "span_ids", "spans", "trace_id")
+    __slots__ = ("evicted", "has_root", "last_seen", "parents", "span_ids", "spans", "trace_id")
 
     def __init__(self, trace_id: bytes, last_seen: float) -> None:
         self.trace_id = trace_id
         self.last_seen = last_seen
         self.spans: list[SpanRecord] = []
         self.span_ids: set[bytes] = set()
+        #: The parent ids its spans name (none empty), kept as spans arrive.
+        self.parents: set[bytes] = set()
         self.has_root = False
         self.evicted = False
 
     def connected(self) -> bool:
         """Whether every span's parent is in the trace (nothing known to be still open)."""
-        ids = self.span_ids
-        return all(not s.parent_id or s.parent_id in ids for s in self.spans)
+        return self.parents <= self.span_ids
 
 
 class DecisionCache:
@@ -115,7 +116,7 @@ class Callees:
         return seen is None or seen[0] < _CALLS_TO_LEARN or seen[1] > 0
 
     def learn(self, trace: Trace) -> None:
-        parents = {s.parent_id for s in trace.spans}
+        parents = trace.parents
         for span in trace.spans:
             if span.kind != _CLIENT:
                 continue
@@ -132,7 +133,7 @@ class Callees:
 
     def open_calls(self, trace: Trace) -> bool:
         """Whether a client span of ``trace`` has no child yet, and its callee may send one."""
-        parents = {s.parent_id for s in trace.spans}
+        parents = trace.parents
         return any(
             s.kind == _CLIENT and s.span_id not in parents and self.awaits_callee(s)
             for s in trace.spans
@@ -187,7 +188,9 @@ class TraceBuffer:
             trace.spans.append(rec)
             trace.span_ids.add(rec.span_id)
             trace.last_seen = now
-            if not rec.parent_id:
+            if rec.parent_id:
+                trace.parents.add(rec.parent_id)
+            else:
                 trace.has_root = True
             self.span_count += 1
         evicted: list[Trace] = []

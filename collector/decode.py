@@ -111,13 +111,18 @@ class SpanRecord:
         "trace_id",
     )
 
-    def __init__(self, span: Span, service: str, received: Received, wanted: frozenset[str]):
+    def __init__(
+        self,
+        span: Span,
+        service: str,
+        received: Received,
+        wanted: frozenset[str],
+        ids: tuple[bytes, bytes, bytes],
+    ):
         self.span = span
         self.service = service
         self.received = received
-        self.trace_id: bytes = span.trace_id
-        self.span_id: bytes = span.span_id
-        self.parent_id: bytes = span.parent_span_id
+        self.trace_id, self.span_id, self.parent_id = ids
         # Interned: spans of an operation share one name object (about 60 bytes a span).
         self.name: str = sys.intern(span.name)
         self.kind: int = span.kind
@@ -149,7 +154,23 @@ class SpanRecord:
 def _usable(key: str, value: Any) -> bool:
     """Whether ``value`` has the contract's type for ``key`` (``dl.*`` from semconv, the
     standard ones from :data:`STANDARD_TYPES`; any other key: a scalar or a flat array),
-    so catalog operators can compare and hash it."""
+    so catalog operators can compare and hash it. A scalar's answer depends only on the
+    key and the value's type, and is remembered per pair (the keys are the few that
+    attribution reads)."""
+    kind = type(value)
+    if kind is not tuple:
+        pair = (key, kind)
+        known = _USABLE.get(pair)
+        if known is None:
+            known = _USABLE[pair] = _usable_value(key, value)
+        return known
+    return _usable_value(key, value)
+
+
+_USABLE: dict[tuple[str, type], bool] = {}
+
+
+def _usable_value(key: str, value: Any) -> bool:
     spec = semconv.ATTRIBUTES.get(key)
     expected = spec.type if spec is not None else STANDARD_TYPES.get(key)
     if expected is not None:
@@ -172,12 +193,11 @@ def expected_type(key: str) -> str:
     return STANDARD_TYPES.get(key, "a scalar or an array of scalars")
 
 
-def _id_problem(span: Span) -> str | None:
-    if len(span.trace_id) != 16 or span.trace_id == _ZERO_TRACE_ID:
+def _id_problem(trace_id: bytes, span_id: bytes, parent: bytes) -> str | None:
+    if len(trace_id) != 16 or trace_id == _ZERO_TRACE_ID:
         return "trace_id must be 16 bytes, not all zero"
-    if len(span.span_id) != 8 or span.span_id == _ZERO_SPAN_ID:
+    if len(span_id) != 8 or span_id == _ZERO_SPAN_ID:
         return "span_id must be 8 bytes, not all zero"
-    parent = span.parent_span_id
     if parent and (len(parent) != 8 or parent == _ZERO_SPAN_ID):
         return "parent_span_id must be empty or 8 bytes, not all zero"
     return None
@@ -226,12 +246,14 @@ def flatten(
         for ss in rs.scope_spans:
             invalid: list[int] = []
             for i, span in enumerate(ss.spans):
-                problem = _id_problem(span)
+                # Each id is read once: every read makes a new bytes object.
+                ids = (span.trace_id, span.span_id, span.parent_span_id)
+                problem = _id_problem(*ids)
                 if problem is not None:
                     problems[problem] = problems.get(problem, 0) + 1
                     invalid.append(i)
                     continue
-                rec = SpanRecord(span, service, received, wanted)
+                rec = SpanRecord(span, service, received, wanted, ids)
                 if rec.mistyped:
                     found.update(rec.mistyped)
                     if ignored is not None:
