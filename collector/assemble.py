@@ -48,21 +48,26 @@ _MAX_CALL_KEYS = 20_000
 class Trace:
     """Spans of one trace gathered so far."""
 
-    __slots__ = ("evicted", "has_root", "last_seen", "parents", "span_ids", "spans", "trace_id")
+    __slots__ = ("evicted", "has_root", "last_seen", "span_ids", "spans", "trace_id")
 
     def __init__(self, trace_id: bytes, last_seen: float) -> None:
         self.trace_id = trace_id
         self.last_seen = last_seen
         self.spans: list[SpanRecord] = []
         self.span_ids: set[bytes] = set()
-        #: The parent ids its spans name (none empty), kept as spans arrive.
-        self.parents: set[bytes] = set()
         self.has_root = False
         self.evicted = False
 
-    def connected(self) -> bool:
-        """Whether every span's parent is in the trace (nothing known to be still open)."""
-        return self.parents <= self.span_ids
+    def parent_ids(self) -> set[bytes]:
+        """The (non-empty) parent ids its spans name. Made when asked, not kept: the
+        completion rule and :class:`Callees` ask once a trace is quiet, and a set per
+        buffered trace would cost memory while it waits."""
+        return {p for s in self.spans if (p := s.parent_id)}
+
+    def connected(self, parents: set[bytes] | None = None) -> bool:
+        """Whether every span's parent is in the trace (nothing known to be still open);
+        ``parents``: :meth:`parent_ids`, if already made."""
+        return (self.parent_ids() if parents is None else parents) <= self.span_ids
 
 
 class DecisionCache:
@@ -115,8 +120,11 @@ class Callees:
         seen = self._calls.get(self.key(span))
         return seen is None or seen[0] < _CALLS_TO_LEARN or seen[1] > 0
 
-    def learn(self, trace: Trace) -> None:
-        parents = trace.parents
+    def learn(self, trace: Trace, parents: set[bytes] | None = None) -> None:
+        """Count the trace's client calls, and those with a child span; ``parents``: the
+        trace's :meth:`Trace.parent_ids`, if already made."""
+        if parents is None:
+            parents = trace.parent_ids()
         for span in trace.spans:
             if span.kind != _CLIENT:
                 continue
@@ -131,9 +139,11 @@ class Callees:
             if seen[0] == _CALLS_TO_LEARN and not seen[1]:
                 self.generation += 1
 
-    def open_calls(self, trace: Trace) -> bool:
-        """Whether a client span of ``trace`` has no child yet, and its callee may send one."""
-        parents = trace.parents
+    def open_calls(self, trace: Trace, parents: set[bytes] | None = None) -> bool:
+        """Whether a client span of ``trace`` has no child yet, and its callee may send one;
+        ``parents``: the trace's :meth:`Trace.parent_ids`, if already made."""
+        if parents is None:
+            parents = trace.parent_ids()
         return any(
             s.kind == _CLIENT and s.span_id not in parents and self.awaits_callee(s)
             for s in trace.spans
@@ -188,9 +198,7 @@ class TraceBuffer:
             trace.spans.append(rec)
             trace.span_ids.add(rec.span_id)
             trace.last_seen = now
-            if rec.parent_id:
-                trace.parents.add(rec.parent_id)
-            else:
+            if not rec.parent_id:
                 trace.has_root = True
             self.span_count += 1
         evicted: list[Trace] = []
@@ -213,6 +221,7 @@ class TraceBuffer:
     def pop_complete(self, now: float) -> list[Trace]:
         """Remove and return every trace the completion rule says is whole."""
         done: list[Trace] = []
+        made: dict[int, set[bytes]] = {}  # parent ids made while judging, by id(trace)
         traces, open_ = self._traces, self._open
         if self._generation != self.callees.generation:
             # A call key was learned to be untraced: open traces may be whole now.
@@ -234,15 +243,19 @@ class TraceBuffer:
             if quiet < grace:
                 break
             del traces[trace.trace_id]
-            if quiet >= wait or (
-                trace.has_root and trace.connected() and not self.callees.open_calls(trace)
-            ):
+            if quiet >= wait:
                 done.append(trace)
-            else:
-                open_[trace.trace_id] = trace
+                continue
+            if trace.has_root:
+                parents = trace.parent_ids()
+                if trace.connected(parents) and not self.callees.open_calls(trace, parents):
+                    done.append(trace)
+                    made[id(trace)] = parents
+                    continue
+            open_[trace.trace_id] = trace
         for trace in done:
             self.span_count -= len(trace.spans)
-            self.callees.learn(trace)
+            self.callees.learn(trace, made.get(id(trace)))
         return done
 
     def pop_all(self) -> list[Trace]:

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -70,6 +72,8 @@ _VALUE_TYPES = {
 
 #: The ``mistyped`` list of the spans that have none (shared, never appended to).
 _NONE_MISTYPED: list[tuple[str, str]] = []
+#: The ``attrs`` of the spans that have none of the wanted attributes (shared, read-only).
+_NO_ATTRIBUTES: Mapping[str, Any] = MappingProxyType({})
 
 
 class PayloadError(ValueError):
@@ -133,17 +137,22 @@ class SpanRecord:
         self.status_error: bool = span.status.code == _STATUS_ERROR
         events = span.events
         self.exception: bool = bool(events) and any(e.name == "exception" for e in events)
-        self.attrs: dict[str, Any] = {}
+        #: The attributes attribution reads (``wanted``), read-only; most spans share one
+        #: empty mapping.
+        self.attrs: Mapping[str, Any] = _NO_ATTRIBUTES
         #: ``(service, operation)``, set by :meth:`.spans.TraceView.key` when first asked.
         self.op_key: tuple[str, str] | None = None
         # (attribute, value type) a sender typed wrongly: ignored for attribution, not refused.
         self.mistyped: list[tuple[str, str]] = _NONE_MISTYPED
+        attrs: dict[str, Any] | None = None
         for kv in span.attributes:
             key = kv.key
             if key in wanted:
                 value = any_value(kv.value)
                 if _usable(key, value):
-                    self.attrs[key] = value
+                    if attrs is None:
+                        attrs = self.attrs = {}
+                    attrs[key] = value
                 else:
                     which = kv.value.WhichOneof("value")
                     if not self.mistyped:
