@@ -195,6 +195,7 @@ class TraceBuffer:
                 traces[tid] = trace
             elif trace.last_seen != now:
                 traces.move_to_end(tid)
+            rec.trace_id = trace.trace_id  # the trace's spans share one id object (49 bytes)
             trace.spans.append(rec)
             trace.span_ids.add(rec.span_id)
             trace.last_seen = now
