@@ -61,6 +61,7 @@ values each (one request) wait for up to 64 of them, and past the 16th call a bu
 starts as soon as the parked calls hold :data:`BURST_VALUES` values."""
 
 _SITE = "signals.burst"
+_POLL_SECONDS = 0.05
 
 
 @dataclass
@@ -77,7 +78,6 @@ class _Bursts:
         self._since: dict[FeatureMonitor, float] = {}
         self._inputs: dict[FeatureMonitor, int] = {}  # parked calls with inputs, per monitor
         self._values: dict[FeatureMonitor, int] = {}  # values parked, per monitor
-        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._exit_hooked = False
 
@@ -142,7 +142,9 @@ class _Bursts:
     def _run(self) -> None:
         while True:
             delay = max(get_config().signals_delay_ms, 1) / 1000
-            self._wake.wait(delay / 2)
+            # At most _POLL_SECONDS: a shorter delay set later (another instrument() call)
+            # holds from the next wake, not after half of a long one.
+            time.sleep(min(delay / 2, _POLL_SECONDS))
             now = time.monotonic()
             with self._lock:
                 due = [

@@ -253,6 +253,33 @@ def test_batches_fill_a_burst_in_fewer_calls_than_requests(spans: SpanList) -> N
         h.shutdown()
 
 
+def test_a_shorter_delay_set_later_holds_at_once(spans: SpanList) -> None:
+    """The background thread reads the delay in force at least every 50 ms: after a long
+    delay, a new ``instrument()`` with a short one ends parked spans within it, not after
+    half of the long one."""
+    h = otel_dl.instrument(signals_delay_ms=60_000)
+    try:
+        with torch.no_grad():
+            _served_model()(torch.zeros(1, 4))
+        time.sleep(0.2)  # the background thread now runs under the long delay
+        assert _inference_spans() == []
+    finally:
+        h.shutdown()  # ends that call's span
+    EXPORTER.clear()
+    h = otel_dl.instrument(signals_delay_ms=100)
+    try:
+        with torch.no_grad():
+            _served_model()(torch.zeros(1, 4))
+        deadline = time.monotonic() + 5
+        while not _inference_spans() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        waited = 5 - (deadline - time.monotonic())
+        assert len(_inference_spans()) == 1
+        assert waited < 2.0
+    finally:
+        h.shutdown()
+
+
 @pytest.mark.parametrize("delay_ms", [100, 0])
 def test_a_duration_exemplar_points_at_the_span_it_measured(spans: SpanList, delay_ms: int) -> None:
     """Each ``dl.operation.duration`` record is made in its own span's context: an
