@@ -47,7 +47,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -91,11 +91,15 @@ class _Traced:
     compiled: bool = False  # hooks kept out of dynamo (the model was compiled)
 
 
-def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def _first_tensor(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
     import torch
 
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, torch.Tensor):
+    tensor = torch.Tensor
+    for value in args:
+        if isinstance(value, tensor):
+            return value
+    for value in kwargs.values():
+        if isinstance(value, tensor):
             return value
     return None
 
@@ -110,7 +114,7 @@ def _input_signals(
     """Drift, quality and fingerprint of the first floating-point tensor argument (a CPU
     one: a CUDA input is read on the device when the call has completed); a small one's
     are left for a burst."""
-    features = _first_tensor(args, dict(kwargs))
+    features = _first_tensor(args, kwargs)
     if features is None or not features.is_floating_point() or features.is_cuda:
         return {}
     monitor = ensure_state(module).monitor()
@@ -161,9 +165,20 @@ def _capturing() -> bool:
     of the model. (Under ``torch.compile(model)`` the hooks of the original module run
     outside the compiled region, as ordinary calls, and trace normally.)
     """
+    tracing, exporting = _capture_checks or _load_capture_checks()
+    return bool(tracing() or exporting())
+
+
+_capture_checks: tuple[Callable[[], bool], Callable[[], bool]] | None = None
+
+
+def _load_capture_checks() -> tuple[Callable[[], bool], Callable[[], bool]]:
+    """torch's two checks, looked up once: both hooks ask on every call."""
+    global _capture_checks
     import torch
 
-    return bool(torch._C._is_tracing() or torch.compiler.is_exporting())
+    _capture_checks = (torch._C._is_tracing, torch.compiler.is_exporting)
+    return _capture_checks
 
 
 class TorchModelInstrumentor(DlInstrumentor):

@@ -24,6 +24,7 @@ computed is left out.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import threading
 import weakref
@@ -293,7 +294,7 @@ class FeatureMonitor:
         self.given = reference  # None: the reference is learned from the first batches
         self._lock = threading.Lock()
         self._batches = 0
-        self._calls = 0
+        self._calls = itertools.count(1)  # next() is atomic: no lock per call
         self._baseline: list[Table] = []
         self._baseline_rows = 0
         self._reference: Reference | None = None
@@ -437,9 +438,7 @@ class FeatureMonitor:
         return confidence_attributes(outputs, self.config.confidence_threshold, limit)
 
     def _exact_call(self) -> bool:
-        with self._lock:
-            self._calls += 1
-            return self._calls % self.config.drift_every == 0
+        return next(self._calls) % self.config.drift_every == 0
 
     def confidence_later(self, outputs: Any, *, sample: bool = True) -> dict[str, Any]:
         """What :meth:`confidence` gives, left for :meth:`profile_burst` when it can be: a
