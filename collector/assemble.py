@@ -64,10 +64,10 @@ class Trace:
         buffered trace would cost memory while it waits."""
         return {p for s in self.spans if (p := s.parent_id)}
 
-    def connected(self, parents: set[bytes] | None = None) -> bool:
+    def connected(self, parents: set[bytes]) -> bool:
         """Whether every span's parent is in the trace (nothing known to be still open);
-        ``parents``: :meth:`parent_ids`, if already made."""
-        return (self.parent_ids() if parents is None else parents) <= self.span_ids
+        ``parents``: :meth:`parent_ids`."""
+        return parents <= self.span_ids
 
 
 class DecisionCache:
@@ -139,11 +139,9 @@ class Callees:
             if seen[0] == _CALLS_TO_LEARN and not seen[1]:
                 self.generation += 1
 
-    def open_calls(self, trace: Trace, parents: set[bytes] | None = None) -> bool:
+    def open_calls(self, trace: Trace, parents: set[bytes]) -> bool:
         """Whether a client span of ``trace`` has no child yet, and its callee may send one;
-        ``parents``: the trace's :meth:`Trace.parent_ids`, if already made."""
-        if parents is None:
-            parents = trace.parent_ids()
+        ``parents``: the trace's :meth:`Trace.parent_ids`."""
         return any(
             s.kind == _CLIENT and s.span_id not in parents and self.awaits_callee(s)
             for s in trace.spans
