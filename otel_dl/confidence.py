@@ -402,17 +402,21 @@ def summarize_each(
         )
         lowest = np.minimum.reduceat(np.where(valid, conf, np.inf), first)
         low = np.add.reduceat((valid & (conf < threshold)).astype(np.intp), first)
+        # Per call, as Python floats in one pass each (a call with no finite prediction
+        # divides by zero here and is reported below without them).
+        means, margins, entropies = (sums / valid_counts).tolist()
+        lows = (low / valid_counts).tolist()
+    mins = lowest.tolist()
     out: list[Summary] = []
-    for i, n in enumerate(valid_counts.tolist()):
-        count = int(counts[i])
+    for i, (count, n) in enumerate(zip(counts.tolist(), valid_counts.tolist(), strict=True)):
         if n == 0:
             out.append(Summary(count, "no prediction is a finite number"))
             continue
         summary = Summary(count)
-        summary["mean"] = float(sums[0, i] / n)
-        summary["min"] = float(lowest[i])
-        summary["margin_mean"] = float(sums[1, i] / n)
-        summary["entropy_mean"] = float(sums[2, i] / n)
-        summary["low_fraction"] = float(low[i] / n)
+        summary["mean"] = means[i]
+        summary["min"] = mins[i]
+        summary["margin_mean"] = margins[i]
+        summary["entropy_mean"] = entropies[i]
+        summary["low_fraction"] = lows[i]
         out.append(summary)
     return out

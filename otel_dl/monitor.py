@@ -29,7 +29,7 @@ import os
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -118,6 +118,20 @@ def _narrowed_names(
         _narrow_cache.clear()
     _narrow_cache[key] = (names, numeric_names, columns, kept, kept_names)
     return columns, kept, kept_names
+
+
+def _rows_of(table: Table, start: int, end: int) -> Table:
+    """Rows ``start`` up to ``end`` of ``table`` (the table itself when that is all)."""
+    if start == 0 and end == table.rows:
+        return table
+    return Table(
+        end - start,
+        table.names,
+        table.numeric[start:end],
+        table.numeric_names,
+        {k: v[start:end] for k, v in table.categorical.items()},
+        table.schema,
+    )
 
 
 def _concat(tables: list[Table]) -> Table:
@@ -342,7 +356,7 @@ class FeatureMonitor:
         if self._baseline and table.schema != self._baseline[0].schema:
             return  # rows of another shape cannot join the same profile
         need = self.config.baseline_rows - self._baseline_rows
-        part = table if table.rows <= need else _slice(table, need)
+        part = _rows_of(table, 0, min(table.rows, need))
         # A copy: the caller may refill its buffer with the next batch.
         self._baseline.append(_copy(part))
         self._baseline_rows += part.rows
@@ -388,46 +402,67 @@ class FeatureMonitor:
 
     def _feed(self, sample: Table) -> None:
         """Queue a batch's drift rows; bin and score the queue when it is due."""
+        self._feed_calls(sample, (sample.rows,))
+
+    def _feed_calls(self, rows: Table, counts: Sequence[int]) -> list[dict[str, AttributeValue]]:
+        """Queue the drift rows of several calls, in call order (``rows`` holds them one
+        call after another, ``counts[i]`` rows of call ``i``), binning and scoring the
+        queue wherever a call makes it due, as feeding them one by one would; the latest
+        drift attributes after each call."""
+        latest: list[dict[str, AttributeValue]] = []
         with self._lock:
             tracker = self._tracker
             if tracker is None:
-                return
-            if self._pending and sample.schema != self._pending[0].schema:
+                return [self._latest] * len(counts)
+            if self._pending and rows.schema != self._pending[0].schema:
                 self._pending, self._pending_rows = [], 0  # the old shape's rows cannot join
-            self._pending.append(sample)
-            self._pending_rows += sample.rows
-            self._since_score += 1
             config = self.config
-            first = not self._latest and tracker.rows + self._pending_rows >= config.drift_min_rows
             # Every drift_every-th batch, but never for fewer than MIN_BINNED_ROWS rows (or
             # drift_max_rows, if fewer): one-row requests are binned 128 at a time, not one
-            # by one; and at once for
-            # a batch that alone holds drift_min_rows rows (a file read, a historical
-            # retrieval): it costs enough itself, and comes too seldom to wait for.
+            # by one; and at once for a batch that alone holds drift_min_rows rows (a file
+            # read, a historical retrieval): it costs enough itself, and comes too seldom
+            # to wait for.
             least = min(MIN_BINNED_ROWS, config.drift_max_rows)
-            due = (
-                self._since_score >= config.drift_every and self._pending_rows >= least
-            ) or sample.rows >= config.drift_min_rows
-            if not (first or due):
-                return
-            pending = _concat(self._pending) if len(self._pending) > 1 else self._pending[0]
-            self._pending, self._pending_rows, self._since_score = [], 0, 0
-            result = tracker.update(pending)
-            # A window of a few dozen rows scores high on noise alone (psi's expected
-            # value grows like bins/rows): report drift only once the window is large.
-            if (
-                tracker.rows >= self.config.drift_min_rows
-                and result.score is not None
-                and result.feature is not None
-                and result.status
-            ):
-                self._latest = {
-                    semconv.DL_DRIFT_SCORE: result.score,
-                    semconv.DL_DRIFT_METHOD: result.method,
-                    semconv.DL_DRIFT_FEATURE: result.feature,
-                    semconv.DL_DRIFT_STATUS: result.status,
-                    semconv.DL_DRIFT_WINDOW_ROWS: tracker.rows,
-                }
+            queued = end = 0  # rows of ``rows`` queued, and fed so far
+            for count in counts:
+                end += count
+                self._pending_rows += count
+                self._since_score += 1
+                first = (
+                    not self._latest and tracker.rows + self._pending_rows >= config.drift_min_rows
+                )
+                due = (
+                    self._since_score >= config.drift_every and self._pending_rows >= least
+                ) or count >= config.drift_min_rows
+                if first or due:
+                    self._pending.append(_rows_of(rows, queued, end))
+                    queued = end
+                    self._score(tracker)
+                latest.append(self._latest)
+            if queued < end:
+                self._pending.append(_rows_of(rows, queued, end))
+        return latest
+
+    def _score(self, tracker: DriftTracker) -> None:
+        """Bin the queued rows into the drift window and score it (under the lock)."""
+        pending = _concat(self._pending) if len(self._pending) > 1 else self._pending[0]
+        self._pending, self._pending_rows, self._since_score = [], 0, 0
+        result = tracker.update(pending)
+        # A window of a few dozen rows scores high on noise alone (psi's expected value
+        # grows like bins/rows): report drift only once the window is large.
+        if (
+            tracker.rows >= self.config.drift_min_rows
+            and result.score is not None
+            and result.feature is not None
+            and result.status
+        ):
+            self._latest = {
+                semconv.DL_DRIFT_SCORE: result.score,
+                semconv.DL_DRIFT_METHOD: result.method,
+                semconv.DL_DRIFT_FEATURE: result.feature,
+                semconv.DL_DRIFT_STATUS: result.status,
+                semconv.DL_DRIFT_WINDOW_ROWS: tracker.rows,
+            }
 
     def confidence(self, outputs: Any) -> dict[str, AttributeValue]:
         """``dl.confidence.*`` of one call's outputs: exact when the call has at most
@@ -545,15 +580,21 @@ class FeatureMonitor:
         mismatch = schema != reference.schema_fingerprint
         self._feature_count = len(table.names)
         ends = [*starts[1:], len(stacked)]
+        counts = [end - start for start, end in zip(starts, ends, strict=True)]
+        # The rows observe() would feed: at most drift_max_rows of a call, evenly spaced (a
+        # subsample is a copy; ``stacked`` is private to this burst already).
+        limit = self.config.drift_max_rows
+        rows = Table(len(stacked), table.names, stacked, table.numeric_names, {}, table.schema)
+        if max(counts) > limit:
+            rows = _concat(
+                [_subsample(_rows_of(rows, s, e), limit) for s, e in zip(starts, ends, strict=True)]
+            )
+            counts = [min(count, limit) for count in counts]
+        # Fed in call order, as observe() would: each span carries the drift status of the
+        # window its own rows completed, never one that later calls made.
+        drift = self._feed_calls(rows, counts)
         for i, out in enumerate(outs):
-            # Fed call by call, as observe() would: each span carries the drift status
-            # of the window its own rows completed, never one that later calls made.
-            rows = stacked[starts[i] : ends[i]]
-            part = Table(len(rows), table.names, rows, table.numeric_names, {}, table.schema)
-            # The rows observe() would feed: at most drift_max_rows, evenly spaced (a
-            # subsample is a copy; a slice of ``stacked`` is private to this burst already).
-            self._feed(_subsample(part, self.config.drift_max_rows))
-            out.update(self._latest)
+            out.update(drift[i])
             out[semconv.DL_BATCH_SIZE] = len(values[i])
             out[semconv.DL_DATA_SCHEMA_FINGERPRINT] = schema
             out[semconv.DL_DATA_FINGERPRINT] = fingerprints[i]
@@ -599,17 +640,6 @@ def _stack(arrays: list[Any]) -> tuple[np.ndarray, list[int]]:
 def _set(out: dict[str, AttributeValue], key: str, value: float | None) -> None:
     if value is not None:
         out[key] = value
-
-
-def _slice(table: Table, rows: int) -> Table:
-    return Table(
-        rows,
-        table.names,
-        table.numeric[:rows],
-        table.numeric_names,
-        {k: v[:rows] for k, v in table.categorical.items()},
-        table.schema,
-    )
 
 
 def confidence_attributes(

@@ -4,6 +4,7 @@ would get, spans that end with their call's own end time once the burst is profi
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 
@@ -15,6 +16,7 @@ from sklearn.linear_model import LogisticRegression
 
 import otel_dl
 from otel_dl import _burst, semconv
+from otel_dl._config import get_config
 from otel_dl.monitor import BURST_COPY_MAX_BYTES, FeatureMonitor, Later
 from otel_dl.reference import Reference
 from otel_dl.table import to_table
@@ -98,6 +100,42 @@ def test_a_burst_gives_each_call_what_it_would_get_alone(dtype: type) -> None:
                 assert type(got[key]) is type(want[key]), key  # a plain float, not numpy's
             elif key in want:
                 assert got[key] == want[key], key
+
+
+def test_a_burst_feeds_drift_call_by_call() -> None:
+    """Each call's drift attributes are those of the window its own rows completed, as
+    observe() gives them one call at a time: with requests of one row, batches above
+    ``drift_max_rows`` (fed as the same evenly spaced subsample), and a shift half-way
+    through, so that the scores and status change inside a burst."""
+    x, _ = load_iris(return_X_y=True)
+    reference = Reference.fit(to_table(x))
+    config = dataclasses.replace(get_config(), drift_max_rows=64, drift_min_rows=100, drift_every=3)
+    alone, burst = (
+        FeatureMonitor(reference, config=config),
+        FeatureMonitor(reference, config=config),
+    )
+    rng = np.random.default_rng(3)
+    calls = []
+    for i in range(120):
+        rows = 200 if i % 9 == 4 else 1 if i % 2 else int(rng.integers(2, 40))
+        batch = x[rng.integers(0, len(x), rows)]
+        calls.append(batch * (1.5 if i >= 60 else 1.0))
+    drift = (
+        semconv.DL_DRIFT_SCORE,
+        semconv.DL_DRIFT_STATUS,
+        semconv.DL_DRIFT_FEATURE,
+        semconv.DL_DRIFT_WINDOW_ROWS,
+    )
+    expected = [{k: v for k, v in alone.observe(c).items() if k in drift} for c in calls]
+    inputs = [burst.burst_inputs(c) for c in calls]
+    assert all(i is not None for i in inputs)
+    found = []
+    for start in range(0, len(calls), 16):
+        chunk = inputs[start : start + 16]
+        found += burst.profile_burst(chunk, [None] * len(chunk))
+    assert [{k: v for k, v in f.items() if k in drift} for f in found] == expected
+    statuses = {e.get(semconv.DL_DRIFT_STATUS) for e in expected}
+    assert None in statuses and semconv.DRIFT_STATUS_ALERT in statuses
 
 
 @pytest.mark.parametrize("probabilities", [False, True])
