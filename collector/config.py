@@ -293,7 +293,8 @@ OPTIONS: tuple[CollectorOption, ...] = (
     _key(
         "max_metric_services",
         integer,
-        "service names the per-service Prometheus metrics label; later ones count as (other)",
+        "service names the per-service Prometheus metrics label (and dl.stage/dl.model.name"
+        " pairs the operation durations label); later ones count as (other)",
         positive,
         metavar="N",
     ),

@@ -5,19 +5,21 @@ in one process, as in tests, do not clash)::
 
     metrics = CollectorMetrics(max_services=100)
     metrics.spans_received.inc(120)
-    metrics.observe_signals(spans)            # drift and confidence, per service
+    metrics.observe_signals(spans)            # durations, drift and confidence, per service
     metrics.count_fault("feature-service", "stale_features", "stale-features")
     text = metrics.render()
 
 Besides the pipeline's own counters, it turns what the spans carry into per-service
-series: attributed faults by root-cause service and kind, the drift score and drift
-status, and the mean prediction confidence of every span that carries them. Those are
+series: attributed faults by root-cause service and kind, the duration of every otel-dl
+span (``dl.operation.duration``, which the instrumented processes do not record by
+default: see ``duration_metric``), the drift score and drift status, and the mean
+prediction confidence of every span that carries them. Those are
 summed across collector instances by Prometheus, so a dashboard sees every service
 whichever instance decided its traces. The label is ``service_name`` (the span's
 ``service.name``), not ``service``, which the Prometheus Operator sets on its targets.
 Label values are bounded: at most ``max_services`` service names per process (later
-ones are counted as ``(other)``), drift methods and statuses from the semantic
-conventions only. :meth:`CollectorMetrics.count_fault` and
+ones are counted as ``(other)``), as many ``dl.stage``/``dl.model.name`` pairs, drift
+methods and statuses from the semantic conventions only. :meth:`CollectorMetrics.count_fault` and
 :meth:`CollectorMetrics.observe_signals` belong to the one decision thread.
 """
 
@@ -51,12 +53,20 @@ SIGNAL_ATTRIBUTES = frozenset(
         semconv.DL_DRIFT_METHOD,
         semconv.DL_DRIFT_STATUS,
         semconv.DL_CONFIDENCE_MEAN,
+        semconv.DL_STAGE,
+        semconv.DL_MODEL_NAME,
+        semconv.DL_SAMPLING_RATE,
     }
 )
 """Span attributes the per-service series read, whatever the catalog reads."""
 # Around the default warn / alert thresholds of every method (0.1 / 0.2 or 0.25).
 _DRIFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.5, 1.0, 2.0, 5.0)
 _CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+# Seconds, from a one-row model call (about 100 us) to a long file read or training step.
+_DURATION_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
 
 
 class BatchHistogram(Collector):
@@ -90,13 +100,14 @@ class BatchHistogram(Collector):
         self.lock = threading.Lock()
         registry.register(self)
 
-    def observe(self, labels: tuple[str, ...], value: float) -> None:
-        """Count ``value`` (finite) under ``labels``; the caller holds :attr:`lock`."""
+    def observe(self, labels: tuple[str, ...], value: float, weight: int = 1) -> None:
+        """Count ``value`` (finite) ``weight`` times under ``labels``; the caller holds
+        :attr:`lock`."""
         row = self._rows.get(labels)
         if row is None:
             row = self._rows[labels] = [0.0] * (len(self._bounds) + 1)
-        row[bisect_left(self._bounds, value)] += 1
-        row[-1] += value
+        row[bisect_left(self._bounds, value)] += weight
+        row[-1] += value * weight
 
     def describe(self) -> list[HistogramMetricFamily]:
         return [HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)]
@@ -120,6 +131,7 @@ class CollectorMetrics:
     def __init__(self, max_services: int = 100) -> None:
         self.max_services = max_services
         self._services: set[str] = set()
+        self._operations: set[tuple[str, str]] = set()
         self.registry = CollectorRegistry()
         r = self.registry
         self.spans_received = Counter(
@@ -217,6 +229,15 @@ class CollectorMetrics:
             _CONFIDENCE_BUCKETS,
             r,
         )
+        self.operation_duration = BatchHistogram(
+            "otel_dl_collector_operation_duration_seconds",
+            "Duration of each otel-dl span (dl.operation.duration, derived from the spans), "
+            "by service, dl.stage and dl.model.name; a span kept by signal-aware sampling "
+            "counts dl.sampling.rate times",
+            ["service_name", "stage", "model"],
+            _DURATION_BUCKETS,
+            r,
+        )
         self.spans_buffered = Gauge(
             "otel_dl_collector_spans_buffered", "Spans held in memory for assembly", registry=r
         )
@@ -280,22 +301,54 @@ class CollectorMetrics:
         if mode is not None:
             self.fault_modes.labels(label, mode).inc()
 
-    def observe_signals(self, spans: Iterable[SpanRecord]) -> None:
-        """Observe the drift score, drift status and mean confidence each span carries.
+    def _operation_labels(self, stage: str, model: str) -> tuple[str, str]:
+        """``(stage, model)``, or both :data:`OTHER_SERVICES` once ``max_services`` other
+        pairs are labelled."""
+        pair = (stage, model)
+        if pair in self._operations:
+            return pair
+        if len(self._operations) < self.max_services:
+            self._operations.add(pair)
+            return pair
+        if (OTHER_SERVICES, OTHER_SERVICES) not in self._operations:
+            self._operations.add((OTHER_SERVICES, OTHER_SERVICES))
+            _log.warning(
+                "more than %d dl.stage/dl.model.name pairs (max_metric_services): the "
+                "operation durations count %r and later pairs as %r",
+                self.max_services,
+                pair,
+                OTHER_SERVICES,
+            )
+        return OTHER_SERVICES, OTHER_SERVICES
 
-        Values arrive type-checked (see decode.py); non-finite ones are skipped, as a
-        histogram cannot place them.
+    def observe_signals(self, spans: Iterable[SpanRecord]) -> None:
+        """Observe the duration of each otel-dl span (one with ``dl.stage``), and the drift
+        score, drift status and mean confidence each span carries.
+
+        A span kept 1 in N by signal-aware sampling (``dl.sampling.rate`` N) counts N times
+        in the duration, as the N calls it stands for. Values arrive type-checked (see
+        decode.py); non-finite ones are skipped, as a histogram cannot place them.
         """
         statuses: Tally[tuple[str, str]] = Tally()
-        with self.drift_score.lock, self.confidence_mean.lock:
+        durations = self.operation_duration
+        with self.drift_score.lock, self.confidence_mean.lock, durations.lock:
             for span in spans:
                 attrs = span.attrs
+                if not attrs:
+                    continue
+                stage = attrs.get(semconv.DL_STAGE)
                 score = attrs.get(semconv.DL_DRIFT_SCORE)
                 status = attrs.get(semconv.DL_DRIFT_STATUS)
                 confidence = attrs.get(semconv.DL_CONFIDENCE_MEAN)
-                if score is None and status is None and confidence is None:
+                if stage is None and score is None and status is None and confidence is None:
                     continue
                 service = self._service_label(span.service)
+                if stage is not None:
+                    model = attrs.get(semconv.DL_MODEL_NAME) or ""
+                    rate = attrs.get(semconv.DL_SAMPLING_RATE)
+                    weight = rate if isinstance(rate, int) and rate > 1 else 1
+                    stage, model = self._operation_labels(stage, model)
+                    durations.observe((service, stage, model), span.duration, weight)
                 if score is not None and math.isfinite(score):
                     method = attrs.get(semconv.DL_DRIFT_METHOD)
                     if method not in semconv.DRIFT_METHODS:

@@ -7,7 +7,7 @@
     call.start(tracer, "inference")                # one attribute set, attached as current
     ...                                            # the user's call
     call.extract("output_signals", confidence, out)
-    call.finish()                                  # detach, one metric record, end
+    call.finish()                                  # detach, end
 
 Every step runs under the guard: an extractor that raises drops only the attributes it
 would have produced and is counted under ``<site>.<part>`` in
@@ -33,10 +33,12 @@ adding an event or reading the span's context. Attributes the user sets on the s
 go onto the span. A served model that runs cold between requests so pays for the SDK
 span off its call path.
 
-Cost. The span itself is the SDK's; around it the lifecycle adds one dict merge, the
-context attach/detach and one metric record (``dl.operation.duration``, labelled with at
-most the stage, component and model name). The signal metrics are derived from the spans
-by the collector, not recorded per call here.
+Cost. The span itself is the SDK's; around it the lifecycle adds one dict merge and the
+context attach/detach. No metric is recorded per call by default: the otel-dl collector
+derives the duration and signal metrics from the spans. With ``duration_metric`` on, each
+span also records one point of ``dl.operation.duration`` (labelled with at most the
+stage, component and model name, in the span's own context), which the SDK's metrics
+pipeline makes cost about a sixth of a one-row model call.
 """
 
 from __future__ import annotations
@@ -95,7 +97,7 @@ class Hooks:
 
 NO_HOOKS = Hooks()
 
-# --- The one metric record per span --------------------------------------------------------
+# --- The duration record, with duration_metric on -------------------------------------------
 
 _duration: tuple[object, metrics.Histogram] | None = None
 _LABEL_KEYS = (semconv.DL_STAGE, semconv.DL_COMPONENT, semconv.DL_MODEL_NAME)
@@ -163,7 +165,8 @@ class DlSpan:
         # Before start(): the start attributes; after: those set when the span ends.
         custom = current_attributes()
         self.attributes: Attributes = {**static, **custom} if custom else dict(static)
-        self.labels = metric_labels(static)
+        # The labels of the duration record, when one is made (``duration_metric``).
+        self.labels = metric_labels(static) if get_config().duration_metric else None
         self.span: Span | None = None
         self.later: Later | None = None  # signals left for a burst (see otel_dl._burst)
         self._token: object | None = None
@@ -359,7 +362,8 @@ class DlSpan:
                     judge = presampler() if rate > 1 and kind is SpanKind.INTERNAL else None
                     if judge is not None and not judge.admit(name, attrs, duration_s):
                         # Not sampled: the span its processor would drop is never made.
-                        _duration_histogram().record(duration_s, self.labels)
+                        if self.labels is not None:
+                            _duration_histogram().record(duration_s, self.labels)
                         return
                 span = tracer.start_span(
                     name, parent, kind=kind, attributes=attrs, start_time=self.start_ns
@@ -376,7 +380,7 @@ class DlSpan:
                     )
                 if attrs:
                     span.set_attributes(attrs)
-            if span is not None and span.is_recording():
+            if self.labels is not None and span is not None and span.is_recording():
                 # In the span's own context: an exemplar then leads to this span, not to
                 # whatever is current where the span ends (a burst runs for many calls).
                 _duration_histogram().record(
@@ -494,7 +498,8 @@ def traced_call(
         lifecycle = DlSpan(site, base_attributes(stage, component, attributes))
         if before is not None:
             lifecycle.extract("before", before, call)
-            lifecycle.labels = metric_labels(lifecycle.attributes)
+            if lifecycle.labels is not None:
+                lifecycle.labels = metric_labels(lifecycle.attributes)
         if hooks.request is None and hooks.response is None and keep_open is None:
             lifecycle.start_lazily(tracer, name)  # made when it ends, or when needed
         else:

@@ -25,7 +25,9 @@ spans, which another service continues or which continue another service, are ne
 dropped. So no kept span loses its parent, with one limit: a child that ends after its
 parent cannot keep that parent alive.
 
-Metrics are recorded for every span before this decision, so dashboards stay complete.
+The otel-dl collector's duration histogram counts a kept span ``dl.sampling.rate`` times,
+so it still counts every call; with ``duration_metric`` on, the process also records
+each span's duration before this decision.
 ``instrument(sample_every=10)`` installs it in the provider otel-dl creates; an
 application with its own TracerProvider wraps its export processor::
 
@@ -39,8 +41,8 @@ processor was created with ``presample=True`` (``instrument()`` does so): a norm
 that is not sampled is never made, which saves the SDK's cost of a span its processor
 would drop. The judgement is the one the processor makes at the end (the same signals,
 fingerprint and outlier rules, learned from the same normal spans); only the 1-in-N draw
-is a random one instead of the span id, with the same rate. Its duration is still
-recorded. The processor must be on the provider otel-dl's spans go to.
+is a random one instead of the span id, with the same rate. With ``duration_metric`` on,
+its duration is still recorded. The processor must be on the provider otel-dl's spans go to.
 """
 
 from __future__ import annotations

@@ -320,14 +320,15 @@ def test_a_shorter_delay_set_later_holds_at_once(spans: SpanList) -> None:
 
 @pytest.mark.parametrize("delay_ms", [100, 0])
 def test_a_duration_exemplar_points_at_the_span_it_measured(spans: SpanList, delay_ms: int) -> None:
-    """Each ``dl.operation.duration`` record is made in its own span's context: an
+    """With ``duration_metric`` on, each ``dl.operation.duration`` record is made in its
+    own span's context: an
     exemplar leads from the histogram to the call it measured, never to the request
     around the call, nor to another request whose call filled the burst."""
     from opentelemetry import trace
 
     from tests.support import metric_points
 
-    h = otel_dl.instrument(signals_delay_ms=delay_ms)
+    h = otel_dl.instrument(signals_delay_ms=delay_ms, duration_metric=True)
     name = f"exemplar-{delay_ms}"
     try:
         model = _served_model()

@@ -141,23 +141,33 @@ def test_batches_carry_drift_quality_and_fingerprints(spans: SpanList) -> None:
     assert len({s.attributes[semconv.DL_DATA_SCHEMA_FINGERPRINT] for s in got}) == 1
 
 
-def test_each_span_records_one_low_cardinality_duration(spans: SpanList) -> None:
+def _dataloader_durations() -> list[Any]:
     from tests.support import metric_points
 
-    before = sum(
-        p.count
-        for p in metric_points(semconv.METRIC_OPERATION_DURATION)
-        if p.attributes.get(semconv.DL_STAGE) == "dataloader"
-    )
-    x = torch.randn(1500, 3, generator=torch.Generator().manual_seed(5))
-    list(DataLoader(TensorDataset(x), batch_size=250))
-    spans.get()  # parked batches record their duration when their burst ends their span
-    points = [
+    return [
         p
         for p in metric_points(semconv.METRIC_OPERATION_DURATION)
         if p.attributes.get(semconv.DL_STAGE) == "dataloader"
     ]
-    assert sum(p.count for p in points) - before == 6  # one record per batch span
+
+
+@pytest.mark.parametrize("recorded", [False, True])
+def test_a_duration_record_per_span_only_with_duration_metric(
+    spans: SpanList, recorded: bool
+) -> None:
+    """By default no metric is recorded per batch (the collector derives the duration from
+    the spans); with ``duration_metric`` on, each span records one low-cardinality point."""
+    config = get_config()
+    set_config(dataclasses.replace(config, duration_metric=recorded))
+    try:
+        before = sum(p.count for p in _dataloader_durations())
+        x = torch.randn(1500, 3, generator=torch.Generator().manual_seed(5))
+        list(DataLoader(TensorDataset(x), batch_size=250))
+        assert len(spans.get(semconv.SPAN_DATALOADER_BATCH)) == 6  # ends the parked batches
+        points = _dataloader_durations()
+    finally:
+        set_config(config)
+    assert sum(p.count for p in points) - before == (6 if recorded else 0)
     for point in points:
         assert set(point.attributes) <= {semconv.DL_STAGE, semconv.DL_COMPONENT}
 

@@ -3,6 +3,7 @@ user sees, and the user's own exceptions come through unchanged and are recorded
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -14,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import otel_dl
 from otel_dl import _span, _watch, semconv
+from otel_dl._config import get_config, set_config
 from tests.support import SpanList
 
 
@@ -33,6 +35,17 @@ INJECTIONS: dict[str, tuple[Any, str]] = {
     "base_attributes": (_span, "base_attributes"),
     "monitor": (_watch.WatchState, "monitor"),
 }
+
+
+@pytest.fixture(autouse=True)
+def duration_metric_on(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The duration record, one of the injection sites, is made only with
+    ``duration_metric`` on: on for every test here (the variable, for instrument())."""
+    monkeypatch.setenv("OTEL_DL_DURATION_METRIC", "true")
+    config = get_config()
+    set_config(dataclasses.replace(config, duration_metric=True))
+    yield
+    set_config(config)
 
 
 @pytest.fixture

@@ -95,7 +95,9 @@ PRESAMPLED_JOB = """
 
     reader = InMemoryMetricReader()
     metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
-    h = otel_dl.instrument("presampled-job", sample_every=10, baseline_rows=500)
+    h = otel_dl.instrument(
+        "presampled-job", sample_every=10, baseline_rows=500, duration_metric=True
+    )
     made = Made()
     h.tracer_provider.add_span_processor(made)
     x = torch.randn(200 * 50, 4, generator=torch.Generator().manual_seed(3))
@@ -118,8 +120,8 @@ PRESAMPLED_JOB = """
 
 def test_a_batch_that_sampling_drops_is_never_made_and_still_counted() -> None:
     """instrument(sample_every=N) judges a parked batch before its span is made: one the
-    processor would drop costs no SDK span. Abnormal ones are all kept and every batch's
-    duration is still recorded."""
+    processor would drop costs no SDK span. Abnormal ones are all kept and, with
+    ``duration_metric`` on, every batch's duration is still recorded."""
     with OtlpSink() as sink:
         out = json.loads(_run_job(PRESAMPLED_JOB, sink).strip().splitlines()[-1])
         spans = [s for rs in sink.resource_spans for ss in rs.scope_spans for s in ss.spans]

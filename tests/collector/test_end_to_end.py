@@ -6,6 +6,7 @@ import gzip
 import json
 import logging
 import math
+import time
 from collections import Counter
 
 import grpc
@@ -168,6 +169,59 @@ def test_metrics_count_faults_drift_and_confidence_per_service(
     assert _value(series, confidence + "_count", service_name="(other)") == 1
     services = {dict(labels).get("service_name") for _, labels in series}
     assert services - {None} == {"frontend", "feature-service", "ingest", "(other)"}
+
+
+def test_metrics_derive_the_operation_duration_of_otel_dl_spans(
+    sink, make_collector, make_provider, wait_for
+):
+    """``dl.operation.duration``, which instrumented processes do not record by default,
+    comes from the collector: one observation per span with ``dl.stage``, by service,
+    stage and model, a sampled span counting ``dl.sampling.rate`` times."""
+    servicer, sink_port = sink
+    collector = make_collector(export_endpoint=f"127.0.0.1:{sink_port}", store="none")
+    api = f"http://127.0.0.1:{collector.api_port}"
+    tracer = make_provider("scorer", f"127.0.0.1:{collector.grpc_port}").get_tracer("test")
+    start = time.time_ns()
+    calls = [  # (span name, attributes, duration in seconds)
+        ("inference", {semconv.DL_STAGE: "inference", semconv.DL_MODEL_NAME: "m"}, 0.0003),
+        ("inference", {semconv.DL_STAGE: "inference", semconv.DL_MODEL_NAME: "m"}, 0.002),
+        (
+            "inference",
+            {
+                semconv.DL_STAGE: "inference",
+                semconv.DL_MODEL_NAME: "m",
+                semconv.DL_SAMPLING_RATE: 10,
+            },
+            0.0004,
+        ),
+        ("dataloader.batch", {semconv.DL_STAGE: "dataloader"}, 0.02),
+        ("GET /score", {"http.route": "/score"}, 0.5),  # not an otel-dl span
+    ]
+    for name, attributes, seconds in calls:
+        span = tracer.start_span(name, attributes=attributes, start_time=start)
+        span.end(end_time=start + int(seconds * 1e9))
+    wait_for(lambda: servicer.spans == len(calls))
+    duration = "otel_dl_collector_operation_duration_seconds"
+    series = wait_for(
+        lambda: (
+            (found := prometheus_samples(api))
+            and _value(
+                found, duration + "_count", service_name="scorer", stage="dataloader", model=""
+            )
+            and found
+        )
+    )
+    inference = {"service_name": "scorer", "stage": "inference", "model": "m"}
+    assert _value(series, duration + "_count", **inference) == 12
+    assert _value(series, duration + "_sum", **inference) == pytest.approx(0.0063)
+    assert _value(series, duration + "_bucket", **inference, le="0.00025") == 0
+    assert _value(series, duration + "_bucket", **inference, le="0.0005") == 11
+    assert _value(series, duration + "_bucket", **inference, le="0.0025") == 12
+    loader = {"service_name": "scorer", "stage": "dataloader", "model": ""}
+    assert _value(series, duration + "_count", **loader) == 1
+    assert _value(series, duration + "_sum", **loader) == pytest.approx(0.02)
+    stages = {dict(labels).get("stage") for name, labels in series if name.startswith(duration)}
+    assert stages == {"inference", "dataloader"}
 
 
 def test_http_protobuf_healthy_trace_gets_no_fault_attributes(
