@@ -8,11 +8,15 @@ Every case alternates bare and instrumented blocks in one process and reports me
 over the repeats. Spans go through the SDK's BatchSpanProcessor to an exporter that
 discards them, so export cost (a separate concern) is not counted. The floor is a bare
 SDK span carrying 10 of an otel-dl inference span's attributes, measured in the same
-run: "x floor" says how many bare spans the added cost is worth. Each span's one metric
-record is aggregated by a meter provider with a reader, as under the default exporter.
+run: "x floor" says how many bare spans the added cost is worth. A meter provider with a
+reader is installed, as under the default exporter; otel-dl records no metric per call
+by default (the collector derives ``dl.operation.duration`` from the spans), and
+``--duration-metric`` measures it with the in-process record on (``duration_metric``),
+each span's point then aggregated by that provider.
 Last, the span otel-dl really makes (every attribute of the last case's last span, and
-its duration record) is timed from the SDK alone: of a model row's added cost, that much
-is the SDK's price of the attribute contract, and the rest is otel-dl's own work.
+its duration record when on) is timed from the SDK alone: of a model row's added cost,
+that much is the SDK's price of the attribute contract, and the rest is otel-dl's own
+work.
 torch and ONNX Runtime run on one thread so that the two cores of a small machine do
 not add noise.
 Each model learns its baseline before timing (the auto-baseline's one-off fit is not a
@@ -109,17 +113,18 @@ def _floor(repeats: int) -> float:
     return statistics.median(per_call(one, 2000) for _ in range(repeats))
 
 
-def _contract_floor(repeats: int, attrs: dict[str, Any]) -> float:
+def _contract_floor(repeats: int, attrs: dict[str, Any], record: bool) -> float:
     """A bare SDK span with every attribute of a real otel-dl inference span (``attrs``),
-    ended, and its one ``dl.operation.duration`` record: what the attribute contract costs
-    in the SDK alone, before any of otel-dl's own work."""
+    ended, with its one ``dl.operation.duration`` record if ``record``: what the attribute
+    contract costs in the SDK alone, before any of otel-dl's own work."""
     tracer = trace.get_tracer("bench")
     histogram = metrics.get_meter("bench").create_histogram("bench.duration", unit="s")
     labels = {k: attrs[k] for k in (semconv.DL_STAGE, semconv.DL_COMPONENT, semconv.DL_MODEL_NAME)}
 
     def one() -> None:
         span = tracer.start_span("inference", attributes=attrs)
-        histogram.record(1e-4, labels, context=trace.set_span_in_context(span))
+        if record:
+            histogram.record(1e-4, labels, context=trace.set_span_in_context(span))
         span.end()
 
     return statistics.median(per_call(one, 2000) for _ in range(repeats))
@@ -478,6 +483,11 @@ def main() -> None:
         default=None,
         help="pin the process and its threads to this core (default: not pinned)",
     )
+    parser.add_argument(
+        "--duration-metric",
+        action="store_true",
+        help="instrument with duration_metric on: each span also records dl.operation.duration",
+    )
     arguments = parser.parse_args()
     if arguments.cpu is not None:
         os.sched_setaffinity(0, {arguments.cpu})
@@ -487,10 +497,11 @@ def main() -> None:
     sink = Discard()
     provider.add_span_processor(BatchSpanProcessor(sink, max_queue_size=100_000))
     trace.set_tracer_provider(provider)
-    # A meter provider with a reader, as under the default OTLP metrics exporter: each
-    # span's duration record is aggregated (and never exported here).
+    # A meter provider with a reader, as under the default OTLP metrics exporter: with
+    # --duration-metric each span's duration record is aggregated (never exported here).
     metrics.set_meter_provider(MeterProvider(metric_readers=[InMemoryMetricReader()]))
-    handle = otel_dl.instrument(metrics_exporter="none")
+    record = arguments.duration_metric
+    handle = otel_dl.instrument(metrics_exporter="none", duration_metric=record)
     rows: list[tuple[str, float, float, str]] = []
     floor = _floor(repeats)
     if arguments.device == "cuda":
@@ -544,10 +555,11 @@ def main() -> None:
     last = sink.last
     if last is not None and last.name == semconv.SPAN_INFERENCE and last.attributes:
         attrs = dict(last.attributes)
-        contract = _contract_floor(repeats, attrs)
+        contract = _contract_floor(repeats, attrs, record)
+        with_record = ", and 1 duration record" if record else ""
         print(
             f"\nthe span otel-dl makes, from the SDK alone ({len(attrs)} attributes, as on "
-            f"the last case's spans, and 1 duration record) = {contract * 1e6:.1f} us, "
+            f"the last case's spans{with_record}) = {contract * 1e6:.1f} us, "
             f"{contract / floor:.2f} x floor:\nof a model row's added cost, that much is "
             "the SDK's; the rest is otel-dl's own work"
         )
