@@ -14,10 +14,10 @@ Run ``python benchmarks/collector.py`` (add ``--quick`` for a smoke run). It pri
    pre-serialised OTLP/gRPC requests over several connections and forwarding to a sink,
    the added latency after a trace's last span (p50/p99), the RSS per 10k buffered
    spans, and a profile of the in-process receive → decide path.
-3. The decision thread's CPU per span for the per-service Prometheus series (drift
-   score, drift status, confidence), against attribution itself and against the same
-   observations through prometheus_client's ``Histogram``, on the same spans in the
-   same run (medians of 7).
+3. The decision thread's CPU per span for the per-service Prometheus series (operation
+   duration, drift score, drift status, confidence), against attribution itself and
+   against the same observations through prometheus_client's ``Histogram``, on the same
+   spans in the same run (medians of 7).
 """
 
 from __future__ import annotations
@@ -317,6 +317,7 @@ def signal_metrics_cost(spans: int) -> None:
     for rec in records:
         traces.setdefault(rec.trace_id, []).append(rec)
     carrying = sum(1 for r in records if r.attrs.keys() & SIGNAL_ATTRIBUTES)
+    stages = sum(1 for r in records if semconv.DL_STAGE in r.attrs)
 
     def decide() -> None:
         for trace_id, trace in traces.items():
@@ -329,7 +330,12 @@ def signal_metrics_cost(spans: int) -> None:
         registry = CollectorRegistry()
         drift = Histogram("d", "d", ["service_name", "method"], registry=registry)
         confidence = Histogram("c", "c", ["service_name"], registry=registry)
+        duration = Histogram("o", "o", ["service_name", "stage", "model"], registry=registry)
         for rec in records:
+            stage = rec.attrs.get(semconv.DL_STAGE)
+            if stage is not None:
+                model = rec.attrs.get(semconv.DL_MODEL_NAME, "")
+                duration.labels(rec.service, stage, model).observe(rec.duration)
             score = rec.attrs.get(semconv.DL_DRIFT_SCORE)
             if score is not None:
                 method = rec.attrs.get(semconv.DL_DRIFT_METHOD, UNKNOWN_METHOD)
@@ -346,7 +352,7 @@ def signal_metrics_cost(spans: int) -> None:
     ]
     print(
         f"\n## Decision-thread CPU per span ({len(records)} spans, {carrying} carrying a "
-        "drift or confidence attribute; medians of 7)\n"
+        f"signal attribute, {stages} of them dl.stage; medians of 7)\n"
     )
     print("| step | µs per span | vs attribution |\n|---|---|---|")
     for name, seconds in rows:
