@@ -19,8 +19,9 @@ whichever instance decided its traces. The label is ``service_name`` (the span's
 ``service.name``), not ``service``, which the Prometheus Operator sets on its targets.
 Label values are bounded: at most ``max_services`` service names per process (later
 ones are counted as ``(other)``), as many ``dl.stage``/``dl.model.name`` pairs, drift
-methods and statuses from the semantic conventions only. :meth:`CollectorMetrics.count_fault` and
-:meth:`CollectorMetrics.observe_signals` belong to the one decision thread.
+methods and statuses from the semantic conventions only.
+:meth:`CollectorMetrics.count_fault` and :meth:`CollectorMetrics.observe_signals` belong
+to the one decision thread.
 """
 
 from __future__ import annotations

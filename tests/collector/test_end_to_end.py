@@ -18,6 +18,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 from opentelemetry.trace import SpanKind, Status, StatusCode
+from prometheus_client.parser import text_string_to_metric_families
 
 from otel_dl import semconv
 from tests.collector.conftest import EXPORT_METHOD, prometheus_samples
@@ -222,6 +223,35 @@ def test_metrics_derive_the_operation_duration_of_otel_dl_spans(
     assert _value(series, duration + "_sum", **loader) == pytest.approx(0.02)
     stages = {dict(labels).get("stage") for name, labels in series if name.startswith(duration)}
     assert stages == {"inference", "dataloader"}
+
+
+def test_operation_durations_label_at_most_max_metric_services_stage_model_pairs() -> None:
+    """Past ``max_metric_services`` (stage, model) pairs, the rest count as (other)."""
+    from otel_dl.collector.decode import flatten
+    from otel_dl.collector.enrich import set_attribute
+    from otel_dl.collector.metrics import SIGNAL_ATTRIBUTES, CollectorMetrics
+
+    request = ExportTraceServiceRequest()
+    rs = request.resource_spans.add()
+    kv = rs.resource.attributes.add()
+    kv.key, kv.value.string_value = "service.name", "scorer"
+    spans = rs.scope_spans.add().spans
+    for i, model in enumerate(["a", "b", "c", "d", "a"]):
+        span = spans.add()
+        span.trace_id, span.span_id = (i + 1).to_bytes(16, "big"), (i + 1).to_bytes(8, "big")
+        span.name, span.start_time_unix_nano, span.end_time_unix_nano = "inference", 0, 1000
+        set_attribute(span, semconv.DL_STAGE, "inference")
+        set_attribute(span, semconv.DL_MODEL_NAME, model)
+    records, _, _ = flatten(request, SIGNAL_ATTRIBUTES)
+    metrics = CollectorMetrics(max_services=2)
+    metrics.observe_signals(records)
+    counts = {
+        (sample.labels["stage"], sample.labels["model"]): sample.value
+        for family in text_string_to_metric_families(metrics.render().decode())
+        for sample in family.samples
+        if sample.name == "otel_dl_collector_operation_duration_seconds_count"
+    }
+    assert counts == {("inference", "a"): 2, ("inference", "b"): 1, ("(other)", "(other)"): 2}
 
 
 def test_http_protobuf_healthy_trace_gets_no_fault_attributes(
