@@ -143,7 +143,11 @@ def watch(
     or columns that are features. Other keyword arguments become span attributes.
     Calling ``watch`` again on the same object replaces what was recorded. A string or
     path ``obj`` names a data source (file, URI or glob pattern) for the dataset readers.
+    A ``reference`` that is not a :class:`otel_dl.Reference` (raw training data, a path)
+    raises ``TypeError`` here, naming the fix.
     """
+    if reference is not None:
+        _check_reference(reference)
     target: Any = source_for(obj) if isinstance(obj, str | os.PathLike) else obj
     state = WatchState(
         name=name,
@@ -165,6 +169,18 @@ def watch(
         except Exception:
             report_internal_error("watch.listener")
     return obj
+
+
+def _check_reference(reference: object) -> None:
+    from otel_dl.reference import Reference
+
+    if not isinstance(reference, Reference):
+        raise TypeError(
+            f"otel_dl.watch(reference=...) takes an otel_dl.Reference, not a "
+            f"{type(reference).__module__}.{type(reference).__qualname__}: fit one from "
+            "the training data with otel_dl.Reference.fit(data), or load a saved one with "
+            "otel_dl.Reference.load(path)"
+        )
 
 
 WatchListener = Callable[[Any, WatchState], None]

@@ -76,6 +76,20 @@ def test_bad_attribute_value_is_refused_at_the_call() -> None:
         pass
 
 
+def test_a_reference_that_is_not_one_is_refused_at_watch() -> None:
+    """Raw training data given as ``reference`` would cost every call its signals later;
+    ``watch`` refuses it at once, naming the fix."""
+    import numpy as np
+
+    model = object()
+    with pytest.raises(TypeError, match=r"not a numpy.ndarray: fit one .*Reference.fit\(data\)"):
+        otel_dl.watch(model, name="m", reference=np.zeros((4, 2)))
+    with pytest.raises(TypeError, match=r"Reference.load\(path\)"):
+        otel_dl.watch(model, name="m", reference="reference.json")
+    reference = otel_dl.Reference.fit(np.arange(8.0).reshape(4, 2))
+    assert otel_dl.watch(model, name="m", reference=reference) is model
+
+
 def test_stage_context_manager_parents_children(spans: SpanList, tracer) -> None:
     with otel_dl.stage("outer", stage=semconv.STAGE_POSTPROCESS) as s:
         s.set_attribute("app.note", "x")
