@@ -268,7 +268,7 @@ def _float_rows(value: Any) -> np.ndarray | None:
     if shape is None or len(shape) != 2 or not shape[0] or not shape[1]:
         return None
     array = _cpu_array(value)
-    if array is None or (array.dtype != np.float32 and array.dtype != np.float64):
+    if array is None or array.dtype.char not in "fd":  # float32, float64
         return None
     return array
 
@@ -277,8 +277,11 @@ def _cpu_array(value: Any) -> np.ndarray | None:
     """A numpy array as is, a CPU torch tensor as a numpy view of it; else None."""
     if isinstance(value, np.ndarray):
         return value
-    device = getattr(getattr(value, "device", None), "type", None)
-    if not type(value).__module__.startswith("torch") or device != "cpu":
+    # ``is_cpu`` reads a flag; ``device.type`` would build a device object first.
+    if (
+        not type(value).__module__.startswith("torch")
+        or getattr(value, "is_cpu", False) is not True
+    ):
         return None
     try:
         return to_numpy(value)
