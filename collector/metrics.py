@@ -32,6 +32,7 @@ import threading
 from bisect import bisect_left
 from collections import Counter as Tally
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import HistogramMetricFamily
@@ -276,23 +277,29 @@ class CollectorMetrics:
         self.rss_bytes.set(rss)
         self.memory_in_use_bytes.set(in_use)
 
+    def _bounded(self, seen: set[Any], value: Any, other: Any, what: str) -> Any:
+        """``value``, or ``other`` once ``max_services`` other values are in ``seen``
+        (with one warning naming the first value counted as ``other``)."""
+        if value in seen:
+            return value
+        if len(seen) < self.max_services:
+            seen.add(value)
+            return value
+        if other not in seen:
+            seen.add(other)
+            _log.warning(
+                "more than %d %s (max_metric_services): the metrics count %r and later ones as %r",
+                self.max_services,
+                what,
+                value,
+                other,
+            )
+        return other
+
     def _service_label(self, service: str) -> str:
         """``service``, or :data:`OTHER_SERVICES` once ``max_services`` others are labelled."""
-        if service in self._services:
-            return service
-        if len(self._services) < self.max_services:
-            self._services.add(service)
-            return service
-        if OTHER_SERVICES not in self._services:
-            self._services.add(OTHER_SERVICES)
-            _log.warning(
-                "more than %d services (max_metric_services): the per-service metrics count "
-                "%r and later services as %r",
-                self.max_services,
-                service,
-                OTHER_SERVICES,
-            )
-        return OTHER_SERVICES
+        label: str = self._bounded(self._services, service, OTHER_SERVICES, "services")
+        return label
 
     def count_fault(self, service: str, kind: str, mode: str | None = None) -> None:
         """Count one trace attributed to ``service`` (its root cause) with ``kind``, and
@@ -305,22 +312,13 @@ class CollectorMetrics:
     def _operation_labels(self, stage: str, model: str) -> tuple[str, str]:
         """``(stage, model)``, or both :data:`OTHER_SERVICES` once ``max_services`` other
         pairs are labelled."""
-        pair = (stage, model)
-        if pair in self._operations:
-            return pair
-        if len(self._operations) < self.max_services:
-            self._operations.add(pair)
-            return pair
-        if (OTHER_SERVICES, OTHER_SERVICES) not in self._operations:
-            self._operations.add((OTHER_SERVICES, OTHER_SERVICES))
-            _log.warning(
-                "more than %d dl.stage/dl.model.name pairs (max_metric_services): the "
-                "operation durations count %r and later pairs as %r",
-                self.max_services,
-                pair,
-                OTHER_SERVICES,
-            )
-        return OTHER_SERVICES, OTHER_SERVICES
+        labels: tuple[str, str] = self._bounded(
+            self._operations,
+            (stage, model),
+            (OTHER_SERVICES, OTHER_SERVICES),
+            "dl.stage/dl.model.name pairs",
+        )
+        return labels
 
     def observe_signals(self, spans: Iterable[SpanRecord]) -> None:
         """Observe the duration of each otel-dl span (one with ``dl.stage``), and the drift
