@@ -269,7 +269,7 @@ def resolve_config(
         except ValueError as exc:
             raise ConfigError(
                 f"{option.env}={raw!r} is not valid for {option.name}: {exc}. "
-                f"Set it to {option.help}, or unset it."
+                f"Set it to a valid value ({option.name}: {option.help}), or unset it."
             ) from None
     unknown = [key for key in (overrides or {}) if key not in _OPTION_BY_NAME]
     if unknown:
@@ -287,7 +287,8 @@ def resolve_config(
                 value = option.parse(value)
             except ValueError as exc:
                 raise ConfigError(
-                    f"otel-dl option {key} = {value!r} is not valid: {exc}. Give {option.help}."
+                    f"otel-dl option {key} = {value!r} is not valid: {exc}. Give a valid value"
+                    f" ({key}: {option.help})."
                 ) from None
         elif isinstance(value, list):
             value = tuple(value)
