@@ -345,17 +345,14 @@ class TorchModelInstrumentor(DlInstrumentor):
         return static
 
     def _pre_hook(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if _capturing():
+        # A suppressed call pushes no frame: its post-hook finds none of its own.
+        if not instrumentation_enabled() or _capturing():
             return None
         frames = _frames.get()
         frame = _Frame(module, None)
         try:
             config = get_config()
-            if (
-                instrumentation_enabled()
-                and not frames
-                and (not module.training or config.trace_training)
-            ):
+            if not frames and (not module.training or config.trace_training):
                 static = self._model_attributes(module)
                 call = DlSpan(_SITE, static)
                 if config.signals:
@@ -380,10 +377,15 @@ class TorchModelInstrumentor(DlInstrumentor):
     def _post_hook(
         self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
     ) -> None:
-        if _capturing():
-            return None
         frames = _frames.get()
-        if not frames or frames[-1].module is not module:
+        if (
+            not frames
+            or frames[-1].module is not module
+            or not instrumentation_enabled()
+            or _capturing()
+        ):
+            # Not this call's frame: a suppressed or captured call pushed none, and may
+            # be a call of the module inside its own traced call.
             return None
         frame = frames[-1]
         _frames.set(frames[:-1])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -91,6 +92,50 @@ def test_training_mode_is_not_traced_by_default(spans: SpanList) -> None:
 def test_unwatched_untouched_model_is_not_traced(spans: SpanList) -> None:
     mlp()(torch.randn(3, 4))
     assert spans.get() == []
+
+
+class SelfCalling(torch.nn.Module):
+    """Calls itself once more, under suppression, inside its own forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 3)
+        self.inner_done_ns = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from opentelemetry.instrumentation.utils import suppress_instrumentation
+
+        if not getattr(self, "_inside", False):
+            self._inside = True
+            try:
+                with suppress_instrumentation():
+                    self(x)
+            finally:
+                self._inside = False
+            self.inner_done_ns = time.time_ns()
+        return self.linear(x)
+
+
+def test_suppressed_calls_make_no_span_and_leave_the_traced_call_whole(
+    spans: SpanList,
+) -> None:
+    from opentelemetry.instrumentation.utils import suppress_instrumentation
+
+    model = otel_dl.watch(mlp()).eval()
+    with suppress_instrumentation():
+        model(torch.randn(2, 4))
+        Deep(3).eval()(torch.randn(2, 4))
+    assert spans.get() == []
+    # A suppressed call of the model inside its own traced call: the traced call's one
+    # span still ends when the outer call does, not when the inner one returns.
+    looping = SelfCalling().eval()
+    out = looping(torch.randn(2, 4))
+    (span,) = spans.get()
+    assert span.end_time >= looping.inner_done_ns
+    assert span.attributes[semconv.DL_PREDICTION_COUNT] == 2
+    assert out.shape == (2, 3)
+    looping(torch.randn(2, 4))  # the frame stack is empty again: a root span
+    assert len(spans.get()) == 2 and spans.get()[-1].parent is None
 
 
 def test_user_exception_is_unchanged_and_recorded(spans: SpanList) -> None:
