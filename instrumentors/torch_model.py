@@ -72,7 +72,7 @@ from ._base import DlInstrumentor, Patches
 _SITE = "torch.forward"
 
 
-@dataclass
+@dataclass(slots=True)
 class _Frame:
     module: Any
     call: DlSpan | None  # None: a call that makes no span (training mode, nested, disabled)

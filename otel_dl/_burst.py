@@ -65,7 +65,7 @@ _SITE = "signals.burst"
 _POLL_SECONDS = 0.05
 
 
-@dataclass
+@dataclass(slots=True)
 class _Parked:
     call: DlSpan
     later: Later

@@ -173,6 +173,17 @@ class Later(dict[str, Any]):
     profile once its burst has made it (:meth:`when_profiled`), and profiles nothing
     itself. ``profile`` is what a burst found for ``inputs`` (None until then)."""
 
+    __slots__ = (
+        "_batch",
+        "_waiters",
+        "inputs",
+        "monitor",
+        "predictions",
+        "profile",
+        "scores",
+        "source",
+    )
+
     def __init__(
         self,
         monitor: FeatureMonitor,
