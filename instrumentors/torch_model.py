@@ -75,7 +75,7 @@ _SITE = "torch.forward"
 @dataclass(slots=True)
 class _Frame:
     module: Any
-    call: DlSpan | None  # None: a call that makes no span (training mode, nested, disabled)
+    call: DlSpan | None  # None: a call that makes no span (training mode, nested)
 
 
 _frames: ContextVar[tuple[_Frame, ...]] = ContextVar("otel_dl_torch_frames", default=())
