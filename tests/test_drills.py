@@ -4,6 +4,7 @@ collector, and the drill command in a fresh process."""
 
 from __future__ import annotations
 
+import gc
 import http.server
 import subprocess
 import sys
@@ -245,6 +246,36 @@ def test_a_pipeline_failing_when_healthy_cannot_be_drilled(instrumented: Any) ->
         run_drills(broken, baseline_runs=1)
     with pytest.raises(DrillError, match="no mode \\['nope'\\]"):
         run_drills(_Tiny(), modes=["nope"])
+
+
+def test_full_collections_are_short_during_a_drill_and_restored_after(
+    instrumented: Any,
+) -> None:
+    """A full collection walks every object the process holds (a quarter of a second with
+    torch and Feast loaded): one inside a healthy run made its span look slow to the
+    collector. The drill freezes what exists when it starts, and gives it back after."""
+    tiny = _Tiny()
+    seen: list[int] = []
+
+    def pipeline(faults: Faults) -> None:
+        seen.append(gc.get_freeze_count())
+        tiny(faults)
+
+    assert gc.get_freeze_count() == 0
+    run_drills(pipeline, modes=["model-change"], baseline_runs=2, fault_runs=1)
+    assert seen and all(count > 0 for count in seen)
+    assert gc.get_freeze_count() == 0
+    # A process that froze objects itself keeps them frozen, and only them.
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        seen.clear()
+        run_drills(pipeline, modes=["model-change"], baseline_runs=2, fault_runs=1)
+        # (Frozen objects freed by reference counting leave the count.)
+        assert seen and all(0 < count <= frozen for count in seen)
+        assert 0 < gc.get_freeze_count() <= frozen
+    finally:
+        gc.unfreeze()
 
 
 def test_demo_pipeline_drills_with_the_collector(fault_drills: Any) -> None:
