@@ -3,7 +3,9 @@
 It resolves the configuration (argument > environment > default), sets up the
 OpenTelemetry providers when the application has not, and enables every installed
 otel-dl instrumentor found under the ``opentelemetry_instrumentor`` entry-point group.
-It is idempotent: a second call returns the same handle and instruments nothing twice.
+It is idempotent: a second call returns the same handle and instruments nothing twice;
+its options are still checked, and any that differ from the active ones are named in a
+warning, since they are not applied.
 """
 
 from __future__ import annotations
@@ -362,11 +364,11 @@ def instrument(
     """
     global _active, _atexit_registered
     with _lock:
-        if _active is not None:
-            logger.debug("otel_dl.instrument() called again; returning the active handle")
-            return _active
         overrides = dict(options)
         overrides.update(service_name=service_name, include=include, exclude=exclude)
+        if _active is not None:
+            _warn_not_applied(_active, overrides, request_hook, response_hook)
+            return _active
         config = resolve_config(overrides)
         set_config(config)
         handle = Instrumentation(config=config)
@@ -410,6 +412,39 @@ def instrument(
         _child_exit_hook.install()
         logger.debug("otel-dl instrumented %s; skipped %s", handle.instrumented, handle.skipped)
         return handle
+
+
+def _warn_not_applied(
+    active: Instrumentation,
+    overrides: dict[str, Any],
+    request_hook: RequestHook | None,
+    response_hook: ResponseHook | None,
+) -> None:
+    """A repeated ``instrument()`` call returns the active handle; what it asked for
+    differently is checked as the first call's was (a bad value raises ConfigError) and
+    named in a warning, never silently dropped."""
+    given = {key: value for key, value in overrides.items() if value is not None}
+    if not given and request_hook is None and response_hook is None:
+        logger.debug("otel_dl.instrument() called again; returning the active handle")
+        return
+    config = resolve_config(overrides)
+    ignored = [
+        f"{name}={getattr(config, name)!r}"
+        for name in given
+        if getattr(config, name) != getattr(active.config, name)
+    ]
+    ignored += [
+        name
+        for name, hook in (("request_hook", request_hook), ("response_hook", response_hook))
+        if hook is not None
+    ]
+    if ignored:
+        logger.warning(
+            "otel_dl.instrument() was called again: the active instrumentation is returned "
+            "and this call's %s is not applied. To change the configuration, call "
+            "shutdown() on the handle first, then instrument() again.",
+            ", ".join(ignored),
+        )
 
 
 def _enable(ep: EntryPoint, handle: Instrumentation, hooks: Hooks) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import otel_dl
 from otel_dl import semconv
+from otel_dl._config import get_config
 from tests.otlp_sink import OtlpSink
 from tests.support import TRACER_PROVIDER, SpanList
 
@@ -46,6 +48,31 @@ def test_second_call_returns_same_handle_and_no_duplicate_spans(
     assert otel_dl.instrument(service_name="other") is handle
     list(loader)
     assert len(spans.get(semconv.SPAN_DATALOADER_BATCH)) == 4
+
+
+def test_a_second_call_checks_its_options_and_names_those_not_applied(
+    handle: otel_dl.Instrumentation, caplog: pytest.LogCaptureFixture
+) -> None:
+    with pytest.raises(otel_dl.ConfigError, match="signals_delay_ms"):
+        otel_dl.instrument(signals_delay_ms="soon")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="otel_dl"):
+        again = otel_dl.instrument(
+            signals_delay_ms=handle.config.signals_delay_ms + 5,
+            drift_method=handle.config.drift_method,  # as active: not named
+            request_hook=lambda span, call: None,
+        )
+    assert again is handle
+    assert get_config().signals_delay_ms == handle.config.signals_delay_ms
+    (record,) = [r for r in caplog.records if "called again" in r.getMessage()]
+    message = record.getMessage()
+    assert f"signals_delay_ms={handle.config.signals_delay_ms + 5}" in message
+    assert "request_hook" in message and "drift_method" not in message
+    assert "shutdown()" in message
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="otel_dl"):
+        assert otel_dl.instrument() is handle  # nothing asked: nothing to say
+    assert not [r for r in caplog.records if "called again" in r.getMessage()]
 
 
 def test_shutdown_uninstruments(loader: DataLoader, spans: SpanList) -> None:
