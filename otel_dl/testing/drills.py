@@ -455,10 +455,10 @@ def _short_collections() -> Iterator[None]:
 
     A full collection walks every object the process holds: with torch, Feast and a test
     session loaded, a quarter of a second or more. One that lands in a healthy run makes
-    that run's span look many times its usual duration, and the collector rightly calls it
-    slow. So the objects that exist when the drill starts are frozen (``gc.freeze()``)
-    and given back to the collector afterwards (``gc.unfreeze()``). A process that froze
-    objects itself keeps its own setting."""
+    that run's span look many times its usual duration, and the otel-dl collector rightly
+    calls it slow. So the objects that exist when the drill starts are frozen
+    (``gc.freeze()``), and handed back to Python's garbage collector afterwards
+    (``gc.unfreeze()``). A process that froze objects itself keeps its own setting."""
     if gc.get_freeze_count():
         yield
         return
