@@ -312,6 +312,33 @@ def _sklearn_case(repeats: int) -> tuple[float, float] | None:
     return _paired(bare, traced, 2000, repeats)
 
 
+def _sklearn_frame_case(repeats: int) -> tuple[float, float] | None:
+    """One request at a time as a pandas DataFrame row, the way tabular services often get
+    it: ``predict_proba`` of a scaler + logistic regression pipeline on one row of the
+    breast-cancer data set (30 named float columns)."""
+    try:
+        from sklearn.datasets import load_breast_cancer
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+    except ImportError:
+        return None
+    x, y = load_breast_cancer(return_X_y=True, as_frame=True)
+    with suppress_instrumentation():
+        pipeline = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(x, y)
+    row = x.iloc[:1]
+
+    def traced() -> Any:
+        return pipeline.predict_proba(row)
+
+    def bare() -> Any:
+        with suppress_instrumentation():
+            return pipeline.predict_proba(row)
+
+    _learn(pipeline, traced)
+    return _paired(bare, traced, 1000, repeats)
+
+
 def _gpu_rows(repeats: int) -> list[tuple[str, float, float, str]]:
     """CUDA cases: per call including the GPU's work (a synchronize closes each block, for
     bare and traced alike), and the host time of launching calls (no synchronize: what the
@@ -544,6 +571,9 @@ def main() -> None:
         sklearn = _sklearn_case(repeats)
         if sklearn is not None:
             rows.append(("scikit-learn predict_proba, 1 row", *sklearn, "added <= 2 x floor"))
+        frame = _sklearn_frame_case(repeats)
+        if frame is not None:
+            rows.append(("scikit-learn pipeline, 1 DataFrame row", *frame, "added <= 2 x floor"))
     if "suppressed" in cases:
         rows.append(
             ("suppressed wrapper (MLP batch 1)", *_suppressed_case(repeats), "<= 1.5 us added")

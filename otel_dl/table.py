@@ -141,18 +141,118 @@ def categorical_values(values: Iterable[Any]) -> np.ndarray:
     return out
 
 
+def _is_frame(data: Any) -> bool:
+    return type(data).__module__.startswith("pandas") and hasattr(data, "columns")
+
+
+def _column_values(series: Any) -> np.ndarray:
+    """A DataFrame column as a 1-D array: text and categories as Python objects."""
+    dtype = str(series.dtype)
+    if dtype in ("object", "category", "string", "str") or dtype.startswith("string"):
+        return series.astype(object).to_numpy()
+    return series.to_numpy()
+
+
+def _plain_numeric(dtype: Any) -> np.dtype | None:
+    """The float dtype :func:`_numeric_dtype` gives a column of numpy ``dtype`` whatever its
+    values (bool, integers, float16/32/64); None for any other dtype (objects, whose
+    reading depends on their values; complex; dates; pandas' own dtypes)."""
+    if not isinstance(dtype, np.dtype) or dtype.kind not in "biuf":
+        return None
+    return _float_of(dtype)
+
+
+@lru_cache(maxsize=64)
+def _float_of(dtype: np.dtype) -> np.dtype | None:
+    numeric = _numeric_dtype(np.empty(0, dtype))
+    return None if numeric is None else numeric.dtype
+
+
+@dataclass(frozen=True)
+class _FrameLayout:
+    names: tuple[str, ...]
+    numeric_at: list[int]  # positions of the columns read in one conversion
+    other_at: list[int]  # positions of the columns read one by one
+    dtype: np.dtype  # of the numeric block
+    schema: tuple[Any, ...]
+
+
+@lru_cache(maxsize=64)
+def _frame_layout(columns: tuple[Any, ...], dtypes: tuple[Any, ...]) -> _FrameLayout:
+    """What reading a DataFrame of these column names and dtypes takes (the same for
+    every batch of a source, so worked out once)."""
+    names = tuple(str(name) for name in columns)
+    targets = [_plain_numeric(dtype) for dtype in dtypes]
+    numeric_at = [i for i, target in enumerate(targets) if target is not None]
+    float32 = np.dtype(np.float32)
+    all32 = bool(numeric_at) and all(targets[i] == float32 for i in numeric_at)
+    schema = (
+        "columns",
+        tuple(
+            (name, _dtype_name(dt) if isinstance(dt, np.dtype) else str(dt), ())
+            for name, dt in zip(names, dtypes, strict=True)
+        ),
+    )
+    return _FrameLayout(
+        names,
+        numeric_at,
+        [i for i, target in enumerate(targets) if target is None],
+        float32 if all32 else np.dtype(np.float64),
+        schema,
+    )
+
+
+def _frame_table(data: Any) -> Table | None:
+    """A DataFrame read with one conversion of its numeric columns instead of one pandas
+    Series per column (about 15 µs each: a 30-column frame took 0.45 ms per call): the
+    :class:`Table` the column-by-column reading gives, or None where that reading is
+    needed (no columns, repeated or multi-level names, a column of objects that hold
+    numbers)."""
+    columns = data.columns
+    if not len(columns) or columns.nlevels != 1 or not columns.is_unique:
+        return None
+    try:
+        layout = _frame_layout(tuple(columns), tuple(data.dtypes.tolist()))
+    except TypeError:  # a dtype that cannot be hashed: read column by column
+        return None
+    names = layout.names
+    categorical: dict[str, np.ndarray] = {}
+    for i in layout.other_at:
+        values = _column_values(data.iloc[:, i])
+        if _numeric_dtype(np.asarray(values)) is not None:
+            return None  # numbers in an object column: numeric, in column order
+        categorical[names[i]] = categorical_values(values)
+    numeric_at = layout.numeric_at
+    if numeric_at:
+        part = data if not layout.other_at else data.iloc[:, numeric_at]
+        # A copy in C order, as the column-by-column reading stacks it: the table must not
+        # change with the frame, and binning reads rows.
+        numeric = np.array(part.to_numpy(dtype=layout.dtype), order="C", copy=True)
+    else:
+        numeric = np.empty((len(data), 0), dtype=np.float64)
+    return Table(
+        len(data),
+        names,
+        numeric,
+        tuple(names[i] for i in numeric_at),
+        categorical,
+        layout.schema,
+    )
+
+
 def _columns_of(data: Any) -> list[tuple[str, np.ndarray, str, tuple[int, ...]]]:
     """(name, 1-D column, dtype name, trailing shape) for DataFrames and mappings."""
     columns: list[tuple[str, np.ndarray, str, tuple[int, ...]]] = []
-    if type(data).__module__.startswith("pandas") and hasattr(data, "columns"):
+    if _is_frame(data):
+        if not data.columns.is_unique:
+            repeated = sorted({str(n) for n in data.columns[data.columns.duplicated()]})
+            raise ValueError(
+                f"DataFrame column names repeat ({', '.join(repeated)}): give each column its "
+                "own name"
+            )
         for name in data.columns:
             series = data[name]
-            dtype = str(series.dtype)
-            if dtype in ("object", "category", "string", "str") or dtype.startswith("string"):
-                values = series.astype(object).to_numpy()
-            else:
-                values = series.to_numpy()
-            columns.append((str(name), values, dtype, ()))
+            columns.append((str(name), _column_values(series), str(series.dtype), ()))
         return columns
     for name, value in data.items():
         array = to_numpy(value)
@@ -181,9 +281,10 @@ def to_table(data: Any) -> Table:
     """
     if isinstance(data, Table):
         return data
-    if isinstance(data, Mapping) or (
-        type(data).__module__.startswith("pandas") and hasattr(data, "columns")
-    ):
+    if _is_frame(data):
+        table = _frame_table(data)
+        return table if table is not None else _table_from_columns(_columns_of(data))
+    if isinstance(data, Mapping):
         return _table_from_columns(_columns_of(data))
     array = to_numpy(data)
     trailing = tuple(int(d) for d in array.shape[1:])
