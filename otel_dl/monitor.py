@@ -495,7 +495,11 @@ class FeatureMonitor:
         :class:`Later` holding a copy of the rows the figures cover (the same rows
         :meth:`confidence` would read) of a 2-D CPU output of two or more classes. Other
         outputs, and an exact call whose output exceeds ``BURST_MAX_VALUES``, are
-        summarised now. ``sample=False``: always on every prediction."""
+        summarised now. ``sample=False``: always on every prediction. A list of
+        ``{class: score}`` rows (ONNX ZipMap) is read into an array, only the rows the
+        figures cover."""
+        if _class_maps(outputs):
+            return self._class_maps_later(outputs, sample)
         scores = _float_rows(outputs)
         if scores is None or scores.shape[1] < 2:
             return self.confidence(outputs) if sample else self._exact(outputs)
@@ -509,6 +513,18 @@ class FeatureMonitor:
 
     def _exact(self, outputs: Any) -> dict[str, AttributeValue]:
         return confidence_attributes(outputs, self.config.confidence_threshold)
+
+    def _class_maps_later(self, outputs: Sequence[Mapping[Any, Any]], sample: bool) -> Any:
+        rows, limit = len(outputs), self.config.confidence_rows
+        sampled = sample and not self._exact_call() and rows > limit
+        try:
+            scores = to_scores([outputs[i] for i in _spaced(rows, limit)] if sampled else outputs)
+            if scores.shape[1] < 2 or scores.size > BURST_MAX_VALUES:
+                summary = summarize(scores, threshold=self.config.confidence_threshold)
+                return _confidence_out(rows, summary)
+        except _UNREADABLE:
+            return {}
+        return Later(self, scores=scores, predictions=rows if sampled else None)
 
     # -- bursts of calls ----------------------------------------------------------------
 
@@ -664,14 +680,27 @@ def confidence_attributes(
     never raises on data. ``max_rows`` bounds the predictions the statistics are computed
     on (evenly spaced ones); ``dl.prediction.count`` always counts them all."""
     try:
-        scores = to_scores(outputs)
-        count = scores.shape[0]
-        if max_rows is not None and count > max_rows:
-            scores = scores[_spaced(count, max_rows)]
+        if _class_maps(outputs) and max_rows is not None and len(outputs) > max_rows:
+            # One {class: score} dict per prediction: read only the rows the figures cover.
+            count = len(outputs)
+            scores = to_scores([outputs[i] for i in _spaced(count, max_rows)])
+        else:
+            scores = to_scores(outputs)
+            count = scores.shape[0]
+            if max_rows is not None and count > max_rows:
+                scores = scores[_spaced(count, max_rows)]
         summary = summarize(scores, threshold=threshold)
-    except (TypeError, ValueError, IndexError, OverflowError, MemoryError):
+    except _UNREADABLE:
         return {}
     return _confidence_out(count, summary)
+
+
+_UNREADABLE = (TypeError, ValueError, IndexError, OverflowError, MemoryError)
+
+
+def _class_maps(outputs: Any) -> bool:
+    """Whether ``outputs`` is a list of ``{class: score}`` rows (ONNX ZipMap)."""
+    return isinstance(outputs, (list, tuple)) and bool(outputs) and isinstance(outputs[0], Mapping)
 
 
 def _confidence_out(count: int, summary: Summary) -> dict[str, AttributeValue]:

@@ -166,6 +166,34 @@ def test_a_batch_output_left_for_a_burst_gets_what_confidence_gives(probabilitie
             assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
 
 
+def test_class_map_rows_left_for_a_burst_get_what_confidence_gives() -> None:
+    """ONNX ZipMap outputs, one {class: score} dict per prediction: only the rows the
+    figures cover are read, and the burst gives what confidence() gives."""
+    rng = np.random.default_rng(4)
+    alone, burst = FeatureMonitor(), FeatureMonitor()
+    outputs = []
+    for i in range(20):
+        rows = 256 if i % 2 else 5
+        probs = rng.dirichlet(np.ones(3), rows)
+        if i == 3:
+            probs[0] = np.nan
+        outputs.append([{c: float(p[c]) for c in range(3)} for p in probs])
+    expected = [alone.confidence(y) for y in outputs]
+    laters = [burst.confidence_later(y) for y in outputs]
+    assert all(isinstance(later, Later) for later in laters)
+    assert {len(later.scores) for later in laters} == {5, 16, 256}
+    found = burst.profile_burst(
+        [None] * len(laters),
+        [later.scores for later in laters],
+        [later.predictions for later in laters],
+    )
+    for want, got in zip(expected, found, strict=True):
+        assert want.keys() == got.keys()
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+    assert burst.confidence_later([{"a": "not a score"}] * 20) == {}
+
+
 def test_the_copies_are_taken_at_the_call() -> None:
     x, _ = load_iris(return_X_y=True)
     monitor = FeatureMonitor(Reference.fit(to_table(x)))

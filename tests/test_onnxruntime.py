@@ -105,6 +105,64 @@ def test_one_span_with_model_provenance_and_confidence(
     assert label.shape == (64,)
 
 
+def _zipmap_classifier() -> bytes:
+    """A linear classifier as sklearn-onnx converts one by default: its probabilities come
+    out as a ZipMap, one {class: probability} map per row."""
+    rng = np.random.default_rng(2)
+    coefficients = rng.normal(size=(CLASSES, FEATURES)).astype(np.float32)
+    nodes = [
+        helper.make_node(
+            "LinearClassifier",
+            ["x"],
+            ["label", "scores"],
+            domain="ai.onnx.ml",
+            coefficients=coefficients.ravel().tolist(),
+            intercepts=[0.0] * CLASSES,
+            classlabels_ints=list(range(CLASSES)),
+            post_transform="SOFTMAX",
+        ),
+        helper.make_node(
+            "ZipMap", ["scores"], ["probabilities"], domain="ai.onnx.ml",
+            classlabels_int64s=list(range(CLASSES)),
+        ),
+    ]  # fmt: skip
+    maps = helper.make_sequence_type_proto(
+        helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(1, []))
+    )
+    graph = helper.make_graph(
+        nodes,
+        "zipmap_graph",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", FEATURES])],
+        [
+            helper.make_tensor_value_info("label", TensorProto.INT64, ["N"]),
+            helper.make_value_info("probabilities", maps),
+        ],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)]
+    )
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def test_zipmap_probabilities_give_the_confidence(spans: SpanList) -> None:
+    session = _session(_zipmap_classifier())
+    x = np.random.default_rng(1).normal(size=(256, FEATURES)).astype(np.float32)
+    for _ in range(8):
+        _, rows = session.run(None, {"x": x})
+    probs = np.array([[row[k] for k in sorted(row)] for row in rows])
+    got = [span.attributes for span in spans.get(semconv.SPAN_INFERENCE)]
+    assert len(got) == 8
+    sampled = probs[(np.arange(16) * 256) // 16].max(axis=1)
+    assert got[0][semconv.DL_PREDICTION_COUNT] == 256
+    assert got[0][semconv.DL_CONFIDENCE_ROWS] == 16
+    assert got[0][semconv.DL_CONFIDENCE_MEAN] == pytest.approx(sampled.mean(), rel=1e-6)
+    assert got[0][semconv.DL_CONFIDENCE_MIN] == pytest.approx(sampled.min(), rel=1e-6)
+    assert got[7][semconv.DL_CONFIDENCE_ROWS] == 256  # every drift_every-th call: all rows
+    assert got[7][semconv.DL_CONFIDENCE_MEAN] == pytest.approx(probs.max(axis=1).mean(), rel=1e-6)
+
+
 def test_session_from_bytes_and_run_with_ort_values(spans: SpanList) -> None:
     model_bytes = _classifier().SerializeToString()
     session = _session(model_bytes)
