@@ -315,18 +315,24 @@ def _read_online(response: Any, entity_keys: set[str]) -> _OnlineRead:
     """The feature columns, missing count and oldest event time of an online response."""
     proto = response.proto
     out = _OnlineRead({}, 0, 0, None)
+    # Plain Python over the repeated fields: a lookup holds a few entities, and numpy's
+    # per-call cost was most of this function's time.
     for name, vector in zip(proto.metadata.feature_names.val, proto.results, strict=False):
         if name in entity_keys:
             continue
-        statuses = np.fromiter(vector.statuses, dtype=np.int32)
-        present = statuses == _PRESENT
-        out.total += statuses.size
-        out.missing += int(statuses.size - np.count_nonzero(present))
-        seconds = np.fromiter((t.seconds for t in vector.event_timestamps), dtype=np.int64)
-        if seconds.size == present.size:
-            stamped = seconds[present & (seconds > 0)]
-            if stamped.size:
-                oldest = int(stamped.min())
+        statuses = list(vector.statuses)
+        present = statuses.count(_PRESENT)
+        out.total += len(statuses)
+        out.missing += len(statuses) - present
+        stamps = vector.event_timestamps
+        if present and len(stamps) == len(statuses):
+            stamped = [
+                t.seconds
+                for t, status in zip(stamps, statuses, strict=True)
+                if status == _PRESENT and t.seconds > 0
+            ]
+            if stamped:
+                oldest = min(stamped)
                 out.oldest = oldest if out.oldest is None else min(out.oldest, oldest)
         column = _column(vector.values)
         if column is not None:
@@ -336,7 +342,9 @@ def _read_online(response: Any, entity_keys: set[str]) -> _OnlineRead:
 
 def _column(values: Any) -> np.ndarray | None:
     kinds = [v.WhichOneof("val") for v in values]
-    found = {k for k in kinds if k is not None and k != "null_val"}
+    found = set(kinds)
+    found.discard(None)
+    found.discard("null_val")
     if found <= _NUMERIC_KINDS:
         return np.array(
             [

@@ -259,10 +259,10 @@ def _columns_of(data: Any) -> list[tuple[str, np.ndarray, str, tuple[int, ...]]]
         trailing = tuple(int(d) for d in array.shape[1:])
         rows = _as_rows(array)
         if rows.shape[1] == 1 and array.ndim <= 1:
-            columns.append((str(name), rows[:, 0], str(array.dtype), trailing))
+            columns.append((str(name), rows[:, 0], _dtype_name(array.dtype), trailing))
         else:
             for j in range(rows.shape[1]):
-                columns.append((f"{name}.{j}", rows[:, j], str(array.dtype), trailing))
+                columns.append((f"{name}.{j}", rows[:, j], _dtype_name(array.dtype), trailing))
     return columns
 
 
@@ -296,8 +296,8 @@ def to_table(data: Any) -> Table:
             rows.shape[0], names, numeric, names, {}, ("array", _dtype_name(array.dtype), trailing)
         )
     no_shape: tuple[int, ...] = ()
-    columns = [(names[j], rows[:, j], str(array.dtype), no_shape) for j in range(rows.shape[1])]
-    return _table_from_columns(columns, ("array", str(array.dtype), trailing))
+    columns = [(names[j], rows[:, j], _dtype_name(array.dtype), no_shape) for j in range(rows.shape[1])]
+    return _table_from_columns(columns, ("array", _dtype_name(array.dtype), trailing))
 
 
 def _table_from_columns(
