@@ -108,14 +108,31 @@ def _on_gpu(output: Any) -> bool:
     return bool(getattr(output, "is_cuda", False))
 
 
+def _scores(output: Any) -> Any:
+    """The tensor whose confidence a call's span carries: the output, or the ``logits`` of
+    a structured output (a transformers ``ModelOutput``, a dict, a dataclass); else None."""
+    import torch
+
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = output.get("logits") if isinstance(output, Mapping) else None
+    if logits is None:
+        logits = getattr(output, "logits", None)
+    return logits if isinstance(logits, torch.Tensor) else None
+
+
 def _input_signals(
     module: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]
 ) -> Mapping[str, Any]:
-    """Drift, quality and fingerprint of the first floating-point tensor argument (a CPU
-    one: a CUDA input is read on the device when the call has completed); a small one's
-    are left for a burst."""
+    """Drift, quality and fingerprint of the first tensor argument when it holds floats
+    (a CPU one: a CUDA input is read on the device when the call has completed; a small
+    one's are left for a burst); of token ids or masks, the batch size only."""
     features = _first_tensor(args, kwargs)
-    if features is None or not features.is_floating_point() or features.is_cuda:
+    if features is None:
+        return {}
+    if not features.is_floating_point():
+        return {semconv.DL_BATCH_SIZE: int(features.shape[0])} if features.dim() else {}
+    if features.is_cuda:
         return {}
     monitor = ensure_state(module).monitor()
     return observe_once(monitor, features, later=get_config().signals_delay_ms > 0)
@@ -415,7 +432,8 @@ class TorchModelInstrumentor(DlInstrumentor):
                 output,
             )
         signals = get_config().signals
-        if signals and _on_gpu(output):
+        scores = _scores(output) if signals else None
+        if signals and _on_gpu(scores):
             # The GPU may still be running the forward: the span ends when it has.
             try:
                 later, call.later = call.later, None
@@ -423,12 +441,12 @@ class TorchModelInstrumentor(DlInstrumentor):
                     call.attributes.update(later.monitor.observe(later.inputs))
                 if later is not None and later.source is not None:  # the loader's profile
                     call.attributes.update(later.source.resolved())
-                _finish_on_gpu(call, module, args, kwargs, output)
+                _finish_on_gpu(call, module, args, kwargs, scores)
                 return
             except Exception:
                 report_internal_error(f"{_SITE}.gpu")
-        elif signals:
-            call.extract("output_signals", _output_signals, module, output)
+        elif signals and scores is not None:
+            call.extract("output_signals", _output_signals, module, scores)
         call.end(end_ns)
 
     def _wrap_script_call(self, wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:

@@ -114,6 +114,30 @@ def test_batched_list_makes_one_span(spans: SpanList, classify) -> None:
     assert span.attributes[semconv.DL_CONFIDENCE_MEAN] == pytest.approx(sum(scores) / 3, rel=1e-5)
 
 
+def test_a_watched_model_called_directly_takes_confidence_from_its_logits(
+    spans: SpanList, classifier_dir: Path, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    """Serving code often calls the model itself, ``model(**tokens).logits``: the span reads
+    the ``logits`` of its ModelOutput, and the batch size from the token ids."""
+    model = otel_dl.watch(BertForSequenceClassification.from_pretrained(classifier_dir).eval())
+    tokens = tokenizer(
+        ["good movie", "bad", "the movie is very bad"], padding=True, return_tensors="pt"
+    )
+    with torch.inference_mode():
+        logits = model(**tokens).logits
+    (span,) = spans.get(semconv.SPAN_INFERENCE)
+    attrs = span.attributes
+    top = torch.softmax(logits, dim=1).max(dim=1).values
+    assert attrs[semconv.DL_BATCH_SIZE] == 3
+    assert attrs[semconv.DL_PREDICTION_COUNT] == 3
+    assert attrs[semconv.DL_CONFIDENCE_ROWS] == 3
+    assert attrs[semconv.DL_CONFIDENCE_MEAN] == pytest.approx(top.mean().item(), rel=1e-5)
+    assert attrs[semconv.DL_CONFIDENCE_MIN] == pytest.approx(top.min().item(), rel=1e-5)
+    with torch.inference_mode():
+        hidden = model.bert(**tokens)  # no logits: no confidence, and nothing else breaks
+    assert hidden.last_hidden_state.shape[0] == 3
+
+
 def test_watch_names_the_pipeline(spans: SpanList, classify) -> None:
     otel_dl.watch(classify, name="sentiment", version="2026-11", team="nlp")
     classify("bad movie")

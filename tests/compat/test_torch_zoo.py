@@ -147,7 +147,8 @@ class ModelCase:
     make: Callable[[], nn.Module]
     inputs: Callable[[], tuple[Any, ...]]
     # What the output can carry: one row of class scores per prediction gives confidence;
-    # a tensor gives the prediction count; a tuple, dict or dataclass gives neither.
+    # a tensor gives the prediction count; so do the ``logits`` of a dict or dataclass
+    # (a transformers ModelOutput); a tuple gives neither.
     confidence: bool
     predictions: int | None
 
@@ -171,8 +172,8 @@ MODELS: dict[str, ModelCase] = {
         False,
         BATCH,
     ),
-    "dict-output": ModelCase(TwoHeads, _x, False, None),
-    "dataclass-output": ModelCase(DataclassOut, _x, False, None),
+    "dict-output": ModelCase(TwoHeads, _x, True, BATCH),
+    "dataclass-output": ModelCase(DataclassOut, _x, True, BATCH),
     "compiled": ModelCase(_compiled, _x, True, BATCH),
     "float16": ModelCase(lambda: _mlp().half(), lambda: _x(torch.float16), True, BATCH),
     "bfloat16": ModelCase(
