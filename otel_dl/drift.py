@@ -42,6 +42,10 @@ from otel_dl.table import Table, to_table
 
 METHODS = semconv.DRIFT_METHODS
 STD_FLOOR = 1e-3
+# A categorical feature with more distinct reference values than both of these (a count,
+# and a share of its reference rows) is free text or an identifier: it gets no drift score.
+DISTINCT_MIN = 50
+DISTINCT_SHARE = 0.5
 """wasserstein divides by max(reference std, STD_FLOOR)."""
 DEFAULT_THRESHOLDS: Mapping[str, tuple[float, float]] = {
     "psi": (0.1, 0.25),
@@ -134,6 +138,13 @@ def _score_categorical(
             continue
         if total == 0:
             out.reasons[name] = "no values in the current data"
+            continue
+        if len(cat.categories) > max(DISTINCT_MIN, DISTINCT_SHARE * cat.count):
+            # Every new text or id is unseen: its share says nothing of drift.
+            out.reasons[name] = (
+                f"{len(cat.categories)} distinct values in {cat.count} reference rows: free "
+                "text or an identifier, not a category, so no drift score"
+            )
             continue
         r = np.append(cat.shares, 0.0)[:, None]
         c = (current / total)[:, None]

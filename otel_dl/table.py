@@ -55,6 +55,13 @@ def _schema_digest(schema: tuple[Any, ...]) -> str:
 
 @lru_cache(maxsize=64)
 def _dtype_name(dtype: np.dtype) -> str:
+    """A dtype as a schema names it. Fixed-width text is ``str`` (``bytes``) whatever its
+    width: numpy sizes it to the batch's longest value, which says nothing of the schema,
+    and every batch of texts of another length looked like a schema change."""
+    if dtype.kind == "U":
+        return "str"
+    if dtype.kind == "S":
+        return "bytes"
     return str(dtype)  # numpy builds this string in Python on every call
 
 

@@ -258,3 +258,26 @@ def test_user_transformer_defined_after_instrumentation(
     handle.shutdown()
     np.testing.assert_array_equal(doubler.transform(X[:5]), X[:5] * 2)
     assert spans.get() == []
+
+
+def test_a_text_pipeline_fed_raw_texts_raises_no_schema_or_drift_alarm(spans: SpanList) -> None:
+    """Raw texts into a TF-IDF pipeline: batches of texts of other lengths are one schema
+    (numpy sizes its text dtype to the longest), and unique texts are no category drift."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(300)]
+
+    def texts(n: int) -> list[str]:
+        return [" ".join(rng.choice(words, int(rng.integers(3, 12)))) for _ in range(n)]
+
+    with suppress_instrumentation():
+        pipeline = Pipeline([("tfidf", TfidfVectorizer()), ("clf", LogisticRegression())])
+        pipeline.fit(texts(2000), rng.integers(0, 2, 2000))
+    for _ in range(120):  # past the 1,000-row auto-baseline
+        pipeline.predict_proba(texts(16))
+    got = [s.attributes for s in spans.get(semconv.SPAN_INFERENCE)]
+    assert len(got) == 120
+    assert not any(a.get(semconv.DL_QUALITY_SCHEMA_MISMATCH) for a in got)
+    assert not any(a.get(semconv.DL_DRIFT_STATUS) in ("warn", "alert") for a in got)
+    assert all(semconv.DL_CONFIDENCE_MEAN in a for a in got)

@@ -198,3 +198,19 @@ def test_tracker_with_a_profile_whose_range_does_not_hold_its_edges(tmp_path):
         seen.append(batch)
         tracker.update(edited.read(batch))
     _window_counts_match(tracker, edited, np.concatenate(seen)[-120:], "psi")
+
+
+def test_free_text_or_ids_get_no_category_drift_score() -> None:
+    """A categorical feature whose reference values are mostly distinct (raw texts, ids):
+    every new value is unseen, so its share says nothing of drift."""
+    rng = np.random.default_rng(0)
+    ids = np.array([f"user-{i}" for i in range(1000)])
+    country = rng.choice(["fr", "de", "it"], 1000)
+    reference = Reference.fit({"id": ids, "country": country})
+    current = {"id": np.array([f"user-{i}" for i in range(5000, 5500)]), "country": country[:500]}
+    scores = drift.score(reference, current, method="psi")
+    assert "id" not in scores and "free text or an identifier" in scores.reasons["id"]
+    assert scores["country"] < 0.1
+    # Few distinct values stay categories, however few the reference rows.
+    small = Reference.fit({"c": np.array(["a", "b", "c", "d"])})
+    assert "c" in drift.score(small, {"c": np.array(["x", "y"])}, method="psi")

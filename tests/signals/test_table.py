@@ -87,3 +87,12 @@ def test_repeated_column_names_are_refused_with_the_fix() -> None:
     frame = pd.DataFrame(np.zeros((2, 3)), columns=["a", "b", "a"])
     with pytest.raises(ValueError, match=r"column names repeat \(a\): give each column its own"):
         to_table(frame)
+
+
+def test_texts_of_other_lengths_are_one_schema() -> None:
+    """numpy sizes a text dtype to the longest value ("<U3", "<U11"): not a schema change."""
+    short, long = np.array(["a b", "c"]), np.array(["a much longer", "text"])
+    assert short.dtype != long.dtype
+    assert to_table(short).schema_fingerprint == to_table(long).schema_fingerprint
+    assert to_table({"t": short}).schema_fingerprint == to_table({"t": long}).schema_fingerprint
+    assert to_table(short.astype(bytes)).schema[1] == "bytes"
