@@ -28,7 +28,10 @@ numpy's fixed price per pass more than their rows do, share one among up to 64: 
 14 % less per one-row call than bursts of 16 (alternating blocks, one process, one
 core). A burst also runs when the oldest call has waited ``signals_delay_ms`` (on a
 background thread), and on :func:`drain`, which ``Instrumentation.force_flush`` and
-``shutdown`` call, as does interpreter exit. Spans so reach the exporter at most
+``shutdown`` call, as does interpreter exit; it also waits for a burst another thread is
+profiling, so a flush exports every span parked before it (without that wait, a burst
+the background thread had just taken ended its spans after the flush, and after
+``shutdown`` they were lost). Spans so reach the exporter at most
 ``signals_delay_ms`` later; their timestamps are the calls' own. A tracer provider's own
 ``force_flush`` does not know of parked spans: flush through the handle
 ``otel_dl.instrument()`` returns.
@@ -51,6 +54,8 @@ from otel_dl.monitor import FeatureMonitor, Later
 if TYPE_CHECKING:
     from otel_dl._span import DlSpan
 
+DRAIN_WAIT_SECONDS = 5.0
+"""How long :func:`drain` waits at most for bursts other threads are profiling."""
 BURST_CALLS = 16
 """Parked calls of one monitor that start a burst at once when they hold at least
 :data:`BURST_VALUES` values (their input and score copies)."""
@@ -81,6 +86,11 @@ class _Bursts:
         self._values: dict[FeatureMonitor, int] = {}  # values parked, per monitor
         self._thread: threading.Thread | None = None
         self._exit_hooked = False
+        # Bursts taken off the parked lists and not yet profiled, and a condition on the
+        # lock for drain() to wait for those other threads are profiling.
+        self._profiling = 0
+        self._done = threading.Condition(self._lock)
+        self._local = threading.local()
 
     def submit(self, call: DlSpan, later: Later, end_ns: int) -> None:
         monitor = later.monitor
@@ -103,7 +113,7 @@ class _Bursts:
             elif self._thread is None:
                 self._start()
         if full is not None:
-            _profile(monitor, full)
+            self._profile_taken(monitor, full)
 
     def pending(self) -> int:
         with self._lock:
@@ -117,19 +127,42 @@ class _Bursts:
         with self._lock:
             parked = self._take(monitor) if monitor in self._parked else None
         if parked:
-            _profile(monitor, parked)
+            self._profile_taken(monitor, parked)
 
-    def drain(self) -> None:
+    def drain(self, timeout: float = DRAIN_WAIT_SECONDS) -> bool:
+        """Profile every parked call now, and wait (at most ``timeout`` seconds) for the
+        bursts other threads are profiling: when it returns True, every span parked
+        before the call has ended. A thread inside a burst of its own does not wait."""
         with self._lock:
             taken = [(monitor, self._take(monitor)) for monitor in list(self._parked)]
         for monitor, parked in taken:
-            _profile(monitor, parked)
+            self._profile_taken(monitor, parked)
+        if getattr(self._local, "profiling", False):
+            return True
+        with self._lock:
+            return self._done.wait_for(lambda: not self._profiling, timeout)
 
     def _take(self, monitor: FeatureMonitor) -> list[_Parked]:
+        """Take ``monitor``'s parked calls for profiling (under the lock); the taker then
+        calls :meth:`_profile_taken`."""
         self._since.pop(monitor, None)
         self._inputs.pop(monitor, None)
         self._values.pop(monitor, None)
+        self._profiling += 1
         return self._parked.pop(monitor)
+
+    def _profile_taken(self, monitor: FeatureMonitor, parked: list[_Parked]) -> None:
+        local = self._local
+        outer = getattr(local, "profiling", False)
+        local.profiling = True
+        try:
+            _profile(monitor, parked)
+        finally:
+            local.profiling = outer
+            with self._lock:
+                self._profiling -= 1
+                if not self._profiling:
+                    self._done.notify_all()
 
     def _start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="otel-dl-signals", daemon=True)
@@ -154,13 +187,16 @@ class _Bursts:
                     if now - since >= delay
                 ]
             for monitor, parked in due:
-                _profile(monitor, parked)
+                self._profile_taken(monitor, parked)
 
     def reset_after_fork(self) -> None:
         """In a forked child: the parent's parked spans and thread are not this process's."""
         self._lock = threading.Lock()
         self._parked, self._since, self._inputs, self._values = {}, {}, {}, {}
         self._thread = None
+        self._profiling = 0
+        self._done = threading.Condition(self._lock)
+        self._local = threading.local()
 
 
 def _profile(monitor: FeatureMonitor, parked: list[_Parked]) -> None:
@@ -203,6 +239,7 @@ def pending_spans() -> int:
     return _bursts.pending()
 
 
-def drain() -> None:
-    """Profile every parked call now and end its span."""
-    _bursts.drain()
+def drain(timeout: float = DRAIN_WAIT_SECONDS) -> bool:
+    """Profile every parked call now and end its span; wait at most ``timeout`` seconds
+    for the bursts other threads are profiling (False if they were not done by then)."""
+    return _bursts.drain(timeout)

@@ -191,7 +191,7 @@ class Instrumentation:
         def flush() -> None:
             # Spans still waiting for their GPU work or a burst of small calls' signals end
             # first, so the flush exports them.
-            _burst.drain()
+            _burst.drain(max(deadline - time.monotonic(), 0.0))
             gpu.drain(deadline)
             tp = self.tracer_provider or trace.get_tracer_provider()
             if hasattr(tp, "force_flush"):

@@ -5,6 +5,7 @@ would get, spans that end with their call's own end time once the burst is profi
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from collections.abc import Iterator
 
@@ -299,6 +300,31 @@ def test_a_full_burst_is_profiled_at_once_and_a_lone_call_within_the_delay(
     while len(_inference_spans()) < _burst.BURST_MAX_CALLS + 1 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert len(_inference_spans()) == _burst.BURST_MAX_CALLS + 1  # the background thread
+
+
+def test_a_flush_waits_for_the_burst_the_background_thread_is_profiling(
+    handle: otel_dl.Instrumentation, spans: SpanList, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A burst the background thread has taken is no longer parked: the flush must still
+    wait for it, or its spans end after the flush (and after ``shutdown``, are lost)."""
+    model = _served_model()
+    taken, release = threading.Event(), threading.Event()
+    profile_burst = FeatureMonitor.profile_burst
+
+    def held(self: FeatureMonitor, *args: object, **kwargs: object) -> object:
+        taken.set()
+        release.wait(10)
+        return profile_burst(self, *args, **kwargs)
+
+    monkeypatch.setattr(FeatureMonitor, "profile_burst", held)
+    with torch.no_grad():
+        for _ in range(5):
+            model(torch.zeros(1, 4))
+    assert taken.wait(5)  # the background thread, after signals_delay_ms
+    assert _burst.pending_spans() == 0 and _inference_spans() == []
+    threading.Timer(0.3, release.set).start()
+    assert handle.force_flush()
+    assert len(_inference_spans()) == 5
 
 
 def test_batches_fill_a_burst_in_fewer_calls_than_requests(spans: SpanList) -> None:
