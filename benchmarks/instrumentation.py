@@ -299,7 +299,11 @@ def _sklearn_case(repeats: int) -> tuple[float, float] | None:
     x, y = load_iris(return_X_y=True)
     with suppress_instrumentation():
         estimator = LogisticRegression(max_iter=500).fit(x, y)
-    row = x[:1]
+    return _requests(estimator, x[:1], 2000, repeats)
+
+
+def _requests(estimator: Any, row: Any, calls: int, repeats: int) -> tuple[float, float]:
+    """``predict_proba`` of one row per call, bare (instrumentation suppressed) and traced."""
 
     def traced() -> Any:
         return estimator.predict_proba(row)
@@ -309,7 +313,7 @@ def _sklearn_case(repeats: int) -> tuple[float, float] | None:
             return estimator.predict_proba(row)
 
     _learn(estimator, traced)
-    return _paired(bare, traced, 2000, repeats)
+    return _paired(bare, traced, calls, repeats)
 
 
 def _sklearn_frame_case(repeats: int) -> tuple[float, float] | None:
@@ -326,17 +330,7 @@ def _sklearn_frame_case(repeats: int) -> tuple[float, float] | None:
     x, y = load_breast_cancer(return_X_y=True, as_frame=True)
     with suppress_instrumentation():
         pipeline = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(x, y)
-    row = x.iloc[:1]
-
-    def traced() -> Any:
-        return pipeline.predict_proba(row)
-
-    def bare() -> Any:
-        with suppress_instrumentation():
-            return pipeline.predict_proba(row)
-
-    _learn(pipeline, traced)
-    return _paired(bare, traced, 1000, repeats)
+    return _requests(pipeline, x.iloc[:1], 1000, repeats)
 
 
 def _gpu_rows(repeats: int) -> list[tuple[str, float, float, str]]:

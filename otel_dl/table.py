@@ -303,7 +303,9 @@ def to_table(data: Any) -> Table:
             rows.shape[0], names, numeric, names, {}, ("array", _dtype_name(array.dtype), trailing)
         )
     no_shape: tuple[int, ...] = ()
-    columns = [(names[j], rows[:, j], _dtype_name(array.dtype), no_shape) for j in range(rows.shape[1])]
+    columns = [
+        (names[j], rows[:, j], _dtype_name(array.dtype), no_shape) for j in range(rows.shape[1])
+    ]
     return _table_from_columns(columns, ("array", _dtype_name(array.dtype), trailing))
 
 

@@ -139,6 +139,16 @@ def test_a_burst_feeds_drift_call_by_call() -> None:
     assert None in statuses and semconv.DRIFT_STATUS_ALERT in statuses
 
 
+def _confidence_in_a_burst(monitor: FeatureMonitor, laters: list[object]) -> list[dict]:
+    """What a burst gives calls whose confidence was left for it."""
+    assert all(isinstance(later, Later) for later in laters)
+    return monitor.profile_burst(
+        [None] * len(laters),
+        [later.scores for later in laters],  # type: ignore[attr-defined]
+        [later.predictions for later in laters],  # type: ignore[attr-defined]
+    )
+
+
 @pytest.mark.parametrize("probabilities", [False, True])
 def test_a_batch_output_left_for_a_burst_gets_what_confidence_gives(probabilities: bool) -> None:
     """A batch's confidence (a sample of confidence_rows rows, all of them every
@@ -153,14 +163,8 @@ def test_a_batch_output_left_for_a_burst_gets_what_confidence_gives(probabilitie
         )
     expected = [alone.confidence(y) for y in outputs]
     laters = [burst.confidence_later(y) for y in outputs]
-    assert all(isinstance(later, Later) for later in laters)
     assert {len(later.scores) for later in laters} == {16, 256}  # sampled, and exact calls
-    found = burst.profile_burst(
-        [None] * len(laters),
-        [later.scores for later in laters],
-        [later.predictions for later in laters],
-    )
-    for want, got in zip(expected, found, strict=True):
+    for want, got in zip(expected, _confidence_in_a_burst(burst, laters), strict=True):
         assert want.keys() == got.keys()
         assert got[semconv.DL_PREDICTION_COUNT] == 256
         for key, value in want.items():
@@ -181,14 +185,8 @@ def test_class_map_rows_left_for_a_burst_get_what_confidence_gives() -> None:
         outputs.append([{c: float(p[c]) for c in range(3)} for p in probs])
     expected = [alone.confidence(y) for y in outputs]
     laters = [burst.confidence_later(y) for y in outputs]
-    assert all(isinstance(later, Later) for later in laters)
     assert {len(later.scores) for later in laters} == {5, 16, 256}
-    found = burst.profile_burst(
-        [None] * len(laters),
-        [later.scores for later in laters],
-        [later.predictions for later in laters],
-    )
-    for want, got in zip(expected, found, strict=True):
+    for want, got in zip(expected, _confidence_in_a_burst(burst, laters), strict=True):
         assert want.keys() == got.keys()
         for key, value in want.items():
             assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key

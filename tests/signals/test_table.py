@@ -33,7 +33,11 @@ def _column(kind: str, rows: int, rng: np.random.Generator) -> object:
         return rng.random(rows) > 0.5
     values = rng.normal(size=rows) * 1e3
     values[rng.random(rows) < 0.1] = np.nan
-    return values.astype(kind) if kind.startswith("float") else rng.integers(-99, 99, rows).astype(kind)
+    return (
+        values.astype(kind)
+        if kind.startswith("float")
+        else rng.integers(-99, 99, rows).astype(kind)
+    )
 
 
 _KINDS = [
