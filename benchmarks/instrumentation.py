@@ -248,7 +248,10 @@ def _dataloader_case(
     return statistics.median(bare), statistics.median(traced)
 
 
-def _onnx_case(repeats: int, batch: int) -> tuple[float, float] | None:
+def _onnx_case(repeats: int, batch: int, zipmap: bool = False) -> tuple[float, float] | None:
+    """An ONNX Runtime session of the MLP (exported from torch), or with ``zipmap`` a linear
+    classifier whose probabilities come out as sklearn-onnx converts them by default: a
+    ZipMap, one {class: probability} map per row."""
     try:
         import onnxruntime
     except ImportError:
@@ -256,26 +259,28 @@ def _onnx_case(repeats: int, batch: int) -> tuple[float, float] | None:
     import io
     import warnings
 
-    model = _mlp().eval()
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter's notice
-        torch.onnx.export(
-            model,
-            (torch.randn(batch, 32),),
-            buffer,
-            input_names=["x"],
-            dynamic_axes={"x": {0: "rows"}},
-            dynamo=False,
-        )
+    if zipmap:
+        graph = _zipmap_classifier()
+    else:
+        buffer = io.BytesIO()
+        with warnings.catch_warnings():
+            # The TorchScript exporter's deprecation notice.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(
+                _mlp().eval(),
+                (torch.randn(batch, 32),),
+                buffer,
+                input_names=["x"],
+                dynamic_axes={"x": {0: "rows"}},
+                dynamo=False,
+            )
+        graph = buffer.getvalue()
     options = onnxruntime.SessionOptions()
     # One thread, as torch here: ONNX Runtime's default pool keeps a thread per core
     # spinning after each run, which on a pinned run shares the one core with the caller.
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
-    session = onnxruntime.InferenceSession(
-        buffer.getvalue(), options, providers=["CPUExecutionProvider"]
-    )
+    session = onnxruntime.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
     feed = {"x": np.random.default_rng(0).normal(size=(batch, 32)).astype(np.float32)}
 
     def traced() -> Any:
@@ -287,6 +292,48 @@ def _onnx_case(repeats: int, batch: int) -> tuple[float, float] | None:
 
     _learn(session, traced)
     return _paired(bare, traced, 300 if batch > 1 else 2000, repeats)
+
+
+def _zipmap_classifier(classes: int = 10) -> bytes:
+    """x (N, 32) -> a linear classifier's label and its probabilities as a ZipMap."""
+    from onnx import TensorProto, helper
+
+    weights = np.random.default_rng(1).normal(size=(classes, 32)) * 0.1
+    nodes = [
+        helper.make_node(
+            "LinearClassifier",
+            ["x"],
+            ["label", "scores"],
+            domain="ai.onnx.ml",
+            coefficients=weights.ravel().tolist(),
+            intercepts=[0.0] * classes,
+            classlabels_ints=list(range(classes)),
+            post_transform="SOFTMAX",
+        ),
+        helper.make_node(
+            "ZipMap",
+            ["scores"],
+            ["probabilities"],
+            domain="ai.onnx.ml",
+            classlabels_int64s=list(range(classes)),
+        ),
+    ]
+    maps = helper.make_sequence_type_proto(
+        helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(1, []))
+    )
+    graph = helper.make_graph(
+        nodes,
+        "zipmap",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])],
+        [
+            helper.make_tensor_value_info("label", TensorProto.INT64, ["N"]),
+            helper.make_value_info("probabilities", maps),
+        ],
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 8
+    return model.SerializeToString()
 
 
 def _sklearn_case(repeats: int) -> tuple[float, float] | None:
@@ -561,6 +608,9 @@ def main() -> None:
         onnx = _onnx_case(repeats, 1)
         if onnx is not None:
             rows.append(("ONNX Runtime MLP session, batch 1", *onnx, "added <= 2 x floor"))
+        onnx = _onnx_case(repeats, 256, zipmap=True)
+        if onnx is not None:
+            rows.append(("ONNX Runtime ZipMap classifier, batch 256", *onnx, "added <= 2 x floor"))
     if "sklearn" in cases:
         sklearn = _sklearn_case(repeats)
         if sklearn is not None:
