@@ -43,8 +43,10 @@ import dataclasses
 import gc
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -260,7 +262,12 @@ def _onnx_case(repeats: int, batch: int, zipmap: bool = False) -> tuple[float, f
     import warnings
 
     if zipmap:
-        graph = _zipmap_classifier()
+        # Appended, not put first: a tree given on PYTHONPATH (a "before" run) keeps its
+        # otel_dl.
+        sys.path.append(str(Path(__file__).resolve().parents[1]))
+        from tests.onnx_models import zipmap_classifier
+
+        graph = zipmap_classifier(np.random.default_rng(1).normal(size=(10, 32)) * 0.1)
     else:
         buffer = io.BytesIO()
         with warnings.catch_warnings():
@@ -292,48 +299,6 @@ def _onnx_case(repeats: int, batch: int, zipmap: bool = False) -> tuple[float, f
 
     _learn(session, traced)
     return _paired(bare, traced, 300 if batch > 1 else 2000, repeats)
-
-
-def _zipmap_classifier(classes: int = 10) -> bytes:
-    """x (N, 32) -> a linear classifier's label and its probabilities as a ZipMap."""
-    from onnx import TensorProto, helper
-
-    weights = np.random.default_rng(1).normal(size=(classes, 32)) * 0.1
-    nodes = [
-        helper.make_node(
-            "LinearClassifier",
-            ["x"],
-            ["label", "scores"],
-            domain="ai.onnx.ml",
-            coefficients=weights.ravel().tolist(),
-            intercepts=[0.0] * classes,
-            classlabels_ints=list(range(classes)),
-            post_transform="SOFTMAX",
-        ),
-        helper.make_node(
-            "ZipMap",
-            ["scores"],
-            ["probabilities"],
-            domain="ai.onnx.ml",
-            classlabels_int64s=list(range(classes)),
-        ),
-    ]
-    maps = helper.make_sequence_type_proto(
-        helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(1, []))
-    )
-    graph = helper.make_graph(
-        nodes,
-        "zipmap",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])],
-        [
-            helper.make_tensor_value_info("label", TensorProto.INT64, ["N"]),
-            helper.make_value_info("probabilities", maps),
-        ],
-    )
-    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)]
-    model = helper.make_model(graph, opset_imports=opsets)
-    model.ir_version = 8
-    return model.SerializeToString()
 
 
 def _sklearn_case(repeats: int) -> tuple[float, float] | None:

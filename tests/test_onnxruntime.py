@@ -17,6 +17,7 @@ import otel_dl
 from otel_dl import semconv
 from otel_dl.provenance import file_fingerprint
 from otel_dl.reference import Reference
+from tests.onnx_models import zipmap_classifier
 from tests.support import SpanList
 
 FEATURES, CLASSES = 4, 3
@@ -105,49 +106,9 @@ def test_one_span_with_model_provenance_and_confidence(
     assert label.shape == (64,)
 
 
-def _zipmap_classifier() -> bytes:
-    """A linear classifier as sklearn-onnx converts one by default: its probabilities come
-    out as a ZipMap, one {class: probability} map per row."""
-    rng = np.random.default_rng(2)
-    coefficients = rng.normal(size=(CLASSES, FEATURES)).astype(np.float32)
-    nodes = [
-        helper.make_node(
-            "LinearClassifier",
-            ["x"],
-            ["label", "scores"],
-            domain="ai.onnx.ml",
-            coefficients=coefficients.ravel().tolist(),
-            intercepts=[0.0] * CLASSES,
-            classlabels_ints=list(range(CLASSES)),
-            post_transform="SOFTMAX",
-        ),
-        helper.make_node(
-            "ZipMap", ["scores"], ["probabilities"], domain="ai.onnx.ml",
-            classlabels_int64s=list(range(CLASSES)),
-        ),
-    ]  # fmt: skip
-    maps = helper.make_sequence_type_proto(
-        helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(1, []))
-    )
-    graph = helper.make_graph(
-        nodes,
-        "zipmap_graph",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", FEATURES])],
-        [
-            helper.make_tensor_value_info("label", TensorProto.INT64, ["N"]),
-            helper.make_value_info("probabilities", maps),
-        ],
-    )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)]
-    )
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model.SerializeToString()
-
-
 def test_zipmap_probabilities_give_the_confidence(spans: SpanList) -> None:
-    session = _session(_zipmap_classifier())
+    weights = np.random.default_rng(2).normal(size=(CLASSES, FEATURES))
+    session = _session(zipmap_classifier(weights))
     x = np.random.default_rng(1).normal(size=(256, FEATURES)).astype(np.float32)
     for _ in range(8):
         _, rows = session.run(None, {"x": x})
