@@ -42,11 +42,11 @@ from otel_dl.table import Table, to_table
 
 METHODS = semconv.DRIFT_METHODS
 STD_FLOOR = 1e-3
+"""wasserstein divides by max(reference std, STD_FLOOR)."""
 # A categorical feature with more distinct reference values than both of these (a count,
 # and a share of its reference rows) is free text or an identifier: it gets no drift score.
 DISTINCT_MIN = 50
 DISTINCT_SHARE = 0.5
-"""wasserstein divides by max(reference std, STD_FLOOR)."""
 DEFAULT_THRESHOLDS: Mapping[str, tuple[float, float]] = {
     "psi": (0.1, 0.25),
     "js": (0.1, 0.2),

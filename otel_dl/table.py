@@ -160,6 +160,11 @@ def _column_values(series: Any) -> np.ndarray:
     return series.to_numpy()
 
 
+def _column_dtype(dtype: Any) -> str:
+    """A DataFrame column's dtype as a schema names it (numpy's or pandas' own)."""
+    return _dtype_name(dtype) if isinstance(dtype, np.dtype) else str(dtype)
+
+
 def _plain_numeric(dtype: Any) -> np.dtype | None:
     """The float dtype :func:`_numeric_dtype` gives a column of numpy ``dtype`` whatever its
     values (bool, integers, float16/32/64); None for any other dtype (objects, whose
@@ -195,10 +200,7 @@ def _frame_layout(columns: tuple[Any, ...], dtypes: tuple[Any, ...]) -> _FrameLa
     all32 = bool(numeric_at) and all(targets[i] == float32 for i in numeric_at)
     schema = (
         "columns",
-        tuple(
-            (name, _dtype_name(dt) if isinstance(dt, np.dtype) else str(dt), ())
-            for name, dt in zip(names, dtypes, strict=True)
-        ),
+        tuple((name, _column_dtype(dt), ()) for name, dt in zip(names, dtypes, strict=True)),
     )
     return _FrameLayout(
         names,
@@ -259,7 +261,7 @@ def _columns_of(data: Any) -> list[tuple[str, np.ndarray, str, tuple[int, ...]]]
             )
         for name in data.columns:
             series = data[name]
-            columns.append((str(name), _column_values(series), str(series.dtype), ()))
+            columns.append((str(name), _column_values(series), _column_dtype(series.dtype), ()))
         return columns
     for name, value in data.items():
         array = to_numpy(value)
