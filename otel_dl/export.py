@@ -40,10 +40,6 @@ from opentelemetry import metrics
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
     OTLPSpanExporter as _GrpcSpanExporter,
 )
-from opentelemetry.exporter.otlp.proto.http._common import (
-    RequestPayloadTooLargeError,
-    _is_request_too_large,
-)
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
     OTLPSpanExporter as _HttpSpanExporter,
 )
@@ -56,6 +52,7 @@ from opentelemetry.semconv.attributes.http_attributes import HTTP_RESPONSE_STATU
 from opentelemetry.trace import SpanKind
 
 from otel_dl import semconv
+from otel_dl._guard import report_internal_error
 
 __all__ = [
     "DropCountingSpanProcessor",
@@ -67,6 +64,16 @@ __all__ = [
 logger = logging.getLogger("otel_dl")
 # Failures of the HTTP transport are logged where the official exporter logs them.
 _http_logger = logging.getLogger("opentelemetry.exporter.otlp.proto.http.trace_exporter")
+
+try:  # The HTTP exporter's request-size limit, from opentelemetry-exporter-otlp 1.45.
+    from opentelemetry.exporter.otlp.proto.http._common import (
+        RequestPayloadTooLargeError,
+        _is_request_too_large,
+    )
+
+    _HAS_SIZE_LIMIT = True
+except ImportError:
+    _HAS_SIZE_LIMIT = False
 
 _KIND = {
     SpanKind.INTERNAL: Span.SPAN_KIND_INTERNAL,
@@ -262,7 +269,22 @@ class FastOTLPHTTPSpanExporter(_HttpSpanExporter):
     retry, compression and the request-size limit are the official exporter's.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # export() below is the official one of opentelemetry-exporter-otlp 1.45 and later
+        # with the encoder swapped; earlier versions encode through _serialize_spans
+        # (before 1.36), overridden below, or inline (1.36 to 1.44), where this exporter
+        # sends what the official one does, encoded the official way.
+        self._fast_export = _HAS_SIZE_LIMIT and all(
+            hasattr(self, name) for name in ("_shutdown", "_metrics", "_client")
+        )
+
+    def _serialize_spans(self, spans: Sequence[ReadableSpan]) -> bytes:
+        return encode_spans(spans).SerializePartialToString()
+
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        if not self._fast_export:
+            return super().export(spans)
         # The official export() with encode_spans swapped: the same shutdown check,
         # exporter self-metrics, request-size limit and client (retry, compression).
         if self._shutdown:
@@ -327,18 +349,21 @@ class DropCountingSpanProcessor(BatchSpanProcessor):
         return self._dropped_total
 
     def on_end(self, span: ReadableSpan) -> None:
-        # The SDK's own check, made just before it: a full queue now means emit() drops
-        # the oldest queued span to make room for this one.
-        inner = self._batch_processor
-        queue = inner._queue
-        if (
-            len(queue) >= inner._max_queue_size
-            and span.context is not None
-            and span.context.trace_flags.sampled
-            and not inner._shutdown
-        ):
-            self._record_drop()
+        try:
+            if self._queue_full() and span.context is not None and span.context.trace_flags.sampled:
+                self._record_drop()
+        except Exception:
+            report_internal_error("export.drop_count")
         super().on_end(span)
+
+    def _queue_full(self) -> bool:
+        """The SDK's own queue-full test, made just before it: a full queue now means the
+        SDK drops a queued span to make room for this one (SDK 1.36 and later keep the
+        queue in a ``BatchProcessor``; earlier ones on the processor itself)."""
+        inner = getattr(self, "_batch_processor", None)
+        if inner is not None:
+            return len(inner._queue) >= inner._max_queue_size and not inner._shutdown
+        return len(self.queue) >= self.max_queue_size and not self.done  # type: ignore[attr-defined]
 
     def _record_drop(self) -> None:
         now = time.monotonic()
