@@ -97,13 +97,15 @@ TINY_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "good", "bad", "movie", "very"
 
 def tiny_tokenizer(mask: bool = False) -> Any:
     """A word-level ``PreTrainedTokenizerFast`` over ``TINY_WORDS``, built locally; with
-    ``mask``, a ``[MASK]`` token follows them (fill-mask needs one)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    ``mask``, a ``[MASK]`` token follows them (fill-mask needs one). Its decoder joins
+    words with spaces (grouped token classification in transformers 4.40 needs one)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     words = [*TINY_WORDS, "[MASK]"] if mask else list(TINY_WORDS)
     word_level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, "[UNK]"))
     word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    word_level.decoder = decoders.WordPiece()
     special = {"mask_token": "[MASK]"} if mask else {}
     return PreTrainedTokenizerFast(
         tokenizer_object=word_level,

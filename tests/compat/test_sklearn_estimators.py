@@ -167,6 +167,7 @@ CASES: dict[str, Case] = {
     "PLSSVD": _MULTI_TARGET,
     # Binary classification only.
     "FixedThresholdClassifier": Case(X_BIN, Y_BIN),
+    "TargetEncoder": Case(X_BIN, Y_BIN),
     "TunedThresholdClassifierCV": Case(X_BIN, Y_BIN),
     # One feature.
     "IsotonicRegression": Case(X_REG[:, 2], Y_REG),
@@ -201,6 +202,15 @@ FAST_PARAMS: dict[str, dict[str, Any]] = {
     "TSNE": {"perplexity": 10.0, "max_iter": 250},
     "MDS": {"n_init": 1, "max_iter": 50},
 }
+# Settings that every scikit-learn release pyproject accepts (1.3 on) fits with: 1.3's
+# QuantileRegressor defaults to a solver SciPy 1.11 removed, its SelectKBest refuses more
+# features (10) than iris has, and its TargetEncoder takes no multiclass target.
+PORTABLE_PARAMS: dict[str, dict[str, Any]] = {
+    "QuantileRegressor": {"solver": "highs"},
+    "SelectKBest": {"k": 2},
+}
+# TSNE's iteration count was called n_iter before scikit-learn 1.5.
+_RENAMED = {"max_iter": "n_iter"}
 
 ESTIMATORS = all_estimators()
 
@@ -215,7 +225,16 @@ def _case(name: str, estimator: BaseEstimator) -> Case:
 
 def _make(name: str, klass: type[BaseEstimator]) -> BaseEstimator:
     estimator = FACTORIES[name]() if name in FACTORIES else klass()
-    params = {**FAST_PARAMS.get(name, {}), **CASES.get(name, Case(None)).params}
+    params = {
+        **FAST_PARAMS.get(name, {}),
+        **PORTABLE_PARAMS.get(name, {}),
+        **CASES.get(name, Case(None)).params,
+    }
+    accepted = estimator.get_params()
+    params = {
+        (_RENAMED[key] if key not in accepted and _RENAMED.get(key) in accepted else key): value
+        for key, value in params.items()
+    }
     if "random_state" in estimator.get_params():
         params["random_state"] = 0
     if params:
