@@ -38,6 +38,7 @@ from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SpanExporter
 from otel_dl import _burst, semconv
 from otel_dl import _gpu as gpu
 from otel_dl._config import Config, resolve_config, set_config
+from otel_dl._propagation import ImportedFastAPI
 from otel_dl._span import Hooks, RequestHook, ResponseHook
 from otel_dl.provenance import code_version
 from otel_dl.sampling import SignalAwareSpanProcessor
@@ -470,4 +471,9 @@ def _enable(ep: EntryPoint, handle: Instrumentation, hooks: Hooks) -> str | None
         return "instrument() did not take effect"
     handle.instrumented.append(ep.name)
     handle._instrumentors.append(instrumentor)
+    if ep.name == "fastapi":
+        # Apps made from a FastAPI class imported before instrument() (see _propagation).
+        imported = ImportedFastAPI()
+        if imported.instrument():
+            handle._instrumentors.append(imported)
     return None

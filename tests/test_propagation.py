@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 import requests
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
 from opentelemetry.trace import SpanKind
 
 import otel_dl
@@ -130,3 +132,32 @@ def test_http_call_between_two_services_is_one_trace(tmp_path: Path, spans: Span
     assert parent == server.span_id
     service = {kv.key: kv.value.string_value for kv in remote["featurise"][1].attributes}
     assert service["service.name"] == "service-b"
+
+
+def test_an_app_made_from_fastapi_imported_before_instrument_gets_its_server_span(
+    spans: SpanList,
+) -> None:
+    # This module imported FastAPI at the top, as a service does before calling
+    # instrument() in main(); the app is made after instrument().
+    before = FastAPI.__init__
+    handle = otel_dl.instrument(include=["fastapi"])
+    try:
+        assert "fastapi" in handle.instrumented
+        app = FastAPI()
+
+        @app.get("/ping")
+        def ping() -> dict[str, bool]:
+            return {"ok": True}
+
+        with TestClient(app) as client:
+            assert client.get("/ping").json() == {"ok": True}
+    finally:
+        handle.shutdown()
+    server = [s for s in spans.get() if s.kind is SpanKind.SERVER]
+    assert [s.name for s in server] == ["GET /ping"]
+    assert server[0].instrumentation_scope.name == "opentelemetry.instrumentation.fastapi"
+    # shutdown() takes the class back as it was.
+    assert FastAPI.__init__ is before
+    spans.clear()
+    app = FastAPI()
+    assert not getattr(app, "_is_instrumented_by_opentelemetry", False)
