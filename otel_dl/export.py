@@ -334,6 +334,9 @@ class DropCountingSpanProcessor(BatchSpanProcessor):
     ) -> None:
         super().__init__(span_exporter, *args, **kwargs)
         self._warn_interval = warn_interval
+        # Where the SDK keeps its queue: in a BatchProcessor from SDK 1.36, on the
+        # processor itself before.
+        self._inner = getattr(self, "_batch_processor", None)
         self._drop_lock = threading.Lock()
         self._dropped_total = 0
         self._dropped_unreported = 0
@@ -358,9 +361,8 @@ class DropCountingSpanProcessor(BatchSpanProcessor):
 
     def _queue_full(self) -> bool:
         """The SDK's own queue-full test, made just before it: a full queue now means the
-        SDK drops a queued span to make room for this one (SDK 1.36 and later keep the
-        queue in a ``BatchProcessor``; earlier ones on the processor itself)."""
-        inner = getattr(self, "_batch_processor", None)
+        SDK drops a queued span to make room for this one."""
+        inner = self._inner
         if inner is not None:
             return len(inner._queue) >= inner._max_queue_size and not inner._shutdown
         return len(self.queue) >= self.max_queue_size and not self.done  # type: ignore[attr-defined]

@@ -22,6 +22,7 @@ from fastapi.testclient import TestClient
 from opentelemetry.trace import SpanKind
 
 import otel_dl
+from tests.collector.conftest import time_until
 from tests.otlp_sink import OtlpSink
 from tests.support import SpanList
 
@@ -100,9 +101,7 @@ def test_http_call_between_two_services_is_one_trace(tmp_path: Path, spans: Span
             assert response.json() == {"rows": 5}
             # The server span ends after the response, and the ASGI instrumentation may
             # export its internal send spans before it: wait for the server span itself.
-            deadline = time.monotonic() + 20
-            while not _server_spans(sink) and time.monotonic() < deadline:
-                time.sleep(0.05)
+            time_until(lambda: _server_spans(sink), 20, 0.05)
             names = sink.span_names()
         finally:
             proc.terminate()

@@ -235,7 +235,7 @@ def _make(name: str, klass: type[BaseEstimator]) -> BaseEstimator:
         (_RENAMED[key] if key not in accepted and _RENAMED.get(key) in accepted else key): value
         for key, value in params.items()
     }
-    if "random_state" in estimator.get_params():
+    if "random_state" in accepted:
         params["random_state"] = 0
     if params:
         estimator.set_params(**params)
