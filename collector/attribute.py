@@ -29,6 +29,10 @@ The steps, each in its own module (docs/collector.md has the long form):
    spans that fired no mode, so faults never poison them; error rates count every call
    outside a burst; a ``changed`` value becomes established once seen
    ``min_baseline_samples`` times (the first value seen for a key at once).
+
+A decision round goes through :meth:`Attributor.decide_many`, which learns from its
+routine traces (those that fire nothing) together, with the decisions and learned values
+of deciding them one at a time (routine.py).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from .detect_errors import ErrorRules, error_status
 from .detect_latency import LatencyRules
 from .detect_signals import SignalRules
 from .rank import rank
+from .routine import RoutineRun
 from .spans import CORE_ATTRIBUTES, TraceView, peer_host
 
 _SPAN_KIND_NAMES = {1: "internal", 2: "server", 3: "client", 4: "producer", 5: "consumer"}
@@ -188,6 +193,15 @@ class Attributor:
             None
             if any(builtin for _, builtin in self._observed)
             else frozenset(signal for signal, _ in self._observed)
+        )
+        # Routine traces are decided together (routine.py) when every check a plain span can
+        # fire is a duration above its baseline, and a plain span teaches only its
+        # duration: no built-in signal is observed or learned besides.
+        self._routine = (
+            symptom_first
+            and self._plain_factor is not None
+            and self._observed_attributes is not None
+            and all(signal == "duration" for signal, builtin in self._learned if builtin)
         )
 
     # --- evidence -------------------------------------------------------------------------
@@ -355,6 +369,33 @@ class Attributor:
         mode, condition = self._slow_mode
         explained = self.latency.explain(view, mode, condition.min_excess)
         return [] if explained is None else [explained]
+
+    def decide_many(
+        self,
+        traces: Sequence[tuple[bytes, Sequence[SpanRecord]]],
+        decide: Callable[[bytes, Sequence[SpanRecord]], Decision] | None = None,
+    ) -> list[Decision]:
+        """Decide a round of ``(trace id, spans)`` in order, as :meth:`decide` each
+        (or ``decide``, a wrapper of it), except that runs of routine traces are decided
+        together (see routine.py)."""
+        decide = decide or self.decide
+        if not self._routine or self._plain_factor is None:
+            return [decide(trace_id, spans) for trace_id, spans in traces]
+        out: list[Decision | None] = [None] * len(traces)
+        run = RoutineRun(
+            self.baselines,
+            self.latency,
+            self.signals,
+            self._detect_attributes,
+            self._plain_factor,
+            self.fp_budget,
+        )
+        for i, (trace_id, spans) in enumerate(traces):
+            if not run.take(i, trace_id, spans):
+                run.close(out)
+                out[i] = decide(trace_id, spans)
+        run.close(out)
+        return out  # type: ignore[return-value]
 
     def decide(self, trace_id: bytes, spans: Sequence[SpanRecord]) -> Decision:
         """Attribute one whole trace and learn from its healthy spans."""

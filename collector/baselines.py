@@ -15,16 +15,19 @@ Memory is bounded: at most 20,000 keys per table, 1,024 values per ``changed`` k
 from __future__ import annotations
 
 import math
-from collections import deque
+from collections import Counter, deque
 from typing import Any
 
 from ddsketch import DDSketch
+from ddsketch.mapping import LogarithmicMapping
 
 from otel_dl import semconv
 
 from .decode import SpanRecord
 
 BASELINE_QUANTILE = 0.99
+#: The sketches' relative accuracy (DDSketch's default): quantiles within 1 %.
+RELATIVE_ACCURACY = 0.01
 MAX_KEYS = 20_000
 _MAX_VALUES_PER_KEY = 1024
 _REFRESH_SAMPLES = 32
@@ -48,6 +51,10 @@ class Baselines:
         self.calls: dict[tuple[str, str], Calls] = {}
         #: The service whose span answered each client (service, operation) last.
         self.callees: dict[tuple[str, str], str] = {}
+        # Values of learn_later() not yet in their sketch, and the sketches' own mapping
+        # of values to bins, which adds them a bin at a time.
+        self._pending: dict[tuple[str, str, str], list[float]] = {}
+        self._mapping = LogarithmicMapping(RELATIVE_ACCURACY)
 
     def learn_callee(self, key: tuple[str, str], service: str) -> None:
         """Record that a span of ``service`` answered the client operation ``key``."""
@@ -58,13 +65,22 @@ class Baselines:
         """The traced service that answers the client operation ``key``, if one was seen."""
         return self.callees.get(key)
 
-    def count_call(self, key: tuple[str, str], error: bool, budget: float) -> None:
+    def _calls_of(self, key: tuple[str, str]) -> Calls | None:
         entry = self.calls.get(key)
-        if entry is None:
-            if len(self.calls) >= MAX_KEYS:
-                return
+        if entry is None and len(self.calls) < MAX_KEYS:
             entry = self.calls[key] = Calls()
-        entry.add(error, self.min_samples, budget)
+        return entry
+
+    def count_call(self, key: tuple[str, str], error: bool, budget: float) -> None:
+        entry = self._calls_of(key)
+        if entry is not None:
+            entry.add(error, self.min_samples, budget)
+
+    def count_successes(self, key: tuple[str, str], n: int, budget: float) -> None:
+        """:meth:`count_call` ``n`` calls without error, at once (see :meth:`Calls.add_ok`)."""
+        entry = self._calls_of(key)
+        if entry is not None:
+            entry.add_ok(n, self.min_samples, budget)
 
     def error_rate(self, key: tuple[str, str]) -> float | None:
         """The operation's usual error rate, or None before ``min_samples`` calls."""
@@ -80,15 +96,26 @@ class Baselines:
 
     def quantile(self, key: tuple[str, str, str], q: float = BASELINE_QUANTILE) -> float | None:
         sketch = self.sketches.get(key)
-        if sketch is None or sketch.count < self.min_samples:
+        if sketch is None:
+            return None
+        cached = self._quantiles.get((key, q))
+        count = sketch.count
+        pending = self._pending.get(key)
+        if pending is not None and (
+            cached is None or count + len(pending) - cached[0] >= _REFRESH_SAMPLES
+        ):
+            # This read refreshes, or may: it must see the values kept aside. Otherwise it
+            # returns the cached value, with or without them.
+            self._add_pending(key, sketch)
+            count = sketch.count
+        if count < self.min_samples:
             return None
         # A quantile query walks the sketch's bins; refresh it only as samples accumulate.
-        cached = self._quantiles.get((key, q))
-        if cached is None or sketch.count - cached[0] >= _REFRESH_SAMPLES:
+        if cached is None or count - cached[0] >= _REFRESH_SAMPLES:
             value = sketch.get_quantile_value(q)
             if value is None:
                 return None
-            cached = self._quantiles[(key, q)] = (sketch.count, float(value))
+            cached = self._quantiles[(key, q)] = (count, float(value))
         return cached[1]
 
     def floor(self, key: tuple[str, str, str]) -> float | None:
@@ -101,13 +128,45 @@ class Baselines:
             return None
         return max(_FLOOR_SHARE * median, _FLOOR_SPREADS * (q3 - q1) / 1.349)
 
-    def learn(self, key: tuple[str, str, str], value: float) -> None:
+    def _sketch(self, key: tuple[str, str, str]) -> DDSketch | None:
         sketch = self.sketches.get(key)
-        if sketch is None:
-            if len(self.sketches) >= MAX_KEYS:
-                return
-            sketch = self.sketches[key] = DDSketch()
-        sketch.add(value)
+        if sketch is None and len(self.sketches) < MAX_KEYS:
+            sketch = self.sketches[key] = DDSketch(RELATIVE_ACCURACY)
+        return sketch
+
+    def learn(self, key: tuple[str, str, str], value: float) -> None:
+        sketch = self._sketch(key)
+        if sketch is not None:
+            sketch.add(value)
+
+    def learn_later(self, key: tuple[str, str, str], value: float) -> None:
+        """:meth:`learn` ``value`` (non-negative), kept aside until a quantile read of
+        ``key`` would see it, then added with the values kept with it, one sketch update
+        per bin (see :meth:`quantile`)."""
+        if self._sketch(key) is None:
+            return
+        pending = self._pending.get(key)
+        if pending is None:
+            self._pending[key] = [value]
+        else:
+            pending.append(value)
+
+    def _add_pending(self, key: tuple[str, str, str], sketch: DDSketch) -> None:
+        """Add the values kept aside for ``key``: the sketch's bins and count end as one
+        ``add`` per value leaves them (its sum, min and max, which no quantile reads, do
+        not)."""
+        values = self._pending.pop(key)
+        if len(values) < 4:
+            for value in values:
+                sketch.add(value)
+            return
+        mapping = self._mapping
+        smallest = mapping.min_possible
+        # A value at or under min_possible goes to the sketch's zero count: key None.
+        bins = [mapping.key(v) if v > smallest else None for v in values]
+        one_of = dict(zip(bins, values, strict=True))  # a value of each bin, mapping to it
+        for b, n in Counter(bins).items():
+            sketch.add(one_of[b], float(n))
 
     def is_new(self, key: tuple[str, ...], value: Any) -> bool:
         entry = self.values.get(key)
@@ -179,6 +238,37 @@ class Calls:
             self.calls += 1
             self.errors += error
             self._refresh(budget, min_samples)
+
+    def add_ok(self, n: int, min_samples: int, budget: float) -> None:
+        """``n`` calls without error, leaving the state ``n`` :meth:`add` calls would."""
+        while n > 0 and self.recent_errors:
+            # Errors still in the window may make a burst, which stops the counting.
+            self.add(False, min_samples, budget)
+            n -= 1
+        if n <= 0:
+            return
+        # No error in the window, so no burst: every call counts.
+        recent = self.recent
+        keep = min(len(recent), _RECENT_CALLS - min(n, _RECENT_CALLS))
+        while len(recent) > keep:
+            recent.popleft()
+        recent.extend([False] * min(n, _RECENT_CALLS))
+        end = self.calls + n
+        # add() refreshes the limit at its first call, at the call that reaches
+        # min_samples, and every _REFRESH_SAMPLES calls after the last refresh; with no
+        # new error, the last of those refreshes sets the limit.
+        while True:
+            if self._limit_at < 0:
+                due = self.calls + 1
+            else:
+                due = self._limit_at + _REFRESH_SAMPLES
+                if self._limit_at < min_samples:
+                    due = min(due, max(self.calls + 1, min_samples))
+            if due > end:
+                break
+            self.calls = due
+            self._refresh(budget, min_samples)
+        self.calls = end
 
 
 def changed_key(span: SpanRecord, signal: str) -> tuple[str, ...]:

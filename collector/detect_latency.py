@@ -33,6 +33,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 
 from otel_dl import semconv
 
@@ -77,9 +78,15 @@ class LatencyRules:
         entry = view.entry
         if entry is None:
             return False
-        limit = self.baselines.quantile((*view.key(entry), ENTRY_DURATION), 1.0 - self.fp_budget)
+        limit = self.slo(view.key(entry))
+        return limit is not None and entry.duration > limit
+
+    def slo(self, key: tuple[str, str]) -> float | None:
+        """The duration over which an entry of operation ``key`` breaches its SLO, or None
+        before it is learned."""
+        limit = self.baselines.quantile((*key, ENTRY_DURATION), 1.0 - self.fp_budget)
         # The sketch's quantiles are within 1 % of the truth; past that is a breach.
-        return limit is not None and entry.duration > limit * _SKETCH_SLACK
+        return None if limit is None else limit * _SKETCH_SLACK
 
     def past(self, key: tuple[str, str]) -> None:
         """Record that an operation was past its baseline in the trace being decided."""
@@ -116,6 +123,12 @@ class LatencyRules:
             else:
                 self._before.discard(key)
         self._now = set()
+
+    def forget(self, keys: Iterable[tuple[str, str]]) -> None:
+        """:meth:`remember` of traces in which none of the operations ``keys`` was past
+        its floor."""
+        if self._before:
+            self._before.difference_update(keys)
 
     def explain(
         self, view: TraceView, mode: FailureMode | None, min_excess: float

@@ -10,6 +10,8 @@ one batch is a blip.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from .baselines import MAX_KEYS
 from .decision import Evidence, from_ml_signal
 from .decode import SpanRecord
@@ -26,6 +28,12 @@ class SignalRules:
 
     def __init__(self) -> None:
         self._fired_before: dict[tuple[str, str], frozenset[str]] = {}
+
+    def forget(self, keys: Iterable[tuple[str, str]]) -> None:
+        """:meth:`remember` of traces in which the operations ``keys`` fired nothing."""
+        if self._fired_before:
+            for key in keys:
+                self._fired_before.pop(key, None)
 
     def drop_isolated(self, found: Found, view: TraceView) -> Found:
         """``found`` without its transient ``dl.*`` evidence."""

@@ -55,8 +55,7 @@ class FaultProcessor:
         out: list[SpanRecord] = []
         stored: list[tuple[Decision, list[SpanRecord]]] = []
         took: list[float] = []
-        for trace in traces:
-            decision = self._decide(trace, took)
+        for trace, decision in zip(traces, self._decide_all(traces, took), strict=True):
             if decision.fault and decision.root is not None and decision.mode is not None:
                 self.decisions.put(
                     trace.trace_id, (decision.root.service, decision.root.span_id.hex())
@@ -90,21 +89,46 @@ class FaultProcessor:
                 _log.exception("could not write faults to the store %s", self.store.path)
         return out
 
-    def _decide(self, trace: Trace, took: list[float]) -> Decision:
-        """Attribute and enrich ``trace``; append the seconds it took to ``took``."""
+    def _decide_all(self, traces: Sequence[Trace], took: list[float]) -> list[Decision]:
+        """Attribute and enrich ``traces``; append the seconds each took to ``took``.
+
+        The routine traces the attributor decides together (collector/routine.py) are each
+        timed at their share of the round's time outside the other traces."""
+
+        def decide(trace_id: bytes, spans: Sequence[SpanRecord]) -> Decision:
+            started = time.perf_counter()
+            try:
+                decision = self.attributor.decide(trace_id, spans)
+                if decision.fault:
+                    enrich(decision)
+            except Exception as exc:
+                # Forward the trace unattributed rather than lose it; log no values.
+                self.metrics.decision_errors.inc()
+                _log.error(
+                    "could not attribute trace %s (%s); forwarding it unattributed",
+                    trace_id.hex(),
+                    type(exc).__name__,
+                )
+                decision = Decision(trace_id, fault=False)
+            took.append(time.perf_counter() - started)
+            return decision
+
         started = time.perf_counter()
         try:
-            decision = self.attributor.decide(trace.trace_id, trace.spans)
-            if decision.fault:
-                enrich(decision)
+            decisions = self.attributor.decide_many(
+                [(trace.trace_id, trace.spans) for trace in traces], decide
+            )
         except Exception as exc:
-            # Forward the trace unattributed rather than lose it; log no values.
+            # Only learning from routine traces can get here: forward the round unattributed.
             self.metrics.decision_errors.inc()
             _log.error(
-                "could not attribute trace %s (%s); forwarding it unattributed",
-                trace.trace_id.hex(),
+                "could not attribute a round of %d traces (%s); forwarding them unattributed",
+                len(traces),
                 type(exc).__name__,
             )
-            decision = Decision(trace.trace_id, fault=False)
-        took.append(time.perf_counter() - started)
-        return decision
+            return [Decision(trace.trace_id, fault=False) for trace in traces]
+        routine = len(traces) - len(took)
+        if routine > 0:
+            share = max(0.0, time.perf_counter() - started - sum(took)) / routine
+            took.extend([share] * routine)
+        return decisions
