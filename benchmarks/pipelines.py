@@ -1,7 +1,9 @@
 """Side by side: the otel-dl collector and Jaeger v2's own trace-grouping pipeline.
 
 Run ``python benchmarks/pipelines.py`` (``--quick`` for a smoke run, ``--loads`` to pick
-loads, ``--pipelines`` to pick pipelines). To measure another revision of otel-dl, run
+loads, ``--pipelines`` to pick pipelines, ``--threads`` to split the otel-dl collector's
+CPU by thread: receiving workers, decision thread, exporter, gRPC's serving and C
+threads). To measure another revision of otel-dl, run
 this script with ``PYTHONPATH`` naming that revision's tree (with ``otel_dl/collector``
 linked to its ``collector``): the collector process inherits it. Each load is sent, in
 the same run, to three pipelines, each its own process forwarding over OTLP/gRPC to the
@@ -45,6 +47,7 @@ OTel Collector (v0.160) gets the current name ``otlp_grpc``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import socket
@@ -55,7 +58,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -114,11 +117,53 @@ def _cpu_seconds(pid: int) -> float:
     return (utime + stime + cutime + cstime) / os.sysconf("SC_CLK_TCK")
 
 
+#: Run by ``python -c`` in place of ``python -m otel_dl.collector`` with ``--threads``: once
+#: the collector has started, a thread writes the CPU seconds of each of the process's
+#: threads (user + system, from /proc), by name, to the JSON file THREAD_CPU_FILE names,
+#: every 0.25 s. Numbered threads of a pool count as one; threads Python did not start
+#: (gRPC's C core) count as "C threads".
+THREAD_PROBE = """
+import json, os, re, runpy, threading, time
+from otel_dl.collector import pipeline
+
+def _cpu(path):
+    fields = open(path).read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+def _write(path):
+    while True:
+        names = {t.native_id: re.sub(r"_\\d+$", "", t.name) for t in threading.enumerate()}
+        seconds = {}
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                used = _cpu(f"/proc/self/task/{tid}/stat")
+            except OSError:
+                continue
+            name = names.get(int(tid), "C threads")
+            seconds[name] = seconds.get(name, 0.0) + used
+        with open(path + ".tmp", "w") as out:
+            json.dump(seconds, out)
+        os.replace(path + ".tmp", path)
+        time.sleep(0.25)
+
+_start = pipeline.Collector.start
+def start(self):
+    _start(self)
+    path = os.environ["THREAD_CPU_FILE"]
+    threading.Thread(target=_write, args=(path,), name="thread-cpu probe", daemon=True).start()
+pipeline.Collector.start = start
+runpy.run_module("otel_dl.collector", run_name="__main__", alter_sys=True)
+"""
+#: Set by ``--threads``: the file the otel-dl collector's thread probe writes.
+THREAD_CPU_FILE: str | None = None
+
+
 def _otel_dl(
     port: int, http_port: int, sink: int, wait: float, tmp: str
 ) -> subprocess.Popen[bytes]:
+    launch = ["-c", THREAD_PROBE] if THREAD_CPU_FILE else ["-m", "otel_dl.collector"]
     argv = [
-        sys.executable, "-m", "otel_dl.collector", "--grpc-port", str(port),
+        sys.executable, *launch, "--grpc-port", str(port),
         "--http-port", str(http_port), "--api-port", "0", "--store", "none",
         "--decision-wait", str(wait), "--export-endpoint", f"127.0.0.1:{sink}",
         "--log-level", "WARNING",
@@ -128,6 +173,8 @@ def _otel_dl(
         "OTEL_DL_COLLECTOR_QUEUE_DIR": f"{tmp}/queue",
         "OTEL_DL_COLLECTOR_MAX_SPANS": "2000000",
     }
+    if THREAD_CPU_FILE:
+        env["THREAD_CPU_FILE"] = THREAD_CPU_FILE
     return subprocess.Popen(argv, env=env, start_new_session=True)
 
 
@@ -287,6 +334,16 @@ class Run:
     cpu: float
     sent: int
     received: int
+    #: With ``--threads``, the otel-dl collector's CPU-s per 100k spans by thread.
+    threads: dict[str, float] = field(default_factory=dict)
+
+
+def _thread_cpu() -> dict[str, float]:
+    """The thread probe's last figures (see THREAD_PROBE), or none."""
+    try:
+        return json.loads(Path(THREAD_CPU_FILE).read_text()) if THREAD_CPU_FILE else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def _span_count(payload: bytes) -> int:
@@ -313,6 +370,9 @@ def run_once(name: str, load: Preserialised | Telemetrygen, warmup: bytes, wait:
                 time.sleep(0.01)
             before = sink.spans
             go = load.prepare(port, http_port)
+            if name == "otel-dl collector" and THREAD_CPU_FILE:
+                time.sleep(0.5)  # the probe's figures after the warm-up
+            threads0 = _thread_cpu() if name == "otel-dl collector" else {}
             cpu0 = _cpu_seconds(proc.pid)
             start = time.monotonic()
             go()
@@ -326,6 +386,9 @@ def run_once(name: str, load: Preserialised | Telemetrygen, warmup: bytes, wait:
                 received = sink.spans - before
                 elapsed = sink.arrivals[-1] - start
             cpu = _cpu_seconds(proc.pid) - cpu0
+            if threads0:
+                time.sleep(0.5)  # the probe's figures after the last span
+            threads1 = _thread_cpu() if threads0 else {}
         finally:
             channel.close()
             try:
@@ -335,7 +398,12 @@ def run_once(name: str, load: Preserialised | Telemetrygen, warmup: bytes, wait:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
             sink.stop()
-    return Run(received / elapsed, cpu / received * 100_000, load.spans, received)
+    per_thread = {
+        thread: (seconds - threads0.get(thread, 0.0)) / received * 100_000
+        for thread, seconds in threads1.items()
+        if thread != "thread-cpu probe"
+    }
+    return Run(received / elapsed, cpu / received * 100_000, load.spans, received, per_thread)
 
 
 def _loads(
@@ -384,7 +452,16 @@ def main() -> None:
         help=f"comma-separated pipelines to run (default: all of {', '.join(SHORT)}); the "
         "ratio columns need jaeger",
     )
+    parser.add_argument(
+        "--threads",
+        action="store_true",
+        help="also report the otel-dl collector's CPU per 100k spans by thread (read from "
+        "/proc by a probe in the collector process, Linux only)",
+    )
     args = parser.parse_args()
+    if args.threads:
+        global THREAD_CPU_FILE
+        THREAD_CPU_FILE = str(Path(tempfile.mkdtemp(prefix="otel-dl-threads-")) / "cpu.json")
     if args.quick:
         args.requests, args.telemetrygen_spans, args.repeats = 21, 8_000, 1
         if args.decision_wait is None:
@@ -445,6 +522,13 @@ def main() -> None:
             )
             if received != [load.spans]:
                 short.append(f"{key} via {name}: {arrived} spans")
+        threads = [r.threads for r in results[key].get("otel-dl collector", []) if r.threads]
+        if threads:
+            print("\notel-dl collector by thread, CPU-s per 100k spans (median of the runs):\n")
+            names = sorted({n for t in threads for n in t}, key=lambda n: -threads[0].get(n, 0))
+            for thread in names:
+                median = statistics.median(t.get(thread, 0.0) for t in threads)
+                print(f"- {thread}: {median:.2f}")
     if short:
         print("\nSpans lost or duplicated (rates count what arrived):", *short, sep="\n- ")
         sys.exit(1)
