@@ -240,12 +240,20 @@ def _memory_limited(make_collector: Callable[..., Collector], **flags: Any) -> C
     return collector
 
 
-def _fill_to(guard: admission.MemoryGuard, level: int) -> bytearray:
-    """Memory, allocated and touched, that brings the guard's memory in use to ``level``."""
+def _fill_to(guard: admission.MemoryGuard, level: int) -> list[bytearray]:
+    """Memory, allocated and touched, that brings the guard's memory in use to ``level``.
+
+    Topped up until it does: a sample may hand freed heap pages back to the system
+    (``malloc_trim``, once memory is past the guard's trim level), and memory in use then
+    falls by what earlier tests left freed but resident."""
+    blobs = []
+    for _ in range(5):
+        guard.sample()
+        if guard.in_use >= level:
+            break
+        blobs.append(bytearray(b"\x01") * (level - guard.in_use))
     guard.sample()
-    blob = bytearray(b"\x01") * max(0, level - guard.in_use)
-    guard.sample()
-    return blob
+    return blobs
 
 
 @pytest.mark.skipif(not admission.rss_supported(), reason="needs /proc/self/statm")
