@@ -9,7 +9,13 @@ operation, the traced service that answers it (:meth:`Baselines.callee`)::
     baselines.learn(("api", "GET /users/{}", "duration"), 0.012)
     p99 = baselines.quantile(("api", "GET /users/{}", "duration"))   # None until learned
 
-Memory is bounded: at most 20,000 keys per table, 1,024 values per ``changed`` key.
+:meth:`Baselines.learn_later` keeps a value aside until a quantile read would see it, and
+then adds the values kept aside a bin at a time; a read sees the same quantiles as if
+each had been learned at once (routine.py learns so).
+
+Memory is bounded: at most 20,000 keys per table, 1,024 values per ``changed`` key, and
+about 32 values kept aside per sketch of an operation still being read (a read takes
+them in once its cached quantile is 32 values old).
 """
 
 from __future__ import annotations
