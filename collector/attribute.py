@@ -37,11 +37,11 @@ of deciding them one at a time (routine.py).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from .baselines import Baselines, changed_key
-from .catalog import SPAN_SIGNALS, Catalog, Condition
+from .catalog import SPAN_SIGNALS, Catalog, Condition, FailureMode
 from .decision import ERROR_SIGNALS, SYMPTOM_KINDS, Decision, Evidence, from_ml_signal
 from .decode import SpanRecord
 from .detect_errors import ErrorRules, error_status
@@ -57,6 +57,11 @@ Found = list[tuple[SpanRecord, Evidence]]
 #: A compiled condition: ``(strength, reason)`` when it fires on the span, else None.
 Check = Callable[[SpanRecord, TraceView], tuple[float, str] | None]
 _PEER_HIT = (1.0, "peer=True")
+#: One mode of a span's plan: its rank, ``where`` checks and ``(check, signal)`` of each
+#: ``detect`` condition that can fire on the span (see :meth:`Attributor._plan_for`).
+_Step = tuple[FailureMode, tuple[bool, bool], tuple[Check, ...], tuple[tuple[Check, str], ...]]
+#: Plans kept, one per attribute names a span carries (see Attributor._plan_for).
+_PLANS_KEPT = 1024
 #: The span's own boolean signals.
 _FLAGS: dict[str, Callable[[SpanRecord], bool]] = {
     "status.error": error_status,
@@ -154,7 +159,8 @@ class Attributor:
         self._detect_attributes = frozenset(
             c.signal for m in modes for c in (*m.where, *m.detect) if c.signal not in SPAN_SIGNALS
         )
-        self._plain_plan = []
+        self._plain_plan: list[_Step] = []
+        self._plans: dict[tuple[str, ...], list[_Step]] = {}
         plain_checks: list[Condition] = []
         for (mode, rank_, where_attributes, where, detect), conds in zip(
             self._plan, ([*m.detect] for m in modes), strict=True
@@ -166,8 +172,8 @@ class Attributor:
                 and not (cond.op == "equals" and cond.value is True and cond.signal in _FLAGS)
             ]
             if plain_steps and not where_attributes:
-                plain = tuple(step for step, _ in plain_steps)
-                self._plain_plan.append((mode, rank_, where_attributes, where, plain))
+                plain = tuple((check, signal) for (check, _, signal), _ in plain_steps)
+                self._plain_plan.append((mode, rank_, where, plain))
                 plain_checks.extend(cond for _, cond in plain_steps)
         # When every plain-span check is a duration above its baseline, a plain span within
         # the smallest factor of its p99 fires nothing, and evidence() says so from one
@@ -316,22 +322,40 @@ class Attributor:
             p99 = self.baselines.quantile((*view.key(span), "duration"))
             if p99 is None or span.duration <= p99 * self._plain_factor:
                 return None
-        for mode, rank_, where_attributes, where, detect in (
-            self._plain_plan if plain else self._plan
-        ):
+        for mode, rank_, where, detect in self._plain_plan if plain else self._plan_for(attrs):
             if best_rank is not None and rank_ > best_rank:
                 break
-            if where_attributes and not where_attributes <= attrs.keys():
-                continue
             if where and not _all_fire(where, span, view):
                 continue
-            for check, attribute, signal in detect:
-                if attribute is not None and attribute not in attrs:
-                    continue
+            for check, signal in detect:
                 hit = check(span, view)
                 if hit and (best is None or hit[0] > best.strength):
                     best, best_rank = Evidence(mode, hit[0], hit[1], signal), rank_
         return best
+
+    def _plan_for(self, attrs: Mapping[str, Any]) -> list[_Step]:
+        """The plan for a span carrying ``attrs``: the modes whose ``where`` attributes it
+        carries, each with the ``detect`` conditions it can fire (those on a span signal
+        or on an attribute it carries); a mode left with neither a condition nor a
+        ``where`` check is left out. Kept per attribute names in the span's order (spans
+        of one operation share them), for up to :data:`_PLANS_KEPT` of them."""
+        names = tuple(attrs)
+        plan = self._plans.get(names)
+        if plan is None:
+            keys = attrs.keys()
+            plan = [
+                (mode, rank_, where, steps)
+                for mode, rank_, where_attributes, where, detect in self._plan
+                if not where_attributes or where_attributes <= keys
+                for steps in [
+                    tuple((check, signal) for check, attribute, signal in detect
+                          if attribute is None or attribute in keys)
+                ]
+                if steps or where
+            ]  # fmt: skip
+            if len(self._plans) < _PLANS_KEPT:
+                self._plans[names] = plan
+        return plan
 
     # --- decision -------------------------------------------------------------------------
     def _relevant(self, found: Found, view: TraceView) -> Found:
