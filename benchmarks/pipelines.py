@@ -49,12 +49,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import runpy
 import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from concurrent import futures
@@ -111,49 +114,57 @@ service:
 """
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def _cpu_seconds(pid: int, task: bool = False) -> float:
+    """CPU seconds of process ``pid`` and its waited-for children, or with ``task`` of
+    the thread ``pid`` of this process alone."""
+    stat = f"/proc/self/task/{pid}/stat" if task else f"/proc/{pid}/stat"
+    fields = Path(stat).read_text().rsplit(")", 1)[1].split()
     utime, stime, cutime, cstime = (int(f) for f in fields[11:15])
     return (utime + stime + cutime + cstime) / os.sysconf("SC_CLK_TCK")
 
 
-#: Run by ``python -c`` in place of ``python -m otel_dl.collector`` with ``--threads``: once
-#: the collector has started, a thread writes the CPU seconds of each of the process's
-#: threads (user + system, from /proc), by name, to the JSON file THREAD_CPU_FILE names,
-#: every 0.25 s. Numbered threads of a pool count as one; threads Python did not start
-#: (gRPC's C core) count as "C threads".
-THREAD_PROBE = """
-import json, os, re, runpy, threading, time
-from otel_dl.collector import pipeline
-
-def _cpu(path):
-    fields = open(path).read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-def _write(path):
+def _write_thread_cpu(path: str) -> None:
+    """Every 0.25 s, write the CPU seconds (user + system, from /proc) of each of this
+    process's threads, by name, to the JSON file ``path``. Numbered threads of a pool
+    count as one; threads Python did not start (gRPC's C core) count as "C threads"."""
     while True:
-        names = {t.native_id: re.sub(r"_\\d+$", "", t.name) for t in threading.enumerate()}
-        seconds = {}
+        names = {t.native_id: re.sub(r"_\d+$", "", t.name) for t in threading.enumerate()}
+        seconds: dict[str, float] = {}
         for tid in os.listdir("/proc/self/task"):
             try:
-                used = _cpu(f"/proc/self/task/{tid}/stat")
+                used = _cpu_seconds(int(tid), task=True)
             except OSError:
                 continue
             name = names.get(int(tid), "C threads")
             seconds[name] = seconds.get(name, 0.0) + used
-        with open(path + ".tmp", "w") as out:
-            json.dump(seconds, out)
+        Path(path + ".tmp").write_text(json.dumps(seconds))
         os.replace(path + ".tmp", path)
         time.sleep(0.25)
 
-_start = pipeline.Collector.start
-def start(self):
-    _start(self)
-    path = os.environ["THREAD_CPU_FILE"]
-    threading.Thread(target=_write, args=(path,), name="thread-cpu probe", daemon=True).start()
-pipeline.Collector.start = start
-runpy.run_module("otel_dl.collector", run_name="__main__", alter_sys=True)
-"""
+
+def run_probed_collector() -> None:
+    """``python -m otel_dl.collector`` with a thread writing its threads' CPU to the file
+    ``THREAD_CPU_FILE`` names, once the collector has started (``--threads``)."""
+    from otel_dl.collector import pipeline
+
+    start = pipeline.Collector.start
+
+    def start_probed(collector: pipeline.Collector) -> None:
+        start(collector)
+        path = os.environ["THREAD_CPU_FILE"]
+        probe = threading.Thread(target=_write_thread_cpu, args=(path,), name="thread-cpu probe")
+        probe.daemon = True
+        probe.start()
+
+    pipeline.Collector.start = start_probed  # type: ignore[method-assign]
+    runpy.run_module("otel_dl.collector", run_name="__main__", alter_sys=True)
+
+
+#: Started by ``python -c`` in place of ``python -m otel_dl.collector`` with ``--threads``.
+_PROBED = (
+    f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); "
+    "import pipelines; pipelines.run_probed_collector()"
+)
 #: Set by ``--threads``: the file the otel-dl collector's thread probe writes.
 THREAD_CPU_FILE: str | None = None
 
@@ -161,7 +172,7 @@ THREAD_CPU_FILE: str | None = None
 def _otel_dl(
     port: int, http_port: int, sink: int, wait: float, tmp: str
 ) -> subprocess.Popen[bytes]:
-    launch = ["-c", THREAD_PROBE] if THREAD_CPU_FILE else ["-m", "otel_dl.collector"]
+    launch = ["-c", _PROBED] if THREAD_CPU_FILE else ["-m", "otel_dl.collector"]
     argv = [
         sys.executable, *launch, "--grpc-port", str(port),
         "--http-port", str(http_port), "--api-port", "0", "--store", "none",
@@ -339,7 +350,7 @@ class Run:
 
 
 def _thread_cpu() -> dict[str, float]:
-    """The thread probe's last figures (see THREAD_PROBE), or none."""
+    """The thread probe's last figures (see run_probed_collector), or none."""
     try:
         return json.loads(Path(THREAD_CPU_FILE).read_text()) if THREAD_CPU_FILE else {}
     except (OSError, ValueError):

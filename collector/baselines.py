@@ -149,7 +149,7 @@ class Baselines:
         """:meth:`learn` ``value`` (non-negative), kept aside until a quantile read of
         ``key`` would see it, then added with the values kept with it, one sketch update
         per bin (see :meth:`quantile`)."""
-        if self._sketch(key) is None:
+        if key not in self.sketches and self._sketch(key) is None:
             return
         pending = self._pending.get(key)
         if pending is None:
