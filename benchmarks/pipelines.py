@@ -49,15 +49,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import runpy
 import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from concurrent import futures
@@ -114,57 +111,16 @@ service:
 """
 
 
-def _cpu_seconds(pid: int, task: bool = False) -> float:
-    """CPU seconds of process ``pid`` and its waited-for children, or with ``task`` of
-    the thread ``pid`` of this process alone."""
-    stat = f"/proc/self/task/{pid}/stat" if task else f"/proc/{pid}/stat"
-    fields = Path(stat).read_text().rsplit(")", 1)[1].split()
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     utime, stime, cutime, cstime = (int(f) for f in fields[11:15])
     return (utime + stime + cutime + cstime) / os.sysconf("SC_CLK_TCK")
 
 
-def _write_thread_cpu(path: str) -> None:
-    """Every 0.25 s, write the CPU seconds (user + system, from /proc) of each of this
-    process's threads, by name, to the JSON file ``path``. Numbered threads of a pool
-    count as one; threads Python did not start (gRPC's C core) count as "C threads"."""
-    while True:
-        names = {t.native_id: re.sub(r"_\d+$", "", t.name) for t in threading.enumerate()}
-        seconds: dict[str, float] = {}
-        for tid in os.listdir("/proc/self/task"):
-            try:
-                used = _cpu_seconds(int(tid), task=True)
-            except OSError:
-                continue
-            name = names.get(int(tid), "C threads")
-            seconds[name] = seconds.get(name, 0.0) + used
-        Path(path + ".tmp").write_text(json.dumps(seconds))
-        os.replace(path + ".tmp", path)
-        time.sleep(0.25)
+#: Started in place of ``python -m otel_dl.collector`` with ``--threads``.
+_PROBED = Path(__file__).resolve().parent / "probes" / "thread_cpu.py"
 
 
-def run_probed_collector() -> None:
-    """``python -m otel_dl.collector`` with a thread writing its threads' CPU to the file
-    ``THREAD_CPU_FILE`` names, once the collector has started (``--threads``)."""
-    from otel_dl.collector import pipeline
-
-    start = pipeline.Collector.start
-
-    def start_probed(collector: pipeline.Collector) -> None:
-        start(collector)
-        path = os.environ["THREAD_CPU_FILE"]
-        probe = threading.Thread(target=_write_thread_cpu, args=(path,), name="thread-cpu probe")
-        probe.daemon = True
-        probe.start()
-
-    pipeline.Collector.start = start_probed  # type: ignore[method-assign]
-    runpy.run_module("otel_dl.collector", run_name="__main__", alter_sys=True)
-
-
-#: Started by ``python -c`` in place of ``python -m otel_dl.collector`` with ``--threads``.
-_PROBED = (
-    f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); "
-    "import pipelines; pipelines.run_probed_collector()"
-)
 #: Set by ``--threads``: the file the otel-dl collector's thread probe writes.
 THREAD_CPU_FILE: str | None = None
 
@@ -172,7 +128,7 @@ THREAD_CPU_FILE: str | None = None
 def _otel_dl(
     port: int, http_port: int, sink: int, wait: float, tmp: str
 ) -> subprocess.Popen[bytes]:
-    launch = ["-c", _PROBED] if THREAD_CPU_FILE else ["-m", "otel_dl.collector"]
+    launch = [str(_PROBED)] if THREAD_CPU_FILE else ["-m", "otel_dl.collector"]
     argv = [
         sys.executable, *launch, "--grpc-port", str(port),
         "--http-port", str(http_port), "--api-port", "0", "--store", "none",
@@ -350,7 +306,7 @@ class Run:
 
 
 def _thread_cpu() -> dict[str, float]:
-    """The thread probe's last figures (see run_probed_collector), or none."""
+    """The thread probe's last figures (see probes/thread_cpu.py), or none."""
     try:
         return json.loads(Path(THREAD_CPU_FILE).read_text()) if THREAD_CPU_FILE else {}
     except (OSError, ValueError):
