@@ -59,7 +59,7 @@ from otel_dl._context import current_attributes
 from otel_dl._guard import instrumentation_enabled, report_internal_error
 from otel_dl._version import __version__
 from otel_dl.monitor import Later
-from otel_dl.sampling import presampler, sampling_rate
+from otel_dl.sampling import presampler, sampling_in_effect, sampling_rate
 
 Attributes = dict[str, AttributeValue]
 
@@ -352,10 +352,11 @@ class DlSpan:
         try:
             attrs = self.attributes
             config = get_config()
+            sampled = config.sample_every > 1 and sampling_in_effect()
             if span is None and unborn is not None:
                 tracer, name, kind, parent = unborn
                 judge = None
-                if config.sample_every > 1:
+                if sampled:
                     duration_s = (end_ns - self.start_ns) / 1e9
                     rate = sampling_rate(attrs, self._error, duration_s, config)
                     attrs[semconv.DL_SAMPLING_RATE] = rate
@@ -372,7 +373,7 @@ class DlSpan:
                     judge.admitted(span)
                 self.attributes = {}
             elif span is not None:
-                if config.sample_every > 1 and span.is_recording():
+                if sampled and span.is_recording():
                     every = {**(getattr(span, "attributes", None) or {}), **attrs}
                     duration_s = (end_ns - self.start_ns) / 1e9
                     attrs[semconv.DL_SAMPLING_RATE] = sampling_rate(

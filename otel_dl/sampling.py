@@ -47,8 +47,10 @@ its duration is still recorded. The processor must be on the provider otel-dl's 
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Mapping
 
@@ -117,6 +119,35 @@ def sampling_rate(
 
 
 _presampler: SignalAwareSpanProcessor | None = None
+# The processors created and not shut down: without one, nothing drops a span, so no span
+# is given a dl.sampling.rate above 1 (each would count N times downstream).
+_live: weakref.WeakSet[SignalAwareSpanProcessor] = weakref.WeakSet()
+_warned_unsampled = False
+logger = logging.getLogger("otel_dl")
+
+
+def sampling_in_effect() -> bool:
+    """Whether a :class:`SignalAwareSpanProcessor` exists (created, not shut down) to
+    act on ``sample_every``. Without one, otel-dl keeps every span and gives none a
+    ``dl.sampling.rate``, and warns once: ``sample_every`` set with the application's
+    own tracer provider (or under ``opentelemetry-instrument``) does nothing until its
+    export processor is wrapped."""
+    global _warned_unsampled
+    if _live:
+        return True
+    if not _warned_unsampled:
+        _warned_unsampled = True
+        logger.warning(
+            "otel-dl: sample_every=%d is set, but no SignalAwareSpanProcessor is on the "
+            "tracer provider, so every span is kept and none carries dl.sampling.rate. "
+            "otel_dl.instrument() installs one only in the provider it creates; with your "
+            "own provider, wrap its export processor: provider.add_span_processor("
+            "SignalAwareSpanProcessor(BatchSpanProcessor(exporter), %d, presample=True)) "
+            "(from otel_dl.sampling).",
+            get_config().sample_every,
+            get_config().sample_every,
+        )
+    return False
 
 
 def presampler() -> SignalAwareSpanProcessor | None:
@@ -176,6 +207,7 @@ class SignalAwareSpanProcessor(SpanProcessor):
         self._baselines: dict[tuple[str, str], _Baseline] = {}
         self.kept = 0
         self.dropped = 0
+        _live.add(self)
         if presample and sample_every > 1:
             _presampler = self
 
@@ -281,6 +313,7 @@ class SignalAwareSpanProcessor(SpanProcessor):
 
     def shutdown(self) -> None:
         global _presampler
+        _live.discard(self)
         if _presampler is self:
             _presampler = None
         self.inner.shutdown()

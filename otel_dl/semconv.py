@@ -229,7 +229,8 @@ DL_SAMPLING_RATE: Final = _attr(
     "dl.sampling.rate",
     "int",
     "1",
-    "spans this kept span stands for under signal-aware sampling: 1 if abnormal, else N",
+    "spans this kept span stands for under signal-aware sampling: 1 if abnormal, else N"
+    " (absent when no SignalAwareSpanProcessor samples)",
 )
 
 # --- Guard (otel_dl.guard), on the model's span and the span current at the call ---------

@@ -140,6 +140,70 @@ def test_a_batch_that_sampling_drops_is_never_made_and_still_counted() -> None:
     assert 15 <= len(batches) <= 60, f"10 abnormal and about 1 in 10 of 190, {len(batches)}"
 
 
+OWN_PROVIDER_JOB = """
+    import json, sys
+
+    import torch
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import otel_dl
+    from otel_dl.sampling import SignalAwareSpanProcessor
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    trace.set_tracer_provider(provider)
+    h = otel_dl.instrument(sample_every=10, metrics_exporter="none", baseline_rows=500)
+    wrapped = sys.argv[1] == "wrapped"
+    inner = SimpleSpanProcessor(exporter)
+    # Added after instrument(), as an application wiring its own provider may.
+    provider.add_span_processor(
+        SignalAwareSpanProcessor(inner, 10, presample=True) if wrapped else inner
+    )
+    x = torch.randn(200 * 50, 4, generator=torch.Generator().manual_seed(5))
+    for _ in DataLoader(TensorDataset(x), batch_size=50):
+        pass
+    h.force_flush()
+    rates = [
+        s.attributes.get("dl.sampling.rate")
+        for s in exporter.get_finished_spans()
+        if s.name == "dataloader.batch"
+    ]
+    print(json.dumps(rates))
+"""
+
+
+def test_sample_every_without_the_processor_keeps_every_span_unweighted_and_warns() -> None:
+    """With the application's own provider, ``sample_every`` needs its export processor
+    wrapped. Unwrapped, nothing drops a span, so no span may claim to stand for N (the
+    collector would count each N times): every batch is exported without
+    ``dl.sampling.rate``, and a warning names the fix. Wrapped, sampling works, also
+    with the processor added after ``instrument()``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    runs = {}
+    for mode in ("bare", "wrapped"):
+        result = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(OWN_PROVIDER_JOB), mode],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=Path(__file__).parents[1],
+        )
+        assert result.returncode == 0, result.stderr
+        runs[mode] = (json.loads(result.stdout.strip().splitlines()[-1]), result.stderr)
+    rates, stderr = runs["bare"]
+    assert len(rates) == 200 and set(rates) == {None}
+    assert stderr.count("no SignalAwareSpanProcessor is on the tracer provider") == 1
+    assert "SignalAwareSpanProcessor(BatchSpanProcessor(exporter), 10" in stderr
+    rates, stderr = runs["wrapped"]
+    assert 5 <= len(rates) <= 60 and set(rates) <= {1, 10} and 10 in rates
+    assert "no SignalAwareSpanProcessor" not in stderr
+
+
 def _span(tracer, name: str, attrs: dict, kind: SpanKind = SpanKind.INTERNAL):
     return tracer.start_span(name, kind=kind, attributes=attrs)
 
