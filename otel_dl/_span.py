@@ -59,7 +59,7 @@ from otel_dl._context import current_attributes
 from otel_dl._guard import instrumentation_enabled, report_internal_error
 from otel_dl._version import __version__
 from otel_dl.monitor import Later
-from otel_dl.sampling import presampler, sampling_in_effect, sampling_rate
+from otel_dl.sampling import presampler, sampling_every, sampling_rate
 
 Attributes = dict[str, AttributeValue]
 
@@ -352,13 +352,13 @@ class DlSpan:
         try:
             attrs = self.attributes
             config = get_config()
-            sampled = config.sample_every > 1 and sampling_in_effect()
+            every = sampling_every(config)
             if span is None and unborn is not None:
                 tracer, name, kind, parent = unborn
                 judge = None
-                if sampled:
+                if every > 1:
                     duration_s = (end_ns - self.start_ns) / 1e9
-                    rate = sampling_rate(attrs, self._error, duration_s, config)
+                    rate = sampling_rate(attrs, self._error, duration_s, config, every)
                     attrs[semconv.DL_SAMPLING_RATE] = rate
                     judge = presampler() if rate > 1 and kind is SpanKind.INTERNAL else None
                     if judge is not None and not judge.admit(name, attrs, duration_s):
@@ -373,11 +373,11 @@ class DlSpan:
                     judge.admitted(span)
                 self.attributes = {}
             elif span is not None:
-                if sampled and span.is_recording():
-                    every = {**(getattr(span, "attributes", None) or {}), **attrs}
+                if every > 1 and span.is_recording():
+                    whole = {**(getattr(span, "attributes", None) or {}), **attrs}
                     duration_s = (end_ns - self.start_ns) / 1e9
                     attrs[semconv.DL_SAMPLING_RATE] = sampling_rate(
-                        every, self._error, duration_s, config
+                        whole, self._error, duration_s, config, every
                     )
                 if attrs:
                     span.set_attributes(attrs)

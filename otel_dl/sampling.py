@@ -112,30 +112,51 @@ def is_abnormal(
 
 
 def sampling_rate(
-    attrs: Mapping[str, AttributeValue], error: bool, duration_s: float, config: Config
+    attrs: Mapping[str, AttributeValue],
+    error: bool,
+    duration_s: float,
+    config: Config,
+    every: int | None = None,
 ) -> int:
-    """The ``dl.sampling.rate`` of an otel-dl span: 1 when abnormal, else ``sample_every``."""
-    return 1 if is_abnormal(attrs, error, duration_s, config) else config.sample_every
+    """The ``dl.sampling.rate`` of an otel-dl span: 1 when abnormal, else ``every`` (the
+    sampling processor's N, see :func:`sampling_every`; by default ``sample_every``)."""
+    if is_abnormal(attrs, error, duration_s, config):
+        return 1
+    return config.sample_every if every is None else every
 
 
 _presampler: SignalAwareSpanProcessor | None = None
-# The processors created and not shut down: without one, nothing drops a span, so no span
-# is given a dl.sampling.rate above 1 (each would count N times downstream).
-_live: weakref.WeakSet[SignalAwareSpanProcessor] = weakref.WeakSet()
+# The processors created and not shut down, oldest first, and the one whose N applies to
+# otel-dl's spans (None: none does). Without one nothing drops a span, so no span may
+# carry a dl.sampling.rate above 1: downstream, each would count N times.
+_live: list[weakref.ref[SignalAwareSpanProcessor]] = []
+_chosen: weakref.ref[SignalAwareSpanProcessor] | None = None
 _warned_unsampled = False
 logger = logging.getLogger("otel_dl")
 
 
-def sampling_in_effect() -> bool:
-    """Whether a :class:`SignalAwareSpanProcessor` exists (created, not shut down) to
-    act on ``sample_every``. Without one, otel-dl keeps every span and gives none a
-    ``dl.sampling.rate``, and warns once: ``sample_every`` set with the application's
-    own tracer provider (or under ``opentelemetry-instrument``) does nothing until its
-    export processor is wrapped."""
+def _refresh_chosen() -> None:
+    global _chosen
+    _live[:] = [ref for ref in _live if ref() is not None]
+    latest = _live[-1] if _live else None
+    _chosen = weakref.ref(_presampler) if _presampler is not None else latest
+
+
+def sampling_every(config: Config) -> int:
+    """The N that sampling applies to otel-dl's spans: that of the
+    :class:`SignalAwareSpanProcessor` created with ``presample=True`` (else of the latest
+    one created), not shut down, whatever ``sample_every`` says; 1 when there is none.
+    Then every span is kept and none carries ``dl.sampling.rate``; if ``sample_every``
+    asks for sampling, a warning names the fix, once: with the application's own tracer
+    provider (or under ``opentelemetry-instrument``), its export processor must be
+    wrapped."""
     global _warned_unsampled
-    if _live:
-        return True
-    if not _warned_unsampled:
+    chosen = _chosen() if _chosen is not None else None
+    if chosen is None and _chosen is not None:  # collected without a shutdown
+        _refresh_chosen()
+        chosen = _chosen() if _chosen is not None else None
+    every = chosen.sample_every if chosen is not None else 1
+    if every == 1 and config.sample_every > 1 and not _warned_unsampled:
         _warned_unsampled = True
         logger.warning(
             "otel-dl: sample_every=%d is set, but no SignalAwareSpanProcessor is on the "
@@ -144,10 +165,10 @@ def sampling_in_effect() -> bool:
             "own provider, wrap its export processor: provider.add_span_processor("
             "SignalAwareSpanProcessor(BatchSpanProcessor(exporter), %d, presample=True)) "
             "(from otel_dl.sampling).",
-            get_config().sample_every,
-            get_config().sample_every,
+            config.sample_every,
+            config.sample_every,
         )
-    return False
+    return every
 
 
 def presampler() -> SignalAwareSpanProcessor | None:
@@ -207,9 +228,10 @@ class SignalAwareSpanProcessor(SpanProcessor):
         self._baselines: dict[tuple[str, str], _Baseline] = {}
         self.kept = 0
         self.dropped = 0
-        _live.add(self)
         if presample and sample_every > 1:
             _presampler = self
+        _live.append(weakref.ref(self))
+        _refresh_chosen()
 
     def admit(self, name: str, attrs: Mapping[str, AttributeValue], duration_s: float) -> bool:
         """Whether a normal otel-dl span (``dl.sampling.rate`` above 1, INTERNAL, no
@@ -313,9 +335,10 @@ class SignalAwareSpanProcessor(SpanProcessor):
 
     def shutdown(self) -> None:
         global _presampler
-        _live.discard(self)
         if _presampler is self:
             _presampler = None
+        _live[:] = [ref for ref in _live if ref() is not self]
+        _refresh_chosen()
         self.inner.shutdown()
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:

@@ -156,8 +156,11 @@ OWN_PROVIDER_JOB = """
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     trace.set_tracer_provider(provider)
-    h = otel_dl.instrument(sample_every=10, metrics_exporter="none", baseline_rows=500)
-    wrapped = sys.argv[1] == "wrapped"
+    mode = sys.argv[1]
+    # "recipe": the processor alone, as README's recipe for an own provider shows.
+    every = 1 if mode == "recipe" else 10
+    h = otel_dl.instrument(sample_every=every, metrics_exporter="none", baseline_rows=500)
+    wrapped = mode != "bare"
     inner = SimpleSpanProcessor(exporter)
     # Added after instrument(), as an application wiring its own provider may.
     provider.add_span_processor(
@@ -181,10 +184,11 @@ def test_sample_every_without_the_processor_keeps_every_span_unweighted_and_warn
     wrapped. Unwrapped, nothing drops a span, so no span may claim to stand for N (the
     collector would count each N times): every batch is exported without
     ``dl.sampling.rate``, and a warning names the fix. Wrapped, sampling works, also
-    with the processor added after ``instrument()``."""
+    with the processor added after ``instrument()``, and with the processor alone
+    (``instrument()`` given no ``sample_every``): the rate is the processor's N."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     runs = {}
-    for mode in ("bare", "wrapped"):
+    for mode in ("bare", "wrapped", "recipe"):
         result = subprocess.run(
             [sys.executable, "-c", textwrap.dedent(OWN_PROVIDER_JOB), mode],
             env=env,
@@ -199,9 +203,10 @@ def test_sample_every_without_the_processor_keeps_every_span_unweighted_and_warn
     assert len(rates) == 200 and set(rates) == {None}
     assert stderr.count("no SignalAwareSpanProcessor is on the tracer provider") == 1
     assert "SignalAwareSpanProcessor(BatchSpanProcessor(exporter), 10" in stderr
-    rates, stderr = runs["wrapped"]
-    assert 5 <= len(rates) <= 60 and set(rates) <= {1, 10} and 10 in rates
-    assert "no SignalAwareSpanProcessor" not in stderr
+    for mode in ("wrapped", "recipe"):
+        rates, stderr = runs[mode]
+        assert 5 <= len(rates) <= 60 and set(rates) <= {1, 10} and 10 in rates, mode
+        assert "no SignalAwareSpanProcessor" not in stderr
 
 
 def _span(tracer, name: str, attrs: dict, kind: SpanKind = SpanKind.INTERNAL):
