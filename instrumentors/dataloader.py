@@ -150,7 +150,7 @@ class DataLoaderInstrumentor(DlInstrumentor):
         except BaseException as exc:
             end_ns = time.time_ns()
             try:
-                call = self._span(instance, start_ns)
+                call = self._span(instance, start_ns, failed=True)
                 call.start(self._tracer, semconv.SPAN_DATALOADER_BATCH, attach=False)
                 call.error(exc)
                 call.finish(end_ns)
@@ -189,10 +189,12 @@ class DataLoaderInstrumentor(DlInstrumentor):
             state.static = static
         return static
 
-    def _span(self, iterator: Any, start_ns: int) -> DlSpan:
+    def _span(self, iterator: Any, start_ns: int, failed: bool = False) -> DlSpan:
         static = self._static(iterator, self._state(iterator))
         call = DlSpan(_SITE, static, start_ns=start_ns)
-        index = max(int(getattr(iterator, "_num_yielded", 1)) - 1, 0)
+        # torch counts a batch in _num_yielded once it is fetched: a failed one is not.
+        yielded = int(getattr(iterator, "_num_yielded", 1))
+        index = yielded if failed else max(yielded - 1, 0)
         call.attributes[semconv.DL_BATCH_INDEX] = index
         return call
 

@@ -63,6 +63,32 @@ def test_end_of_iteration_makes_no_span_and_no_error(spans: SpanList) -> None:
     assert all(s.status.status_code is StatusCode.UNSET for s in got)
 
 
+class _FailsAt(Dataset[torch.Tensor]):
+    def __init__(self, bad: int) -> None:
+        self.bad = bad
+        self.error = ValueError(f"row {bad} is corrupt")
+
+    def __len__(self) -> int:
+        return 20
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if i == self.bad:
+            raise self.error
+        return torch.full((3,), float(i))
+
+
+def test_a_failed_batch_gets_its_own_index_and_the_users_exception(spans: SpanList) -> None:
+    dataset = _FailsAt(12)
+    with pytest.raises(ValueError) as raised:
+        for _ in DataLoader(dataset, batch_size=4):
+            pass
+    assert raised.value is dataset.error
+    got = spans.get(semconv.SPAN_DATALOADER_BATCH)
+    assert [s.attributes[semconv.DL_BATCH_INDEX] for s in got] == [0, 1, 2, 3]
+    assert [s.status.status_code for s in got] == [StatusCode.UNSET] * 3 + [StatusCode.ERROR]
+    assert got[-1].attributes["error.type"] == "ValueError"
+
+
 def test_watch_attaches_provenance(spans: SpanList) -> None:
     loader = otel_dl.watch(
         DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=4),
