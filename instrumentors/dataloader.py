@@ -16,7 +16,8 @@ fingerprint of the batch's features:
 - a tuple or list: the first tensor, unless ``watch(loader, features=[i, ...])`` names
   positions;
 - a dict: the keys named by ``watch(loader, features=[...])``, by default every
-  floating-point tensor.
+  floating-point tensor of one row per sample (the leading size most of them share): a
+  scalar or a per-batch tensor beside them (a temperature, class weights) is left out.
 
 The span is made in the main process, after the batch arrives, so it works the same with
 ``num_workers > 0``, ``persistent_workers``, ``pin_memory`` and every multiprocessing
@@ -69,11 +70,7 @@ def select_features(batch: Any, features: Sequence[Any] | None) -> Any:
     if _is_tensor(batch):
         return batch
     if isinstance(batch, Mapping):
-        keys = (
-            list(features)
-            if features is not None
-            else [k for k, v in batch.items() if _is_tensor(v) and v.is_floating_point()]
-        )
+        keys = list(features) if features is not None else _row_features(batch)
         picked = {str(k): batch[k] for k in keys if k in batch and _is_tensor(batch[k])}
         if not picked:
             return None
@@ -88,6 +85,19 @@ def select_features(batch: Any, features: Sequence[Any] | None) -> Any:
             )
         return next((item for item in batch if _is_tensor(item)), None)
     return None
+
+
+def _row_features(batch: Mapping[Any, Any]) -> list[Any]:
+    """The keys of a dict batch's floating-point tensors that hold one row per sample:
+    those with the leading size most of them share (the first one's, on a tie). A scalar
+    or a per-batch tensor beside them (a temperature, class weights) is not a feature,
+    and read with them it would cost every signal of the batch."""
+    floats = [(k, v) for k, v in batch.items() if _is_tensor(v) and v.is_floating_point()]
+    sizes = [int(v.shape[0]) for _, v in floats if v.dim() > 0]
+    if not sizes:
+        return []
+    rows = max(sizes, key=sizes.count)  # max keeps the first of equally common sizes
+    return [k for k, v in floats if v.dim() > 0 and int(v.shape[0]) == rows]
 
 
 # Iterators with worker processes, so their workers can be shut down at exit.

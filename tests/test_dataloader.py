@@ -20,7 +20,7 @@ import otel_dl
 from otel_dl import _burst, semconv
 from otel_dl._config import get_config, set_config
 from otel_dl.sampling import SignalAwareSpanProcessor
-from tests.support import SpanList
+from tests.support import InternalErrors, SpanList
 
 
 @pytest.fixture(autouse=True)
@@ -107,6 +107,36 @@ def test_dict_batches_use_float_tensors(spans: SpanList) -> None:
     list(DataLoader(DictDataset(), batch_size=5))
     sizes = [s.attributes[semconv.DL_BATCH_SIZE] for s in spans.get()]
     assert sizes == [5, 5, 2]
+
+
+def test_a_scalar_or_per_batch_tensor_beside_the_features_costs_no_signal(
+    spans: SpanList,
+) -> None:
+    """A collate_fn adding a temperature (0-d) or class weights (10,) to the rows: only
+    the tensors of one row per sample are read, and get what they get alone."""
+    x = torch.randn(60, 6)
+    x[:, 0] = float("nan")  # a sixth of every batch
+
+    def extras(rows: list[tuple[torch.Tensor]]) -> dict[str, torch.Tensor]:
+        return {
+            "x": torch.stack([r[0] for r in rows]),
+            "temperature": torch.tensor(0.7),
+            "class_weights": torch.ones(10),
+        }
+
+    def alone(rows: list[tuple[torch.Tensor]]) -> dict[str, torch.Tensor]:
+        return {"x": torch.stack([r[0] for r in rows])}
+
+    errors = InternalErrors()
+    nan = {}
+    for name, collate in (("extras", extras), ("alone", alone)):
+        spans.clear()
+        list(DataLoader(TensorDataset(x), batch_size=20, collate_fn=collate))
+        got = spans.get(semconv.SPAN_DATALOADER_BATCH)
+        nan[name] = [s.attributes.get(semconv.DL_QUALITY_NAN_FRACTION) for s in got]
+        assert [s.attributes[semconv.DL_BATCH_SIZE] for s in got] == [20, 20, 20]
+    assert nan["extras"] == nan["alone"] == [pytest.approx(1 / 6)] * 3
+    assert not errors.new()
 
 
 @pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
