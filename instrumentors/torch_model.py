@@ -4,7 +4,10 @@
 
 - a model passed to ``otel_dl.watch(model, name=..., version=..., reference=...)``;
 - a model user code puts in inference mode: the module on which ``eval()`` (or
-  ``train(False)``) is called, not its submodules;
+  ``train(False)``) is called, not its submodules, nor a submodule of a model user code
+  put in training mode (BatchNorm layers frozen while fine-tuning run inside that
+  model's training forward); on a ``torch.compile`` wrapper, the model it wraps (its
+  name, version and baseline), with its hooks kept out of the compiled graph;
 - a model returned by ``torch.load`` or ``torch.jit.load``.
 
 Such a model makes one ``inference`` span per call (``dl.stage=inference``,
@@ -175,6 +178,13 @@ def _finish_on_gpu(
     )
 
 
+def _compiled_original(module: Any) -> Any:
+    """The model a ``torch.compile`` wrapper (``OptimizedModule``) wraps, else None."""
+    if type(module).__name__ != "OptimizedModule":
+        return None
+    return getattr(module, "_orig_mod", None)
+
+
 def _capturing() -> bool:
     """True while torch.jit.trace or torch.export records the model's graph.
 
@@ -203,6 +213,12 @@ class TorchModelInstrumentor(DlInstrumentor):
 
     # Class-level: BaseInstrumentor is a singleton whose __init__ runs on every call.
     _traced: ClassVar[weakref.WeakKeyDictionary[Any, _Traced]] = weakref.WeakKeyDictionary()
+    # Submodules of the models put in training mode by user code, until those are put in
+    # inference mode: eval() on one of them (BatchNorm frozen while fine-tuning) does not
+    # make it a traced model, since it runs inside its model's training forward.
+    _training_parts: ClassVar[weakref.WeakSet[Any]] = weakref.WeakSet()
+    # Models torch.compile wrapped: hooks added to them later are kept out of dynamo too.
+    _compiled: ClassVar[weakref.WeakSet[Any]] = weakref.WeakSet()
     _lock = threading.Lock()
 
     def instrumentation_dependencies(self) -> Collection[str]:
@@ -254,7 +270,7 @@ class TorchModelInstrumentor(DlInstrumentor):
         with self._lock:
             entry = self._traced.get(model)
             if entry is None:
-                entry = _Traced(pre=None, post=None)
+                entry = _Traced(pre=None, post=None, compiled=model in self._compiled)
                 if not isinstance(model, torch.jit.ScriptModule):  # those: through __call__
                     self._add_hooks(model, entry)
                 self._traced[model] = entry
@@ -274,6 +290,7 @@ class TorchModelInstrumentor(DlInstrumentor):
 
     def _on_compile(self, model: Any) -> None:
         with self._lock:
+            self._compiled.add(model)
             entry = self._traced.get(model)
             if entry is None or entry.pre is None or entry.compiled:
                 return
@@ -332,11 +349,20 @@ class TorchModelInstrumentor(DlInstrumentor):
             _train_depth.value = depth
         if depth == 0 and instrumentation_enabled():
             mode = args[0] if args else kwargs.get("mode", True)
-            if mode is False:
-                try:
-                    self.trace_model(instance)
-                except Exception:
-                    report_internal_error("torch.eval")
+            try:
+                if mode is False:
+                    part_of_training = instance in self._training_parts
+                    self._training_parts.difference_update(instance.modules())
+                    if not part_of_training:
+                        # A compiled wrapper's eval() traces the model it wraps, whose
+                        # name, version and baseline the spans are about.
+                        self.trace_model(_compiled_original(instance) or instance)
+                else:
+                    parts = instance.modules()
+                    next(parts)  # the model itself
+                    self._training_parts.update(parts)
+            except Exception:
+                report_internal_error("torch.eval")
         return result
 
     # -- model calls --------------------------------------------------------------------

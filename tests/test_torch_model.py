@@ -89,6 +89,34 @@ def test_training_mode_is_not_traced_by_default(spans: SpanList) -> None:
     assert spans.get() == []
 
 
+def test_batchnorm_frozen_while_fine_tuning_makes_no_span(spans: SpanList) -> None:
+    """The usual fine-tuning loop puts the model in training mode, then its BatchNorm
+    layers in inference mode: those run inside the model's training forward and are no
+    model of their own. Validation after it makes the model's own span, and the next
+    epoch's freeze makes none again."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 3)
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _epoch in range(2):
+        model.train()
+        for layer in model.modules():
+            if isinstance(layer, torch.nn.BatchNorm1d):
+                layer.eval()
+        for _ in range(3):
+            optimizer.zero_grad()
+            model(torch.randn(16, 4)).sum().backward()
+            optimizer.step()
+        assert spans.get(semconv.SPAN_INFERENCE) == []
+        model.eval()
+        with torch.no_grad():
+            model(torch.randn(16, 4))
+        (validation,) = spans.get(semconv.SPAN_INFERENCE)
+        assert validation.attributes[semconv.DL_MODEL_NAME] == "Sequential"
+        spans.clear()
+
+
 def test_unwatched_untouched_model_is_not_traced(spans: SpanList) -> None:
     mlp()(torch.randn(3, 4))
     assert spans.get() == []
@@ -289,6 +317,30 @@ def test_torch_compile_adds_no_graph_break(spans: SpanList) -> None:
     torch.testing.assert_close(compiled(x), model(x))
     names = [s.attributes[semconv.DL_MODEL_NAME] for s in spans.get(semconv.SPAN_INFERENCE)]
     assert names == ["compiled", "compiled"]
+
+
+@pytest.mark.parametrize("watched", [True, False])
+def test_a_compiled_wrapper_put_in_eval_traces_the_model_it_wraps(
+    watched: bool, spans: SpanList
+) -> None:
+    """``torch.compile(model)`` first, then ``train()``/``eval()`` on the wrapper, as a
+    training script does: the spans are the model's (its watch name and version, else
+    its class), not the wrapper's, and its hooks stay out of the compiled graph."""
+    model = mlp()
+    if watched:
+        model = otel_dl.watch(model, name="clf", version="3")
+    compiled = torch.compile(model, backend="eager")
+    compiled.train()
+    compiled(torch.randn(4, 4)).sum().backward()
+    compiled.eval()
+    x = torch.randn(4, 4)
+    assert torch._dynamo.explain(compiled)(x).graph_break_count == 0
+    spans.clear()
+    with torch.no_grad():
+        compiled(x)
+    (call,) = spans.get(semconv.SPAN_INFERENCE)
+    assert call.attributes[semconv.DL_MODEL_NAME] == ("clf" if watched else "Sequential")
+    assert call.attributes.get(semconv.DL_MODEL_VERSION) == ("3" if watched else None)
 
 
 def test_uninstrument_removes_hooks(handle: otel_dl.Instrumentation, spans: SpanList) -> None:
