@@ -471,7 +471,7 @@ def _fit_numeric(values: np.ndarray, names: list[str], bins: int) -> _Numeric:
         levels = np.arange(1, bins) / bins
         if bins > 1:
             quantiles = np.nanquantile(sub, levels, axis=0).reshape(bins - 1, -1)
-            edges[:, has] = _unique_padded(quantiles)
+            edges[:, has] = _edges(quantiles)
         grid_levels = (np.arange(GRID_POINTS) + 0.5) / GRID_POINTS
         grid[:, has] = np.nanquantile(sub, grid_levels, axis=0)
     counts = bin_counts(values, edges)
@@ -500,13 +500,28 @@ def _fit_numeric(values: np.ndarray, names: list[str], bins: int) -> _Numeric:
     )
 
 
-def _unique_padded(quantiles: np.ndarray) -> np.ndarray:
-    """Collapse equal edges within each column (sorted), moving +inf padding to the end."""
+def _edges(quantiles: np.ndarray) -> np.ndarray:
+    """Bin edges from each column's quantiles: equal quantiles collapse into one edge,
+    and a value several quantiles share (a mass point: the 0 of a zero-inflated feature,
+    the common value of a binary flag) gets a bin of its own, [v, v+), v+ the next float32
+    above v. Without it, the values above a mass point that holds most of the data would
+    share its bin, and no shift between them (5 % of ones becoming 50 %) could move a
+    share. Sorted, +inf padding at the end; as many rows as ``quantiles``."""
     out = np.sort(quantiles, axis=0)
+    rows = out.shape[0]
     duplicate = np.zeros_like(out, dtype=bool)
     duplicate[1:] = out[1:] == out[:-1]
-    out[duplicate] = np.inf
-    return np.sort(out, axis=0)
+    mass = np.zeros_like(out, dtype=bool)  # the first of several equal quantiles
+    mass[:-1] = ~duplicate[:-1] & duplicate[1:]
+    above = np.nextafter(ceil_to_float32(out).astype(np.float32), np.float32(np.inf))
+    extra = np.where(mass, above.astype(np.float64), np.inf)
+    merged = np.sort(np.concatenate([np.where(duplicate, np.inf, out), extra]), axis=0)
+    # v+ may be the next quantile already; a group of k equal quantiles frees k - 1 rows
+    # and takes one, so the distinct edges always fit in ``rows``.
+    again = np.zeros_like(merged, dtype=bool)
+    again[1:] = merged[1:] == merged[:-1]
+    merged[again] = np.inf
+    return np.sort(merged, axis=0)[:rows]
 
 
 def _fit_categorical(values: np.ndarray) -> _Categorical:

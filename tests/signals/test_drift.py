@@ -42,9 +42,19 @@ def test_ks_and_wasserstein_from_raw_equal_scipy(pair):
         assert ws[str(j)] == pytest.approx(expected, rel=1e-9, abs=1e-12)
 
 
+def _float32_above(v):
+    """The next float32 above the smallest float32 >= v."""
+    f = np.float32(v)
+    if float(f) < v:
+        f = np.nextafter(f, np.float32(np.inf))
+    return float(np.nextafter(f, np.float32(np.inf)))
+
+
 def _transcribed_shares(ref, cur, bins):
-    """np.histogram over the documented edges: quantiles, duplicates collapsed, open ends."""
-    edges = np.unique(np.quantile(ref, np.arange(1, bins) / bins))
+    """np.histogram over the documented edges: quantiles, duplicates collapsed, a value
+    several quantiles share in a bin of its own (up to the next float32), open ends."""
+    values, counts = np.unique(np.quantile(ref, np.arange(1, bins) / bins), return_counts=True)
+    edges = np.unique(np.concatenate([values, [_float32_above(v) for v in values[counts > 1]]]))
     full = np.concatenate([[-np.inf], edges, [np.inf]])
     # np.histogram closes the last bin; shift +inf out so bins are [a, b) throughout.
     r = np.histogram(ref, full)[0] / len(ref)
@@ -63,6 +73,26 @@ def test_psi_and_js_equal_transcription(pair, bins):
         rf, cf = np.maximum(r, 1e-4), np.maximum(c, 1e-4)
         assert psi[str(j)] == pytest.approx(np.sum((cf - rf) * np.log(cf / rf)), abs=1e-12)
         assert js[str(j)] == pytest.approx(jensenshannon(r, c, base=2), abs=1e-9)
+
+
+@pytest.mark.parametrize("method", ["psi", "js"])
+def test_a_shift_above_a_mass_point_is_seen(method):
+    """A binary flag whose ones go from 5 % to 50 %, and a feature 95 % zeros whose
+    positive values go to half the rows: the ones and the positive values are no longer
+    in the zeros' bin, so the shift moves a share; healthy samples stay near 0."""
+    rng = np.random.default_rng(3)
+
+    def sample(n, ones, nonzero):
+        flag = (rng.random(n) < ones).astype(np.float32)
+        inflated = np.where(rng.random(n) < nonzero, rng.exponential(size=n), 0.0)
+        return np.column_stack([flag, inflated.astype(np.float32)])
+
+    reference = Reference.fit(sample(5000, 0.05, 0.05))
+    alert = drift.DEFAULT_THRESHOLDS[method][1]
+    shifted = drift.score(reference, sample(2000, 0.5, 0.5), method=method)
+    healthy = drift.score(reference, sample(2000, 0.05, 0.05), method=method)
+    for feature in ("0", "1"):
+        assert shifted[feature] > alert > 10 * healthy[feature]
 
 
 def test_bins_are_closed_on_the_left():
