@@ -5,13 +5,15 @@
     from otel_dl.instrumentors.sklearn import SklearnInstrumentor
     SklearnInstrumentor().instrument()
 
-Every ``predict``, ``predict_proba`` and ``decision_function`` call on an estimator
-becomes an ``inference`` span (``dl.stage=inference``, ``dl.component=sklearn``), and every
-``transform`` call one with ``dl.stage=preprocess``. Only the outermost call makes a span:
-a Pipeline calling its steps, a forest calling its trees or ``predict`` calling
-``predict_proba`` all make one span, also when the inner calls run on joblib threads
-(``n_jobs``). Calls made inside ``fit``, ``fit_transform`` and ``fit_predict`` (training)
-make none.
+Every ``predict``, ``predict_proba``, ``predict_log_proba``, ``decision_function`` and
+``score_samples`` call on an estimator becomes an ``inference`` span
+(``dl.stage=inference``, ``dl.component=sklearn``), and every ``transform`` call one with
+``dl.stage=preprocess``. Only the outermost call makes a span: a Pipeline calling its
+steps, a forest calling its trees or ``predict`` calling ``predict_proba`` all make one
+span, also when the inner calls run on joblib threads (``n_jobs``). Calls made inside
+``fit``, ``fit_transform`` and ``fit_predict`` (training) and ``score`` (evaluation
+against known labels) make none. A bound method (``model.predict``) pickles as it would
+uninstrumented, for joblib's process backends and ``multiprocessing``.
 
 Which estimators: every class derived from ``sklearn.base.BaseEstimator`` that has one
 of those methods, whether defined before or after instrumentation (scikit-learn's own,
@@ -30,15 +32,19 @@ object to get a new fingerprint), the drift, quality and fingerprint of ``X`` (t
 columns given by ``watch(estimator, features=[...])``: a DataFrame's column names, or
 positions; input without them, and sparse input, gives no data signals), and
 ``dl.prediction.count`` (not for ``transform``: its output is features, not
-predictions). ``predict_proba`` adds the confidence of the probabilities;
-``decision_function`` the confidence of its scores read as logits.
+predictions). ``predict_proba`` adds the confidence of the probabilities,
+``predict_log_proba`` the same from the log-probabilities, and ``decision_function``
+the confidence of its scores read as logits, except for an outlier detector's
+(``IsolationForest``, ``OneClassSVM``: anomaly scores, not class scores).
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 import types
+import weakref
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextvars import ContextVar
 from typing import Any, ClassVar, Final
@@ -55,11 +61,24 @@ from otel_dl.provenance import model_fingerprint
 
 from ._base import DlInstrumentor, Patches
 
-_METHODS: Final = ("predict", "predict_proba", "decision_function", "transform")
-# Predictions made while fitting (a boosting model's initial estimator, say) are not
-# inference: the fitting methods run as calls that make no span and hide the calls inside.
-_QUIET_METHODS: Final = ("fit", "fit_transform", "fit_predict")
-_CONFIDENCE_METHODS: Final = ("predict_proba", "decision_function")
+_METHODS: Final = (
+    "predict",
+    "predict_proba",
+    "predict_log_proba",
+    "decision_function",
+    "score_samples",
+    "transform",
+)
+# Predictions made while fitting (a boosting model's initial estimator, say) or scoring
+# (``score(X, y)``, which predicts to compare with y) are not inference: those methods run
+# as calls that make no span and hide the calls inside.
+_QUIET_METHODS: Final = ("fit", "fit_transform", "fit_predict", "score")
+# Log-probabilities read as logits give back the probabilities.
+_CONFIDENCE_METHODS: Final = ("predict_proba", "predict_log_proba", "decision_function")
+# Per estimator (a Pipeline is one when its last step is): whether it is an outlier
+# detector, whose decision_function is an anomaly score, not a class score. Remembered:
+# scikit-learn builds its tags anew on every ask.
+_OUTLIER_DETECTORS: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 # Their output is features for a later step, not predictions.
 _PREPROCESS_METHODS: Final = ("transform",)
 _FRAMEWORK = "sklearn"
@@ -72,8 +91,22 @@ _in_call: ContextVar[bool] = ContextVar("otel_dl_sklearn_in_call", default=False
 _ABSENT: Final = object()
 
 
+class _BoundMethod(wrapt.BoundFunctionWrapper):  # type: ignore[misc]
+    """A wrapped method bound to an estimator. It pickles as the method it wraps would:
+    ``getattr(estimator, name)`` (joblib's process backends and ``Pool.map`` pickle
+    ``model.predict``; a wrapt proxy refuses to be pickled)."""
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        instance = self._self_instance
+        if instance is None:
+            return super().__reduce_ex__(protocol)
+        return getattr, (instance, self.__name__)
+
+
 class _MethodWrapper(wrapt.FunctionWrapper):  # type: ignore[misc]
     """Marks a method this instrumentor wrapped, so a class is never wrapped twice."""
+
+    __bound_function_wrapper__ = _BoundMethod
 
 
 def _wrappable(attr: Any) -> bool:
@@ -292,7 +325,13 @@ class SklearnInstrumentor(DlInstrumentor):
         if shape and method not in _PREPROCESS_METHODS:
             attrs[semconv.DL_PREDICTION_COUNT] = int(shape[0])
         later = config.signals_delay_ms > 0
-        if config.signals and method in _CONFIDENCE_METHODS and shape and len(shape) <= 2:
+        if (
+            config.signals
+            and method in _CONFIDENCE_METHODS
+            and shape
+            and len(shape) <= 2
+            and not _outlier_detector(call.instance)
+        ):
             if later:  # every prediction, as below, but in a burst
                 monitor = ensure_state(call.instance).monitor()
                 attrs = combine(attrs, monitor.confidence_later(result, sample=False))
@@ -319,6 +358,20 @@ class SklearnInstrumentor(DlInstrumentor):
                 # The span still goes out, with the output's signals.
                 report_internal_error("sklearn.input_signals")
         return attrs
+
+
+def _outlier_detector(estimator: Any) -> bool:
+    try:
+        known = _OUTLIER_DETECTORS.get(estimator)
+    except TypeError:  # not weakly referable or hashable: asked each time
+        known = None
+    if known is None:
+        from sklearn.base import is_outlier_detector
+
+        known = bool(is_outlier_detector(estimator))
+        with contextlib.suppress(TypeError):
+            _OUTLIER_DETECTORS[estimator] = known
+    return known
 
 
 def _quiet(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:

@@ -128,6 +128,52 @@ def test_pipeline_makes_one_span_for_all_its_steps(spans: SpanList) -> None:
     assert not hasattr(no_proba, "predict_proba")  # available_if still decides
 
 
+def test_evaluation_and_log_probabilities_make_one_span_or_none(spans: SpanList) -> None:
+    """``score(X, y)`` is evaluation: none of the predictions inside it makes a span, in
+    a Pipeline or a cross-validation. ``predict_log_proba`` is one span of its own, with
+    the confidence of the probabilities it is the log of."""
+    from sklearn.model_selection import cross_val_score
+
+    pipe = Pipeline([("scale", StandardScaler()), ("clf", LogisticRegression(max_iter=200))])
+    pipe.fit(X, Y)
+    pipe.score(X[:50], Y[:50])
+    cross_val_score(pipe, X, Y, cv=3)
+    assert spans.get(semconv.SPAN_INFERENCE) == []
+    log_proba = pipe.predict_log_proba(X[:40])
+    attrs = _one(spans)
+    assert attrs[semconv.DL_MODEL_METHOD] == "predict_log_proba"
+    assert attrs[semconv.DL_MODEL_NAME] == "Pipeline"
+    mean = np.exp(log_proba).max(axis=1).mean()
+    assert attrs[semconv.DL_CONFIDENCE_MEAN] == pytest.approx(mean, rel=1e-6)
+
+
+def test_an_outlier_detectors_scores_carry_no_confidence(spans: SpanList) -> None:
+    from sklearn.ensemble import IsolationForest
+
+    forest = IsolationForest(n_estimators=20, random_state=0).fit(X)
+    forest.decision_function(X[:30])
+    forest.score_samples(X[:30])
+    for span in spans.get(semconv.SPAN_INFERENCE):
+        assert span.attributes[semconv.DL_PREDICTION_COUNT] == 30
+        assert semconv.DL_CONFIDENCE_MEAN not in span.attributes
+    assert len(spans.get(semconv.SPAN_INFERENCE)) == 2
+
+
+def test_a_bound_method_pickles_and_runs_in_worker_processes() -> None:
+    """joblib's process backend and ``Pool.map(model.predict, ...)`` pickle the bound
+    method: it pickles as the method itself, and the workers' results are the model's."""
+    import pickle
+
+    from joblib import Parallel, delayed
+
+    model = LogisticRegression(max_iter=200).fit(X, Y)
+    again = pickle.loads(pickle.dumps(model.predict_proba))
+    np.testing.assert_array_equal(again(X[:5]), model.predict_proba(X[:5]))
+    chunks = np.array_split(X[:60], 3)
+    out = Parallel(n_jobs=2, backend="loky")(delayed(model.predict)(c) for c in chunks)
+    np.testing.assert_array_equal(np.concatenate(out), model.predict(X[:60]))
+
+
 def test_watch_and_drift_against_a_learned_baseline(
     spans: SpanList, monkeypatch: pytest.MonkeyPatch
 ) -> None:
