@@ -27,7 +27,7 @@ imported, so an application that never uses scikit-learn pays nothing.
 The span carries the model name (the ``watch`` name, else the class name), version,
 ``dl.model.framework=sklearn``, the estimator's class (``dl.model.class``), the method
 (``dl.model.method``), a Pipeline's step classes (``dl.model.steps``), the fingerprint
-of the fitted estimator (of its pickle, computed once per estimator object: refit a new
+of the fitted estimator (of its content, computed once per estimator object: refit a new
 object to get a new fingerprint), the drift, quality and fingerprint of ``X`` (the
 columns given by ``watch(estimator, features=[...])``: a DataFrame's column names, or
 positions; input without them, and sparse input, gives no data signals), and

@@ -16,7 +16,9 @@ differ only in unsampled bytes share a fingerprint.
 Model fingerprints hash the weights (names, dtypes, shapes and bytes of each tensor in
 ``state_dict()``, each tensor sampled the same way above :data:`MODEL_SAMPLE_BYTES`), the
 model file for a path or an ONNX Runtime session (sampled above :data:`FILE_SAMPLE_BYTES`),
-or the pickled object otherwise (sklearn). Bytes hash as the file holding them would, so
+or otherwise (sklearn) the object's content as pickling reduces it, walked in a fixed
+order (:class:`_ContentDigest`): a model trained in the process and the same model loaded
+from its file, in any process, get one fingerprint. Bytes hash as the file holding them would, so
 an ONNX Runtime session made from bytes and one made from the file agree. The result is
 cached per object, so weights changed in place after the first call keep the first
 fingerprint.
@@ -27,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
-import pickle
 import subprocess
 import threading
 import weakref
@@ -169,9 +170,138 @@ def _compute_model_fingerprint(model: Any) -> str | None:
                 digest.update(_sampled(raw, MODEL_SAMPLE_BYTES))
         return digest.hexdigest()
     try:
-        return hashlib.blake2b(pickle.dumps(model), digest_size=16).hexdigest()
+        digest = hashlib.blake2b(digest_size=16)
+        _ContentDigest(digest).add(model)
+        return digest.hexdigest()
     except Exception:
         return None
+
+
+# Values whose repr() is their content: a list or dict of them goes in as one repr.
+_PLAIN = frozenset(
+    {str, int, float, bool, type(None), np.int64, np.int32, np.float64, np.float32, np.bool_}
+)
+
+
+class _ContentDigest:
+    """Feeds a digest with an object's content, as pickling sees it (``__reduce_ex__``),
+    walked in a fixed order: arrays by dtype, shape and bytes (a structured array field by
+    field, never its padding), dicts in their order, sets sorted, classes and functions by
+    name. Each
+    container, array or object goes in as the digest of its own content, computed once,
+    so it makes no difference whether equal parts are one shared object or copies.
+    Pickle's own bytes are no fingerprint: they depend on that sharing (a model trained
+    here and the same model loaded from its file differ), and a structured array's
+    padding bytes (a tree's nodes) are whatever the memory held: a RandomForest loaded
+    from one file pickled differently in every process."""
+
+    MAX_OBJECTS = 1_000_000  # past that, the rest of a huge object graph is left out
+
+    def __init__(self, digest: Any) -> None:
+        self.update = digest.update
+        self.memo: dict[int, bytes] = {}  # id -> digest of that object's content
+        self.walking: set[int] = set()  # ids on the path being walked (cycles)
+        self.kept: list[Any] = []  # what reduce made: alive, so their ids stay theirs
+
+    def add(self, obj: Any) -> None:
+        update = self.update
+        if obj is None or isinstance(obj, bool | int | float | complex):
+            update(f"{type(obj).__name__}:{obj!r};".encode())
+            return
+        if isinstance(obj, str):
+            data = obj.encode("utf-8", "surrogatepass")
+            update(b"s%d:" % len(data) + data)
+            return
+        if isinstance(obj, bytes | bytearray):
+            update(b"b%d:" % len(obj) + bytes(obj))
+            return
+        if isinstance(obj, type) or (callable(obj) and hasattr(obj, "__qualname__")):
+            name = f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}"
+            update(f"g:{name};".encode())
+            return
+        key = id(obj)
+        known = self.memo.get(key)
+        if known is not None:
+            update(known)
+            return
+        if key in self.walking:
+            update(b"cycle;")
+            return
+        if len(self.memo) >= self.MAX_OBJECTS:
+            update(b"...;")
+            return
+        self.walking.add(key)
+        self.kept.append(obj)
+        part = hashlib.blake2b(digest_size=16)
+        self.update = part.update
+        try:
+            self._content(obj)
+        finally:
+            self.update = update
+            self.walking.discard(key)
+        self.memo[key] = known = part.digest()
+        update(known)
+
+    def _content(self, obj: Any) -> None:
+        update = self.update
+        if isinstance(obj, np.ndarray | np.generic):
+            self._array(np.asarray(obj))
+        elif isinstance(obj, list | tuple):
+            update(b"l%d:" % len(obj) if isinstance(obj, list) else b"t%d:" % len(obj))
+            if all(type(item) in _PLAIN for item in obj):  # at once: a vocabulary's words
+                update(repr(obj).encode("utf-8", "surrogatepass"))
+                return
+            for item in obj:
+                self.add(item)
+        elif isinstance(obj, dict):
+            # In insertion order, which pickling keeps (a set's order it does not).
+            update(b"d%d:" % len(obj))
+            if all(type(k) in _PLAIN and type(v) in _PLAIN for k, v in obj.items()):
+                update(repr(obj).encode("utf-8", "surrogatepass"))
+                return
+            for k, v in obj.items():
+                self.add(k)
+                self.add(v)
+        elif isinstance(obj, set | frozenset):
+            update(b"e%d:" % len(obj))
+            for item in sorted(obj, key=repr):
+                self.add(item)
+        else:
+            self._reduced(obj)
+
+    def _array(self, array: np.ndarray) -> None:
+        self.update(f"a:{array.dtype.str}:{array.shape};".encode())
+        if array.dtype.names:  # a record array: each field, never the padding between
+            for name in array.dtype.names:
+                self.update(f"f:{name};".encode())
+                self._array(array[name])
+        elif array.dtype.hasobject:
+            for item in array.reshape(-1).tolist():
+                self.add(item)
+        else:
+            self.update(_sampled(_array_bytes(array), MODEL_SAMPLE_BYTES))
+
+    def _reduced(self, obj: Any) -> None:
+        update = self.update
+        klass = type(obj)
+        update(f"o:{klass.__module__}.{klass.__qualname__};".encode())
+        try:
+            reduced = obj.__reduce_ex__(4)
+        except Exception:
+            return  # a lock, a file: its class is all there is to say
+        if isinstance(reduced, str):
+            update(f"g:{reduced};".encode())
+            return
+        self.kept.append(reduced)
+        function, args, *rest = (*reduced, None, None, None)[:5]
+        self.add(function)
+        self.add(args)
+        state, items, pairs = rest[0], rest[1], rest[2]
+        self.add(state)
+        if items is not None:
+            self.add(list(items))
+        if pairs is not None:
+            self.add(dict(pairs))
 
 
 def _forget(key: int, _ref: object) -> None:

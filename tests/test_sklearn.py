@@ -174,6 +174,56 @@ def test_a_bound_method_pickles_and_runs_in_worker_processes() -> None:
     np.testing.assert_array_equal(np.concatenate(out), model.predict(X[:60]))
 
 
+FINGERPRINTS_OF_FILES = """
+    import sys
+
+    import joblib
+
+    from otel_dl.provenance import model_fingerprint
+
+    print(" ".join(model_fingerprint(joblib.load(path)) for path in sys.argv[1:]))
+"""
+
+
+def test_the_model_fingerprint_is_the_models_in_every_process(tmp_path) -> None:
+    """A model trained here, the same model loaded from its file, and that file loaded in
+    other processes (with other hash seeds) get one ``dl.model.fingerprint``: the
+    collector reads a new fingerprint as a model change. A model fitted otherwise gets
+    another. (Pickle's bytes differed: a RandomForest loaded from one file had a new
+    fingerprint in every process.)"""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    import joblib
+
+    from otel_dl.provenance import model_fingerprint
+
+    models = {
+        "forest": RandomForestClassifier(n_estimators=10, random_state=0).fit(X, Y),
+        "boosting": HistGradientBoostingClassifier(max_iter=5).fit(X, Y),
+        "pipeline": Pipeline([("s", StandardScaler()), ("c", LogisticRegression())]).fit(X, Y),
+    }
+    paths, here = [], []
+    for name, model in models.items():
+        paths.append(str(tmp_path / f"{name}.joblib"))
+        joblib.dump(model, paths[-1])
+        here.append(model_fingerprint(model))
+        assert model_fingerprint(joblib.load(paths[-1])) == here[-1], name
+    for seed in ("1", "2"):
+        out = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(FINGERPRINTS_OF_FILES), *paths],
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert out.stdout.split() == here, seed
+    other = RandomForestClassifier(n_estimators=10, random_state=1).fit(X, Y)
+    assert model_fingerprint(other) != model_fingerprint(models["forest"])
+
+
 def test_watch_and_drift_against_a_learned_baseline(
     spans: SpanList, monkeypatch: pytest.MonkeyPatch
 ) -> None:
