@@ -34,8 +34,10 @@ positions; input without them, and sparse input, gives no data signals), and
 ``dl.prediction.count`` (not for ``transform``: its output is features, not
 predictions). ``predict_proba`` adds the confidence of the probabilities,
 ``predict_log_proba`` the same from the log-probabilities, and ``decision_function``
-the confidence of its scores read as logits, except for an outlier detector's
-(``IsolationForest``, ``OneClassSVM``: anomaly scores, not class scores).
+the confidence of its scores read as logits, only where they are log-odds: for an
+estimator that also gives probabilities (logistic regression, gradient boosting), not
+a margin (LinearSVC, RidgeClassifier, a perceptron) nor an outlier detector's anomaly
+score (IsolationForest), which would read as low confidence on healthy calls.
 """
 
 from __future__ import annotations
@@ -330,7 +332,7 @@ class SklearnInstrumentor(DlInstrumentor):
             and method in _CONFIDENCE_METHODS
             and shape
             and len(shape) <= 2
-            and not _outlier_detector(call.instance)
+            and (method != "decision_function" or _log_odds(call.instance))
         ):
             if later:  # every prediction, as below, but in a burst
                 monitor = ensure_state(call.instance).monitor()
@@ -358,6 +360,15 @@ class SklearnInstrumentor(DlInstrumentor):
                 # The span still goes out, with the output's signals.
                 report_internal_error("sklearn.input_signals")
         return attrs
+
+
+def _log_odds(estimator: Any) -> bool:
+    """Whether ``estimator``'s decision_function is a log-odds, whose softmax is its
+    probabilities: an estimator that also gives probabilities (logistic regression,
+    gradient boosting), and is no outlier detector. A margin (an SVM, ridge, a perceptron)
+    or an anomaly score is no probability: read as logits it would report low
+    confidence on healthy calls."""
+    return hasattr(estimator, "predict_proba") and not _outlier_detector(estimator)
 
 
 def _outlier_detector(estimator: Any) -> bool:

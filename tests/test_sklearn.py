@@ -147,6 +147,28 @@ def test_evaluation_and_log_probabilities_make_one_span_or_none(spans: SpanList)
     assert attrs[semconv.DL_CONFIDENCE_MEAN] == pytest.approx(mean, rel=1e-6)
 
 
+def test_a_margin_carries_no_confidence_a_log_odds_does(spans: SpanList) -> None:
+    """A LinearSVC's or a RidgeClassifier's decision_function is a margin: its softmax is
+    no probability (a well-separated healthy model read so had mean 0.4, under the
+    low-confidence threshold). Gradient boosting's is a log-odds: its softmax is its
+    predict_proba, and the span carries that confidence."""
+    from sklearn.linear_model import RidgeClassifier
+    from sklearn.svm import LinearSVC
+
+    for model in (LinearSVC().fit(X, Y), RidgeClassifier().fit(X, Y)):
+        model.decision_function(X[:30])
+        attrs = _one(spans)
+        assert attrs[semconv.DL_PREDICTION_COUNT] == 30
+        assert semconv.DL_CONFIDENCE_MEAN not in attrs
+        spans.clear()
+    boosting = HistGradientBoostingClassifier(max_iter=10).fit(X, Y)
+    spans.clear()
+    boosting.decision_function(X[:30])
+    with suppress_instrumentation():
+        expected = boosting.predict_proba(X[:30]).max(axis=1).mean()
+    assert _one(spans)[semconv.DL_CONFIDENCE_MEAN] == pytest.approx(expected, rel=1e-6)
+
+
 def test_an_outlier_detectors_scores_carry_no_confidence(spans: SpanList) -> None:
     from sklearn.ensemble import IsolationForest
 
