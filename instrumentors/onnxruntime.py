@@ -19,7 +19,10 @@ nested under the current span. It carries:
   input, or the inputs named by ``otel_dl.watch(session, features=["pixels", ...])``;
 - the confidence of the output when one output looks like class scores (a ZipMap list of
   ``{class: probability}`` dicts, else the last 2-D floating-point output whose rows are
-  probabilities, else the last 2-D floating-point output), and ``dl.prediction.count``.
+  probabilities, else the last 2-D floating-point output read as logits, unless its name
+  says it is an embedding, a hidden state or a regression: ``embed``, ``hidden``,
+  ``pooler``, ``feature`` or ``encoding`` in it, or sklearn-onnx's regressor output
+  ``variable``), and ``dl.prediction.count``.
   A ``run_with_iobinding`` span has the outputs' signals only: bound inputs cannot be
   read back.
 
@@ -62,6 +65,7 @@ class _SessionInfo:
     name: str | None
     version: str | None
     first_input: str | None
+    outputs: tuple[str, ...] = ()  # the declared outputs' names, in run()'s order
 
 
 _info_lock = threading.Lock()
@@ -92,6 +96,7 @@ def _read_info(session: Any) -> _SessionInfo:
         name=stem or graph_name,
         version=version,
         first_input=inputs[0].name if inputs else None,
+        outputs=tuple(o.name for o in session.get_outputs()),
     )
 
 
@@ -127,13 +132,31 @@ def _select_inputs(
     return next(iter(picked.values())) if len(picked) == 1 else picked
 
 
-def _class_scores(outputs: Sequence[Any]) -> Any:
+# Output names that say what an output is not: class scores. An embedding or a hidden
+# state (transformers' exports), sklearn-onnx's regressor output ("variable").
+_NOT_SCORES = ("embed", "hidden", "pooler", "feature", "encoding")
+_REGRESSION_OUTPUTS = frozenset({"variable"})
+
+
+def _not_scores(name: str | None) -> bool:
+    if name is None:
+        return False
+    lowered = name.lower()
+    return lowered in _REGRESSION_OUTPUTS or any(part in lowered for part in _NOT_SCORES)
+
+
+def _class_scores(outputs: Sequence[Any], names: Sequence[str] | None = None) -> Any:
     """The output that holds class scores, or None: a ZipMap list of dicts, else the last
     2-D floating-point output whose rows are probabilities, else the last 2-D
-    floating-point one (sklearn-onnx puts the probabilities last; a network may also
-    return hidden features, which are no distribution)."""
+    floating-point one read as logits, unless its name (``names``, in the outputs'
+    order) says it is an embedding, a hidden state or a regression (sklearn-onnx puts
+    the probabilities last; a network may also return hidden features, which are no
+    distribution: read as logits, an encoder's output gave a healthy model low
+    confidence on every call)."""
     candidates = []
-    for value in reversed(outputs):
+    named = names is not None and len(names) == len(outputs)
+    for i in range(len(outputs) - 1, -1, -1):
+        value = outputs[i]
         if isinstance(value, list) and value and isinstance(value[0], Mapping):
             return value  # ZipMap: one {class: probability} dict per row
         array = _to_numpy(value)
@@ -141,7 +164,8 @@ def _class_scores(outputs: Sequence[Any]) -> Any:
         if getattr(array, "ndim", 0) == 2 and dtype is not None and dtype.kind == "f":
             if array.size and looks_like_probabilities(array):
                 return array
-            candidates.append(array)
+            if not (named and _not_scores(names[i])):  # type: ignore[index]
+                candidates.append(array)
     return candidates[0] if candidates else None
 
 
@@ -227,11 +251,13 @@ class OnnxRuntimeInstrumentor(DlInstrumentor):
         return OnnxRuntimeInstrumentor._output_signals(call.instance, outputs)
 
     @staticmethod
-    def _output_signals(session: Any, outputs: Any) -> Attributes:
+    def _output_signals(
+        session: Any, outputs: Any, names: Sequence[str] | None = None
+    ) -> Attributes:
         attrs: Attributes = {}
         if isinstance(outputs, Sequence) and outputs:
             config = get_config()
-            scores = _class_scores(outputs) if config.signals else None
+            scores = _class_scores(outputs, names) if config.signals else None
             if scores is not None:
                 monitor = ensure_state(session).monitor()
                 if config.signals_delay_ms > 0:
@@ -267,4 +293,11 @@ class OnnxRuntimeInstrumentor(DlInstrumentor):
             except Exception:
                 # The span still goes out, with the output's signals.
                 report_internal_error(f"{_SITE}.input_signals")
-        return combine(attrs, OnnxRuntimeInstrumentor._output_signals(session, outputs))
+        # run(output_names, feed): the outputs asked for, else every declared one in order.
+        asked = call.args[0] if call.args else call.kwargs.get("output_names")
+        try:
+            names = list(asked) if asked else _session_info(session).outputs
+        except Exception:
+            names = None
+        signals = OnnxRuntimeInstrumentor._output_signals(session, outputs, names)
+        return combine(attrs, signals)

@@ -124,6 +124,48 @@ def test_zipmap_probabilities_give_the_confidence(spans: SpanList) -> None:
     assert got[7][semconv.DL_CONFIDENCE_MEAN] == pytest.approx(probs.max(axis=1).mean(), rel=1e-6)
 
 
+def _linear(name: str, width: int, outputs: tuple[str, ...]) -> bytes:
+    """x (N, 4) -> x @ W (N, width), given out under each name of ``outputs``."""
+    rng = np.random.default_rng(1)
+    weights = numpy_helper.from_array(rng.normal(size=(FEATURES, width)).astype(np.float32), "W")
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["xw"])]
+    nodes += [helper.make_node("Identity", ["xw"], [out]) for out in outputs]
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", FEATURES])],
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", width]) for out in outputs],
+        initializer=[weights],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+@pytest.mark.parametrize(
+    ("outputs", "asked", "scored"),
+    [
+        (("sentence_embedding",), None, False),  # an encoder
+        (("last_hidden_state", "pooler_output"), None, False),
+        (("variable",), None, False),  # sklearn-onnx's regressor output
+        (("logits",), None, True),  # logits: read as such
+        (("output",), None, True),  # no name to go by: the last 2-D output, as logits
+        (("logits", "embeddings"), ["embeddings"], False),  # only the embeddings asked for
+        (("logits", "embeddings"), None, True),
+    ],
+)
+def test_an_output_named_as_no_class_scores_gets_no_confidence(
+    outputs: tuple[str, ...], asked: list[str] | None, scored: bool, spans: SpanList
+) -> None:
+    """An embedding, a hidden state or a regression read as logits gave a healthy model
+    a low confidence on every call, which the collector's low-confidence mode flags."""
+    session = _session(_linear("model", 16, outputs))
+    session.run(asked, {"x": np.random.default_rng(2).normal(size=(8, FEATURES)).astype("f4")})
+    (span,) = spans.get(semconv.SPAN_INFERENCE)
+    assert (semconv.DL_CONFIDENCE_MEAN in span.attributes) is scored
+    assert span.attributes[semconv.DL_PREDICTION_COUNT] == 8
+
+
 def test_session_from_bytes_and_run_with_ort_values(spans: SpanList) -> None:
     model_bytes = _classifier().SerializeToString()
     session = _session(model_bytes)
