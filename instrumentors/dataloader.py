@@ -15,9 +15,10 @@ fingerprint of the batch's features:
 - a tensor batch is the features;
 - a tuple or list: the first tensor, unless ``watch(loader, features=[i, ...])`` names
   positions;
-- a dict: the keys named by ``watch(loader, features=[...])``, by default every
-  floating-point tensor of one row per sample (the leading size most of them share): a
-  scalar or a per-batch tensor beside them (a temperature, class weights) is left out.
+- a dict, or a dataclass (its fields): the keys named by
+  ``watch(loader, features=[...])``, by default every floating-point tensor of one row
+  per sample (the leading size most of them share): a scalar or a per-batch tensor
+  beside them (a temperature, class weights) is left out.
 
 The span is made in the main process, after the batch arrives, so it works the same with
 ``num_workers > 0``, ``persistent_workers``, ``pin_memory`` and every multiprocessing
@@ -40,6 +41,7 @@ their loaders' workers are shut down the way deleting the loader would.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import time
 import weakref
 from collections.abc import Collection, Mapping, Sequence
@@ -69,6 +71,10 @@ def select_features(batch: Any, features: Sequence[Any] | None) -> Any:
     """The part of ``batch`` whose signals are recorded, or None when there is none."""
     if _is_tensor(batch):
         return batch
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        # A collate_fn's dataclass reads as the mapping of its fields (not asdict(): that
+        # deep-copies every tensor).
+        batch = {field.name: getattr(batch, field.name) for field in dataclasses.fields(batch)}
     if isinstance(batch, Mapping):
         keys = list(features) if features is not None else _row_features(batch)
         picked = {str(k): batch[k] for k in keys if k in batch and _is_tensor(batch[k])}

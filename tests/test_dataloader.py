@@ -139,6 +139,27 @@ def test_a_scalar_or_per_batch_tensor_beside_the_features_costs_no_signal(
     assert not errors.new()
 
 
+@dataclasses.dataclass
+class _Batch:
+    x: torch.Tensor
+    names: list[str]
+
+
+def test_a_dataclass_batch_reads_as_its_fields(spans: SpanList) -> None:
+    x = torch.randn(40, 3)
+    x[:, 1] = float("nan")
+
+    def collate(rows: list[tuple[torch.Tensor]]) -> _Batch:
+        return _Batch(torch.stack([r[0] for r in rows]), [f"row{i}" for i in range(len(rows))])
+
+    list(DataLoader(TensorDataset(x), batch_size=10, collate_fn=collate))
+    got = spans.get(semconv.SPAN_DATALOADER_BATCH)
+    assert [s.attributes[semconv.DL_BATCH_SIZE] for s in got] == [10] * 4
+    assert [s.attributes[semconv.DL_QUALITY_NAN_FRACTION] for s in got] == [
+        pytest.approx(1 / 3)
+    ] * 4
+
+
 @pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
 def test_worker_processes_and_start_methods(method: str, spans: SpanList) -> None:
     loader = DataLoader(
