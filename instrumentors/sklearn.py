@@ -326,6 +326,11 @@ class SklearnInstrumentor(DlInstrumentor):
         shape = getattr(result, "shape", None)
         if shape and method not in _PREPROCESS_METHODS:
             attrs[semconv.DL_PREDICTION_COUNT] = int(shape[0])
+        elif isinstance(result, list) and result and method not in _PREPROCESS_METHODS:
+            # A multi-output model's predict_proba: one (rows, classes) array per output.
+            rows = getattr(result[0], "shape", None)
+            if rows:
+                attrs[semconv.DL_PREDICTION_COUNT] = int(rows[0])
         later = config.signals_delay_ms > 0
         if (
             config.signals

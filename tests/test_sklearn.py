@@ -169,6 +169,18 @@ def test_a_margin_carries_no_confidence_a_log_odds_does(spans: SpanList) -> None
     assert _one(spans)[semconv.DL_CONFIDENCE_MEAN] == pytest.approx(expected, rel=1e-6)
 
 
+def test_a_multi_output_models_probabilities_count_its_predictions(spans: SpanList) -> None:
+    """predict_proba of a multi-output forest is a list of arrays, one per output: the
+    span counts the rows, and carries no confidence (no single distribution per row)."""
+    targets = np.column_stack([Y, (Y + 1) % 3])
+    forest = RandomForestClassifier(n_estimators=5, random_state=0).fit(X, targets)
+    spans.clear()
+    forest.predict_proba(X[:12])
+    attrs = _one(spans)
+    assert attrs[semconv.DL_PREDICTION_COUNT] == 12
+    assert semconv.DL_CONFIDENCE_MEAN not in attrs
+
+
 def test_an_outlier_detectors_scores_carry_no_confidence(spans: SpanList) -> None:
     from sklearn.ensemble import IsolationForest
 
