@@ -58,7 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"{option.help} (default: {shown})".replace("%", "%%"),
         )
     p.add_argument(
-        "--log-level", default="INFO", metavar="LEVEL", help="logging level (default: %(default)s)"
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+        metavar="LEVEL",
+        help="logging level: DEBUG, INFO, WARNING, ERROR or CRITICAL (default: %(default)s)",
     )
     return p
 
@@ -86,11 +91,38 @@ def _tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+# Configuration keys that name files or directories the collector opens at start.
+_PATH_KEYS = ("queue_dir", "store", "tls_cert", "tls_key", "tls_client_ca")
+
+
+def _file_error(exc: OSError, config: Any) -> str:
+    """``exc``, and when it is about a file a path key names: the key and the fix."""
+    filename = getattr(exc, "filename", None)
+    if filename is None or config is None:
+        return str(exc)
+    failed = os.path.abspath(str(filename))
+    for key in _PATH_KEYS:
+        value = getattr(config, key, None)
+        if not value:
+            continue
+        path = os.path.abspath(value)
+        if failed == path or failed.startswith(path + os.sep) or path.startswith(failed + os.sep):
+            flag = "--" + key.replace("_", "-")
+            need = "read" if key.startswith("tls_") else "create and write"
+            return (
+                f"{key} = {value!r}: {exc.strerror or exc} ({filename}); give a path this "
+                f"process can {need}, with {flag}, OTEL_DL_COLLECTOR_{key.upper()} or the "
+                f"'{key}' key of the config file"
+            )
+    return str(exc)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    config = None
     try:
         config = config_from_args(args, os.environ)
         collector = Collector(config)
@@ -100,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"otel-dl-collector: configuration error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"otel-dl-collector: {exc}", file=sys.stderr)
+        print(f"otel-dl-collector: {_file_error(exc, config)}", file=sys.stderr)
         return 2
     logging.getLogger("otel_dl.collector").info(
         "listening on %s: OTLP/gRPC %d, OTLP/HTTP %d, API %d (%s, %s); exporting to %s",

@@ -39,6 +39,8 @@ from .store import query_faults
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
+_MAX_SPAN_SECONDS = 10 * 365 * 86400.0
+
 
 def parse_since(text: str, now: float | None = None) -> float:
     """Unix seconds from ``text``: a number, or a duration back from now (``15m``, ``2h``)."""
@@ -107,13 +109,16 @@ def api_routes(
             since, until = window(q)
             gap = float(q.get("gap", DEFAULT_GAP))
             baseline = float(q.get("baseline", DEFAULT_BASELINE))
-            if not (gap > 0 and baseline >= 0):
+            # At most ten years: a window past that (or inf) does not fit the store's
+            # integer nanoseconds.
+            if not (0 < gap <= _MAX_SPAN_SECONDS and 0 <= baseline <= _MAX_SPAN_SECONDS):
                 raise ValueError("gap, baseline")
         except ValueError:
             return web.json_response(
                 {
                     "error": "since/until must be unix seconds or like 15m, 2h, 1d; gap a "
-                    "number of seconds > 0, baseline a number of seconds >= 0"
+                    "number of seconds > 0, baseline a number of seconds >= 0, both at most "
+                    f"{_MAX_SPAN_SECONDS:.0f} (ten years)"
                 },
                 status=400,
             )

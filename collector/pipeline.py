@@ -165,14 +165,18 @@ class Collector:
         )
         add_grpc_receiver(server, self.ingest, self.admit)
         address = f"{self.config.host}:{self.config.grpc_port}"
-        if self._grpc_credentials is not None:
-            self.grpc_port = server.add_secure_port(address, self._grpc_credentials)
-        else:
-            self.grpc_port = server.add_insecure_port(address)
+        try:
+            if self._grpc_credentials is not None:
+                self.grpc_port = server.add_secure_port(address, self._grpc_credentials)
+            else:
+                self.grpc_port = server.add_insecure_port(address)
+        except RuntimeError:  # recent grpcio raises where older ones returned 0
+            self.grpc_port = 0
         if self.grpc_port == 0:
             raise OSError(
-                f"cannot listen for OTLP/gRPC on {self.config.host}:{self.config.grpc_port}; "
-                "pick a free port with --grpc-port"
+                f"cannot listen for OTLP/gRPC on {self.config.host}:{self.config.grpc_port} "
+                "(the port is taken, or the host is not an address of this machine); pick a "
+                "free port with --grpc-port, or another --host"
             )
         server.start()
         self._grpc = server

@@ -165,6 +165,49 @@ def test_a_bad_flag_value_exits_2_naming_the_flag(capsys, clean_environment, arg
     assert err.startswith("otel-dl-collector: configuration error: ") and needle in err
 
 
+def test_a_bad_log_level_exits_2_listing_the_levels(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["--log-level", "LOUD"])
+    assert exited.value.code == 2
+    assert "DEBUG', 'INFO', 'WARNING', 'ERROR', 'CRITICAL'" in capsys.readouterr().err
+    assert build_parser().parse_args(["--log-level", "debug"]).log_level == "DEBUG"
+
+
+def test_a_grpc_port_in_use_exits_2_naming_the_flag(tmp_path):
+    """grpcio raises RuntimeError where older releases returned 0: the start still ends
+    with the message and exit 2, not a traceback."""
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        argv = ["--grpc-port", str(port), "--http-port", "0", "--api-port", "0"]
+        argv += ["--store", "none", "--queue-dir", str(tmp_path / "q")]
+        proc = subprocess.run(
+            [sys.executable, "-m", "otel_dl.collector", *argv],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        taken.close()
+    assert proc.returncode == 2, proc.stderr
+    assert f"cannot listen for OTLP/gRPC on 127.0.0.1:{port}" in proc.stderr
+    assert "--grpc-port" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_path_that_cannot_be_made_names_its_key(tmp_path, capsys, clean_environment):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    argv = ["--grpc-port", "0", "--http-port", "0", "--api-port", "0", "--store", "none"]
+    assert main([*argv, "--queue-dir", str(blocker / "q")]) == 2
+    err = capsys.readouterr().err
+    assert f"queue_dir = '{blocker / 'q'}'" in err
+    assert "--queue-dir, OTEL_DL_COLLECTOR_QUEUE_DIR or the 'queue_dir' key" in err
+
+
 def test_help_lists_every_flag_with_its_default(capsys):
     with pytest.raises(SystemExit) as exited:
         main(["--help"])

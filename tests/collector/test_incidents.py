@@ -142,6 +142,9 @@ def test_incidents_are_stored_served_and_reported(
     assert len(requests.get(f"{api}/api/incidents", timeout=5).json()["incidents"]) == 1
     bad = requests.get(f"{api}/api/incidents", params={"gap": "-1"}, timeout=5)
     assert bad.status_code == 400 and "gap" in bad.json()["error"]
+    for huge in ({"baseline": "1e308"}, {"baseline": "inf"}, {"gap": "nan"}):
+        bad = requests.get(f"{api}/api/incidents", params=huge, timeout=5)
+        assert bad.status_code == 400 and "ten years" in bad.json()["error"], huge
 
     out = io.StringIO()
     assert report(store, "1h", None, out, gap=1.0) == 0
