@@ -22,8 +22,10 @@ kind of view counts: feature, on-demand, stream feature and label views.
   (share of returned feature values that are missing: an entity not in the online store
   comes back as nulls), ``dl.feature.freshness`` (seconds between now and the oldest
   event timestamp among the values returned), ``dl.feature.ttl`` (smallest TTL of the
-  views read) and ``dl.feature.stale`` (freshness above that TTL), and the drift, quality
-  and data fingerprint of the returned features.
+  views read) and ``dl.feature.stale`` (a value older than its own view's TTL: each
+  view is judged by its own, so a daily view's two-hour-old values beside an hourly
+  view's fresh ones are not stale), and the drift, quality and data fingerprint of the
+  returned features.
 - ``get_historical_features``: the retrieval job Feast returns is lazy, so the span
   starts at the call and ends when the job is first materialised by ``to_df()`` or
   ``to_arrow()`` (or ``to_feast_df()``, which goes through ``to_arrow()``), covering the
@@ -70,7 +72,7 @@ import time
 import weakref
 from collections.abc import Collection, Mapping, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final
 
 import numpy as np
@@ -300,6 +302,49 @@ def _min_ttl(store: Any, features: Any) -> float | None:
     return float(min(t for t in ttls if t is not None)) if ttls else None
 
 
+def _feature_views(features: Any) -> dict[str, str]:
+    """The view of each feature a read names, by the names a response may give it: the
+    feature's own and ``view__feature`` (``full_feature_names``)."""
+    out: dict[str, str] = {}
+    projections = getattr(features, "feature_view_projections", None)
+    if projections is not None:
+        for projection in projections:
+            view = str(projection.name)
+            shown = str(getattr(projection, "name_alias", None) or view)
+            for feature in getattr(projection, "features", ()):
+                out.setdefault(str(feature.name), view)
+                out[f"{shown}__{feature.name}"] = view
+        return out
+    for ref in features or ():
+        if isinstance(ref, str) and ":" in ref:
+            view, feature = ref.split(":", 1)
+            view = view.split("@", 1)[0]
+            out.setdefault(feature, view)
+            out[f"{view}__{feature}"] = view
+    return out
+
+
+def _stale(store: Any, features: Any, oldest: Mapping[str, int], now: float) -> bool | None:
+    """Whether a value read is older than its own view's TTL (None: no view has a TTL).
+    Each view is judged by its own TTL: a daily view's two-hour-old values beside an
+    hourly view's fresh ones are not stale. A feature whose view is unknown is judged by
+    the smallest TTL of the read."""
+    infos = _view_infos(store)
+    views = _feature_views(features)
+    smallest = _min_ttl(store, features)
+    judged = False
+    for name, stamp in oldest.items():
+        view = views.get(name)
+        info = infos.get(view) if view is not None else None
+        ttl = info.ttl_s if info is not None and info.ttl_s else smallest
+        if ttl is None:
+            continue
+        judged = True
+        if now - stamp > ttl:
+            return True
+    return False if judged else None
+
+
 # --- Returned features -------------------------------------------------------------------
 
 
@@ -309,6 +354,7 @@ class _OnlineRead:
     missing: int
     total: int
     oldest: int | None  # epoch seconds of the oldest present value
+    oldest_by_name: dict[str, int] = field(default_factory=dict)  # the same, per feature
 
 
 def _read_online(response: Any, entity_keys: set[str]) -> _OnlineRead:
@@ -334,6 +380,7 @@ def _read_online(response: Any, entity_keys: set[str]) -> _OnlineRead:
             if stamped:
                 oldest = min(stamped)
                 out.oldest = oldest if out.oldest is None else min(out.oldest, oldest)
+                out.oldest_by_name[str(name)] = oldest
         column = _column(vector.values)
         if column is not None:
             out.columns[str(name)] = column
@@ -521,11 +568,11 @@ class FeastInstrumentor(DlInstrumentor):
         if read.total:
             attrs[semconv.DL_FEATURE_MISSING_FRACTION] = read.missing / read.total
         if read.oldest is not None:
-            freshness = max(_now() - read.oldest, 0.0)
-            attrs[semconv.DL_FEATURE_FRESHNESS] = freshness
-            ttl = _min_ttl(call.instance, _arg(call, 0, "features"))
-            if ttl is not None:
-                attrs[semconv.DL_FEATURE_STALE] = freshness > ttl
+            now = _now()
+            attrs[semconv.DL_FEATURE_FRESHNESS] = max(now - read.oldest, 0.0)
+            stale = _stale(call.instance, _arg(call, 0, "features"), read.oldest_by_name, now)
+            if stale is not None:
+                attrs[semconv.DL_FEATURE_STALE] = stale
         try:
             signals, _count = _observe(call.instance, read.columns)
             attrs.update(signals)

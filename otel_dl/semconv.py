@@ -151,7 +151,7 @@ DL_FEATURE_TTL: Final = _attr(
     "dl.feature.ttl", "double", "s", "smallest TTL of the feature views read"
 )
 DL_FEATURE_STALE: Final = _attr(
-    "dl.feature.stale", "boolean", "", "dl.feature.freshness is above dl.feature.ttl"
+    "dl.feature.stale", "boolean", "", "a value read is older than its own view's TTL"
 )
 DL_FEATURE_MATERIALIZE_START: Final = _attr(
     "dl.feature.materialize.start", "string", "", "start of the materialisation window, ISO 8601"

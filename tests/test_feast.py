@@ -121,6 +121,71 @@ def test_freshness_grows_and_crosses_the_threshold_when_materialisation_stops(
     assert freshness[-1] - freshness[0] == pytest.approx(2 * 86400)
 
 
+def test_each_view_is_judged_stale_by_its_own_ttl(tmp_path, spans: SpanList) -> None:
+    """A daily view's values 2 h old beside an hourly view's 10 min old: each within its
+    own TTL, so the read is not stale, alone, together or through a feature service;
+    freshness is still the oldest value's age. Hourly values 2 h old are stale."""
+    from feast import Entity, FeatureService, FeatureView, Field, FileSource
+    from feast.types import Float32
+    from feast.value_type import ValueType
+
+    now = pd.Timestamp.now(tz="UTC").floor("s")
+    ages = {"daily": pd.Timedelta(hours=2), "hourly": pd.Timedelta(minutes=10)}
+    (tmp_path / "feature_store.yaml").write_text(
+        f"project: ttls\nregistry: {tmp_path / 'registry.db'}\nprovider: local\n"
+        f"online_store:\n  type: sqlite\n  path: {tmp_path / 'online.db'}\n"
+        "offline_store:\n  type: file\nentity_key_serialization_version: 3\n"
+    )
+    driver = Entity(name="driver", join_keys=["driver_id"], value_type=ValueType.INT64)
+    views = []
+    for name, ttl in (("daily", dt.timedelta(days=1)), ("hourly", dt.timedelta(hours=1))):
+        path = tmp_path / f"{name}.parquet"
+        pd.DataFrame(
+            {
+                "driver_id": np.arange(5, dtype=np.int64),
+                f"{name}_rate": np.linspace(0, 1, 5).astype("float32"),
+                "event_timestamp": [now - ages[name]] * 5,
+            }
+        ).to_parquet(path)
+        views.append(
+            FeatureView(
+                name=f"driver_{name}",
+                entities=[driver],
+                ttl=ttl,
+                schema=[Field(name=f"{name}_rate", dtype=Float32)],
+                source=FileSource(path=str(path), timestamp_field="event_timestamp"),
+            )
+        )
+    service = FeatureService(name="driver_all", features=views)
+    repo = FeatureStore(repo_path=str(tmp_path))
+    repo.apply([driver, *views, service])
+    with suppress_instrumentation():
+        repo.materialize((now - pd.Timedelta(days=2)).to_pydatetime(), now.to_pydatetime())
+    rows = [{"driver_id": i} for i in range(5)]
+    reads = {
+        "daily": ["driver_daily:daily_rate"],
+        "hourly": ["driver_hourly:hourly_rate"],
+        "both": ["driver_daily:daily_rate", "driver_hourly:hourly_rate"],
+        "service": service,
+    }
+    for label, features in reads.items():
+        spans.clear()
+        repo.get_online_features(features=features, entity_rows=rows).to_dict()
+        (read,) = [s for s in spans.get() if s.name.endswith("get_online_features")]
+        assert read.attributes[semconv.DL_FEATURE_STALE] is False, label
+        oldest = ages["hourly"] if label == "hourly" else ages["daily"]
+        freshness = read.attributes[semconv.DL_FEATURE_FRESHNESS]
+        assert oldest.total_seconds() <= freshness < oldest.total_seconds() + 60, label
+    # The hourly view's values two hours old: stale by its own TTL, in the same read.
+    later = now + pd.Timedelta(minutes=110)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(feast_instrumentor, "_now", lambda: later.timestamp())
+        spans.clear()
+        repo.get_online_features(features=reads["both"], entity_rows=rows).to_dict()
+        (read,) = [s for s in spans.get() if s.name.endswith("get_online_features")]
+    assert read.attributes[semconv.DL_FEATURE_STALE] is True
+
+
 def test_feature_service_and_drift_against_a_watched_reference(
     materialised: FeatureStore, spans: SpanList, monkeypatch: pytest.MonkeyPatch
 ) -> None:
