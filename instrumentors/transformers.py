@@ -106,12 +106,13 @@ def _inputs(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
 
 
 def _is_chat(inputs: Any) -> bool:
-    return (
-        isinstance(inputs, list | tuple)
-        and bool(inputs)
-        and isinstance(inputs[0], Mapping)
-        and "role" in inputs[0]
-    )
+    """One conversation (a list of ``{"role": ...}`` messages), or a batch of them."""
+    if not isinstance(inputs, list | tuple) or not inputs:
+        return False
+    first = inputs[0]
+    if isinstance(first, list | tuple) and first:  # a batch: its first conversation
+        first = first[0]
+    return isinstance(first, Mapping) and "role" in first
 
 
 def _streams(inputs: Any) -> bool:
@@ -198,10 +199,12 @@ def _call_option(pipe: Any, kwargs: Mapping[str, Any], name: str) -> Any:
 
 def _sigmoid_per_label(pipe: Any, kwargs: Mapping[str, Any]) -> bool:
     """Whether a classification pipeline scores several labels each with its own sigmoid
-    (a multi-label model, or ``function_to_apply="sigmoid"``): its logits are then not one
-    distribution over the labels, and carry no confidence. One label's sigmoid is a
-    binary distribution and does."""
+    (a multi-label model, or ``function_to_apply="sigmoid"``), or is a regression: its
+    logits are then not one distribution over the labels, and carry no confidence. One
+    label's sigmoid is a binary distribution and does."""
     config = getattr(getattr(pipe, "model", None), "config", None)
+    if getattr(config, "problem_type", None) == "regression":
+        return True  # a regression head's outputs are values, not class scores
     if int(getattr(config, "num_labels", 0) or 0) <= 1:
         return False
     function = _call_option(pipe, kwargs, "function_to_apply")
@@ -322,15 +325,18 @@ class TransformersInstrumentor(DlInstrumentor):
         if not config.signals:
             return attrs
         scores: Any = None
+        kind = "auto"
         if capture.class_scores and not _sigmoid_per_label(call.instance, call.kwargs):
-            scores = torch.cat(capture.class_scores)
+            # The model's logits, whatever their values: one logit of 0.01 is a sigmoid
+            # of 0.5, not a probability of 0.99.
+            scores, kind = torch.cat(capture.class_scores), "logits"
         elif str(getattr(call.instance, "task", "")).startswith("zero-shot"):
             rows = _score_rows(result, batched)
             # multi_label scores each candidate on its own: a row is not a distribution.
             independent = _call_option(call.instance, call.kwargs, "multi_label")
             scores = None if rows and len(rows[0]) > 1 and independent else rows
         if scores is not None:
-            attrs.update(confidence_attributes(scores, config.confidence_threshold))
+            attrs.update(confidence_attributes(scores, config.confidence_threshold, kind=kind))
         return attrs
 
 

@@ -674,11 +674,13 @@ def _set(out: dict[str, AttributeValue], key: str, value: float | None) -> None:
 
 
 def confidence_attributes(
-    outputs: Any, threshold: float = 0.5, max_rows: int | None = None
+    outputs: Any, threshold: float = 0.5, max_rows: int | None = None, kind: str = "auto"
 ) -> dict[str, AttributeValue]:
     """``dl.confidence.*``, ``dl.confidence.rows`` and ``dl.prediction.count`` for one call;
     never raises on data. ``max_rows`` bounds the predictions the statistics are computed
-    on (evenly spaced ones); ``dl.prediction.count`` always counts them all."""
+    on (evenly spaced ones); ``dl.prediction.count`` always counts them all. ``kind``: as
+    :func:`~otel_dl.confidence.summarize`'s, for a caller that knows it (one logit per
+    row in [0, 1] looks like a probability, and ``auto`` reads it as one)."""
     try:
         if _class_maps(outputs) and max_rows is not None and len(outputs) > max_rows:
             # One {class: score} dict per prediction: read only the rows the figures cover.
@@ -689,7 +691,7 @@ def confidence_attributes(
             count = scores.shape[0]
             if max_rows is not None and count > max_rows:
                 scores = scores[_spaced(count, max_rows)]
-        summary = summarize(scores, threshold=threshold)
+        summary = summarize(scores, threshold=threshold, kind=kind)
     except _UNREADABLE:
         return {}
     return _confidence_out(count, summary)

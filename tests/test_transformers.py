@@ -165,6 +165,46 @@ def test_text_generation_uses_gen_ai_attributes(spans: SpanList, generate) -> No
     assert answer["generated_text"].startswith("good movie")
 
 
+def test_a_batch_of_conversations_is_a_chat(spans: SpanList, generate) -> None:
+    chats = [[{"role": "user", "content": "good movie"}], [{"role": "user", "content": "bad"}]]
+    tokenizer = generate.tokenizer  # the module's: its template is put back after
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    try:
+        generate(chats, max_new_tokens=3, do_sample=False)
+    finally:
+        tokenizer.chat_template = None
+    (span,) = spans.get()
+    assert span.attributes[semconv.GEN_AI_OPERATION_NAME] == "chat"
+    assert span.attributes[semconv.DL_PREDICTION_COUNT] == 2
+
+
+def test_one_logit_is_read_as_a_logit_and_a_regression_gets_no_confidence(
+    spans: SpanList, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    """A one-label head's logits near 0 are a sigmoid near 0.5, an unsure model: read as
+    probabilities (they lie in [0, 1]) they said 0.99. A regression head's outputs are
+    values, not class scores."""
+    model = tiny_bert_classifier(num_labels=1)
+    with torch.no_grad():
+        model.classifier.bias.fill_(0.02)  # every logit just above 0: inside [0, 1]
+    texts = ["good movie", "bad movie", "good", "bad"]
+    one = pipeline("text-classification", model=model, tokenizer=tokenizer)
+    with suppress_instrumentation(), torch.no_grad():  # one text a call, as the pipeline
+        logits = torch.cat([model(**tokenizer(t, return_tensors="pt")).logits[:, 0] for t in texts])
+    assert bool(((logits > 0) & (logits < 1)).all()), "the case: logits inside [0, 1]"
+    one(texts)
+    (span,) = spans.get()
+    sigmoid = torch.sigmoid(logits)
+    expected = torch.maximum(sigmoid, 1 - sigmoid).mean().item()
+    assert span.attributes[semconv.DL_CONFIDENCE_MEAN] == pytest.approx(expected, rel=1e-5)
+    spans.clear()
+    model.config.problem_type = "regression"
+    one(texts)
+    (span,) = spans.get()
+    assert semconv.DL_CONFIDENCE_MEAN not in span.attributes
+    assert span.attributes[semconv.DL_PREDICTION_COUNT] == 4
+
+
 def test_user_errors_are_recorded_and_reraised_unchanged(spans: SpanList, classify) -> None:
     with suppress_instrumentation(), pytest.raises(Exception) as bare:
         classify(42)
