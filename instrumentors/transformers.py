@@ -1,4 +1,4 @@
-"""Hugging Face transformers instrumentation: one span per pipeline call.
+"""Hugging Face transformers instrumentation: one span per pipeline call or ``generate()``.
 
 ``otel_dl.instrument()`` enables it when transformers is installed; by hand::
 
@@ -33,6 +33,11 @@ model), and ``dl.prediction.count``. Watch either the pipeline or its model:
   ``gen_ai.usage.input_tokens``/``output_tokens`` counted from the token ids (output
   tokens stop at the first end-of-sequence token, which counts).
 
+A model's ``generate()`` called directly (serving code that tokenizes itself) is one
+``inference`` span too, with the same GenAI attributes and ``dl.prediction.count`` (the
+sequences), not one model span per decoding step; inside a pipeline it makes none of
+its own. In training mode it is traced only with ``trace_training``.
+
 Streaming inputs (a generator or a Dataset) return a lazy iterator; such calls make no
 pipeline span, and the model's forwards are traced by the torch instrumentor instead.
 Text inputs give no drift or quality signals.
@@ -62,8 +67,10 @@ from otel_dl.provenance import model_fingerprint
 from ._base import DlInstrumentor, Patches
 
 _MODULE = "transformers.pipelines.base"
+_GENERATION_MODULE = "transformers.generation.utils"
 _FRAMEWORK = "transformers"
 _SITE = "transformers.pipeline"
+_GENERATE_SITE = "transformers.generate"
 _CLASSIFICATION_TASKS: Final = frozenset(
     {
         "text-classification",
@@ -236,8 +243,31 @@ class TransformersInstrumentor(DlInstrumentor):
 
     def patches(self) -> Patches:
         return {
-            _MODULE: {"Pipeline.__call__": self._wrap_call, "Pipeline.forward": self._wrap_forward}
+            _MODULE: {"Pipeline.__call__": self._wrap_call, "Pipeline.forward": self._wrap_forward},
+            _GENERATION_MODULE: {"GenerationMixin.generate": self._wrap_generate},
         }
+
+    # -- model.generate() called directly -------------------------------------------------
+    def _wrap_generate(self, wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        """One span for the whole generation, as a text-generation pipeline's, instead of
+        one model span per decoding step (a 512-token answer made 512 spans). Inside a
+        pipeline the call is suppressed already and makes none of its own."""
+        if getattr(instance, "training", False) and not get_config().trace_training:
+            return wrapped(*args, **kwargs)
+        return traced_call(
+            _suppressing(wrapped),
+            instance,
+            args,
+            kwargs,
+            site=_GENERATE_SITE,
+            name=semconv.SPAN_INFERENCE,
+            stage=semconv.STAGE_INFERENCE,
+            component=semconv.COMPONENT_TRANSFORMERS,
+            before=_generate_attributes,
+            after=_generated,
+            hooks=self._hooks,
+            tracer=self._tracer,
+        )
 
     # -- calls --------------------------------------------------------------------------
     def _wrap_call(self, wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
@@ -338,6 +368,60 @@ class TransformersInstrumentor(DlInstrumentor):
         if scores is not None:
             attrs.update(confidence_attributes(scores, config.confidence_threshold, kind=kind))
         return attrs
+
+
+def _prompt(call: DlCall) -> Any:
+    return call.args[0] if call.args else call.kwargs.get("input_ids", call.kwargs.get("inputs"))
+
+
+def _generate_attributes(call: DlCall) -> Attributes:
+    """A directly called ``generate``'s model and GenAI request attributes."""
+    model = call.instance
+    state = watch_state(model) or ensure_state(model)
+    name_or_path = str(getattr(model, "name_or_path", "") or "")
+    attrs: Attributes = state.provenance()
+    attrs[semconv.DL_MODEL_FRAMEWORK] = _FRAMEWORK
+    attrs[semconv.DL_MODEL_NAME] = state.name or name_or_path or type(model).__name__
+    version = state.version or _revision(model, name_or_path)
+    if version is not None:
+        attrs[semconv.DL_MODEL_VERSION] = version
+    fingerprint = model_fingerprint(model)
+    if fingerprint is not None:
+        attrs[semconv.DL_MODEL_FINGERPRINT] = fingerprint
+    attrs[semconv.GEN_AI_OPERATION_NAME] = "text_completion"
+    attrs[semconv.GEN_AI_REQUEST_MODEL] = name_or_path or attrs[semconv.DL_MODEL_NAME]
+    max_tokens = call.kwargs.get("max_new_tokens")
+    if max_tokens is None:
+        max_tokens = getattr(call.kwargs.get("generation_config"), "max_new_tokens", None)
+    if isinstance(max_tokens, int):
+        attrs[semconv.GEN_AI_REQUEST_MAX_TOKENS] = max_tokens
+    return attrs
+
+
+def _generated(call: DlCall, result: Any) -> Attributes:
+    """Token counts and sequences of a directly called ``generate``."""
+    import torch
+
+    sequences = getattr(result, "sequences", result)
+    prompt = _prompt(call)
+    if not isinstance(sequences, torch.Tensor) or sequences.dim() != 2:
+        return {}
+    attrs: Attributes = {semconv.DL_PREDICTION_COUNT: int(sequences.shape[0])}
+    if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2:
+        return attrs
+    mask = call.kwargs.get("attention_mask")
+    inputs = int(mask.sum()) if isinstance(mask, torch.Tensor) else int(prompt.numel())
+    model_config = getattr(call.instance, "config", None)
+    # An encoder-decoder's sequences are the decoder's: its start token, then new tokens.
+    start = 1 if getattr(model_config, "is_encoder_decoder", False) else prompt.shape[-1]
+    config = getattr(call.instance, "generation_config", None)
+    attrs[semconv.GEN_AI_USAGE_INPUT_TOKENS] = inputs
+    attrs[semconv.GEN_AI_USAGE_OUTPUT_TOKENS] = _generated_tokens(
+        sequences[:, start:],
+        _ids(getattr(config, "eos_token_id", None)),
+        getattr(config, "pad_token_id", None),
+    )
+    return attrs
 
 
 def _suppressing(wrapped: Callable[..., Any]) -> Callable[..., Any]:

@@ -165,6 +165,25 @@ def test_text_generation_uses_gen_ai_attributes(spans: SpanList, generate) -> No
     assert answer["generated_text"].startswith("good movie")
 
 
+def test_generate_called_directly_is_one_span(spans: SpanList, generate) -> None:
+    """Serving code that tokenizes itself calls ``model.generate``: one span for the
+    generation, with the GenAI attributes, not one model span per decoding step."""
+    model = otel_dl.watch(generate.model, name="writer", version="3")
+    prompt = torch.tensor([[TINY_WORDS.index("good"), TINY_WORDS.index("movie")]] * 2)
+    out = model.generate(prompt, max_new_tokens=5, do_sample=False, min_new_tokens=5)
+    (span,) = spans.get()
+    attrs = span.attributes
+    assert (attrs[semconv.DL_MODEL_NAME], attrs[semconv.DL_MODEL_VERSION]) == ("writer", "3")
+    assert attrs[semconv.GEN_AI_OPERATION_NAME] == "text_completion"
+    assert attrs[semconv.GEN_AI_REQUEST_MAX_TOKENS] == 5
+    assert attrs[semconv.GEN_AI_USAGE_INPUT_TOKENS] == 4
+    assert attrs[semconv.DL_PREDICTION_COUNT] == 2 == out.shape[0]
+    assert attrs[semconv.GEN_AI_USAGE_OUTPUT_TOKENS] == 10  # min_new_tokens: no early end
+    with suppress_instrumentation():
+        bare = generate.model.generate(prompt, max_new_tokens=5, do_sample=False, min_new_tokens=5)
+    assert torch.equal(out, bare)
+
+
 def test_a_batch_of_conversations_is_a_chat(spans: SpanList, generate) -> None:
     chats = [[{"role": "user", "content": "good movie"}], [{"role": "user", "content": "bad"}]]
     tokenizer = generate.tokenizer  # the module's: its template is put back after
