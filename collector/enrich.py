@@ -12,7 +12,7 @@ recorded location of the cause.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from opentelemetry.proto.common.v1.common_pb2 import KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
@@ -55,10 +55,13 @@ def _string_value(text: str):
     return kv.value
 
 
-def enrich(decision: Decision) -> None:
-    """Write ``decision`` onto its spans; do nothing for a healthy trace."""
+def enrich(decision: Decision, spans: Sequence[SpanRecord] = ()) -> None:
+    """Write ``decision`` onto its spans; do nothing for a healthy trace. A span that
+    arrived more than once (``spans``, the trace's: the same span id twice, an exporter's
+    retry) gets the same attributes on every copy, whichever one a backend keeps."""
     if not decision.fault or decision.root is None or decision.mode is None:
         return
+    copies = _copies(spans)
     root, mode = decision.root, decision.mode
     span_id = root.span_id.hex()
     for key, value in (
@@ -72,14 +75,32 @@ def enrich(decision: Decision) -> None:
         (semconv.DL_FAULT_RUNBOOK, mode.runbook),
         (semconv.DL_FAULT_BLAME, decision.blame),
     ):
-        set_attribute(root.span, key, value)
+        for record in copies(root):
+            set_attribute(record.span, key, value)
     for symptom in decision.symptoms:
-        set_attribute(symptom.span, semconv.DL_FAULT_SYMPTOM, True)
-        _point_at_cause(symptom, root.service, span_id)
+        for record in copies(symptom):
+            set_attribute(record.span, semconv.DL_FAULT_SYMPTOM, True)
+            _point_at_cause(record, root.service, span_id)
     trace_root = decision.trace_root
     if trace_root is not None:
-        _point_at_cause(trace_root, root.service, span_id)
-        set_attribute(trace_root.span, semconv.DL_FAULT_CANDIDATES, list(decision.candidates))
+        for record in copies(trace_root):
+            _point_at_cause(record, root.service, span_id)
+            set_attribute(record.span, semconv.DL_FAULT_CANDIDATES, list(decision.candidates))
+
+
+def _copies(spans: Sequence[SpanRecord]) -> Callable[[SpanRecord], Sequence[SpanRecord]]:
+    """``record`` and the other records of ``spans`` with its span id."""
+    if len({s.span_id for s in spans}) == len(spans):  # no span twice: the usual case
+        return lambda record: (record,)
+    by_id: dict[bytes, list[SpanRecord]] = {}
+    for s in spans:
+        by_id.setdefault(s.span_id, []).append(s)
+
+    def copies(record: SpanRecord) -> Sequence[SpanRecord]:
+        found = by_id.get(record.span_id)
+        return found if found and record in found else (record, *(found or ()))
+
+    return copies
 
 
 def enrich_late(span: SpanRecord, cause: tuple[str, str]) -> None:

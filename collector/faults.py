@@ -100,7 +100,7 @@ class FaultProcessor:
             try:
                 decision = self.attributor.decide(trace_id, spans)
                 if decision.fault:
-                    enrich(decision)
+                    enrich(decision, spans)
             except Exception as exc:
                 # Forward the trace unattributed rather than lose it; log no values.
                 self.metrics.decision_errors.inc()

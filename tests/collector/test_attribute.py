@@ -11,7 +11,7 @@ from otel_dl import semconv
 from otel_dl.collector.attribute import Attributor
 from otel_dl.collector.catalog import load_catalog
 from otel_dl.collector.decode import flatten
-from otel_dl.collector.enrich import set_attribute
+from otel_dl.collector.enrich import enrich, set_attribute
 
 _ids = itertools.count(1)
 
@@ -101,6 +101,32 @@ def test_upstream_drift_explains_downstream_low_confidence():
     assert decision.mode.kind == semconv.FAULT_KIND_DATA_DRIFT
     assert decision.candidates[:2] == ("ingest", "inference")
     assert any(s.service == "inference" for s in decision.symptoms)
+
+
+def test_every_copy_of_a_span_sent_twice_is_enriched():
+    """An exporter's retry can deliver a span twice: a backend keeps either copy, so each
+    carries the attribution, the cause's and the trace root's alike."""
+    attributor = _attributor()
+    records = _trace(
+        _pipeline(ingest={semconv.DL_DRIFT_SCORE: 0.6}, infer={semconv.DL_CONFIDENCE_MEAN: 0.3})
+    )
+    request = ExportTraceServiceRequest()
+    for record in (records[0], records[1]):  # the trace root and the cause, again
+        rs = request.resource_spans.add()
+        kv = rs.resource.attributes.add()
+        kv.key, kv.value.string_value = "service.name", record.service
+        rs.scope_spans.add().spans.add().CopyFrom(record.span)
+    twins, _, _ = flatten(request, attributor.wanted_attributes)
+    spans = [*records, *twins]
+    decision = attributor.decide(records[0].trace_id, spans)
+    enrich(decision, spans)
+    assert decision.root.service == "ingest"
+    for record in (records[1], twins[1]):
+        keys = {kv.key for kv in record.span.attributes}
+        assert {semconv.DL_FAULT_ROOT_CAUSE, semconv.DL_FAULT_MODE} <= keys
+    for record in (records[0], twins[0]):
+        keys = {kv.key for kv in record.span.attributes}
+        assert {semconv.DL_FAULT_ROOT_CAUSE_SERVICE, semconv.DL_FAULT_CANDIDATES} <= keys
 
 
 def test_external_error_is_a_dependency_outage_not_the_callers_error():
