@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -141,10 +142,19 @@ def decode_json(body: bytes) -> ExportTraceServiceRequest:
 
 
 def _field_path(exc: Exception) -> str:
+    """The path of the field the parser refused, never its value: json_format nests
+    "Failed to parse <field> field: " once per level, and may add " at <path>" with
+    indices; the value comes after both."""
     text = str(exc)
-    # json_format names the path first ("Failed to parse x field: ..."), values later.
-    head = text.split(":", 1)[0]
-    return head if len(head) < 200 else "invalid field"
+    at = _AT_PATH.search(text)
+    if at is not None:
+        return "field " + at.group(1).rstrip(".")
+    fields = _FAILED_FIELD.findall(text)
+    return "field " + ".".join(fields) if fields else "invalid field"
+
+
+_AT_PATH = re.compile(r" at ExportTraceServiceRequest\.((?:\w+(?:\[\d+\])?\.?)+)")
+_FAILED_FIELD = re.compile(r"Failed to parse (\w+) field")
 
 
 def decode_protobuf(body: bytes) -> ExportTraceServiceRequest:

@@ -400,6 +400,30 @@ def test_tls_configuration_errors_name_the_key_and_the_fix(tmp_path, certs):
 
 
 # --- no payload values in logs, store, API or report --------------------------------------
+@pytest.mark.parametrize(
+    ("span", "path"),
+    [
+        ({"startTimeUnixNano": "s3cr3t"}, "field resourceSpans.scopeSpans.spans.startTimeUnixNano"),
+        (
+            {"attributes": [{"key": "k", "value": {"intValue": "1.5"}}]},
+            "field resourceSpans[0].scopeSpans[0].spans[0].attributes[0].value.intValue",
+        ),
+    ],
+)
+def test_a_bad_json_field_is_named_by_its_path_never_its_value(span, path):
+    """The message names the field the parser refused (it named only resourceSpans, the
+    outermost, whatever was wrong), and never the value it held."""
+    from otel_dl.collector.decode import PayloadError
+    from otel_dl.collector.receive import decode_json
+
+    span = {"traceId": "01" * 16, "spanId": "02" * 8, "name": "n", **span}
+    body = json.dumps({"resourceSpans": [{"scopeSpans": [{"spans": [span]}]}]}).encode()
+    with pytest.raises(PayloadError) as refused:
+        decode_json(body)
+    message = str(refused.value)
+    assert path in message and "s3cr3t" not in message and "1.5" not in message
+
+
 def test_payload_values_stay_out_of_logs_store_api_and_report(
     make_collector, wait_for, caplog, tmp_path
 ):
