@@ -315,21 +315,12 @@ class TransformersInstrumentor(DlInstrumentor):
     def _model_attributes(self, call: DlCall, capture: _Capture) -> Attributes:
         pipe = call.instance
         model = pipe.model
-        state = self._state(pipe)
+        attrs = _model_identity(model, self._state(pipe))
         name_or_path = str(getattr(model, "name_or_path", "") or "")
-        attrs: Attributes = state.provenance()
-        attrs[semconv.DL_MODEL_FRAMEWORK] = _FRAMEWORK
-        attrs[semconv.DL_MODEL_NAME] = state.name or name_or_path or type(model).__name__
-        version = state.version or _revision(model, name_or_path)
-        if version is not None:
-            attrs[semconv.DL_MODEL_VERSION] = version
         if name_or_path and os.path.isdir(name_or_path):
             attrs[semconv.DL_MODEL_PATH] = name_or_path
         if pipe.task:
             attrs[semconv.DL_MODEL_TASK] = pipe.task
-        fingerprint = model_fingerprint(model)
-        if fingerprint is not None:
-            attrs[semconv.DL_MODEL_FINGERPRINT] = fingerprint
         if capture.generation:
             inputs = _inputs(call.args, call.kwargs)
             attrs[semconv.GEN_AI_OPERATION_NAME] = "chat" if _is_chat(inputs) else "text_completion"
@@ -374,10 +365,9 @@ def _prompt(call: DlCall) -> Any:
     return call.args[0] if call.args else call.kwargs.get("input_ids", call.kwargs.get("inputs"))
 
 
-def _generate_attributes(call: DlCall) -> Attributes:
-    """A directly called ``generate``'s model and GenAI request attributes."""
-    model = call.instance
-    state = watch_state(model) or ensure_state(model)
+def _model_identity(model: Any, state: WatchState) -> Attributes:
+    """Provenance, framework, name (the ``watch`` name, else ``name_or_path``, else the
+    class), version (the ``watch`` version, else the Hub commit) and weights fingerprint."""
     name_or_path = str(getattr(model, "name_or_path", "") or "")
     attrs: Attributes = state.provenance()
     attrs[semconv.DL_MODEL_FRAMEWORK] = _FRAMEWORK
@@ -388,6 +378,14 @@ def _generate_attributes(call: DlCall) -> Attributes:
     fingerprint = model_fingerprint(model)
     if fingerprint is not None:
         attrs[semconv.DL_MODEL_FINGERPRINT] = fingerprint
+    return attrs
+
+
+def _generate_attributes(call: DlCall) -> Attributes:
+    """A directly called ``generate``'s model and GenAI request attributes."""
+    model = call.instance
+    attrs = _model_identity(model, watch_state(model) or ensure_state(model))
+    name_or_path = str(getattr(model, "name_or_path", "") or "")
     attrs[semconv.GEN_AI_OPERATION_NAME] = "text_completion"
     attrs[semconv.GEN_AI_REQUEST_MODEL] = name_or_path or attrs[semconv.DL_MODEL_NAME]
     max_tokens = call.kwargs.get("max_new_tokens")

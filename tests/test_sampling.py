@@ -38,12 +38,13 @@ JOB = """
 """
 
 
-def _run_job(job: str, sink: OtlpSink) -> str:
-    """Run ``job`` in a fresh process exporting to ``sink``; return its standard output."""
+def _run_job(job: str, sink: OtlpSink | None, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``job`` (with ``args``) in a fresh process exporting to ``sink``, if any."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-    env["OTEL_EXPORTER_OTLP_ENDPOINT"] = sink.endpoint
+    if sink is not None:
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = sink.endpoint
     result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(job)],
+        [sys.executable, "-c", textwrap.dedent(job), *args],
         env=env,
         capture_output=True,
         text=True,
@@ -51,7 +52,7 @@ def _run_job(job: str, sink: OtlpSink) -> str:
         cwd=Path(__file__).parents[1],
     )
     assert result.returncode == 0, result.stderr
-    return result.stdout
+    return result
 
 
 def test_abnormal_spans_all_kept_normal_ones_one_in_n_and_parents_intact() -> None:
@@ -123,7 +124,7 @@ def test_a_batch_that_sampling_drops_is_never_made_and_still_counted() -> None:
     processor would drop costs no SDK span. Abnormal ones are all kept and, with
     ``duration_metric`` on, every batch's duration is still recorded."""
     with OtlpSink() as sink:
-        out = json.loads(_run_job(PRESAMPLED_JOB, sink).strip().splitlines()[-1])
+        out = json.loads(_run_job(PRESAMPLED_JOB, sink).stdout.strip().splitlines()[-1])
         spans = [s for rs in sink.resource_spans for ss in rs.scope_spans for s in ss.spans]
     batches = [s for s in spans if s.name == semconv.SPAN_DATALOADER_BATCH]
     index = {
@@ -186,18 +187,9 @@ def test_sample_every_without_the_processor_keeps_every_span_unweighted_and_warn
     ``dl.sampling.rate``, and a warning names the fix. Wrapped, sampling works, also
     with the processor added after ``instrument()``, and with the processor alone
     (``instrument()`` given no ``sample_every``): the rate is the processor's N."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     runs = {}
     for mode in ("bare", "wrapped", "recipe"):
-        result = subprocess.run(
-            [sys.executable, "-c", textwrap.dedent(OWN_PROVIDER_JOB), mode],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            cwd=Path(__file__).parents[1],
-        )
-        assert result.returncode == 0, result.stderr
+        result = _run_job(OWN_PROVIDER_JOB, None, mode)
         runs[mode] = (json.loads(result.stdout.strip().splitlines()[-1]), result.stderr)
     rates, stderr = runs["bare"]
     assert len(rates) == 200 and set(rates) == {None}
