@@ -14,6 +14,8 @@ the key and the fix; the CLI prints it and exits with status 2.
 
 from __future__ import annotations
 
+import difflib
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -134,6 +136,9 @@ def _readable_file(value: str) -> str | None:
     return None
 
 
+_ENV_PREFIX = "OTEL_DL_COLLECTOR_"
+
+
 @dataclass(frozen=True)
 class CollectorOption(Option):
     """A collector key: settable in the YAML file, by its variable and, unless secret, by a flag."""
@@ -160,7 +165,7 @@ def _key(
     metavar: str | None = None,
     secret: bool = False,
 ) -> CollectorOption:
-    env = "OTEL_DL_COLLECTOR_" + name.upper()
+    env = _ENV_PREFIX + name.upper()
     return CollectorOption(name, env, parse, help, check, secret=secret, metavar=metavar)
 
 
@@ -407,6 +412,19 @@ def _read_file(path: Path) -> dict[str, Any]:
     return data
 
 
+def _warn_unknown_variables(env: Mapping[str, str]) -> None:
+    """Warn about ``OTEL_DL_COLLECTOR_*`` variables that name no key: a misspelt one was
+    ignored without a word. A warning, not an error: an environment shared with a newer
+    collector may set keys this one does not have."""
+    known = {option.env for option in OPTIONS}
+    for name in sorted(n for n in env if n.startswith(_ENV_PREFIX) and n not in known):
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        logging.getLogger("otel_dl.collector").warning(
+            "environment variable %s names no collector key and is ignored%s", name, hint
+        )
+
+
 def load_config(
     path: Path | None = None,
     env: Mapping[str, str] | None = None,
@@ -420,6 +438,8 @@ def load_config(
     for option in OPTIONS:
         if env is not None and option.env in env:
             values[option.name] = _apply(option, env[option.env], f"environment {option.env}")
+    if env is not None:
+        _warn_unknown_variables(env)
     for key, raw in (flags or {}).items():
         if raw is None:
             continue

@@ -165,6 +165,18 @@ def test_a_bad_flag_value_exits_2_naming_the_flag(capsys, clean_environment, arg
     assert err.startswith("otel-dl-collector: configuration error: ") and needle in err
 
 
+def test_a_misspelt_environment_variable_is_named_with_the_likely_key(caplog):
+    env = {"OTEL_DL_COLLECTOR_GRPC_PROT": "5", "OTEL_DL_COLLECTOR_HTTP_PORT": "4318"}
+    with caplog.at_level("WARNING", logger="otel_dl.collector"):
+        config = load_config(env=env)
+    assert config.http_port == 4318
+    (record,) = caplog.records
+    assert record.getMessage() == (
+        "environment variable OTEL_DL_COLLECTOR_GRPC_PROT names no collector key and is "
+        "ignored; did you mean OTEL_DL_COLLECTOR_GRPC_PORT?"
+    )
+
+
 def test_a_bad_log_level_exits_2_listing_the_levels(capsys):
     with pytest.raises(SystemExit) as exited:
         main(["--log-level", "LOUD"])
