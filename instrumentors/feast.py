@@ -331,12 +331,17 @@ def _stale(store: Any, features: Any, oldest: Mapping[str, int], now: float) -> 
     the smallest TTL of the read."""
     infos = _view_infos(store)
     views = _feature_views(features)
-    smallest = _min_ttl(store, features)
+    smallest: float | None = None  # looked up only for a feature whose view has no TTL
+    looked = False
     judged = False
     for name, stamp in oldest.items():
         view = views.get(name)
         info = infos.get(view) if view is not None else None
-        ttl = info.ttl_s if info is not None and info.ttl_s else smallest
+        ttl = info.ttl_s if info is not None and info.ttl_s else None
+        if ttl is None:
+            if not looked:
+                smallest, looked = _min_ttl(store, features), True
+            ttl = smallest
         if ttl is None:
             continue
         judged = True

@@ -254,17 +254,32 @@ class TransformersInstrumentor(DlInstrumentor):
         pipeline the call is suppressed already and makes none of its own."""
         if getattr(instance, "training", False) and not get_config().trace_training:
             return wrapped(*args, **kwargs)
+        return self._one_span(
+            wrapped, instance, args, kwargs, _GENERATE_SITE, _generate_attributes, _generated
+        )
+
+    def _one_span(
+        self,
+        wrapped: Any,
+        instance: Any,
+        args: Any,
+        kwargs: Any,
+        site: str,
+        before: Callable[[DlCall], Attributes],
+        after: Callable[[DlCall, Any], Attributes],
+    ) -> Any:
+        """``wrapped`` as one ``inference`` span, everything inside it suppressed."""
         return traced_call(
             _suppressing(wrapped),
             instance,
             args,
             kwargs,
-            site=_GENERATE_SITE,
+            site=site,
             name=semconv.SPAN_INFERENCE,
             stage=semconv.STAGE_INFERENCE,
             component=semconv.COMPONENT_TRANSFORMERS,
-            before=_generate_attributes,
-            after=_generated,
+            before=before,
+            after=after,
             hooks=self._hooks,
             tracer=self._tracer,
         )
@@ -280,19 +295,14 @@ class TransformersInstrumentor(DlInstrumentor):
         )
         token = _capture.set(capture)
         try:
-            return traced_call(
-                _suppressing(wrapped),
+            return self._one_span(
+                wrapped,
                 instance,
                 args,
                 kwargs,
-                site=_SITE,
-                name=semconv.SPAN_INFERENCE,
-                stage=semconv.STAGE_INFERENCE,
-                component=semconv.COMPONENT_TRANSFORMERS,
-                before=lambda call: self._model_attributes(call, capture),
-                after=lambda call, result: self._signals(call, capture, result),
-                hooks=self._hooks,
-                tracer=self._tracer,
+                _SITE,
+                lambda call: self._model_attributes(call, capture),
+                lambda call, result: self._signals(call, capture, result),
             )
         finally:
             _capture.reset(token)
