@@ -43,7 +43,7 @@ from .export import Exporter, queue_item
 from .faults import FaultProcessor
 from .metrics import SIGNAL_ATTRIBUTES, CollectorMetrics
 from .notify import Notifier
-from .receive import GRPC_SERVER_OPTIONS, add_grpc_receiver, http_routes
+from .receive import GRPC_SERVER_OPTIONS, HTTP_RUNNER_OPTIONS, add_grpc_receiver, http_routes
 from .security import BearerAuth, grpc_credentials, server_ssl_context
 from .spans import operation_of
 from .store import FaultStore
@@ -197,8 +197,11 @@ class Collector:
                 self._auth,
             )
             ports = []
-            for app, port in ((otlp, self.config.http_port), (api, self.config.api_port)):
-                runner = web.AppRunner(app, access_log=None)
+            for app, port, options in (
+                (otlp, self.config.http_port, HTTP_RUNNER_OPTIONS),
+                (api, self.config.api_port, {}),
+            ):
+                runner = web.AppRunner(app, access_log=None, **options)
                 await runner.setup()
                 site = web.TCPSite(runner, self.config.host, port, ssl_context=self._ssl)
                 await site.start()

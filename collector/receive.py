@@ -1,4 +1,4 @@
-"""Receive: OTLP/gRPC and OTLP/HTTP (protobuf and JSON, gzip) into the pipeline.
+"""Receive: OTLP/gRPC and OTLP/HTTP (protobuf and JSON, gzip or deflate) into the pipeline.
 
 Both receivers decode a request and hand it to a *sink*, a callable
 ``sink(request, raw) -> (rejected_spans, error_message)`` (the collector's
@@ -26,13 +26,17 @@ Responses follow the OTLP specification:
   HTTP 429 with ``Retry-After``; the sender retries later;
 - a request over ``max_request_bytes`` (after decompression): HTTP 413, gRPC
   ``RESOURCE_EXHAUSTED`` without ``RetryInfo`` (so the sender does not retry it);
+- on OTLP/HTTP, a ``Content-Encoding`` other than ``gzip``, ``deflate`` or none
+  (``identity``): HTTP 415 naming it, before the body is read; a body that does not
+  inflate as its encoding says: HTTP 400. The receiver inflates a body itself, at most
+  ``max_request_bytes`` plus one byte of it (a gzip bomb is refused at the limit);
 - a missing or wrong bearer token (when ``auth_token`` is set): HTTP 401, gRPC
   ``UNAUTHENTICATED``, before the body is decoded.
 
 Payload values never reach the logs: error messages go back to the sender only.
 
 Use :func:`add_grpc_receiver` on a ``grpc.server`` and :func:`http_routes` on an aiohttp
-application.
+application, run with :data:`HTTP_RUNNER_OPTIONS` (aiohttp's own decompression off).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ import base64
 import json
 import re
 import time
+import zlib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -86,6 +91,11 @@ _PROTOBUF = "application/x-protobuf"
 _JSON = "application/json"
 _ID_FIELDS = ("traceId", "spanId", "parentSpanId")
 _EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+# aiohttp's web.AppRunner settings for an application with http_routes: the handler reads
+# the body as sent and inflates it itself (aiohttp would inflate it first, and refuse an
+# encoding it cannot inflate with a 400 and a traceback before the handler runs).
+HTTP_RUNNER_OPTIONS: dict[str, Any] = {"auto_decompress": False}
+_SUPPORTED_ENCODINGS = "use gzip, deflate or none (identity)"
 
 
 def _hex_ids_to_base64(data: Any) -> None:
@@ -302,9 +312,62 @@ def add_grpc_receiver(
     server.add_generic_rpc_handlers((_TraceService(sink, gate, workers),))
 
 
-def _supported_encoding(encoding: str) -> bool:
-    # aiohttp has already inflated gzip and deflate bodies when the handler reads them.
-    return encoding.strip().lower() in ("", "identity", "gzip", "deflate")
+def _content_coding(header: str) -> str | None:
+    """The coding to undo for a ``Content-Encoding`` header: ``"gzip"``, ``"deflate"``,
+    ``""`` for none, or None when it names anything else or more than one coding
+    (``identity`` is none and may appear in a list)."""
+    codings = [c for c in (t.strip().lower() for t in header.split(",")) if c]
+    codings = [c for c in codings if c != "identity"]
+    if not codings:
+        return ""
+    if len(codings) == 1 and codings[0] in ("gzip", "deflate"):
+        return codings[0]
+    return None
+
+
+class _TooLarge(Exception):
+    """The body inflates past ``max_request_bytes``."""
+
+
+def _inflate(body: bytes, coding: str, max_bytes: int) -> bytes:
+    """``body`` without its content ``coding`` (``"gzip"``, ``"deflate"`` or ``""``).
+
+    Inflates at most ``max_bytes + 1`` bytes: raises :class:`_TooLarge` past
+    ``max_bytes`` (a gzip bomb costs no more memory than the limit), and
+    :class:`~.decode.PayloadError` for a corrupt or truncated stream. ``gzip`` may hold
+    several members, as the format allows; ``deflate`` is the zlib format (RFC 1950),
+    or raw deflate (RFC 1951), which some senders use instead.
+    """
+    if not coding or not body:
+        return body
+    out = bytearray()
+    data = body
+    while data:
+        if coding == "gzip":
+            wbits = 16 + zlib.MAX_WBITS
+        else:  # a zlib header starts with compression method 8 in its low four bits
+            wbits = zlib.MAX_WBITS if data[0] & 0x0F == 8 else -zlib.MAX_WBITS
+        stream = zlib.decompressobj(wbits)
+        try:
+            out += stream.decompress(data, max_bytes + 1 - len(out))
+        except zlib.error as exc:
+            raise PayloadError(
+                f"body is not valid {coding} data ({exc}); send it compressed as "
+                "Content-Encoding says, or without Content-Encoding"
+            ) from exc
+        if len(out) > max_bytes:
+            raise _TooLarge
+        # Under the output limit, the stream took every byte given or it ended.
+        if not stream.eof:
+            raise PayloadError(
+                f"{coding} body is truncated: it ends before its compressed stream does"
+            )
+        data = stream.unused_data
+        if data and coding == "deflate":
+            raise PayloadError(
+                f"deflate body has {len(data)} bytes after the end of its compressed stream"
+            )
+    return bytes(out)
 
 
 def http_routes(
@@ -317,8 +380,10 @@ def http_routes(
 ) -> None:
     """Add ``POST /v1/traces`` to an aiohttp application.
 
-    ``max_bytes`` bounds the body after decompression; give the application the same
-    ``client_max_size`` so aiohttp stops reading at that size. Requests are decoded and
+    ``max_bytes`` bounds the body as sent and after decompression; give the application
+    the same ``client_max_size`` so aiohttp stops reading at that size, and run it with
+    :data:`HTTP_RUNNER_OPTIONS`, so that the handler inflates ``gzip`` and ``deflate``
+    bodies itself, within ``max_bytes``. Requests are decoded and
     handed to the sink on a pool of ``workers`` threads of the receiver's own (shut down
     with the application); the gate is asked before the body is read, with how long the
     request would wait for one of them, and again when it has one.
@@ -356,8 +421,9 @@ def http_routes(
             status=status, body=st.SerializeToString(), content_type=_PROTOBUF, headers=headers
         )
 
-    def handle_sync(body: bytes, as_json: bool) -> tuple[int, str]:
+    def handle_sync(raw: bytes, coding: str, as_json: bool) -> tuple[int, str]:
         _admit(gate)
+        body = _inflate(raw, coding, max_bytes)
         if as_json:
             return sink(decode_json(body), None)
         return sink(decode_protobuf(body), body)
@@ -380,10 +446,13 @@ def http_routes(
                 status=415,
                 text=f"Content-Type {ctype!r} is not supported; use {_PROTOBUF} or {_JSON}",
             )
-        encoding = request.headers.get("Content-Encoding", "")
-        if not _supported_encoding(encoding):
+        encoding = ", ".join(request.headers.getall("Content-Encoding", []))
+        coding = _content_coding(encoding)
+        if coding is None:
             return error(
-                as_json, 415, f"Content-Encoding {encoding!r} is not supported; use gzip or none"
+                as_json,
+                415,
+                f"Content-Encoding {encoding!r} is not supported; {_SUPPORTED_ENCODINGS}",
             )
         if request.content_length is not None and request.content_length > max_bytes:
             return error(as_json, 413, too_large)
@@ -397,10 +466,13 @@ def http_routes(
             return error(as_json, 413, too_large)
         loop = asyncio.get_running_loop()
         try:
-            # Decoding and the fsync'd journal write block; keep them off the event loop.
-            rejected, message = await loop.run_in_executor(pool, handle_sync, body, as_json)
+            # Inflating, decoding and the fsync'd journal write block; keep them off the
+            # event loop.
+            rejected, message = await loop.run_in_executor(pool, handle_sync, body, coding, as_json)
         except QueueFull as exc:
             return backpressure(as_json, exc)
+        except _TooLarge:
+            return error(as_json, 413, too_large)
         except PayloadError as exc:
             return error(as_json, 400, str(exc))
         return respond(as_json, _response(rejected, message))

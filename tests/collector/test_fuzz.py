@@ -305,11 +305,11 @@ def generate(rng: random.Random, n: int, http: bool) -> Iterator[Case]:
             ctype = rng.choice(["text/plain", "application/xml", "application/grpc", ""])
             encoding = None if rng.random() < 0.7 else rng.choice(["br", "zstd", "x-foo"])
             body = _valid(rng).SerializeToString()
+            # The receiver inflates gzip and deflate itself: any other encoding is a 415.
             if encoding:
-                # aiohttp's parser refuses an encoding it cannot decode with 400 before
-                # the handler runs; one it can (br with brotli installed) gets our 415.
-                allowed = frozenset({"type", "bad"})
-                yield Case("wrong content type", body, False, allowed, None, PB, encoding)
+                yield Case(
+                    "wrong content type", body, False, frozenset({"type"}), None, PB, encoding
+                )
             else:
                 yield Case("wrong content type", body, False, frozenset({"type"}), None, ctype)
         else:
