@@ -47,6 +47,8 @@ import yaml
 
 from otel_dl import semconv
 
+from .decode import FALLBACKS
+
 _log = logging.getLogger(__name__)
 
 DEFAULT_CATALOG_PATH = Path(__file__).with_name("catalog.yaml")
@@ -119,7 +121,8 @@ class Catalog:
     @property
     def attributes(self) -> frozenset[str]:
         """Span attribute names any mode reads (span facts excluded)."""
-        return frozenset(s for m in self.modes for s in m.signals if s not in SPAN_SIGNALS)
+        read = frozenset(s for m in self.modes for s in m.signals if s not in SPAN_SIGNALS)
+        return read | frozenset(FALLBACKS[s] for s in read if s in FALLBACKS)
 
 
 def default_runbook_base_url() -> str:

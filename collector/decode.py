@@ -70,6 +70,13 @@ _VALUE_TYPES = {
 }
 
 
+#: Attributes read from another when a span lacks them (when both are wanted): a span
+#: with ``dl.quality.nan_fraction`` but no ``dl.quality.nan_excess_fraction`` (a producer
+#: that does not set it, or a source without a reference) is judged by its whole NaN share.
+FALLBACKS: Mapping[str, str] = MappingProxyType(
+    {semconv.DL_QUALITY_NAN_EXCESS_FRACTION: semconv.DL_QUALITY_NAN_FRACTION}
+)
+
 #: The ``mistyped`` list of the spans that have none (shared, never appended to).
 _NONE_MISTYPED: list[tuple[str, str]] = []
 #: The ``attrs`` of the spans that have none of the wanted attributes (shared, read-only).
@@ -158,6 +165,10 @@ class SpanRecord:
                     if not self.mistyped:
                         self.mistyped = []
                     self.mistyped.append((key, _VALUE_TYPES.get(which or "", "empty")))
+        if attrs is not None:
+            for key, source in FALLBACKS.items():
+                if source in attrs and key not in attrs and key in wanted:
+                    attrs[key] = attrs[source]
 
 
 def _usable(key: str, value: Any) -> bool:

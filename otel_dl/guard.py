@@ -66,6 +66,7 @@ from otel_dl._config import Config
 from otel_dl._context import attributes
 from otel_dl._guard import report_internal_error
 from otel_dl.monitor import FeatureMonitor
+from otel_dl.quality import unexplained_nan
 from otel_dl.reference import Reference
 
 Signals = Mapping[str, Any]
@@ -89,7 +90,9 @@ class GuardPolicy:
 
     Each rule reads one otel-dl span signal of the call:
 
-    - ``max_nan_fraction``: ``dl.quality.nan_fraction`` above it;
+    - ``max_nan_fraction``: the NaN/Inf share above it, beyond what the reference
+      explains (``dl.quality.nan_excess_fraction``; ``dl.quality.nan_fraction`` while
+      there is no reference);
     - ``max_out_of_range_fraction``: ``dl.quality.out_of_range_fraction`` above it;
     - ``schema_mismatch``: ``dl.quality.schema_mismatch`` is true;
     - ``drift``: ``dl.drift.status`` at ``"warn"`` or ``"alert"`` (or worse);
@@ -136,7 +139,7 @@ class GuardPolicy:
 
     def __call__(self, signals: Signals) -> str | None:
         """The first rule ``signals`` break (its name, the ``dl.guard.reason``), else None."""
-        nan = signals.get(semconv.DL_QUALITY_NAN_FRACTION)
+        nan = unexplained_nan(signals)
         if self.max_nan_fraction is not None and _above(nan, self.max_nan_fraction):
             return "nan_fraction"
         if self.schema_mismatch and signals.get(semconv.DL_QUALITY_SCHEMA_MISMATCH) is True:

@@ -40,7 +40,7 @@ from otel_dl._config import Config, get_config
 from otel_dl.confidence import Summary, summarize, summarize_each, to_scores
 from otel_dl.drift import DriftTracker
 from otel_dl.provenance import data_fingerprint, data_fingerprints
-from otel_dl.quality import batch_quality, quality_each
+from otel_dl.quality import batch_quality, nan_excess, nan_excess_each, quality_each
 from otel_dl.reference import Reference
 from otel_dl.table import Table, to_numpy, to_table
 
@@ -406,6 +406,7 @@ class FeatureMonitor:
                     if self._reference is None:
                         self._collect(table)
             return
+        _set(out, semconv.DL_QUALITY_NAN_EXCESS_FRACTION, nan_excess(reference, full, nan))
         out[semconv.DL_QUALITY_SCHEMA_MISMATCH] = (
             table.schema_fingerprint != reference.schema_fingerprint
         )
@@ -608,6 +609,7 @@ class FeatureMonitor:
         schema = table.schema_fingerprint
         fingerprints = data_fingerprints(schema, stacked, starts)
         nan, outside = quality_each(reference, stacked, starts)
+        excess = nan_excess_each(reference, table.numeric_names, stacked, starts, nan)
         mismatch = schema != reference.schema_fingerprint
         self._feature_count = len(table.names)
         ends = [*starts[1:], len(stacked)]
@@ -630,6 +632,7 @@ class FeatureMonitor:
             out[semconv.DL_DATA_SCHEMA_FINGERPRINT] = schema
             out[semconv.DL_DATA_FINGERPRINT] = fingerprints[i]
             out[semconv.DL_QUALITY_NAN_FRACTION] = nan[i]
+            out[semconv.DL_QUALITY_NAN_EXCESS_FRACTION] = excess[i]
             out[semconv.DL_QUALITY_SCHEMA_MISMATCH] = mismatch
             _set(out, semconv.DL_QUALITY_OUT_OF_RANGE_FRACTION, outside[i])
 

@@ -4,6 +4,7 @@ Pure functions over one batch (anything :func:`otel_dl.table.to_table` reads, or
 :class:`~otel_dl.table.Table`)::
 
     quality.nan_fraction(batch)                 # share of NaN/Inf (or missing) values
+    quality.nan_excess(ref, table, nan)         # the part of it the reference does not explain
     quality.out_of_range_fraction(ref, batch)   # share outside the reference [min, max]
     quality.schema_mismatch(ref, batch)         # column names, dtypes or shape changed
     quality.batch_quality(ref, table)           # both, sharing one finiteness pass
@@ -15,10 +16,12 @@ made-up number.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from otel_dl import semconv
 from otel_dl.reference import Reference
 from otel_dl.table import Table, to_table
 
@@ -38,6 +41,75 @@ def nan_fraction(data: Any) -> float | None:
         return None
     bad = numeric.size - np.count_nonzero(np.isfinite(numeric)) if numeric.size else 0
     return float((bad + _missing_categories(table)) / total)
+
+
+#: Binomial standard deviations a feature's missing count may lie above its reference
+#: share's before the rest counts as excess (:func:`missing_allowed`).
+EXCESS_SIGMAS = 4.0
+
+
+def missing_allowed(shares: np.ndarray, rows: int) -> np.ndarray:
+    """Missing values per feature that a batch of ``rows`` rows may hold before any is
+    excess, given each feature's reference missing share ``p``: none when ``p`` is 0 (the
+    reference never saw the feature missing), else ``floor(n*p + 4*sqrt(n*p*(1-p)) + 1)``
+    (``n`` = ``rows``): what a batch drawn like the reference holds but about once in
+    ten thousand batches, the ``+ 1`` covering small batches."""
+    spread = np.sqrt(rows * shares * (1.0 - shares))
+    allowed = np.floor(rows * shares + EXCESS_SIGMAS * spread + 1.0)
+    return np.where(shares > 0, allowed, 0.0)
+
+
+def nan_excess(reference: Reference, table: Table, nan: float | None) -> float | None:
+    """The share of ``table``'s values that are missing (NaN/Inf, or ``None`` in a
+    categorical feature) beyond what ``reference`` explains: per feature, the missing
+    count above :func:`missing_allowed`, summed over the features and divided by the
+    values ``nan`` (``nan_fraction(table)``) counts. ``nan`` itself when no feature was
+    ever missing in the reference; 0 for a batch missing values only where, and about as
+    often as, the reference was."""
+    if not nan:
+        return nan
+    names = (*table.numeric_names, *table.categorical)
+    shares = reference.missing_shares(names)
+    if not shares.any():
+        return nan
+    numeric = table.numeric
+    counts = np.empty(len(names), dtype=np.float64)
+    width = len(table.numeric_names)
+    counts[:width] = table.rows - np.count_nonzero(np.isfinite(numeric), axis=0)
+    for j, values in enumerate(table.categorical.values(), start=width):
+        counts[j] = np.count_nonzero(np.equal(values, None))  # type: ignore[call-overload]
+    excess = np.maximum(counts - missing_allowed(shares, table.rows), 0.0).sum()
+    return float(excess / (table.rows * len(names)))
+
+
+def unexplained_nan(attrs: Mapping[str, Any]) -> Any:
+    """The NaN share a span is judged by (signal-aware sampling, the guard):
+    ``dl.quality.nan_excess_fraction`` when the span carries it (its source has a
+    reference), else ``dl.quality.nan_fraction``."""
+    excess = attrs.get(semconv.DL_QUALITY_NAN_EXCESS_FRACTION)
+    return attrs.get(semconv.DL_QUALITY_NAN_FRACTION) if excess is None else excess
+
+
+def nan_excess_each(
+    reference: Reference, names: tuple[str, ...], values: np.ndarray, starts: Any, nan: list[float]
+) -> list[float]:
+    """:func:`nan_excess` of several batches stacked as :func:`quality_each` takes them
+    (numeric features ``names``), given their ``nan`` fractions: only a batch with
+    missing values is counted again."""
+    shares = reference.missing_shares(names)
+    if not shares.any():
+        return nan
+    bounds = [*starts, len(values)]
+    out = []
+    for share, start, stop in zip(nan, bounds, bounds[1:], strict=False):
+        if not share:
+            out.append(share)
+            continue
+        part = values[start:stop]
+        counts = part.shape[0] - np.count_nonzero(np.isfinite(part), axis=0)
+        excess = np.maximum(counts - missing_allowed(shares, part.shape[0]), 0.0).sum()
+        out.append(float(excess / part.size))
+    return out
 
 
 def _missing_categories(table: Table) -> int:

@@ -97,6 +97,7 @@ class Reference:
         self._numeric_names = tuple(numeric.names)
         self._edges32: np.ndarray | None = None
         self._ranges: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._missing: dict[tuple[str, ...], np.ndarray] = {}
         self._category_index = {
             name: {c: i for i, c in enumerate(cat.categories)} for name, cat in categorical.items()
         }
@@ -164,6 +165,25 @@ class Reference:
                 lo, hi = ceil_to_float32(lo), ceil_to_float32(hi)
             self._ranges[key] = (lo, hi)
         return self._ranges[key]
+
+    def missing_shares(self, names: tuple[str, ...]) -> np.ndarray:
+        """Per feature of ``names``, the share of its reference values that were missing
+        (NaN/Inf, or ``None`` for a categorical feature); 0 for a feature the profile lacks."""
+        shares = self._missing.get(names)
+        if shares is None:
+            numeric = self._numeric
+            seen = numeric.count + numeric.nonfinite
+            by_name = {
+                name: float(numeric.nonfinite[i] / seen[i]) if seen[i] else 0.0
+                for name, i in self._index.items()
+            }
+            for name, cat in self._categorical.items():
+                total = cat.count + cat.missing
+                by_name[name] = cat.missing / total if total else 0.0
+            shares = np.array([by_name.get(n, 0.0) for n in names], dtype=np.float64)
+            if len(self._missing) < 16:
+                self._missing[names] = shares
+        return shares
 
     def __repr__(self) -> str:
         return (

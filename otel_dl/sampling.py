@@ -63,6 +63,7 @@ from opentelemetry.util.types import AttributeValue
 from otel_dl import semconv
 from otel_dl._config import Config, get_config
 from otel_dl.drift import DEFAULT_THRESHOLDS, drift_status
+from otel_dl.quality import unexplained_nan
 
 # A few values past the reference's min/max are normal for any sample (about 2/n of
 # them for a reference of n rows); the collector's catalog flags data quality at 5%.
@@ -95,7 +96,7 @@ def is_abnormal(
         status = drift_status(score, method, config.drift_warn, config.drift_alert)
     if status in (semconv.DRIFT_STATUS_WARN, semconv.DRIFT_STATUS_ALERT):
         return True
-    nan_share = attrs.get(semconv.DL_QUALITY_NAN_FRACTION)
+    nan_share = unexplained_nan(attrs)
     if isinstance(nan_share, float) and nan_share > 0.0:
         return True
     outside = attrs.get(semconv.DL_QUALITY_OUT_OF_RANGE_FRACTION)

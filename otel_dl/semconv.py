@@ -185,6 +185,12 @@ DL_DRIFT_WINDOW_ROWS: Final = _attr(
 DL_QUALITY_NAN_FRACTION: Final = _attr(
     "dl.quality.nan_fraction", "double", "1", "share of NaN/Inf values in the batch"
 )
+DL_QUALITY_NAN_EXCESS_FRACTION: Final = _attr(
+    "dl.quality.nan_excess_fraction",
+    "double",
+    "1",
+    "share of NaN/Inf values beyond what the reference's per-feature missing shares explain",
+)
 DL_QUALITY_OUT_OF_RANGE_FRACTION: Final = _attr(
     "dl.quality.out_of_range_fraction",
     "double",

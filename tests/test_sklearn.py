@@ -107,6 +107,41 @@ def test_hist_gradient_boosting(spans: SpanList) -> None:
         spans.clear()
 
 
+def test_nan_a_model_handles_natively_is_no_alarm_a_new_nan_is(spans: SpanList) -> None:
+    """HistGradientBoosting takes NaN as a value: a third of breast_cancer's features
+    missing in 15 % of rows, in training and in serving alike, is the data as it is. Its
+    spans carry that NaN share, but none is unexplained, so signal-aware sampling and the
+    guard see nothing abnormal. A feature that was never missing going NaN (a broken
+    upstream join) is unexplained at once."""
+    from sklearn.datasets import load_breast_cancer
+
+    from otel_dl.quality import unexplained_nan
+    from otel_dl.sampling import is_abnormal
+
+    x, y = load_breast_cancer(return_X_y=True)
+    rng = np.random.default_rng(0)
+    x = x.copy()
+    for j in range(0, x.shape[1], 3):
+        x[rng.random(len(x)) < 0.15, j] = np.nan
+    model = HistGradientBoostingClassifier(max_iter=30).fit(x[:300], y[:300])
+    otel_dl.watch(model, reference=otel_dl.Reference.fit(x[:300]))  # the training rows
+    for start in range(300, len(x), 16):  # requests of 16 rows
+        model.predict_proba(x[start : start + 16])
+    served = [dict(s.attributes) for s in spans.get(semconv.SPAN_INFERENCE)]
+    assert len(served) == 17
+    assert all(a[semconv.DL_QUALITY_NAN_FRACTION] > 0 for a in served)
+    assert [unexplained_nan(a) for a in served] == [0.0] * 17
+    config = _config.get_config()
+    assert not any(is_abnormal(a, False, 0.0, config) for a in served)
+    spans.clear()
+    broken = x[300:316].copy()
+    broken[:, 1] = np.nan  # never missing before
+    model.predict_proba(broken)
+    (attrs,) = [dict(s.attributes) for s in spans.get(semconv.SPAN_INFERENCE)]
+    assert attrs[semconv.DL_QUALITY_NAN_EXCESS_FRACTION] >= 1 / 30
+    assert is_abnormal(attrs, False, 0.0, config)
+
+
 def test_predictions_inside_fit_make_no_span(spans: SpanList) -> None:
     model = GradientBoostingClassifier(n_estimators=5).fit(X, Y)  # its init estimator predicts
     assert spans.get() == []

@@ -35,6 +35,7 @@ from opentelemetry.trace import StatusCode
 
 from otel_dl import _burst, semconv
 from otel_dl.collector.catalog import Catalog, Condition, FailureMode, load_catalog
+from otel_dl.collector.decode import FALLBACKS
 from otel_dl.collector.spans import peer_host
 from otel_dl.testing.faults import Fault, Faults
 
@@ -237,7 +238,10 @@ def _signal(span: ReadableSpan, name: str) -> Any:
         return span.kind.name.lower()
     if name == "peer":
         return peer_host(attrs) is not None
-    return attrs.get(name)
+    value = attrs.get(name)
+    if value is None and name in FALLBACKS:  # read as the collector reads it
+        return attrs.get(FALLBACKS[name])
+    return value
 
 
 def _key(span: ReadableSpan, signal: str) -> tuple[str, ...]:

@@ -103,6 +103,25 @@ def test_upstream_drift_explains_downstream_low_confidence():
     assert any(s.service == "inference" for s in decision.symptoms)
 
 
+def test_nan_is_judged_beyond_what_the_reference_explains():
+    """data-quality-nan reads dl.quality.nan_excess_fraction; a span without it (from a
+    producer that does not set it) is judged by dl.quality.nan_fraction."""
+    attributor = _attributor()
+    nan, excess = semconv.DL_QUALITY_NAN_FRACTION, semconv.DL_QUALITY_NAN_EXCESS_FRACTION
+    for prep, fault in (
+        ({nan: 0.2, excess: 0.0}, False),  # missing as often as in the reference
+        ({nan: 0.2, excess: 0.05}, True),
+        ({nan: 0.05}, True),  # no excess attribute: the whole share
+        ({nan: 0.005}, False),
+    ):
+        records = _trace(_pipeline(prep=prep))
+        decision = attributor.decide(records[0].trace_id, records)
+        assert bool(decision.fault) is fault, prep
+        if fault:
+            assert decision.root.service == "preprocess"
+            assert decision.mode.id == "data-quality-nan"
+
+
 def test_every_copy_of_a_span_sent_twice_is_enriched():
     """An exporter's retry can deliver a span twice: a backend keeps either copy, so each
     carries the attribution, the cause's and the trace root's alike."""

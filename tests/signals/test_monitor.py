@@ -88,6 +88,45 @@ def test_quality_attributes():
     assert out_of_range_fraction(tight, np.array([[0.1], [0.3]], dtype=np.float32)) == 0.5
 
 
+def test_nan_the_reference_holds_is_not_excess():
+    """``dl.quality.nan_excess_fraction`` counts, per feature, the missing values above
+    floor(n*p + 4*sqrt(n*p*(1-p)) + 1) for a reference missing share p > 0, and every one
+    where p is 0; over all the batch's values, like ``dl.quality.nan_fraction``."""
+    import pandas as pd
+
+    rng = np.random.default_rng(5)
+    rows = 1000
+    frame = pd.DataFrame(
+        {
+            "legal": np.where(np.arange(rows) % 5 == 0, np.nan, rng.standard_normal(rows)),
+            "clean": rng.standard_normal(rows),
+            "city": np.where(np.arange(rows) % 10 == 0, None, "paris").astype(object),
+        }
+    )
+    ref = Reference.fit(frame)
+    monitor = FeatureMonitor(ref)
+
+    def batch(legal_missing: int, clean_missing: int, city_missing: int) -> dict:
+        part = frame.iloc[1:101].copy()  # 100 rows, 20 legal NaN, 10 missing cities
+        part["legal"] = np.where(np.arange(100) < legal_missing, np.nan, 1.0)
+        part.iloc[:clean_missing, 1] = np.nan
+        part["city"] = np.where(np.arange(100) < city_missing, None, "paris").astype(object)
+        return monitor.observe(part)
+
+    # As often as the reference: NaN, but none of it unexplained.
+    usual = batch(20, 0, 10)
+    assert usual[semconv.DL_QUALITY_NAN_FRACTION] == pytest.approx(30 / 300)
+    assert usual[semconv.DL_QUALITY_NAN_EXCESS_FRACTION] == 0.0
+    # legal: p = 0.2, n = 100: floor(20 + 4 * 4 + 1) = 37 allowed; city: floor(10 + 12 + 1).
+    assert batch(37, 0, 23)[semconv.DL_QUALITY_NAN_EXCESS_FRACTION] == 0.0
+    assert batch(60, 0, 30)[semconv.DL_QUALITY_NAN_EXCESS_FRACTION] == pytest.approx(30 / 300)
+    # A feature never missing in the reference: every NaN is excess.
+    assert batch(20, 1, 10)[semconv.DL_QUALITY_NAN_EXCESS_FRACTION] == pytest.approx(1 / 300)
+    # Without a reference nothing explains a NaN: no excess attribute, readers use the share.
+    learning = FeatureMonitor().observe(frame.iloc[:100])
+    assert semconv.DL_QUALITY_NAN_EXCESS_FRACTION not in learning
+
+
 def test_thread_safety():
     rng = np.random.default_rng(2)
     monitor = FeatureMonitor(config=resolve_config({"baseline_rows": 500}))
