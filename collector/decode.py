@@ -72,10 +72,9 @@ _VALUE_TYPES = {
 
 #: Attributes read from another when a span lacks them (when both are wanted): a span
 #: with ``dl.quality.nan_fraction`` but no ``dl.quality.nan_excess_fraction`` (a producer
-#: that does not set it, or a source without a reference) is judged by its whole NaN share.
-FALLBACKS: Mapping[str, str] = MappingProxyType(
-    {semconv.DL_QUALITY_NAN_EXCESS_FRACTION: semconv.DL_QUALITY_NAN_FRACTION}
-)
+#: that does not set it, or a source without a reference) is judged by its whole NaN
+#: share, and likewise for the out-of-range share.
+FALLBACKS: Mapping[str, str] = MappingProxyType(semconv.EXCESS_OF)
 
 #: The ``mistyped`` list of the spans that have none (shared, never appended to).
 _NONE_MISTYPED: list[tuple[str, str]] = []

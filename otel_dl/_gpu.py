@@ -40,6 +40,7 @@ _FROM_SAMPLE = frozenset(
         semconv.DL_DRIFT_STATUS,
         semconv.DL_DRIFT_WINDOW_ROWS,
         semconv.DL_QUALITY_OUT_OF_RANGE_FRACTION,
+        semconv.DL_QUALITY_OUT_OF_RANGE_EXCESS_FRACTION,
         semconv.DL_QUALITY_SCHEMA_MISMATCH,
         semconv.DL_DATA_SCHEMA_FINGERPRINT,
     }

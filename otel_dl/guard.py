@@ -66,7 +66,7 @@ from otel_dl._config import Config
 from otel_dl._context import attributes
 from otel_dl._guard import report_internal_error
 from otel_dl.monitor import FeatureMonitor
-from otel_dl.quality import unexplained_nan
+from otel_dl.quality import unexplained
 from otel_dl.reference import Reference
 
 Signals = Mapping[str, Any]
@@ -93,7 +93,8 @@ class GuardPolicy:
     - ``max_nan_fraction``: the NaN/Inf share above it, beyond what the reference
       explains (``dl.quality.nan_excess_fraction``; ``dl.quality.nan_fraction`` while
       there is no reference);
-    - ``max_out_of_range_fraction``: ``dl.quality.out_of_range_fraction`` above it;
+    - ``max_out_of_range_fraction``: the share of values outside the reference range
+      above it, beyond what chance explains (``dl.quality.out_of_range_excess_fraction``);
     - ``schema_mismatch``: ``dl.quality.schema_mismatch`` is true;
     - ``drift``: ``dl.drift.status`` at ``"warn"`` or ``"alert"`` (or worse);
     - ``min_confidence``: ``dl.confidence.mean`` of the outputs below it;
@@ -139,12 +140,12 @@ class GuardPolicy:
 
     def __call__(self, signals: Signals) -> str | None:
         """The first rule ``signals`` break (its name, the ``dl.guard.reason``), else None."""
-        nan = unexplained_nan(signals)
+        nan = unexplained(signals, semconv.DL_QUALITY_NAN_EXCESS_FRACTION)
         if self.max_nan_fraction is not None and _above(nan, self.max_nan_fraction):
             return "nan_fraction"
         if self.schema_mismatch and signals.get(semconv.DL_QUALITY_SCHEMA_MISMATCH) is True:
             return "schema_mismatch"
-        outside = signals.get(semconv.DL_QUALITY_OUT_OF_RANGE_FRACTION)
+        outside = unexplained(signals, semconv.DL_QUALITY_OUT_OF_RANGE_EXCESS_FRACTION)
         if self.max_out_of_range_fraction is not None and _above(
             outside, self.max_out_of_range_fraction
         ):

@@ -40,7 +40,14 @@ from otel_dl._config import Config, get_config
 from otel_dl.confidence import Summary, summarize, summarize_each, to_scores
 from otel_dl.drift import DriftTracker
 from otel_dl.provenance import data_fingerprint, data_fingerprints
-from otel_dl.quality import batch_quality, nan_excess, nan_excess_each, quality_each
+from otel_dl.quality import (
+    batch_quality,
+    nan_excess,
+    nan_excess_each,
+    quality_each,
+    range_excess,
+    range_excess_each,
+)
 from otel_dl.reference import Reference
 from otel_dl.table import Table, to_numpy, to_table
 
@@ -412,6 +419,11 @@ class FeatureMonitor:
         )
         # Quality counts every value; only the reference and drift use the subset.
         _set(out, semconv.DL_QUALITY_OUT_OF_RANGE_FRACTION, outside)
+        _set(
+            out,
+            semconv.DL_QUALITY_OUT_OF_RANGE_EXCESS_FRACTION,
+            range_excess(reference, table, outside),
+        )
         if table.rows:
             self._feed(_copy(_subsample(table, self.config.drift_max_rows)))
         out.update(self._latest)
@@ -610,6 +622,7 @@ class FeatureMonitor:
         fingerprints = data_fingerprints(schema, stacked, starts)
         nan, outside = quality_each(reference, stacked, starts)
         excess = nan_excess_each(reference, table.numeric_names, stacked, starts, nan)
+        beyond = range_excess_each(reference, stacked, starts, outside)
         mismatch = schema != reference.schema_fingerprint
         self._feature_count = len(table.names)
         ends = [*starts[1:], len(stacked)]
@@ -635,6 +648,7 @@ class FeatureMonitor:
             out[semconv.DL_QUALITY_NAN_EXCESS_FRACTION] = excess[i]
             out[semconv.DL_QUALITY_SCHEMA_MISMATCH] = mismatch
             _set(out, semconv.DL_QUALITY_OUT_OF_RANGE_FRACTION, outside[i])
+            _set(out, semconv.DL_QUALITY_OUT_OF_RANGE_EXCESS_FRACTION, beyond[i])
 
 
 def _groups(

@@ -5,6 +5,7 @@ Pure functions over one batch (anything :func:`otel_dl.table.to_table` reads, or
 
     quality.nan_fraction(batch)                 # share of NaN/Inf (or missing) values
     quality.nan_excess(ref, table, nan)         # the part of it the reference does not explain
+    quality.range_excess(ref, table, outside)   # out of range beyond what chance explains
     quality.out_of_range_fraction(ref, batch)   # share outside the reference [min, max]
     quality.schema_mismatch(ref, batch)         # column names, dtypes or shape changed
     quality.batch_quality(ref, table)           # both, sharing one finiteness pass
@@ -44,16 +45,16 @@ def nan_fraction(data: Any) -> float | None:
 
 
 #: Binomial standard deviations a feature's missing count may lie above its reference
-#: share's before the rest counts as excess (:func:`missing_allowed`).
+#: share's before the rest counts as excess (:func:`allowed_count`).
 EXCESS_SIGMAS = 4.0
 
 
-def missing_allowed(shares: np.ndarray, rows: int) -> np.ndarray:
-    """Missing values per feature that a batch of ``rows`` rows may hold before any is
-    excess, given each feature's reference missing share ``p``: none when ``p`` is 0 (the
-    reference never saw the feature missing), else ``floor(n*p + 4*sqrt(n*p*(1-p)) + 1)``
-    (``n`` = ``rows``): what a batch drawn like the reference holds but about once in
-    ten thousand batches, the ``+ 1`` covering small batches."""
+def allowed_count(shares: np.ndarray, rows: int) -> np.ndarray:
+    """Values per feature (missing, or out of range) that a batch of ``rows`` rows may
+    hold before any is excess, given the share ``p`` of such values in a batch drawn like
+    the reference: none when ``p`` is 0, else ``floor(n*p + 4*sqrt(n*p*(1-p)) + 1)``
+    (``n`` = ``rows``): what such a batch holds but about once in ten thousand batches,
+    the ``+ 1`` covering small batches."""
     spread = np.sqrt(rows * shares * (1.0 - shares))
     allowed = np.floor(rows * shares + EXCESS_SIGMAS * spread + 1.0)
     return np.where(shares > 0, allowed, 0.0)
@@ -62,7 +63,7 @@ def missing_allowed(shares: np.ndarray, rows: int) -> np.ndarray:
 def nan_excess(reference: Reference, table: Table, nan: float | None) -> float | None:
     """The share of ``table``'s values that are missing (NaN/Inf, or ``None`` in a
     categorical feature) beyond what ``reference`` explains: per feature, the missing
-    count above :func:`missing_allowed`, summed over the features and divided by the
+    count above :func:`allowed_count`, summed over the features and divided by the
     values ``nan`` (``nan_fraction(table)``) counts. ``nan`` itself when no feature was
     ever missing in the reference; 0 for a batch missing values only where, and about as
     often as, the reference was."""
@@ -78,16 +79,17 @@ def nan_excess(reference: Reference, table: Table, nan: float | None) -> float |
     counts[:width] = table.rows - np.count_nonzero(np.isfinite(numeric), axis=0)
     for j, values in enumerate(table.categorical.values(), start=width):
         counts[j] = np.count_nonzero(np.equal(values, None))  # type: ignore[call-overload]
-    excess = np.maximum(counts - missing_allowed(shares, table.rows), 0.0).sum()
+    excess = np.maximum(counts - allowed_count(shares, table.rows), 0.0).sum()
     return float(excess / (table.rows * len(names)))
 
 
-def unexplained_nan(attrs: Mapping[str, Any]) -> Any:
-    """The NaN share a span is judged by (signal-aware sampling, the guard):
-    ``dl.quality.nan_excess_fraction`` when the span carries it (its source has a
-    reference), else ``dl.quality.nan_fraction``."""
-    excess = attrs.get(semconv.DL_QUALITY_NAN_EXCESS_FRACTION)
-    return attrs.get(semconv.DL_QUALITY_NAN_FRACTION) if excess is None else excess
+def unexplained(attrs: Mapping[str, Any], excess: str) -> Any:
+    """The share a span is judged by (signal-aware sampling, the guard): its ``excess``
+    attribute (``dl.quality.nan_excess_fraction`` or
+    ``dl.quality.out_of_range_excess_fraction``) when it carries it (its source has a
+    reference), else the whole share (:data:`semconv.EXCESS_OF`)."""
+    value = attrs.get(excess)
+    return attrs.get(semconv.EXCESS_OF[excess]) if value is None else value
 
 
 def nan_excess_each(
@@ -107,7 +109,7 @@ def nan_excess_each(
             continue
         part = values[start:stop]
         counts = part.shape[0] - np.count_nonzero(np.isfinite(part), axis=0)
-        excess = np.maximum(counts - missing_allowed(shares, part.shape[0]), 0.0).sum()
+        excess = np.maximum(counts - allowed_count(shares, part.shape[0]), 0.0).sum()
         out.append(float(excess / part.size))
     return out
 
@@ -123,18 +125,66 @@ def _missing_categories(table: Table) -> int:
 def out_of_range_fraction(reference: Reference, data: Any) -> float | None:
     """Share of finite values, in numeric features the reference has seen finite values
     of, that lie outside the reference's [min, max]; None when there is no such value."""
-    table = _table(data, reference)
+    values, lo, hi, _ = _ranged(reference, _table(data, reference))
+    return _outside(values, lo, hi)
+
+
+def _ranged(
+    reference: Reference, table: Table
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(values, lo, hi, finite reference values) of ``table``'s numeric features that the
+    reference has a range for."""
     values = table.numeric
     columns: Any = slice(None)
     if table.numeric_names != reference.numeric_names:
         index = reference.column_index(table.numeric_names)
         values, columns = values[:, index >= 0], index[index >= 0]
     lo, hi = reference.range_for(values.dtype)
-    lo, hi = lo[columns], hi[columns]
+    lo, hi, seen = lo[columns], hi[columns], reference.numeric.count[columns]
     known = np.isfinite(lo)  # a feature with no finite reference value has no range
     if not known.all():
-        values, lo, hi = values[:, known], lo[known], hi[known]
-    return _outside(values, lo, hi)
+        values, lo, hi, seen = values[:, known], lo[known], hi[known], seen[known]
+    return values, lo, hi, seen
+
+
+def range_excess(reference: Reference, table: Table, outside: float | None) -> float | None:
+    """The share of ``table``'s values outside the reference range beyond what chance
+    explains: a value drawn like the reference's ``N`` finite values of a feature lies
+    outside their [min, max] with probability ``2/(N+1)`` (for a continuous feature;
+    less where values repeat). Per feature, the count outside above
+    :func:`allowed_count` at that share, summed and divided by the finite values that
+    ``outside`` (``out_of_range_fraction``) divides by; ``outside`` itself when 0 or None.
+    """
+    if not outside:
+        return outside
+    values, lo, hi, seen = _ranged(reference, table)
+    return _range_excess(values, lo, hi, seen)
+
+
+def _range_excess(values: np.ndarray, lo: np.ndarray, hi: np.ndarray, seen: np.ndarray) -> float:
+    finite = np.isfinite(values)
+    # -Inf < lo and +Inf >= hi are not values in range terms (nan_fraction counts them).
+    counts = np.count_nonzero(((values < lo) | (values >= hi)) & finite, axis=0)
+    allowed = allowed_count(2.0 / (seen + 1.0), values.shape[0])
+    excess = np.maximum(counts - allowed, 0.0).sum()
+    return float(excess / np.count_nonzero(finite))
+
+
+def range_excess_each(
+    reference: Reference, values: np.ndarray, starts: Any, outside: list[float | None]
+) -> list[float | None]:
+    """:func:`range_excess` of batches stacked as :func:`quality_each` takes them, given
+    their ``outside`` fractions: only a batch with values out of range is counted again."""
+    lo, hi = reference.range_for(values.dtype)
+    seen = reference.numeric.count
+    known = np.isfinite(lo)
+    if not known.all():
+        values, lo, hi, seen = values[:, known], lo[known], hi[known], seen[known]
+    bounds = [*starts, len(values)]
+    return [
+        _range_excess(values[start:stop], lo, hi, seen) if share else share
+        for share, start, stop in zip(outside, bounds, bounds[1:], strict=False)
+    ]
 
 
 def _outside(values: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> float | None:

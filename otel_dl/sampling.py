@@ -63,7 +63,7 @@ from opentelemetry.util.types import AttributeValue
 from otel_dl import semconv
 from otel_dl._config import Config, get_config
 from otel_dl.drift import DEFAULT_THRESHOLDS, drift_status
-from otel_dl.quality import unexplained_nan
+from otel_dl.quality import unexplained
 
 # A few values past the reference's min/max are normal for any sample (about 2/n of
 # them for a reference of n rows); the collector's catalog flags data quality at 5%.
@@ -96,10 +96,10 @@ def is_abnormal(
         status = drift_status(score, method, config.drift_warn, config.drift_alert)
     if status in (semconv.DRIFT_STATUS_WARN, semconv.DRIFT_STATUS_ALERT):
         return True
-    nan_share = unexplained_nan(attrs)
+    nan_share = unexplained(attrs, semconv.DL_QUALITY_NAN_EXCESS_FRACTION)
     if isinstance(nan_share, float) and nan_share > 0.0:
         return True
-    outside = attrs.get(semconv.DL_QUALITY_OUT_OF_RANGE_FRACTION)
+    outside = unexplained(attrs, semconv.DL_QUALITY_OUT_OF_RANGE_EXCESS_FRACTION)
     if isinstance(outside, float) and outside > OUT_OF_RANGE_ABNORMAL:
         return True
     if attrs.get(semconv.DL_QUALITY_SCHEMA_MISMATCH) is True:

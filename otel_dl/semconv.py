@@ -197,6 +197,18 @@ DL_QUALITY_OUT_OF_RANGE_FRACTION: Final = _attr(
     "1",
     "share of values outside the reference range",
 )
+DL_QUALITY_OUT_OF_RANGE_EXCESS_FRACTION: Final = _attr(
+    "dl.quality.out_of_range_excess_fraction",
+    "double",
+    "1",
+    "share of values outside the reference range beyond what chance explains",
+)
+#: Each ``*_excess_fraction`` attribute, and the share that readers (signal-aware
+#: sampling, the guard, the collector) judge a span by when it lacks that attribute.
+EXCESS_OF: Final = {
+    DL_QUALITY_NAN_EXCESS_FRACTION: DL_QUALITY_NAN_FRACTION,
+    DL_QUALITY_OUT_OF_RANGE_EXCESS_FRACTION: DL_QUALITY_OUT_OF_RANGE_FRACTION,
+}
 DL_QUALITY_SCHEMA_MISMATCH: Final = _attr(
     "dl.quality.schema_mismatch", "boolean", "", "schema differs from the reference"
 )

@@ -115,7 +115,7 @@ def test_nan_a_model_handles_natively_is_no_alarm_a_new_nan_is(spans: SpanList) 
     upstream join) is unexplained at once."""
     from sklearn.datasets import load_breast_cancer
 
-    from otel_dl.quality import unexplained_nan
+    from otel_dl.quality import unexplained
     from otel_dl.sampling import is_abnormal
 
     x, y = load_breast_cancer(return_X_y=True)
@@ -130,7 +130,8 @@ def test_nan_a_model_handles_natively_is_no_alarm_a_new_nan_is(spans: SpanList) 
     served = [dict(s.attributes) for s in spans.get(semconv.SPAN_INFERENCE)]
     assert len(served) == 17
     assert all(a[semconv.DL_QUALITY_NAN_FRACTION] > 0 for a in served)
-    assert [unexplained_nan(a) for a in served] == [0.0] * 17
+    excess = semconv.DL_QUALITY_NAN_EXCESS_FRACTION
+    assert [unexplained(a, excess) for a in served] == [0.0] * 17
     config = _config.get_config()
     assert not any(is_abnormal(a, False, 0.0, config) for a in served)
     spans.clear()
@@ -139,6 +140,46 @@ def test_nan_a_model_handles_natively_is_no_alarm_a_new_nan_is(spans: SpanList) 
     model.predict_proba(broken)
     (attrs,) = [dict(s.attributes) for s in spans.get(semconv.SPAN_INFERENCE)]
     assert attrs[semconv.DL_QUALITY_NAN_EXCESS_FRACTION] >= 1 / 30
+    assert is_abnormal(attrs, False, 0.0, config)
+
+
+def test_one_row_requests_outside_a_small_reference_by_chance_are_no_alarm(
+    spans: SpanList,
+) -> None:
+    """wine's 89 training rows: about one held-out patient in four lies outside their
+    range in some feature, which for a one-row request of 13 features is a share above
+    the 5 % that marks a span abnormal. That is chance, not a fault: no span the model is
+    sure of is abnormal.
+    A batch with three features in other units is."""
+    from sklearn.datasets import load_wine
+
+    from otel_dl.quality import unexplained
+    from otel_dl.sampling import is_abnormal
+
+    x, y = load_wine(return_X_y=True)
+    order = np.random.default_rng(0).permutation(len(x))
+    train, test = x[order[:89]], x[order[89:]]
+    model = Pipeline([("scale", StandardScaler()), ("clf", LogisticRegression(max_iter=2000))])
+    model.fit(train, y[order[:89]])
+    otel_dl.watch(model, reference=otel_dl.Reference.fit(train))
+    for row in test:
+        model.predict_proba(row[None, :])
+    served = [dict(s.attributes) for s in spans.get(semconv.SPAN_INFERENCE)]
+    assert len(served) == len(test)
+    outside = [a[semconv.DL_QUALITY_OUT_OF_RANGE_FRACTION] for a in served]
+    assert sum(share > 0.05 for share in outside) >= 10
+    excess = semconv.DL_QUALITY_OUT_OF_RANGE_EXCESS_FRACTION
+    assert [unexplained(a, excess) for a in served] == [0.0] * len(test)
+    config = _config.get_config()
+    sure = [a for a in served if a[semconv.DL_CONFIDENCE_MEAN] >= config.confidence_threshold]
+    assert len(sure) >= len(served) - 2  # a patient or two the model is unsure of
+    assert not any(is_abnormal(a, False, 0.0, config) for a in sure)
+    spans.clear()
+    rescaled = test[:32].copy()
+    rescaled[:, :3] *= 100.0
+    model.predict_proba(rescaled)
+    (attrs,) = [dict(s.attributes) for s in spans.get(semconv.SPAN_INFERENCE)]
+    assert attrs[excess] > 0.05
     assert is_abnormal(attrs, False, 0.0, config)
 
 

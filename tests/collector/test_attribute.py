@@ -104,15 +104,21 @@ def test_upstream_drift_explains_downstream_low_confidence():
 
 
 def test_nan_is_judged_beyond_what_the_reference_explains():
-    """data-quality-nan reads dl.quality.nan_excess_fraction; a span without it (from a
-    producer that does not set it) is judged by dl.quality.nan_fraction."""
+    """data-quality-nan reads dl.quality.nan_excess_fraction and
+    out_of_range_excess_fraction; a span without them (from a producer that does not set
+    them) is judged by dl.quality.nan_fraction and out_of_range_fraction."""
     attributor = _attributor()
     nan, excess = semconv.DL_QUALITY_NAN_FRACTION, semconv.DL_QUALITY_NAN_EXCESS_FRACTION
+    outside = semconv.DL_QUALITY_OUT_OF_RANGE_FRACTION
+    beyond = semconv.DL_QUALITY_OUT_OF_RANGE_EXCESS_FRACTION
     for prep, fault in (
         ({nan: 0.2, excess: 0.0}, False),  # missing as often as in the reference
         ({nan: 0.2, excess: 0.05}, True),
         ({nan: 0.05}, True),  # no excess attribute: the whole share
         ({nan: 0.005}, False),
+        ({outside: 0.25, beyond: 0.0}, False),  # one value of a 4-feature row, by chance
+        ({outside: 0.25, beyond: 0.2}, True),
+        ({outside: 0.25}, True),
     ):
         records = _trace(_pipeline(prep=prep))
         decision = attributor.decide(records[0].trace_id, records)

@@ -127,6 +127,26 @@ def test_nan_the_reference_holds_is_not_excess():
     assert semconv.DL_QUALITY_NAN_EXCESS_FRACTION not in learning
 
 
+def test_values_out_of_range_by_chance_are_not_excess():
+    """``dl.quality.out_of_range_excess_fraction``: a value drawn like the reference's N
+    finite values lies outside their range with probability 2/(N+1); per feature, the
+    count outside above floor(n*p + 4*sqrt(n*p*(1-p)) + 1) is excess."""
+    rng = np.random.default_rng(6)
+    ref = Reference.fit(rng.uniform(0, 1, (999, 2)))  # p = 2/1000: 2 of 100 rows allowed
+    monitor = FeatureMonitor(ref)
+    inside = rng.uniform(0.1, 0.9, (100, 2))
+    for outside, excess in ((0, 0.0), (2, 0.0), (10, 8 / 200)):
+        batch = inside.copy()
+        batch[:outside, 0] = 5.0
+        attrs = monitor.observe(batch)
+        assert attrs[semconv.DL_QUALITY_OUT_OF_RANGE_FRACTION] == pytest.approx(outside / 200)
+        assert attrs[semconv.DL_QUALITY_OUT_OF_RANGE_EXCESS_FRACTION] == pytest.approx(excess)
+    # One row with one value outside: half its values, and chance enough (one is allowed).
+    one = monitor.observe(np.array([[5.0, 0.5]]))
+    assert one[semconv.DL_QUALITY_OUT_OF_RANGE_FRACTION] == 0.5
+    assert one[semconv.DL_QUALITY_OUT_OF_RANGE_EXCESS_FRACTION] == 0.0
+
+
 def test_thread_safety():
     rng = np.random.default_rng(2)
     monitor = FeatureMonitor(config=resolve_config({"baseline_rows": 500}))
