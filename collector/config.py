@@ -14,7 +14,6 @@ the key and the fix; the CLI prints it and exits with status 2.
 
 from __future__ import annotations
 
-import difflib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
@@ -38,6 +37,7 @@ from otel_dl._options import (
     port,
     positive,
     text,
+    unknown_variables,
 )
 
 from .tracelink import TraceLinkError, check_trace_link_template
@@ -417,9 +417,8 @@ def _warn_unknown_variables(env: Mapping[str, str]) -> None:
     ignored without a word. A warning, not an error: an environment shared with a newer
     collector may set keys this one does not have."""
     known = {option.env for option in OPTIONS}
-    for name in sorted(n for n in env if n.startswith(_ENV_PREFIX) and n not in known):
-        close = difflib.get_close_matches(name, known, n=1)
-        hint = f"; did you mean {close[0]}?" if close else ""
+    for name, close in unknown_variables(env, _ENV_PREFIX, known):
+        hint = f"; did you mean {close}?" if close else ""
         logging.getLogger("otel_dl.collector").warning(
             "environment variable %s names no collector key and is ignored%s", name, hint
         )

@@ -5,10 +5,12 @@ Every option has a field on :class:`Config`, an environment variable and a defau
 table and its test read. Standard ``OTEL_*`` variables are used where OpenTelemetry
 defines one; otel-dl's own options are ``OTEL_DL_*``. :class:`Option`, the parsers,
 the checks and :class:`ConfigError` are ``otel_dl._options``, shared with the collector.
+An ``OTEL_DL_*`` variable that is no option gets a warning naming the likely intended one.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -25,7 +27,10 @@ from otel_dl._options import (
     parse_list,
     parse_optional_float,
     positive,
+    unknown_variables,
 )
+
+logger = logging.getLogger("otel_dl")
 
 
 @dataclass(frozen=True)
@@ -250,15 +255,52 @@ OPTIONS: tuple[Option, ...] = (
 _OPTION_BY_NAME = {option.name: option for option in OPTIONS}
 assert set(_OPTION_BY_NAME) | {"extra"} == {f.name for f in fields(Config)}
 
+_VARIABLES = frozenset(option.env for option in OPTIONS)
+# OTEL_DL_* variables of this project that are not SDK options, so no warning (matched as
+# prefixes): the collector's own keys, which collector/config.py checks itself; the
+# reliability suite's switch and its OTEL_DL_RELIABILITY_OUT / _CASE (tests/reliability);
+# the e2e tests' binary overrides (tests/e2e/binaries.py), named in full, not as "*_BIN",
+# so that a misspelt OTEL_DL_DRIFT_BIN is still reported.
+_NOT_OPTIONS = (
+    "OTEL_DL_COLLECTOR_",
+    "OTEL_DL_RELIABILITY",
+    "OTEL_DL_JAEGER_BIN",
+    "OTEL_DL_HOTROD_BIN",
+)
+# Names already warned about: resolve_config runs many times in a process, the warning once.
+_warned_variables: set[str] = set()
+
+
+def _warn_unknown_variables(environ: Mapping[str, str]) -> None:
+    """Warn, once per process and name, about an ``OTEL_DL_*`` variable that is no option:
+    a misspelt one (``OTEL_DL_SAMPLE_EVRY``) would otherwise be ignored without a word.
+    Never raises: a warning must not stop the configuration."""
+    try:
+        found = unknown_variables(environ, "OTEL_DL_", _VARIABLES, _NOT_OPTIONS)
+        for name, close in found:
+            if name in _warned_variables:
+                continue
+            _warned_variables.add(name)
+            hint = f"; did you mean {close}?" if close else ""
+            logger.warning(
+                "otel-dl: environment variable %s is not an otel-dl option and is ignored%s",
+                name,
+                hint,
+            )
+    except Exception:
+        logger.debug("otel-dl: checking the OTEL_DL_* variables failed", exc_info=True)
+
 
 def resolve_config(
     overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
 ) -> Config:
     """Build a :class:`Config`: explicit ``overrides`` > environment > defaults.
 
-    Raises :class:`ConfigError` naming the option, its variable and the fix.
+    Raises :class:`ConfigError` naming the option, its variable and the fix; warns, once
+    per name, about an ``OTEL_DL_*`` variable that is no option.
     """
     environ = os.environ if environ is None else environ
+    _warn_unknown_variables(environ)
     values: dict[str, Any] = {}
     for option in OPTIONS:
         raw = environ.get(option.env)

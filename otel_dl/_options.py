@@ -5,13 +5,15 @@ variable, how to parse a raw value, what makes a parsed value valid and a help t
 that says what to give. The parsers turn a raw value (a string from the environment or
 a flag, or a YAML scalar) into a typed one and raise :class:`ValueError` on garbage; the
 checks return ``None`` for a valid value, else the problem ("must be 0 or more").
-:class:`ConfigError` is the one error both configurations raise.
+:class:`ConfigError` is the one error both configurations raise, and
+:func:`unknown_variables` finds the misspelt variables both warn about.
 """
 
 from __future__ import annotations
 
+import difflib
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +41,35 @@ class Option:
     def problem(self, value: Any) -> str | None:
         """What is wrong with the parsed ``value``; ``None`` when it is valid or unset."""
         return None if value is None else self.check(value)
+
+
+def unknown_variables(
+    environ: Mapping[str, str],
+    prefix: str,
+    known: Collection[str],
+    allowed: tuple[str, ...] = (),
+) -> list[tuple[str, str | None]]:
+    """The variables of ``environ`` that start with ``prefix`` but are none of ``known``
+    (nor start with one of ``allowed``), sorted, each with the closest ``known`` one, or
+    ``None`` when none is close: a misspelt variable is otherwise ignored without a word.
+
+    Names are compared without ``prefix``, which they all share: with it, any name under
+    the prefix would look close to some variable (``OTEL_DL_FOO`` to ``OTEL_DL_SIGNALS``).
+    """
+    names = sorted(
+        name
+        for name in environ
+        if isinstance(name, str)
+        and name.startswith(prefix)
+        and name not in known
+        and not name.startswith(allowed)
+    )
+    by_stem = {variable.removeprefix(prefix): variable for variable in known}
+    found: list[tuple[str, str | None]] = []
+    for name in names:
+        close = difflib.get_close_matches(name.removeprefix(prefix), by_stem, n=1)
+        found.append((name, by_stem[close[0]] if close else None))
+    return found
 
 
 # Parsers.

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from otel_dl import _config
 from otel_dl._config import OPTIONS, Config, ConfigError, resolve_config
 
 
@@ -62,3 +65,73 @@ def test_arguments_of_the_wrong_type_get_a_clear_error() -> None:
         resolve_config({"signals_delay_ms": "soon"}, environ={})
     with pytest.raises(ConfigError, match=r"drift_every \(OTEL_DL_DRIFT_EVERY\).*is a dict"):
         resolve_config({"drift_every": {"every": 4}}, environ={})
+
+
+@pytest.fixture
+def warnings_log(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> Iterator[pytest.LogCaptureFixture]:
+    """``caplog`` of otel-dl's warnings, with the once-per-process memory of names emptied."""
+    monkeypatch.setattr(_config, "_warned_variables", set())
+    with caplog.at_level(logging.WARNING, logger="otel_dl"):
+        yield caplog
+
+
+def test_a_misspelt_variable_is_reported_with_the_likely_one(
+    warnings_log: pytest.LogCaptureFixture,
+) -> None:
+    env = {"OTEL_DL_SAMPLE_EVRY": "10", "OTEL_DL_DRIFT_METOD": "js", "OTEL_DL_FOO": "1"}
+    assert resolve_config(environ=env) == Config()  # ignored, as before, but not silently
+    assert warnings_log.messages == [
+        "otel-dl: environment variable OTEL_DL_DRIFT_METOD is not an otel-dl option and is "
+        "ignored; did you mean OTEL_DL_DRIFT_METHOD?",
+        "otel-dl: environment variable OTEL_DL_FOO is not an otel-dl option and is ignored",
+        "otel-dl: environment variable OTEL_DL_SAMPLE_EVRY is not an otel-dl option and is "
+        "ignored; did you mean OTEL_DL_SAMPLE_EVERY?",
+    ]
+
+
+def test_options_and_the_projects_other_variables_are_not_reported(
+    warnings_log: pytest.LogCaptureFixture,
+) -> None:
+    env = {option.env: "" for option in OPTIONS}  # the names matter; empty reads as unset
+    env.update(
+        {
+            "OTEL_DL_COLLECTOR_GRPC_PORT": "4317",
+            "OTEL_DL_COLLECTOR_GRPC_PROT": "4317",  # the collector's to report, not ours
+            "OTEL_DL_RELIABILITY": "full",
+            "OTEL_DL_RELIABILITY_OUT": "/tmp/findings.jsonl",
+            "OTEL_DL_RELIABILITY_CASE": "crash",
+            "OTEL_DL_JAEGER_BIN": "/usr/local/bin/jaeger",
+            "OTEL_DL_HOTROD_BIN": "/usr/local/bin/hotrod",
+        }
+    )
+    resolve_config(environ=env)
+    assert warnings_log.messages == []
+    # Only the two binaries are allowed, not every *_BIN: this one is a misspelt option.
+    resolve_config(environ={"OTEL_DL_DRIFT_BIN": "20"})
+    assert len(warnings_log.messages) == 1
+    assert "did you mean OTEL_DL_DRIFT_BINS?" in warnings_log.messages[0]
+
+
+def test_a_misspelt_variable_is_reported_once_per_process(
+    warnings_log: pytest.LogCaptureFixture,
+) -> None:
+    for _ in range(3):
+        resolve_config(environ={"OTEL_DL_SAMPLE_EVRY": "10"})
+    resolve_config(environ={"OTEL_DL_SAMPLE_EVRY": "10", "OTEL_DL_SIGNAL": "false"})
+    assert len(warnings_log.messages) == 2
+    assert "OTEL_DL_SAMPLE_EVRY" in warnings_log.messages[0]
+    assert "did you mean OTEL_DL_SIGNALS?" in warnings_log.messages[1]
+
+
+def test_checking_the_variables_never_stops_the_configuration(
+    warnings_log: pytest.LogCaptureFixture,
+) -> None:
+    class Unlistable(dict[str, str]):
+        def __iter__(self) -> Iterator[str]:
+            raise RuntimeError("changed during iteration")
+
+    config = resolve_config(environ=Unlistable(OTEL_DL_DRIFT_BINS="20"))
+    assert config.drift_bins == 20
+    assert warnings_log.messages == []
