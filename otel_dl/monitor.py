@@ -413,17 +413,21 @@ class FeatureMonitor:
                     if self._reference is None:
                         self._collect(table)
             return
-        _set(out, semconv.DL_QUALITY_NAN_EXCESS_FRACTION, nan_excess(reference, full, nan))
+        # A share of 0 has no excess, and its attribute is left out: it costs every clean
+        # span an attribute, and a reader takes the share (0) in its place.
+        if nan:
+            _set(out, semconv.DL_QUALITY_NAN_EXCESS_FRACTION, nan_excess(reference, full, nan))
         out[semconv.DL_QUALITY_SCHEMA_MISMATCH] = (
             table.schema_fingerprint != reference.schema_fingerprint
         )
         # Quality counts every value; only the reference and drift use the subset.
         _set(out, semconv.DL_QUALITY_OUT_OF_RANGE_FRACTION, outside)
-        _set(
-            out,
-            semconv.DL_QUALITY_OUT_OF_RANGE_EXCESS_FRACTION,
-            range_excess(reference, table, outside),
-        )
+        if outside:
+            _set(
+                out,
+                semconv.DL_QUALITY_OUT_OF_RANGE_EXCESS_FRACTION,
+                range_excess(reference, table, outside),
+            )
         if table.rows:
             self._feed(_copy(_subsample(table, self.config.drift_max_rows)))
         out.update(self._latest)
@@ -645,10 +649,12 @@ class FeatureMonitor:
             out[semconv.DL_DATA_SCHEMA_FINGERPRINT] = schema
             out[semconv.DL_DATA_FINGERPRINT] = fingerprints[i]
             out[semconv.DL_QUALITY_NAN_FRACTION] = nan[i]
-            out[semconv.DL_QUALITY_NAN_EXCESS_FRACTION] = excess[i]
+            if nan[i]:
+                out[semconv.DL_QUALITY_NAN_EXCESS_FRACTION] = excess[i]
             out[semconv.DL_QUALITY_SCHEMA_MISMATCH] = mismatch
             _set(out, semconv.DL_QUALITY_OUT_OF_RANGE_FRACTION, outside[i])
-            _set(out, semconv.DL_QUALITY_OUT_OF_RANGE_EXCESS_FRACTION, beyond[i])
+            if outside[i]:
+                _set(out, semconv.DL_QUALITY_OUT_OF_RANGE_EXCESS_FRACTION, beyond[i])
 
 
 def _groups(
