@@ -25,19 +25,26 @@ them. Nothing is imported up front: the wrapping happens when ``sklearn.base`` i
 imported, so an application that never uses scikit-learn pays nothing.
 
 The span carries the model name (the ``watch`` name, else the class name), version,
-``dl.model.framework=sklearn``, the estimator's class (``dl.model.class``), the method
+``dl.model.framework`` (``sklearn``; ``xgboost``, ``lightgbm`` or ``catboost`` for
+their estimators), the estimator's class (``dl.model.class``), the method
 (``dl.model.method``), a Pipeline's step classes (``dl.model.steps``), the fingerprint
-of the fitted estimator (of its content, computed once per estimator object: refit a new
-object to get a new fingerprint), the drift, quality and fingerprint of ``X`` (the
-columns given by ``watch(estimator, features=[...])``: a DataFrame's column names, or
-positions; input without them, and sparse input, gives no data signals), and
-``dl.prediction.count`` (not for ``transform``: its output is features, not
+of the fitted estimator (of its content, without runtime settings such as ``n_jobs``,
+and of an XGBoost or LightGBM estimator its booster's trees: computed once per
+estimator object, and again after its own ``fit``, ``fit_transform``, ``fit_predict``,
+``partial_fit`` or ``load_model``; a step refitted on its own, outside its Pipeline,
+leaves the Pipeline's fingerprint as it was), ``dl.batch.size``, the drift, quality
+and fingerprint of ``X`` (the columns given by ``watch(estimator, features=[...])``: a
+DataFrame's column names, or positions; input without them, and sparse input, gives no
+data signals), and ``dl.prediction.count`` (not for ``transform``: its output is features, not
 predictions). ``predict_proba`` adds the confidence of the probabilities,
 ``predict_log_proba`` the same from the log-probabilities, and ``decision_function``
 the confidence of its scores read as logits, only where they are log-odds: for an
 estimator that also gives probabilities (logistic regression, gradient boosting), not
 a margin (LinearSVC, RidgeClassifier, a perceptron) nor an outlier detector's anomaly
-score (IsolationForest), which would read as low confidence on healthy calls.
+score (IsolationForest), which would read as low confidence on healthy calls. A
+``predict_proba`` asked for no class scores (LightGBM's ``pred_contrib``, SHAP values,
+or ``pred_leaf``, leaf indices) gets no confidence. XGBoost's and LightGBM's native
+``Booster.predict`` (not scikit-learn estimators) are not traced.
 """
 
 from __future__ import annotations
@@ -59,7 +66,7 @@ from otel_dl._guard import report_internal_error
 from otel_dl._span import Attributes, DlCall, traced_call
 from otel_dl._watch import ensure_state
 from otel_dl.monitor import Later, combine, confidence_attributes
-from otel_dl.provenance import model_fingerprint
+from otel_dl.provenance import forget_model, model_fingerprint
 
 from ._base import DlInstrumentor, Patches
 
@@ -74,7 +81,15 @@ _METHODS: Final = (
 # Predictions made while fitting (a boosting model's initial estimator, say) or scoring
 # (``score(X, y)``, which predicts to compare with y) are not inference: those methods run
 # as calls that make no span and hide the calls inside.
-_QUIET_METHODS: Final = ("fit", "fit_transform", "fit_predict", "score")
+_QUIET_METHODS: Final = ("fit", "fit_transform", "fit_predict", "partial_fit", "score")
+# Methods that change a fitted estimator's content in place: its fingerprint is computed
+# anew at its next call (XGBoost's ``load_model`` loads into the same object).
+_REFIT_METHODS: Final = ("fit", "fit_transform", "fit_predict", "partial_fit", "load_model")
+# Keyword arguments under which predict_proba returns no class scores: LightGBM's
+# per-feature contributions (SHAP values) and leaf indices, XGBoost's (on predict).
+_NOT_SCORES: Final = ("pred_contrib", "pred_leaf", "pred_contribs", "pred_interactions")
+# Libraries whose estimators follow the scikit-learn API: their name is the framework.
+_FRAMEWORKS: Final = frozenset({"xgboost", "lightgbm", "catboost"})
 # Log-probabilities read as logits give back the probabilities.
 _CONFIDENCE_METHODS: Final = ("predict_proba", "predict_log_proba", "decision_function")
 # Per estimator (a Pipeline is one when its last step is): whether it is an outlier
@@ -250,12 +265,17 @@ class SklearnInstrumentor(DlInstrumentor):
         with cls._lock:
             if not cls._enabled:
                 return
-            for name in (*_METHODS, *_QUIET_METHODS):
+            for name in dict.fromkeys((*_METHODS, *_QUIET_METHODS, *_REFIT_METHODS)):
                 owner = next((c for c in klass.__mro__ if name in c.__dict__), None)
                 if owner is None or not _wrappable(owner.__dict__[name]):
                     continue
                 attr = owner.__dict__[name]
-                wrapper = _quiet if name in _QUIET_METHODS else self._wrapper(name)
+                if name in _REFIT_METHODS:
+                    wrapper = _refit
+                elif name in _QUIET_METHODS:
+                    wrapper = _quiet
+                else:
+                    wrapper = self._wrapper(name)
                 setattr(owner, name, _MethodWrapper(attr, wrapper))
                 cls._wrapped.append((owner, name, attr))
 
@@ -308,7 +328,8 @@ class SklearnInstrumentor(DlInstrumentor):
         attrs[semconv.DL_MODEL_NAME] = state.name or klass.__name__
         if state.version is not None:
             attrs[semconv.DL_MODEL_VERSION] = state.version
-        attrs[semconv.DL_MODEL_FRAMEWORK] = _FRAMEWORK
+        library = klass.__module__.partition(".")[0]
+        attrs[semconv.DL_MODEL_FRAMEWORK] = library if library in _FRAMEWORKS else _FRAMEWORK
         attrs[semconv.DL_MODEL_CLASS] = f"{klass.__module__}.{klass.__qualname__}"
         attrs[semconv.DL_MODEL_METHOD] = method
         steps = getattr(estimator, "steps", None)
@@ -338,6 +359,7 @@ class SklearnInstrumentor(DlInstrumentor):
             and shape
             and len(shape) <= 2
             and (method != "decision_function" or _log_odds(call.instance))
+            and not any(call.kwargs.get(name) for name in _NOT_SCORES)
         ):
             if later:  # every prediction, as below, but in a burst
                 monitor = ensure_state(call.instance).monitor()
@@ -345,11 +367,13 @@ class SklearnInstrumentor(DlInstrumentor):
             else:
                 attrs.update(confidence_attributes(result, config.confidence_threshold))
         X = _input(call)
-        if X is None or _is_sparse(X):
+        if X is None:
             return attrs
         rows = getattr(X, "shape", None)
         if rows:
             attrs[semconv.DL_BATCH_SIZE] = int(rows[0])
+        if _is_sparse(X):
+            return attrs
         if config.signals:
             try:
                 state = ensure_state(call.instance)
@@ -396,6 +420,19 @@ def _quiet(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
         return wrapped(*args, **kwargs)
     finally:
         _in_call.reset(token)
+
+
+def _refit(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+    """A quiet call that changes the estimator's content: its fingerprint is computed
+    anew at its next traced call."""
+    try:
+        return _quiet(wrapped, instance, args, kwargs)
+    finally:
+        if instance is not None:
+            try:
+                forget_model(instance)
+            except Exception:
+                report_internal_error("sklearn.refit")
 
 
 def _marked(tasks: Iterable[Any]) -> Iterator[Any]:

@@ -18,16 +18,24 @@ Model fingerprints hash the weights (names, dtypes, shapes and bytes of each ten
 model file for a path or an ONNX Runtime session (sampled above :data:`FILE_SAMPLE_BYTES`),
 or otherwise (sklearn) the object's content as pickling reduces it, walked in a fixed
 order (:class:`_ContentDigest`): a model trained in the process and the same model loaded
-from its file, in any process, get one fingerprint. Bytes hash as the file holding them would, so
-an ONNX Runtime session made from bytes and one made from the file agree. The result is
-cached per object, so weights changed in place after the first call keep the first
-fingerprint.
+from its file, in any process, get one fingerprint. Settings that change how a model
+runs, not what it predicts (``n_jobs``, ``verbose``, ...: :data:`RUNTIME_PARAMS`), are
+left out, and an XGBoost or LightGBM booster goes in as its trees and the few settings
+its predictions read (:func:`_booster_content`), not its serialised configuration, so
+the model loaded with ``load_model`` gets the trained one's fingerprint. Bytes hash as
+the file holding them would, so an ONNX Runtime session made from bytes and one made
+from the file agree. The result is cached per object: weights changed in place keep the
+first fingerprint until :func:`model_fingerprint` is asked to ``refresh`` or
+:func:`forget_model` drops it (the instrumentors do after ``load_state_dict``, and after
+a scikit-learn estimator's ``fit`` or ``load_model``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
+import json
 import os
 import subprocess
 import threading
@@ -177,10 +185,57 @@ def _compute_model_fingerprint(model: Any) -> str | None:
         return None
 
 
+#: Estimator parameters that change how a model runs, not what it predicts: left out of
+#: the fingerprint, so replicas run with other thread counts or log levels agree.
+RUNTIME_PARAMS = frozenset({"n_jobs", "nthread", "n_threads", "verbose", "verbosity", "silent"})
+
+
+def _booster_content(obj: Any) -> bytes | None:
+    """What an XGBoost or LightGBM booster predicts with, as bytes; None for any other
+    object. XGBoost: its JSON model's trees, base score, objective and attributes (the
+    best iteration), without the scikit-learn parameters it may carry. LightGBM: its
+    model text up to the ``parameters:`` section (threads, seeds, paths). Their pickled
+    state holds the training configuration too, which a model loaded from its file
+    lacks or has otherwise."""
+    module = _booster_library(obj)
+    if module == "xgboost":
+        learner = json.loads(bytes(obj.save_raw("json")))["learner"]
+        attributes = dict(learner.get("attributes", {}))
+        attributes.pop("scikit_learn", None)
+        learner["attributes"] = attributes
+        return json.dumps(learner, sort_keys=True).encode()
+    if module == "lightgbm":
+        return str(obj.model_to_string()).split("\nparameters:\n", 1)[0].encode()
+    return None
+
+
 # Values whose repr() is their content: a list or dict of them goes in as one repr.
 _PLAIN = frozenset(
     {str, int, float, bool, type(None), np.int64, np.int32, np.float64, np.float32, np.bool_}
 )
+
+
+def _fitted_state(estimator: Any, state: dict[str, Any]) -> dict[str, Any]:
+    """A scikit-learn-style estimator's pickled ``state``, by attribute name, without its
+    runtime parameters (:data:`RUNTIME_PARAMS`), and without any constructor parameter
+    when the state holds a booster: the booster is the model then, and a model loaded
+    with ``load_model`` has other (or no) parameters for the same trees."""
+    drop: set[str] = set(RUNTIME_PARAMS)
+    if any(_booster_library(value) for value in state.values()):
+        with contextlib.suppress(Exception):
+            drop.update(estimator.get_params(deep=False))
+        drop.add("_other_params")  # LightGBM's: parameters set beyond its signature
+    # By name: the order attributes were set in (fit, or load_model) is no content.
+    return {k: state[k] for k in sorted(state, key=str) if k not in drop}
+
+
+def _booster_library(obj: Any) -> str | None:
+    """``"xgboost"`` or ``"lightgbm"`` for a booster of theirs, else None."""
+    klass = type(obj)
+    if klass.__name__ != "Booster":
+        return None
+    module = klass.__module__.partition(".")[0]
+    return module if module in ("xgboost", "lightgbm") else None
 
 
 class _ContentDigest:
@@ -285,6 +340,10 @@ class _ContentDigest:
         update = self.update
         klass = type(obj)
         update(f"o:{klass.__module__}.{klass.__qualname__};".encode())
+        booster = _booster_content(obj)
+        if booster is not None:
+            update(b"booster:" + booster)
+            return
         try:
             reduced = obj.__reduce_ex__(4)
         except Exception:
@@ -297,6 +356,9 @@ class _ContentDigest:
         self.add(function)
         self.add(args)
         state, items, pairs = rest[0], rest[1], rest[2]
+        if isinstance(state, dict) and hasattr(obj, "get_params"):
+            state = _fitted_state(obj, state)
+            self.kept.append(state)
         self.add(state)
         if items is not None:
             self.add(list(items))
@@ -306,6 +368,15 @@ class _ContentDigest:
 
 def _forget(key: int, _ref: object) -> None:
     _model_cache.pop(key, None)
+
+
+def forget_model(model: Any) -> None:
+    """Drop ``model``'s cached fingerprint: its next one is computed anew (its weights
+    changed in place: a refit, a ``load_model``)."""
+    with _lock:
+        cached = _model_cache.get(id(model))
+        if cached is not None and cached[0]() is model:
+            del _model_cache[id(model)]
 
 
 def model_fingerprint(model: Any, *, refresh: bool = False) -> str | None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import inspect
+import pickle
 from collections.abc import Iterator
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -181,6 +183,79 @@ def test_one_row_requests_outside_a_small_reference_by_chance_are_no_alarm(
     (attrs,) = [dict(s.attributes) for s in spans.get(semconv.SPAN_INFERENCE)]
     assert attrs[excess] > 0.05
     assert is_abnormal(attrs, False, 0.0, config)
+
+
+def _fingerprint(spans: SpanList, model: Any, x: np.ndarray) -> str:
+    spans.clear()
+    model.predict(x)
+    return str(_one(spans)[semconv.DL_MODEL_FINGERPRINT])
+
+
+def test_gradient_boosting_libraries_fingerprint_their_trees(spans: SpanList, tmp_path) -> None:
+    """XGBoost and LightGBM through their scikit-learn API: the model loaded with
+    load_model, or run with another n_jobs, is the trained one; a refit of the same
+    object, or another model loaded into it, is another model."""
+    xgboost = pytest.importorskip("xgboost")
+    lightgbm = pytest.importorskip("lightgbm")
+    from sklearn.datasets import load_breast_cancer
+
+    x, y = load_breast_cancer(return_X_y=True)
+    trained = xgboost.XGBClassifier(n_estimators=10, max_depth=3, n_jobs=1).fit(x, y)
+    first = _fingerprint(spans, trained, x[:4])
+    assert _one(spans)[semconv.DL_MODEL_FRAMEWORK] == "xgboost"
+    for suffix in ("json", "ubj"):
+        trained.save_model(tmp_path / f"model.{suffix}")
+        loaded = xgboost.XGBClassifier()
+        loaded.load_model(tmp_path / f"model.{suffix}")
+        np.testing.assert_array_equal(loaded.predict_proba(x), trained.predict_proba(x))
+        assert _fingerprint(spans, loaded, x[:4]) == first, suffix
+    assert (
+        _fingerprint(spans, pickle.loads(pickle.dumps(trained)).set_params(n_jobs=2), x[:4])
+        == first
+    )
+    other = xgboost.XGBClassifier(n_estimators=10, max_depth=2).fit(x, y)
+    other.save_model(tmp_path / "other.json")
+    loaded.load_model(tmp_path / "other.json")  # a hot reload into the serving object
+    assert _fingerprint(spans, loaded, x[:4]) not in (first, "")
+    boosted = lightgbm.LGBMClassifier(n_estimators=10, n_jobs=1, verbose=-1).fit(x, y)
+    before = _fingerprint(spans, boosted, x[:4])
+    assert _one(spans)[semconv.DL_MODEL_FRAMEWORK] == "lightgbm"
+    assert (
+        _fingerprint(spans, pickle.loads(pickle.dumps(boosted)).set_params(n_jobs=2), x[:4])
+        == before
+    )
+    boosted.set_params(n_estimators=5).fit(x, y)  # refit in place
+    assert _fingerprint(spans, boosted, x[:4]) != before
+
+
+def test_contributions_and_leaves_carry_no_confidence(spans: SpanList) -> None:
+    """LightGBM's predict_proba(pred_contrib=True) returns SHAP values, and
+    pred_leaf=True leaf indices: no class scores, so no dl.confidence.*."""
+    lightgbm = pytest.importorskip("lightgbm")
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    model = lightgbm.LGBMClassifier(n_estimators=20, verbose=-1).fit(x[:1200], y[:1200])
+    spans.clear()
+    model.predict_proba(x[1200:])
+    assert _one(spans)[semconv.DL_CONFIDENCE_MEAN] > 0.8
+    for flag in ("pred_contrib", "pred_leaf"):
+        spans.clear()
+        model.predict_proba(x[1200:], **{flag: True})
+        attrs = _one(spans)
+        assert semconv.DL_CONFIDENCE_MEAN not in attrs, flag
+        assert attrs[semconv.DL_PREDICTION_COUNT] == len(x) - 1200
+
+
+def test_sparse_input_gets_its_batch_size(spans: SpanList) -> None:
+    from scipy import sparse
+
+    model = LogisticRegression(max_iter=200).fit(sparse.csr_matrix(X), Y)
+    spans.clear()
+    model.predict(sparse.csr_matrix(X[:7]))
+    attrs = _one(spans)
+    assert attrs[semconv.DL_BATCH_SIZE] == 7
+    assert semconv.DL_QUALITY_NAN_FRACTION not in attrs  # sparse input: no data signals
 
 
 def test_predictions_inside_fit_make_no_span(spans: SpanList) -> None:
