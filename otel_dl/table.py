@@ -157,7 +157,17 @@ def _column_values(series: Any) -> np.ndarray:
     dtype = str(series.dtype)
     if dtype == "object":  # its objects already: a copy of them, without astype's cost
         return series.to_numpy(dtype=object, copy=True)
-    if dtype in ("category", "string", "str") or dtype.startswith("string"):
+    if dtype == "category":
+        # What astype(object) gives, each value's category, from the codes: about 10 µs
+        # for a row instead of 65 (a missing value, NaN or NaT by the categories' type, is
+        # left to astype).
+        array = series.array
+        codes = np.asarray(array.codes)
+        if not (codes < 0).any():
+            values: np.ndarray = array.categories.to_numpy(dtype=object)[codes]
+            return values
+        return series.astype(object).to_numpy()
+    if dtype in ("string", "str") or dtype.startswith("string"):
         return series.astype(object).to_numpy()
     return series.to_numpy()
 
@@ -213,6 +223,19 @@ def _frame_layout(columns: tuple[Any, ...], dtypes: tuple[Any, ...]) -> _FrameLa
     )
 
 
+def _dtypes(data: Any) -> tuple[Any, ...]:
+    """A DataFrame's column dtypes. ``DataFrame.dtypes`` builds a Series each time (about
+    45 µs, on every call of a model fed DataFrames); its block manager lists them in 3 µs,
+    and where that private reading is missing or fails the public one is used."""
+    try:
+        dtypes = tuple(data._mgr.get_dtypes())
+        if len(dtypes) == len(data.columns):
+            return dtypes
+    except Exception:
+        pass
+    return tuple(data.dtypes.tolist())
+
+
 def _frame_table(data: Any) -> Table | None:
     """A DataFrame read with one conversion of its numeric columns instead of one pandas
     Series per column (about 15 µs each: a 30-column frame took 0.45 ms per call): the
@@ -225,7 +248,7 @@ def _frame_table(data: Any) -> Table | None:
     if not len(columns) or columns.nlevels != 1 or not columns.is_unique:
         return None
     try:
-        layout = _frame_layout(tuple(columns), tuple(data.dtypes.tolist()))
+        layout = _frame_layout(tuple(columns), _dtypes(data))
     except TypeError:  # a dtype that cannot be hashed: read column by column
         return None
     series = [column for _, column in data.items()] if layout.other_at else []

@@ -21,6 +21,12 @@ def _column(kind: str, rows: int, rng: np.random.Generator) -> object:
         return pd.Series(rng.choice(["a", "b", None], rows), dtype=object)
     if kind == "category":
         return pd.Categorical(rng.choice(["u", "v"], rows))
+    if kind == "category with missing":
+        return pd.Categorical(rng.choice(["u", "v", None], rows))
+    if kind == "int category":
+        return pd.Categorical(rng.integers(0, 3, rows))
+    if kind == "interval category":
+        return pd.cut(rng.normal(size=rows), [-9, -1, 0, 1, 9])
     if kind == "string":
         return pd.array(rng.choice(["p", "q"], rows), dtype="string")
     if kind == "date":
@@ -43,6 +49,7 @@ def _column(kind: str, rows: int, rng: np.random.Generator) -> object:
 _KINDS = [
     "float64", "float32", "float16", "int8", "int64", "uint8", "bool",
     "text", "category", "string", "date", "numbers as objects", "nullable int",
+    "category with missing", "int category", "interval category",
 ]  # fmt: skip
 
 
@@ -71,6 +78,13 @@ def test_a_frame_reads_as_column_by_column(kinds: list[str], rows: int, seed: in
     rng = np.random.default_rng(seed)
     frame = pd.DataFrame({f"{kind} {i}": _column(kind, rows, rng) for i, kind in enumerate(kinds)})
     _assert_same(to_table(frame), table._table_from_columns(_by_column(frame)))
+    assert table._dtypes(frame) == tuple(frame.dtypes.tolist())
+    for name, column in frame.items():  # a category's values as astype(object) gives them
+        got, want = table._column_values(column), column.astype(object).to_numpy()
+        if isinstance(column.dtype, pd.CategoricalDtype):
+            assert [type(v) for v in got] == [type(v) for v in want], name
+            assert pd.isna(got).tolist() == pd.isna(want).tolist(), name
+            assert got[~pd.isna(got)].tolist() == want[~pd.isna(want)].tolist(), name
 
 
 def test_a_wide_numeric_frame_is_one_float_block_of_its_own() -> None:
