@@ -46,7 +46,6 @@ from otel_dl.quality import (
     nan_excess_each,
     quality_each,
     range_excess,
-    range_excess_each,
 )
 from otel_dl.reference import Reference
 from otel_dl.table import Table, to_numpy, to_table
@@ -624,9 +623,8 @@ class FeatureMonitor:
         stacked, starts = _stack(values)
         schema = table.schema_fingerprint
         fingerprints = data_fingerprints(schema, stacked, starts)
-        nan, outside = quality_each(reference, stacked, starts)
+        nan, outside, beyond = quality_each(reference, stacked, starts)
         excess = nan_excess_each(reference, table.numeric_names, stacked, starts, nan)
-        beyond = range_excess_each(reference, stacked, starts, outside)
         mismatch = schema != reference.schema_fingerprint
         self._feature_count = len(table.names)
         ends = [*starts[1:], len(stacked)]

@@ -455,10 +455,10 @@ def test_a_failing_burst_costs_its_signals_never_its_spans(
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_quality_of_a_burst_is_each_batch_quality(dtype: type) -> None:
-    """quality_each over stacked batches equals batch_quality batch by batch: clean
-    batches, NaN and infinite values, values outside the range, and a feature the
-    reference has no range for."""
-    from otel_dl.quality import batch_quality, quality_each
+    """quality_each over stacked batches equals batch_quality (and range_excess) batch by
+    batch: clean batches, NaN and infinite values, values outside the range, and a
+    feature the reference has no range for."""
+    from otel_dl.quality import batch_quality, quality_each, range_excess
 
     rng = np.random.default_rng(5)
     fit = rng.normal(size=(500, 5)).astype(dtype)
@@ -474,9 +474,15 @@ def test_quality_of_a_burst_is_each_batch_quality(dtype: type) -> None:
         if i % 5 == 3:
             batch[:, 2] *= 10
         batches.append(batch)
+    seen: list[float | None] = []
     for group in (batches, [b for b in batches if np.isfinite(b).all()], batches[:1]):
         starts = np.cumsum([0] + [len(b) for b in group[:-1]]).tolist()
-        nan, outside = quality_each(reference, np.concatenate(group), starts)
+        nan, outside, excess = quality_each(reference, np.concatenate(group), starts)
         want = [batch_quality(reference, reference.read(b)) for b in group]
         assert nan == [w[0] for w in want]
         assert outside == [w[1] for w in want]
+        tables = [reference.read(b) for b in group]
+        alone = [range_excess(reference, t, w[1]) for t, w in zip(tables, want, strict=True)]
+        assert excess == alone
+        seen.extend(excess)
+    assert any(seen) and not all(seen)
