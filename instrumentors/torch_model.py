@@ -7,7 +7,7 @@
   ``train(False)``) is called, not its submodules, nor a submodule of a model user code
   put in training mode (BatchNorm layers frozen while fine-tuning run inside that
   model's training forward); on a ``torch.compile`` wrapper, the model it wraps (its
-  name, version and baseline), with its hooks kept out of the compiled graph;
+  name, version and baseline);
 - a model returned by ``torch.load`` or ``torch.jit.load``.
 
 Such a model makes one ``inference`` span per call (``dl.stage=inference``,
@@ -23,9 +23,13 @@ tensor argument against the model's reference (or a learned baseline), the confi
 the output when it is a 2-D floating tensor of class scores, and ``dl.prediction.count``.
 
 It works under ``torch.no_grad`` and ``torch.inference_mode``, and with
-``torch.compile(model)`` and ``model.compile()``: when a traced model is compiled, its
-hooks are re-registered wrapped in ``torch.compiler.disable``, so they run eagerly,
-outside the compiled region, and add no graph break.
+``torch.compile(model)`` and ``model.compile()``, ``fullgraph=True`` included: while
+dynamo traces a model, its hooks return at once (``torch.compiler.is_compiling()``), so
+nothing of otel-dl is in the compiled graph and there is no graph break; the model's
+span is made around the compiled call, eagerly, by hooks on the ``torch.compile``
+wrapper, or, for ``model.compile()``, around the compiled call it installs. A traced
+model called inside a compiled function (``torch.compile(fn)``) is part of that
+function's graph, and makes no span of its own.
 
 CUDA: nothing synchronises the GPU. When the output is on a GPU, the output's confidence
 and a CUDA input's NaN/Inf share and drift row sample are reduced on the device, copied
@@ -91,7 +95,6 @@ class _Traced:
     post: Any
     path: str | None = None
     fingerprint: str | None = None
-    compiled: bool = False  # hooks kept out of dynamo (the model was compiled)
 
 
 def _first_tensor(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
@@ -185,12 +188,46 @@ def _compiled_original(module: Any) -> Any:
     return getattr(module, "_orig_mod", None)
 
 
+class _TracedCompiledCall:
+    """What ``model.compile()`` put in place of the model's call, with the model's span
+    made around it, eagerly, as its hooks would outside a compiled region."""
+
+    def __init__(self, instrumentor: TorchModelInstrumentor, model: Any, compiled: Any) -> None:
+        self._instrumentor = instrumentor
+        self._model = weakref.ref(model)  # the model holds this: no cycle through it
+        self.compiled = compiled
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        model = self._model()
+        instrumentor = self._instrumentor
+        if model is None or model not in instrumentor._traced:
+            return self.compiled(*args, **kwargs)
+        instrumentor._pre_hook(model, args, kwargs)
+        try:
+            output = self.compiled(*args, **kwargs)
+        except BaseException:
+            instrumentor._post_hook(model, args, kwargs, None)  # ends it with the error
+            raise
+        instrumentor._post_hook(model, args, kwargs, output)
+        return output
+
+
+def _not_compiling() -> bool:
+    return False
+
+
+#: ``torch.compiler.is_compiling`` once torch is imported. The hooks ask it first: while
+#: dynamo traces a compiled model, they then return at once, a call dynamo traces through
+#: (no graph break, nothing of otel-dl in the graph); the span comes from outside the
+#: compiled region (:meth:`TorchModelInstrumentor._wrap_optimized_init`).
+_compiling: Callable[[], bool] = _not_compiling
+
+
 def _capturing() -> bool:
     """True while torch.jit.trace or torch.export records the model's graph.
 
     The hooks must then do nothing: a trace records what runs, and otel-dl is not part
-    of the model. (Under ``torch.compile(model)`` the hooks of the original module run
-    outside the compiled region, as ordinary calls, and trace normally.)
+    of the model.
     """
     tracing, exporting = _capture_checks or _load_capture_checks()
     return bool(tracing() or exporting())
@@ -217,8 +254,8 @@ class TorchModelInstrumentor(DlInstrumentor):
     # inference mode: eval() on one of them (BatchNorm frozen while fine-tuning) does not
     # make it a traced model, since it runs inside its model's training forward.
     _training_parts: ClassVar[weakref.WeakSet[Any]] = weakref.WeakSet()
-    # Models torch.compile wrapped: hooks added to them later are kept out of dynamo too.
-    _compiled: ClassVar[weakref.WeakSet[Any]] = weakref.WeakSet()
+    # torch.compile wrappers (OptimizedModule), each with the hooks that trace its calls.
+    _wrappers: ClassVar[weakref.WeakKeyDictionary[Any, _Traced]] = weakref.WeakKeyDictionary()
     _lock = threading.Lock()
 
     def instrumentation_dependencies(self) -> Collection[str]:
@@ -247,8 +284,9 @@ class TorchModelInstrumentor(DlInstrumentor):
     def on_uninstrument(self) -> None:
         remove_watch_listener(self._on_watch)
         with self._lock:
-            traced = list(self._traced.items())
+            traced = [*self._traced.items(), *self._wrappers.items()]
             self._traced.clear()
+            self._wrappers.clear()
         for _model, entry in traced:
             if entry.pre is not None:
                 entry.pre.remove()
@@ -264,13 +302,17 @@ class TorchModelInstrumentor(DlInstrumentor):
     def trace_model(
         self, model: Any, path: str | None = None, fingerprint: str | None = None
     ) -> None:
-        """Start tracing ``model`` (idempotent)."""
+        """Start tracing ``model`` (idempotent); a ``torch.compile`` wrapper stands for
+        the model it wraps."""
+        global _compiling
         import torch
 
+        _compiling = torch.compiler.is_compiling
+        model = _compiled_original(model) or model
         with self._lock:
             entry = self._traced.get(model)
             if entry is None:
-                entry = _Traced(pre=None, post=None, compiled=model in self._compiled)
+                entry = _Traced(pre=None, post=None)
                 if not isinstance(model, torch.jit.ScriptModule):  # those: through __call__
                     self._add_hooks(model, entry)
                 self._traced[model] = entry
@@ -278,41 +320,52 @@ class TorchModelInstrumentor(DlInstrumentor):
                 entry.path, entry.fingerprint = path, fingerprint
 
     def _add_hooks(self, model: Any, entry: _Traced) -> None:
-        pre, post = self._pre_hook, self._post_hook
-        if entry.compiled:
-            import torch
+        entry.pre = model.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+        entry.post = model.register_forward_hook(
+            self._post_hook, with_kwargs=True, always_call=True
+        )
 
-            # Run eagerly, never captured by dynamo as frames of their own. Only for
-            # compiled models: the disable wrapper costs more than the hook itself.
-            pre, post = torch.compiler.disable(pre), torch.compiler.disable(post)
-        entry.pre = model.register_forward_pre_hook(pre, with_kwargs=True)
-        entry.post = model.register_forward_hook(post, with_kwargs=True, always_call=True)
-
-    def _on_compile(self, model: Any) -> None:
-        with self._lock:
-            self._compiled.add(model)
-            entry = self._traced.get(model)
-            if entry is None or entry.pre is None or entry.compiled:
-                return
-            entry.pre.remove()
-            entry.post.remove()
-            entry.compiled = True
-            self._add_hooks(model, entry)
-
+    # -- torch.compile: the compiled region runs the model's hooks as no-ops (_compiling);
+    # the span is made around it, eagerly, for the model it compiles.
     def _wrap_optimized_init(self, wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
         result = wrapped(*args, **kwargs)
         try:
-            self._on_compile(instance._orig_mod)
+            # The wrapper's own hooks run outside its compiled forward.
+            entry = _Traced(
+                pre=instance.register_forward_pre_hook(self._wrapper_pre_hook, with_kwargs=True),
+                post=instance.register_forward_hook(
+                    self._wrapper_post_hook, with_kwargs=True, always_call=True
+                ),
+            )
+            with self._lock:
+                self._wrappers[instance] = entry
         except Exception:
             report_internal_error("torch.compile")
         return result
 
+    def _wrapper_pre_hook(self, wrapper: Any, args: tuple[Any, ...], kwargs: Any) -> None:
+        model = wrapper._orig_mod
+        if model in self._traced:
+            self._pre_hook(model, args, kwargs)
+
+    def _wrapper_post_hook(
+        self, wrapper: Any, args: tuple[Any, ...], kwargs: Any, output: Any
+    ) -> None:
+        model = wrapper._orig_mod
+        if model in self._traced:
+            self._post_hook(model, args, kwargs, output)
+
     def _wrap_module_compile(self, wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        """``model.compile()`` compiles the model's own call, hooks included: its span is
+        made around that compiled call."""
+        result = wrapped(*args, **kwargs)
         try:
-            self._on_compile(instance)
+            compiled = instance._compiled_call_impl
+            if compiled is not None and not isinstance(compiled, _TracedCompiledCall):
+                instance._compiled_call_impl = _TracedCompiledCall(self, instance, compiled)
         except Exception:
             report_internal_error("torch.compile")
-        return wrapped(*args, **kwargs)
+        return result
 
     def _wrap_jit_script(self, wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
         """Script the model without otel-dl's hooks, which TorchScript cannot compile."""
@@ -388,6 +441,8 @@ class TorchModelInstrumentor(DlInstrumentor):
         return static
 
     def _pre_hook(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if _compiling():
+            return None  # dynamo traces this: nothing of otel-dl goes into the graph
         # A suppressed call pushes no frame: its post-hook finds none of its own.
         if not instrumentation_enabled() or _capturing():
             return None
@@ -420,6 +475,8 @@ class TorchModelInstrumentor(DlInstrumentor):
     def _post_hook(
         self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
     ) -> None:
+        if _compiling():
+            return None
         frames = _frames.get()
         if (
             not frames

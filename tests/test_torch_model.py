@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.trace import StatusCode
 
 import otel_dl
@@ -307,16 +308,58 @@ def test_jit_load_model_is_traced(spans: SpanList) -> None:
     assert call.attributes[semconv.DL_PREDICTION_COUNT] == 5
 
 
-def test_torch_compile_adds_no_graph_break(spans: SpanList) -> None:
-    model = otel_dl.watch(mlp().eval(), name="compiled")
-    compiled = torch.compile(model, backend="eager")
+@pytest.mark.parametrize("how", ["torch.compile", "Module.compile"])
+def test_torch_compile_with_fullgraph_adds_no_graph_break(how: str, spans: SpanList) -> None:
+    """fullgraph=True refuses any graph break: the hooks return at once while dynamo
+    traces the model, and the span is made around the compiled call."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = otel_dl.watch(mlp().eval(), name="compiled", version="2")
+    bare = mlp()
+    with suppress_instrumentation():
+        bare.eval()  # untraced: the reference result
+    bare.load_state_dict(model.state_dict())
+    if how == "torch.compile":
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+    else:
+        compiled = model
+        model.compile(backend="eager", fullgraph=True)
     x = torch.randn(4, 4)
-    explanation = torch._dynamo.explain(compiled)(x)
-    assert explanation.graph_break_count == 0
     spans.clear()
-    torch.testing.assert_close(compiled(x), model(x))
-    names = [s.attributes[semconv.DL_MODEL_NAME] for s in spans.get(semconv.SPAN_INFERENCE)]
-    assert names == ["compiled", "compiled"]
+    for _ in range(3):
+        torch.testing.assert_close(compiled(x), bare(x))
+    assert sum(counters["graph_break"].values()) == 0
+    calls = spans.get(semconv.SPAN_INFERENCE)
+    assert [s.attributes[semconv.DL_MODEL_NAME] for s in calls] == ["compiled"] * 3
+    assert calls[0].attributes[semconv.DL_MODEL_VERSION] == "2"
+    assert calls[0].attributes[semconv.DL_PREDICTION_COUNT] == 4
+
+
+def test_a_model_inside_a_compiled_function_is_part_of_its_graph(spans: SpanList) -> None:
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = otel_dl.watch(mlp().eval(), name="inner")
+    probabilities = torch.compile(lambda t: model(t).softmax(-1), backend="eager", fullgraph=True)
+    x = torch.randn(4, 4)
+    spans.clear()
+    torch.testing.assert_close(probabilities(x), model(x).softmax(-1))
+    assert sum(counters["graph_break"].values()) == 0
+    # The eager call of the model makes its span; the compiled function's makes none.
+    assert len(spans.get(semconv.SPAN_INFERENCE)) == 1
+
+
+def test_an_error_in_a_compiled_call_ends_its_span(spans: SpanList) -> None:
+    model = otel_dl.watch(mlp().eval(), name="compiled")
+    model.compile(backend="eager")
+    spans.clear()
+    with pytest.raises(RuntimeError):
+        model(torch.randn(4, 5))  # the wrong width
+    (call,) = spans.get(semconv.SPAN_INFERENCE)
+    assert call.status.status_code is StatusCode.ERROR
 
 
 @pytest.mark.parametrize("watched", [True, False])
