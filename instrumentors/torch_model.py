@@ -6,9 +6,12 @@
 - a model user code puts in inference mode: the module on which ``eval()`` (or
   ``train(False)``) is called, not its submodules, nor a submodule of a model user code
   put in training mode (BatchNorm layers frozen while fine-tuning run inside that
-  model's training forward); on a ``torch.compile`` wrapper, the model it wraps (its
-  name, version and baseline);
-- a model returned by ``torch.load`` or ``torch.jit.load``.
+  model's training forward); on a ``torch.compile``, ``DistributedDataParallel`` or
+  ``DataParallel`` wrapper, the model it wraps (its name, version, weights and
+  baseline, the same as in a process that runs it unwrapped);
+- a model returned by ``torch.load`` or ``torch.jit.load``, and a ``torch.jit.script``
+  or ``torch.jit.trace`` module that is watched or put in inference mode;
+- with ``trace_training`` on, also a model user code puts in training mode.
 
 Such a model makes one ``inference`` span per call (``dl.stage=inference``,
 ``dl.component=torch.nn``), never one per submodule: the model's own instance gets a
@@ -17,10 +20,12 @@ otel-dl code at all. A call made inside another traced model's call makes no spa
 own. Forwards in training mode are not traced unless ``trace_training`` is on.
 
 The span carries the model's name (the ``watch`` name, else its class), version,
-framework (``torch``), fingerprint of its weights (computed once, recomputed after
-``load_state_dict``), the file it was loaded from, the drift and quality of the first
-tensor argument against the model's reference (or a learned baseline), the confidence of
-the output when it is a 2-D floating tensor of class scores, and ``dl.prediction.count``.
+framework (``torch``), fingerprint of its weights (computed once, and again after
+``load_state_dict`` and after ``eval()`` ends a spell in training mode: fine-tuning
+changed them), the file it was loaded from, the drift and quality of the first tensor
+argument against the model's reference (or a learned baseline), the confidence of the
+output when it is a 2-D floating tensor of class scores (the output, its ``logits``, or
+the first tensor of a tuple or list output), and ``dl.prediction.count``.
 
 It works under ``torch.no_grad`` and ``torch.inference_mode``, and with
 ``torch.compile(model)`` and ``model.compile()``, ``fullgraph=True`` included: while
@@ -57,7 +62,7 @@ import weakref
 from collections.abc import Callable, Collection, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final
 
 from otel_dl import _gpu as gpu
 from otel_dl import semconv
@@ -70,9 +75,15 @@ from otel_dl._span import (
     base_attributes,
     traced_call,
 )
-from otel_dl._watch import WatchState, add_watch_listener, ensure_state, remove_watch_listener
+from otel_dl._watch import (
+    WatchState,
+    add_watch_listener,
+    ensure_state,
+    remove_watch_listener,
+    watch_state,
+)
 from otel_dl.monitor import observe_once
-from otel_dl.provenance import file_fingerprint, model_fingerprint
+from otel_dl.provenance import file_fingerprint, forget_model, model_fingerprint
 
 from ._base import DlInstrumentor, Patches
 
@@ -115,8 +126,11 @@ def _on_gpu(output: Any) -> bool:
 
 
 def _scores(output: Any) -> Any:
-    """The tensor whose confidence a call's span carries: the output, or the ``logits`` of
-    a structured output (a transformers ``ModelOutput``, a dict, a dataclass); else None."""
+    """The tensor whose confidence a call's span carries: the output, the ``logits`` of a
+    structured output (a transformers ``ModelOutput``, a dict, a dataclass, a
+    namedtuple), or the first tensor of one or more dimensions in a tuple or list output
+    (``(logits, hidden)``, ``(loss, logits)``, an LSTM's ``(output, (h, c))``); else
+    None."""
     import torch
 
     if isinstance(output, torch.Tensor):
@@ -124,6 +138,8 @@ def _scores(output: Any) -> Any:
     logits = output.get("logits") if isinstance(output, Mapping) else None
     if logits is None:
         logits = getattr(output, "logits", None)
+    if logits is None and isinstance(output, tuple | list):
+        logits = next((o for o in output if isinstance(o, torch.Tensor) and o.dim()), None)
     return logits if isinstance(logits, torch.Tensor) else None
 
 
@@ -181,11 +197,24 @@ def _finish_on_gpu(
     )
 
 
-def _compiled_original(module: Any) -> Any:
-    """The model a ``torch.compile`` wrapper (``OptimizedModule``) wraps, else None."""
-    if type(module).__name__ != "OptimizedModule":
-        return None
-    return getattr(module, "_orig_mod", None)
+# Wrappers that run one model (the attribute that holds it): a span is about that model.
+_WRAPPERS: Final = {
+    "OptimizedModule": "_orig_mod",  # torch.compile
+    "DistributedDataParallel": "module",
+    "DataParallel": "module",
+}
+
+
+def _unwrapped(module: Any) -> Any:
+    """The model a ``torch.compile``, ``DistributedDataParallel`` or ``DataParallel``
+    wrapper runs (its name, version, weights and baseline are what the spans are about:
+    the wrapper's state_dict prefixes every key with ``module.``), else ``module``."""
+    klass = type(module)
+    attribute = _WRAPPERS.get(klass.__name__)
+    if attribute is None or not klass.__module__.startswith("torch."):
+        return module
+    inner = getattr(module, attribute, None)
+    return module if inner is None else _unwrapped(inner)
 
 
 class _TracedCompiledCall:
@@ -273,6 +302,7 @@ class TorchModelInstrumentor(DlInstrumentor):
             "torch": {"load": self._wrap_load},
             "torch.jit": {"load": self._wrap_load, "script": self._wrap_jit_script},
             "torch.jit._script": {"RecursiveScriptModule.__call__": self._wrap_script_call},
+            "torch.jit._trace": {"TracedModule.__call__": self._wrap_script_call},
             # torch._dynamo takes seconds to import: it is patched once the application
             # imports it (torch.compile does).
             "torch._dynamo.eval_frame": {"OptimizedModule.__init__": self._wrap_optimized_init},
@@ -308,7 +338,7 @@ class TorchModelInstrumentor(DlInstrumentor):
         import torch
 
         _compiling = torch.compiler.is_compiling
-        model = _compiled_original(model) or model
+        model = _unwrapped(model)
         with self._lock:
             entry = self._traced.get(model)
             if entry is None:
@@ -395,6 +425,7 @@ class TorchModelInstrumentor(DlInstrumentor):
 
     def _wrap_train(self, wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
         depth = getattr(_train_depth, "value", 0)
+        was_training = getattr(instance, "training", False)
         _train_depth.value = depth + 1
         try:
             result = wrapped(*args, **kwargs)
@@ -407,16 +438,29 @@ class TorchModelInstrumentor(DlInstrumentor):
                     part_of_training = instance in self._training_parts
                     self._training_parts.difference_update(instance.modules())
                     if not part_of_training:
-                        # A compiled wrapper's eval() traces the model it wraps, whose
-                        # name, version and baseline the spans are about.
-                        self.trace_model(_compiled_original(instance) or instance)
+                        # A wrapper's eval() traces the model it wraps (trace_model).
+                        model = _unwrapped(instance)
+                        if was_training and model in self._traced:
+                            # Trained since its last span: its weights are new.
+                            self._forget_weights(model)
+                        self.trace_model(model)
                 else:
                     parts = instance.modules()
                     next(parts)  # the model itself
                     self._training_parts.update(parts)
+                    if get_config().trace_training:
+                        self.trace_model(instance)
             except Exception:
                 report_internal_error("torch.eval")
         return result
+
+    @staticmethod
+    def _forget_weights(model: Any) -> None:
+        """The next span of ``model`` fingerprints its weights anew."""
+        forget_model(model)
+        state = watch_state(model)
+        if state is not None:
+            state.static = None
 
     # -- model calls --------------------------------------------------------------------
     def _model_attributes(self, model: Any) -> Attributes:

@@ -405,3 +405,95 @@ def test_traced_model_can_still_be_scripted_traced_and_exported(spans: SpanList)
     spans.clear()
     model(x)
     assert len(spans.get(semconv.SPAN_INFERENCE)) == 1, "hooks restored after scripting"
+
+
+def test_a_jit_traced_module_makes_its_span(spans: SpanList) -> None:
+    traced = torch.jit.trace(mlp().eval(), torch.randn(2, 4))
+    otel_dl.watch(traced, name="traced-scorer")
+    spans.clear()
+    with torch.no_grad():
+        traced(torch.randn(16, 4))
+    (call,) = spans.get(semconv.SPAN_INFERENCE)
+    assert call.attributes[semconv.DL_MODEL_NAME] == "traced-scorer"
+    assert call.attributes[semconv.DL_PREDICTION_COUNT] == 16
+
+
+def test_a_data_parallel_wrapper_is_the_model_it_runs(spans: SpanList, tmp_path: Path) -> None:
+    """eval() on the DistributedDataParallel or DataParallel wrapper that user code calls:
+    the spans carry the wrapped model's watch name, version and fingerprint (the
+    wrapper's state_dict prefixes each key with ``module.``: the same weights served
+    unwrapped would look like another model)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from otel_dl.provenance import model_fingerprint
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1
+    )
+    try:
+        model = otel_dl.watch(mlp(), name="fraud-mlp", version="7")
+        for wrap in (DistributedDataParallel, torch.nn.DataParallel):
+            wrapper = wrap(model)
+            wrapper.eval()
+            spans.clear()
+            with torch.no_grad():
+                wrapper(torch.randn(16, 4))
+            (call,) = spans.get(semconv.SPAN_INFERENCE)
+            assert call.attributes[semconv.DL_MODEL_NAME] == "fraud-mlp", wrap
+            assert call.attributes[semconv.DL_MODEL_VERSION] == "7"
+            assert call.attributes[semconv.DL_MODEL_FINGERPRINT] == model_fingerprint(model)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("shape", ["tuple", "list", "loss first"])
+def test_a_tuple_output_counts_and_scores_its_first_tensor(shape: str, spans: SpanList) -> None:
+    class TwoHeads(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = mlp()
+
+        def forward(self, x: torch.Tensor) -> object:
+            logits = self.body(x)
+            if shape == "tuple":
+                return logits, x
+            if shape == "list":
+                return [logits, x]
+            return logits.sum(), logits  # a 0-d loss first: not the predictions
+
+    model = otel_dl.watch(TwoHeads().eval())
+    spans.clear()
+    with torch.no_grad():
+        model(torch.randn(20, 4))
+    (call,) = spans.get(semconv.SPAN_INFERENCE)
+    assert call.attributes[semconv.DL_PREDICTION_COUNT] == 20
+    assert 0 < call.attributes[semconv.DL_CONFIDENCE_MEAN] <= 1
+
+
+def test_trace_training_traces_a_model_only_ever_trained_and_eval_fingerprints_the_new_weights(
+    spans: SpanList, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dataclasses import replace
+
+    from otel_dl import _config
+
+    monkeypatch.setattr(_config, "_active", replace(_config.get_config(), trace_training=True))
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    fingerprints = []
+    for _epoch in range(2):
+        model.train()
+        spans.clear()
+        for _ in range(3):
+            optimizer.zero_grad()
+            model(torch.randn(8, 4)).sum().backward()
+            optimizer.step()
+        assert len(spans.get(semconv.SPAN_INFERENCE)) == 3  # every training forward
+        model.eval()
+        spans.clear()
+        with torch.no_grad():
+            model(torch.randn(8, 4))
+        (call,) = spans.get(semconv.SPAN_INFERENCE)
+        fingerprints.append(call.attributes[semconv.DL_MODEL_FINGERPRINT])
+    assert fingerprints[0] != fingerprints[1]  # the second epoch's weights
