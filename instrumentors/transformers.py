@@ -29,9 +29,12 @@ model), and ``dl.prediction.count``. Watch either the pipeline or its model:
   use the returned scores over the candidate labels.
 - Generation tasks get the OpenTelemetry GenAI attributes: ``gen_ai.operation.name``
   (``chat`` for chat messages, else ``text_completion``), ``gen_ai.request.model``,
-  ``gen_ai.request.max_tokens`` when ``max_new_tokens`` is given, and
+  ``gen_ai.request.max_tokens`` when ``max_new_tokens`` is set, and
   ``gen_ai.usage.input_tokens``/``output_tokens`` counted from the token ids (output
-  tokens stop at the first end-of-sequence token, which counts).
+  tokens stop at the first end-of-sequence token, which counts). Both read the settings
+  the ``generate`` call ran with: its keywords (the pipeline's own, given when it was
+  built or to the call, and ``eos_token_id`` given per call), else its
+  ``generation_config`` keyword, else the model's ``generation_config``.
 
 A model's ``generate()`` called directly (serving code that tokenizes itself) is one
 ``inference`` span too, with the same GenAI attributes and ``dl.prediction.count`` (the
@@ -96,6 +99,9 @@ class _Capture:
     output_tokens: int = 0
     sequences: int = 0
     token_counts: bool = False
+    # The settings the pipeline's generate call ran with (None: not called yet).
+    max_tokens: int | None = None
+    stops: tuple[list[int], int | None] | None = None
 
 
 _capture: ContextVar[_Capture | None] = ContextVar("otel_dl_transformers_call", default=None)
@@ -143,6 +149,25 @@ def _ids(value: Any) -> list[int]:
     return [int(v) for v in value] if isinstance(value, list | tuple) else [int(value)]
 
 
+def _setting(model: Any, kwargs: Mapping[str, Any], name: str) -> Any:
+    """The value of generation setting ``name`` a ``generate`` call runs with: its keyword,
+    else its ``generation_config`` keyword's, else the model's ``generation_config``'s (a
+    pipeline passes its own settings, given when it was built or to the call, as
+    keywords or a ``generation_config``)."""
+    value = kwargs.get(name)
+    if value is None:
+        value = getattr(kwargs.get("generation_config"), name, None)
+    if value is None:
+        value = getattr(getattr(model, "generation_config", None), name, None)
+    return value
+
+
+def _stops(model: Any, kwargs: Mapping[str, Any]) -> tuple[list[int], int | None]:
+    """The end-of-sequence ids and the padding id a ``generate`` call runs with."""
+    pad = _setting(model, kwargs, "pad_token_id")
+    return _ids(_setting(model, kwargs, "eos_token_id")), pad if isinstance(pad, int) else None
+
+
 def _generated_tokens(new_tokens: Any, eos_ids: list[int], pad_id: int | None) -> int:
     """Tokens generated per sequence, up to and including the first end-of-sequence."""
     import torch
@@ -185,13 +210,9 @@ def _record_forward(capture: _Capture, model_inputs: Any, outputs: Any) -> None:
         generated, prompt = outputs.get("output_ids"), 1
     if not isinstance(generated, torch.Tensor) or generated.dim() < 2:
         return
-    config = getattr(capture.pipeline.model, "generation_config", None)
+    eos_ids, pad_id = capture.stops or _stops(capture.pipeline.model, {})
     new_tokens = generated[..., prompt:]
-    capture.output_tokens += _generated_tokens(
-        new_tokens,
-        _ids(getattr(config, "eos_token_id", None)),
-        getattr(config, "pad_token_id", None),
-    )
+    capture.output_tokens += _generated_tokens(new_tokens, eos_ids, pad_id)
     capture.sequences += new_tokens.reshape(-1, new_tokens.shape[-1]).shape[0]
     capture.token_counts = True
 
@@ -254,6 +275,15 @@ class TransformersInstrumentor(DlInstrumentor):
         pipeline the call is suppressed already and makes none of its own."""
         if getattr(instance, "training", False) and not get_config().trace_training:
             return wrapped(*args, **kwargs)
+        capture = _capture.get()
+        if capture is not None and capture.generation:
+            # A pipeline's generate: its span counts tokens by what this call stops at.
+            try:
+                max_tokens = _setting(instance, kwargs, "max_new_tokens")
+                capture.max_tokens = max_tokens if isinstance(max_tokens, int) else None
+                capture.stops = _stops(instance, kwargs)
+            except Exception:
+                report_internal_error(f"{_GENERATE_SITE}.settings")
         return self._one_span(
             wrapped, instance, args, kwargs, _GENERATE_SITE, _generate_attributes, _generated
         )
@@ -352,6 +382,8 @@ class TransformersInstrumentor(DlInstrumentor):
             attrs[semconv.GEN_AI_USAGE_INPUT_TOKENS] = capture.input_tokens
             attrs[semconv.GEN_AI_USAGE_OUTPUT_TOKENS] = capture.output_tokens
             attrs[semconv.DL_PREDICTION_COUNT] = capture.sequences
+        if capture.max_tokens is not None:  # the limit the pipeline's generate ran with
+            attrs[semconv.GEN_AI_REQUEST_MAX_TOKENS] = capture.max_tokens
         config = get_config()
         if not config.signals:
             return attrs
@@ -398,9 +430,7 @@ def _generate_attributes(call: DlCall) -> Attributes:
     name_or_path = str(getattr(model, "name_or_path", "") or "")
     attrs[semconv.GEN_AI_OPERATION_NAME] = "text_completion"
     attrs[semconv.GEN_AI_REQUEST_MODEL] = name_or_path or attrs[semconv.DL_MODEL_NAME]
-    max_tokens = call.kwargs.get("max_new_tokens")
-    if max_tokens is None:
-        max_tokens = getattr(call.kwargs.get("generation_config"), "max_new_tokens", None)
+    max_tokens = _setting(model, call.kwargs, "max_new_tokens")
     if isinstance(max_tokens, int):
         attrs[semconv.GEN_AI_REQUEST_MAX_TOKENS] = max_tokens
     return attrs
@@ -422,12 +452,9 @@ def _generated(call: DlCall, result: Any) -> Attributes:
     model_config = getattr(call.instance, "config", None)
     # An encoder-decoder's sequences are the decoder's: its start token, then new tokens.
     start = 1 if getattr(model_config, "is_encoder_decoder", False) else prompt.shape[-1]
-    config = getattr(call.instance, "generation_config", None)
     attrs[semconv.GEN_AI_USAGE_INPUT_TOKENS] = inputs
     attrs[semconv.GEN_AI_USAGE_OUTPUT_TOKENS] = _generated_tokens(
-        sequences[:, start:],
-        _ids(getattr(config, "eos_token_id", None)),
-        getattr(config, "pad_token_id", None),
+        sequences[:, start:], *_stops(call.instance, call.kwargs)
     )
     return attrs
 

@@ -184,6 +184,48 @@ def test_generate_called_directly_is_one_span(spans: SpanList, generate) -> None
     assert torch.equal(out, bare)
 
 
+def test_token_counts_and_limits_are_those_the_generation_ran_with(
+    spans: SpanList, generate, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    """A stop token given per call (as Llama-3's cards say to) ends a row's count there,
+    not at the padding after it; max_new_tokens set on the pipeline or in the model's
+    generation_config is the request's max_tokens."""
+    model = generate.model
+    prompt = torch.tensor([[TINY_WORDS.index("good"), TINY_WORDS.index("movie")]])
+    with suppress_instrumentation():
+        first = int(model.generate(prompt, max_new_tokens=1, do_sample=False)[0, -1])
+        prompts = torch.tensor(
+            [[TINY_WORDS.index("good"), TINY_WORDS.index("movie")], [PAD, TINY_WORDS.index("bad")]]
+        )
+        mask = (prompts != PAD).long()
+        stops = [SEP, first]
+        bare = model.generate(
+            prompts, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=stops
+        )
+    new = bare[:, 2:].tolist()
+    expected = sum(next((i + 1 for i, t in enumerate(row) if t in stops), len(row)) for row in new)
+    assert expected < bare[:, 2:].numel()  # a row stopped early and was padded
+    spans.clear()
+    out = model.generate(
+        prompts, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=stops
+    )
+    assert torch.equal(out, bare)
+    (span,) = spans.get()
+    assert span.attributes[semconv.GEN_AI_USAGE_OUTPUT_TOKENS] == expected
+
+    built = pipeline("text-generation", model=model, tokenizer=tokenizer, max_new_tokens=4)
+    spans.clear()
+    built("good movie", do_sample=False)
+    assert spans.get()[0].attributes[semconv.GEN_AI_REQUEST_MAX_TOKENS] == 4
+    model.generation_config.max_new_tokens = 3
+    try:
+        spans.clear()
+        model.generate(prompt, do_sample=False)
+        assert spans.get()[0].attributes[semconv.GEN_AI_REQUEST_MAX_TOKENS] == 3
+    finally:
+        model.generation_config.max_new_tokens = None
+
+
 def test_a_batch_of_conversations_is_a_chat(spans: SpanList, generate) -> None:
     chats = [[{"role": "user", "content": "good movie"}], [{"role": "user", "content": "bad"}]]
     tokenizer = generate.tokenizer  # the module's: its template is put back after
