@@ -257,7 +257,11 @@ class OnnxRuntimeInstrumentor(DlInstrumentor):
         attrs: Attributes = {}
         if isinstance(outputs, Sequence) and outputs:
             config = get_config()
-            scores = _class_scores(outputs, names) if config.signals else None
+            scores = (
+                _class_scores(outputs, names)
+                if config.signals and ensure_state(session).confidence
+                else None
+            )
             if scores is not None:
                 monitor = ensure_state(session).monitor()
                 if config.signals_delay_ms > 0:

@@ -360,6 +360,7 @@ class SklearnInstrumentor(DlInstrumentor):
             and len(shape) <= 2
             and (method != "decision_function" or _log_odds(call.instance))
             and not any(call.kwargs.get(name) for name in _NOT_SCORES)
+            and ensure_state(call.instance).confidence
         ):
             if later:  # every prediction, as below, but in a burst
                 monitor = ensure_state(call.instance).monitor()

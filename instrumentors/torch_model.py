@@ -167,8 +167,9 @@ def _output_signals(module: Any, output: Any) -> Mapping[str, Any]:
 
     if not isinstance(output, torch.Tensor):
         return {}
-    if output.dim() == 2 and output.is_floating_point():
-        monitor = ensure_state(module).monitor()
+    state = ensure_state(module)
+    if output.dim() == 2 and output.is_floating_point() and state.confidence:
+        monitor = state.monitor()
         if get_config().signals_delay_ms > 0:
             return monitor.confidence_later(output)
         return monitor.confidence(output)
@@ -185,12 +186,13 @@ def _finish_on_gpu(
     call: DlSpan, module: Any, args: tuple[Any, ...], kwargs: Any, output: Any
 ) -> None:
     features = _first_tensor(args, kwargs)
-    monitor = ensure_state(module).monitor()
+    state = ensure_state(module)
+    monitor = state.monitor()
     config = get_config()
     gpu.finish_when_done(
         call,
         output,
-        config.confidence_threshold,
+        config.confidence_threshold if state.confidence else None,
         inputs=features if features is not None and features.is_cuda else None,
         observe=monitor.observe,
         sample_rows=config.drift_max_rows,

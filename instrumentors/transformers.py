@@ -385,7 +385,7 @@ class TransformersInstrumentor(DlInstrumentor):
         if capture.max_tokens is not None:  # the limit the pipeline's generate ran with
             attrs[semconv.GEN_AI_REQUEST_MAX_TOKENS] = capture.max_tokens
         config = get_config()
-        if not config.signals:
+        if not config.signals or not TransformersInstrumentor._state(call.instance).confidence:
             return attrs
         scores: Any = None
         kind = "auto"

@@ -167,7 +167,7 @@ def drain(deadline: float) -> bool:
 def finish_when_done(
     call: DlSpan,
     output: Any,
-    threshold: float,
+    threshold: float | None,
     inputs: Any = None,
     observe: Callable[[Any], Mapping[str, Any]] | None = None,
     sample_rows: int = 64,
@@ -177,13 +177,19 @@ def finish_when_done(
     See the module docstring. ``inputs`` is the CUDA input tensor whose NaN/Inf share and
     row sample are read (None for none); ``observe`` profiles the row sample on the host
     (the source's monitor), for drift, range and schema. The output's confidence covers
-    every prediction: on the device that costs the same kernel launches as a sample.
+    every prediction: on the device that costs the same kernel launches as a sample. A
+    ``threshold`` of None: the output is no class scores, and only its rows are counted.
     """
     import torch
 
     with torch.no_grad():
         parts: dict[str, Any] = {}
-        if output.dim() == 2 and output.is_floating_point() and output.shape[1] > 1:
+        if (
+            threshold is not None
+            and output.dim() == 2
+            and output.is_floating_point()
+            and output.shape[1] > 1
+        ):
             parts["stats"] = confidence_stats(output, threshold)
         if inputs is not None and inputs.is_floating_point() and inputs.dim() >= 1:
             rows = inputs.shape[0]

@@ -44,6 +44,8 @@ class WatchState:
     reference: Reference | None = None
     features: Sequence[str] | None = None
     attributes: dict[str, AttributeValue] = field(default_factory=dict)
+    # False: the object's outputs are no class scores (a regressor, an embedding model).
+    confidence: bool = True
     # The span attributes an instrumentor builds once for this object (model name,
     # version, fingerprint, provenance); None until built, and again when they change.
     static: dict[str, AttributeValue] | None = None
@@ -133,6 +135,7 @@ def watch(
     source: str | None = None,
     reference: Reference | None = None,
     features: Sequence[str] | None = None,
+    confidence: bool = True,
     **attributes: AttributeValue,
 ) -> T:
     """Attach provenance and a drift reference to ``obj``; returns ``obj`` unchanged.
@@ -140,7 +143,10 @@ def watch(
     ``name``/``version`` name a model (``dl.model.name``/``dl.model.version``);
     ``source``/``version`` name a data source (``dl.data.source``/``dl.data.version``).
     ``reference`` is an :class:`otel_dl.Reference`; ``features`` selects the batch keys
-    or columns that are features. Other keyword arguments become span attributes.
+    or columns that are features. ``confidence=False`` says a model's outputs are no
+    class scores (a regressor, an embedding or feature model): its spans then carry
+    ``dl.prediction.count`` and no ``dl.confidence.*``, which a value read as a logit
+    would make low on healthy calls. Other keyword arguments become span attributes.
     Calling ``watch`` again on the same object replaces what was recorded. A string or
     path ``obj`` names a data source (file, URI or glob pattern) for the dataset readers.
     A ``reference`` that is not a :class:`otel_dl.Reference` (raw training data, a path)
@@ -148,6 +154,11 @@ def watch(
     """
     if reference is not None:
         _check_reference(reference)
+    if not isinstance(confidence, bool):
+        raise TypeError(
+            f"otel_dl.watch(confidence=...) takes True or False, not {confidence!r}: "
+            "pass confidence=False for a model whose outputs are no class scores"
+        )
     target: Any = source_for(obj) if isinstance(obj, str | os.PathLike) else obj
     state = WatchState(
         name=name,
@@ -156,6 +167,7 @@ def watch(
         reference=reference,
         features=list(features) if features is not None else None,
         attributes={key: _check(key, value) for key, value in attributes.items()},
+        confidence=confidence,
     )
     with _lock:
         try:

@@ -244,3 +244,14 @@ def test_uninstrument_removes_the_spans(
     session.run(None, {"x": x})
     assert len(spans.get(semconv.SPAN_INFERENCE)) == 1
     again.shutdown()
+
+
+def test_a_session_watched_with_confidence_false_gets_none(spans: SpanList) -> None:
+    """An output with no telling name (a torch export's ``output``) is read as logits;
+    ``watch(session, confidence=False)`` says it is a regression, and the span keeps only
+    the prediction count."""
+    session = otel_dl.watch(_session(_linear("model", 2, ("output",))), confidence=False)
+    session.run(None, {"x": np.random.default_rng(3).normal(size=(8, FEATURES)).astype("f4")})
+    (span,) = spans.get(semconv.SPAN_INFERENCE)
+    assert not any(key.startswith("dl.confidence.") for key in span.attributes)
+    assert span.attributes[semconv.DL_PREDICTION_COUNT] == 8

@@ -71,6 +71,15 @@ def test_logistic_regression_predict_proba(spans: SpanList, tracer) -> None:
     assert semconv.DL_QUALITY_NAN_FRACTION in attrs
 
 
+def test_an_estimator_watched_with_confidence_false_gets_none(spans: SpanList) -> None:
+    """A classifier's probabilities used as a score, not a decision (a propensity)."""
+    model = otel_dl.watch(LogisticRegression(max_iter=200).fit(X, Y), confidence=False)
+    model.predict_proba(X[:20])
+    attrs = _one(spans)
+    assert not any(key.startswith("dl.confidence.") for key in attrs)
+    assert attrs[semconv.DL_PREDICTION_COUNT] == 20
+
+
 def test_predict_calling_other_methods_makes_one_span(spans: SpanList) -> None:
     model = LogisticRegression(max_iter=200).fit(X, Y)
     model.predict(X[:10])  # runs decision_function inside

@@ -497,3 +497,29 @@ def test_trace_training_traces_a_model_only_ever_trained_and_eval_fingerprints_t
         (call,) = spans.get(semconv.SPAN_INFERENCE)
         fingerprints.append(call.attributes[semconv.DL_MODEL_FINGERPRINT])
     assert fingerprints[0] != fingerprints[1]  # the second epoch's weights
+
+
+@pytest.mark.parametrize("targets", [1, 3])
+def test_a_regressor_watched_with_confidence_false_gets_no_confidence(
+    targets: int, spans: SpanList
+) -> None:
+    """A regressor's values read as logits give a healthy model low confidence on every
+    call (values near 0 are a sigmoid of 0.5); ``confidence=False`` says they are values."""
+    torch.manual_seed(0)
+    regressor = torch.nn.Linear(4, targets).eval()
+    guessed = otel_dl.watch(torch.nn.Linear(4, targets).eval(), name="guessed")
+    otel_dl.watch(regressor, name="regressor", confidence=False)
+    with torch.no_grad():
+        regressor(torch.randn(16, 4))
+        guessed(torch.randn(16, 4))
+    by_name = {s.attributes[semconv.DL_MODEL_NAME]: s for s in spans.get(semconv.SPAN_INFERENCE)}
+    assert semconv.DL_CONFIDENCE_MEAN in by_name["guessed"].attributes  # read as logits
+    attrs = by_name["regressor"].attributes
+    assert not any(key.startswith("dl.confidence.") for key in attrs)
+    assert attrs[semconv.DL_PREDICTION_COUNT] == 16
+    assert semconv.DL_QUALITY_NAN_FRACTION in attrs  # the input's signals stay
+
+
+def test_watch_refuses_a_confidence_that_is_not_a_bool() -> None:
+    with pytest.raises(TypeError, match="confidence=False"):
+        otel_dl.watch(mlp(), confidence="no")  # type: ignore[arg-type]

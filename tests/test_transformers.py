@@ -147,6 +147,14 @@ def test_watch_names_the_pipeline(spans: SpanList, classify) -> None:
     assert span.attributes["team"] == "nlp"
 
 
+def test_a_model_watched_with_confidence_false_gets_none(spans: SpanList, classify) -> None:
+    otel_dl.watch(classify.model, confidence=False)
+    classify(["bad movie", "good movie"])
+    (span,) = spans.get()
+    assert not any(key.startswith("dl.confidence.") for key in span.attributes)
+    assert span.attributes[semconv.DL_PREDICTION_COUNT] == 2
+
+
 def test_text_generation_uses_gen_ai_attributes(spans: SpanList, generate) -> None:
     (answer,) = generate("good movie", max_new_tokens=6, do_sample=False)
     (span,) = spans.get()  # one span for the whole generation, not one per token
