@@ -148,7 +148,8 @@ class ModelCase:
     inputs: Callable[[], tuple[Any, ...]]
     # What the output can carry: one row of class scores per prediction gives confidence;
     # a tensor gives the prediction count; so do the ``logits`` of a dict or dataclass
-    # (a transformers ModelOutput); a tuple gives neither.
+    # (a transformers ModelOutput), and the first tensor of a tuple (an RNN's (output, h):
+    # 3-D, so a count and no confidence).
     confidence: bool
     predictions: int | None
 
@@ -161,10 +162,10 @@ MODELS: dict[str, ModelCase] = {
         BATCH,
     ),
     "rnn-tuple": ModelCase(
-        lambda: nn.RNN(FEATURES, 8, batch_first=True), lambda: (_sequence(),), False, None
+        lambda: nn.RNN(FEATURES, 8, batch_first=True), lambda: (_sequence(),), False, BATCH
     ),
     "lstm-nested-tuple": ModelCase(
-        lambda: nn.LSTM(FEATURES, 8, batch_first=True), lambda: (_sequence(),), False, None
+        lambda: nn.LSTM(FEATURES, 8, batch_first=True), lambda: (_sequence(),), False, BATCH
     ),
     "transformer-two-inputs": ModelCase(
         _transformer,
