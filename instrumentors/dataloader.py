@@ -18,7 +18,11 @@ fingerprint of the batch's features:
 - a dict, or a dataclass (its fields): the keys named by
   ``watch(loader, features=[...])``, by default every floating-point tensor of one row
   per sample (the leading size most of them share): a scalar or a per-batch tensor
-  beside them (a temperature, class weights) is left out.
+  beside them (a temperature, class weights) is left out;
+- samples a ``collate_fn`` of the user's left uncollated, as a list
+  (``collate_fn=lambda b: b``) or transposed (``lambda b: tuple(zip(*b))``, the
+  detection models' way): only the batch size, their number; reading one sample as the
+  batch would profile its channels or tokens as rows. See :func:`_uncollated`.
 
 The span is made in the main process, after the batch arrives, so it works the same with
 ``num_workers > 0``, ``persistent_workers``, ``pin_memory`` and every multiprocessing
@@ -58,6 +62,8 @@ from ._base import DlInstrumentor, Patches
 
 _MODULE = "torch.utils.data.dataloader"
 _STATE_ATTR = "_otel_dl_state"
+# Whether the iterator's full batches were samples left uncollated (see _uncollated).
+_UNCOLLATED_ATTR = "_otel_dl_uncollated"
 _SITE = "dataloader.next"
 
 
@@ -90,6 +96,50 @@ def select_features(batch: Any, features: Sequence[Any] | None) -> Any:
                 else dict(zip(map(str, features), picked_items, strict=False))
             )
         return next((item for item in batch if _is_tensor(item)), None)
+    return None
+
+
+def _default_collates() -> tuple[Any, ...]:
+    from torch.utils.data import default_collate, default_convert
+
+    return (default_collate, default_convert)
+
+
+def _uncollated(iterator: Any, batch: Any) -> int | None:
+    """The number of samples in ``batch`` when the loader's own ``collate_fn`` left them
+    uncollated, else None: a list of samples (tensors, of any shapes, tuples or dicts),
+    or its transpose (parts that each hold one item per sample).
+
+    A full batch decides, once per iterator: a list as long as the loader's batch size
+    whose items are samples (tensors not all of that leading size, as collated parts
+    would be, or tuples or dicts), else parts all as long as the batch size. A shorter
+    last batch follows that decision. torch's own collate functions always collate."""
+    if not isinstance(batch, list | tuple) or not batch:
+        return None
+    collate = getattr(iterator, "_collate_fn", None)
+    if collate is None or collate in _default_collates():
+        return None
+    kind = getattr(iterator, _UNCOLLATED_ATTR, None)
+    if kind is None:
+        size = getattr(getattr(iterator, "_index_sampler", None), "batch_size", None)
+        if not isinstance(size, int) or size < 1:
+            return None
+        if len(batch) == size and all(_is_tensor(item) for item in batch):
+            collated = all(item.dim() > 0 and item.shape[0] == size for item in batch)
+            kind = "" if collated else "samples"
+        elif len(batch) == size and all(isinstance(i, list | tuple | Mapping) for i in batch):
+            kind = "samples"
+        elif all(isinstance(part, list | tuple) and len(part) == size for part in batch):
+            kind = "parts"
+        elif any(_is_tensor(i) and i.dim() > 0 and i.shape[0] == size for i in batch):
+            kind = ""  # a full batch's collated parts
+        else:
+            return None  # not a full batch: the next one decides
+        setattr(iterator, _UNCOLLATED_ATTR, kind)
+    if kind == "samples":
+        return len(batch)
+    if kind == "parts" and isinstance(batch[0], list | tuple):
+        return len(batch[0])
     return None
 
 
@@ -220,7 +270,7 @@ class DataLoaderInstrumentor(DlInstrumentor):
         state = self._state(iterator)
         call = self._span(iterator, start_ns)
         hooked = self._hooks.request is not None or self._hooks.response is not None
-        call.extract("signals", _signals, state, batch, not hooked)
+        call.extract("signals", _signals, state, batch, not hooked, iterator)
         later = call.later
         if later is not None:
             # Parked: the batch's profile waits for a burst, and so does the span, made
@@ -238,11 +288,18 @@ class DataLoaderInstrumentor(DlInstrumentor):
         call.finish(end_ns)
 
 
-def _signals(state: WatchState, batch: Any, park: bool = False) -> dict[str, Any]:
+def _signals(
+    state: WatchState, batch: Any, park: bool = False, iterator: Any = None
+) -> dict[str, Any]:
     """Batch size, and the drift, quality and fingerprint of the batch's features; with
     ``park``, those of a batch :meth:`~otel_dl.monitor.FeatureMonitor.burst_inputs` takes
-    come back as a :class:`~otel_dl.monitor.Later` for a burst."""
+    come back as a :class:`~otel_dl.monitor.Later` for a burst. Samples left uncollated
+    give their number only."""
     out: dict[str, Any] = {}
+    if state.features is None and iterator is not None:
+        samples = _uncollated(iterator, batch)
+        if samples is not None:
+            return {semconv.DL_BATCH_SIZE: samples}
     features = select_features(batch, state.features)
     first = next(iter(features.values()), None) if isinstance(features, dict) else features
     if first is not None and _is_tensor(first) and first.dim() > 0:

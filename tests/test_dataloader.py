@@ -160,6 +160,51 @@ def test_a_dataclass_batch_reads_as_its_fields(spans: SpanList) -> None:
     ] * 4
 
 
+class Images(Dataset[tuple[torch.Tensor, dict[str, torch.Tensor]]]):
+    """Images of several sizes with their boxes, as a detection data set holds them."""
+
+    def __len__(self) -> int:
+        return 10
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        image = torch.rand(3, 20 + i, 30, generator=torch.Generator().manual_seed(i))
+        return image, {"boxes": torch.tensor([[1.0, 2.0, 8.0, 9.0]]), "labels": torch.tensor([1])}
+
+
+@pytest.mark.parametrize(
+    ("how", "collate"),
+    [
+        ("images", lambda samples: [image for image, _ in samples]),
+        ("samples", lambda samples: samples),
+        ("transposed", lambda samples: tuple(zip(*samples, strict=True))),
+    ],
+)
+def test_samples_a_collate_fn_leaves_uncollated_are_counted_not_profiled(
+    how: str, collate: Any, spans: SpanList
+) -> None:
+    """``collate_fn=lambda b: tuple(zip(*b))`` (detection models) or a list of images of
+    several sizes: the first tensor is one sample, whose channels were read as rows."""
+    errors = InternalErrors()
+    batches = list(DataLoader(Images(), batch_size=4, collate_fn=collate))
+    got = spans.get(semconv.SPAN_DATALOADER_BATCH)
+    assert len(got) == len(batches) == 3
+    assert [s.attributes[semconv.DL_BATCH_SIZE] for s in got] == [4, 4, 2]
+    for span in got:
+        assert not any(key.startswith(("dl.drift.", "dl.quality.")) for key in span.attributes)
+    assert errors.new() == {}
+
+
+def test_a_collate_fn_that_stacks_is_read_as_before(spans: SpanList) -> None:
+    def pad(samples: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        return [torch.stack([x for x, _ in samples]), torch.stack([y for _, y in samples])]
+
+    data = TensorDataset(torch.randn(10, 4), torch.randn(10, 4))
+    list(DataLoader(data, batch_size=4, collate_fn=pad))
+    got = spans.get(semconv.SPAN_DATALOADER_BATCH)
+    assert [s.attributes[semconv.DL_BATCH_SIZE] for s in got] == [4, 4, 2]
+    assert all(semconv.DL_QUALITY_NAN_FRACTION in s.attributes for s in got)
+
+
 @pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
 def test_worker_processes_and_start_methods(method: str, spans: SpanList) -> None:
     loader = DataLoader(
