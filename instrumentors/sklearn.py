@@ -43,8 +43,23 @@ estimator that also gives probabilities (logistic regression, gradient boosting)
 a margin (LinearSVC, RidgeClassifier, a perceptron) nor an outlier detector's anomaly
 score (IsolationForest), which would read as low confidence on healthy calls. A
 ``predict_proba`` asked for no class scores (LightGBM's ``pred_contrib``, SHAP values,
-or ``pred_leaf``, leaf indices) gets no confidence. XGBoost's and LightGBM's native
-``Booster.predict`` (not scikit-learn estimators) are not traced.
+or ``pred_leaf``, leaf indices) gets no confidence.
+
+XGBoost's and LightGBM's native boosters, which serving code often calls without a
+scikit-learn estimator (``xgboost.Booster.predict``/``inplace_predict``,
+``lightgbm.Booster.predict``), make ``inference`` spans too (``dl.component`` and
+``dl.model.framework`` ``xgboost`` or ``lightgbm``, model name ``Booster`` unless
+watched), fingerprinted by their trees (a booster loaded from its file has the trained
+one's), the batch size, the input's
+signals (not of an XGBoost ``DMatrix``: its rows only), the prediction count, and the
+confidence where the booster's objective makes its output class scores: probabilities
+of ``binary:logistic``/``multi:softprob`` (``binary``/``multiclass``), margins read as
+logits when asked for (``output_margin``, ``predict_type="margin"``, ``raw_score``)
+and of ``binary:logitraw``; none for regression, ranking, one-vs-all or label
+objectives, SHAP values or leaf indices. A booster called inside an estimator's traced
+call, or while training (``training=True``), makes no span; ``load_model``, ``update``
+(and LightGBM's ``model_from_string``) change a booster in place, so it is
+fingerprinted anew.
 """
 
 from __future__ import annotations
@@ -88,6 +103,22 @@ _REFIT_METHODS: Final = ("fit", "fit_transform", "fit_predict", "partial_fit", "
 # Keyword arguments under which predict_proba returns no class scores: LightGBM's
 # per-feature contributions (SHAP values) and leaf indices, XGBoost's (on predict).
 _NOT_SCORES: Final = ("pred_contrib", "pred_leaf", "pred_contribs", "pred_interactions")
+# Native boosters: the prediction methods traced, and the in-place changes that make a
+# booster's fingerprint and objective be read anew.
+_BOOSTERS: Final = {
+    "xgboost.core": (
+        ("Booster.predict", "Booster.inplace_predict"),
+        ("Booster.load_model", "Booster.update"),
+    ),
+    "lightgbm.basic": (("Booster.predict",), ("Booster.model_from_string", "Booster.update")),
+}
+# Objectives whose predictions are class probabilities (margins when asked), or margins.
+_PROBABILITY_OBJECTIVES: Final = frozenset(
+    {"binary:logistic", "multi:softprob", "binary", "multiclass", "softmax"}
+)
+_MARGIN_OBJECTIVES: Final = frozenset({"binary:logitraw", "multi:softmax"})
+# Per booster: its objective's name, read once (None when it cannot be read).
+_OBJECTIVES: weakref.WeakKeyDictionary[Any, str | None] = weakref.WeakKeyDictionary()
 # Libraries whose estimators follow the scikit-learn API: their name is the framework.
 _FRAMEWORKS: Final = frozenset({"xgboost", "lightgbm", "catboost"})
 # Log-probabilities read as logits give back the probabilities.
@@ -196,9 +227,14 @@ class SklearnInstrumentor(DlInstrumentor):
         # A forest's trees predict on joblib threads, where the caller's context is not
         # set: mark the tasks that scikit-learn's Parallel dispatches from inside a traced
         # call, so they run as nested calls and make no spans of their own.
-        return {
+        patches: dict[str, dict[str, Callable[..., Any]]] = {
             _PARALLEL_MODULE: {"Parallel.__call__": _mark_tasks, "_FuncWrapper.__call__": _run_task}
         }
+        for module, (methods, changes) in _BOOSTERS.items():
+            library = module.partition(".")[0]
+            patches[module] = {path: self._booster_wrapper(library, path) for path in methods}
+            patches[module].update({path: _booster_changed for path in changes})
+        return patches
 
     def on_instrument(self, **kwargs: Any) -> None:
         # Estimator classes are wrapped where their methods are defined, as they are
@@ -368,28 +404,166 @@ class SklearnInstrumentor(DlInstrumentor):
             else:
                 attrs.update(confidence_attributes(result, config.confidence_threshold))
         X = _input(call)
-        if X is None:
+        return attrs if X is None else _input_signals(call.instance, X, attrs)
+
+    # -- native boosters ------------------------------------------------------------------
+    def _booster_wrapper(self, library: str, path: str) -> Callable[..., Any]:
+        cls = type(self)
+        method = path.rpartition(".")[2]
+        site = f"{library}.{method}"
+        component = (
+            semconv.COMPONENT_XGBOOST if library == "xgboost" else semconv.COMPONENT_LIGHTGBM
+        )
+
+        def before(call: DlCall) -> Attributes:
+            booster = call.instance
+            state = ensure_state(booster)
+            attrs: Attributes = state.provenance()
+            attrs[semconv.DL_MODEL_NAME] = state.name or type(booster).__name__
+            if state.version is not None:
+                attrs[semconv.DL_MODEL_VERSION] = state.version
+            attrs[semconv.DL_MODEL_FRAMEWORK] = library
+            klass = type(booster)
+            attrs[semconv.DL_MODEL_CLASS] = f"{klass.__module__}.{klass.__qualname__}"
+            attrs[semconv.DL_MODEL_METHOD] = method
+            fingerprint = model_fingerprint(booster)
+            if fingerprint is not None:
+                attrs[semconv.DL_MODEL_FINGERPRINT] = fingerprint
             return attrs
-        rows = getattr(X, "shape", None)
-        if rows:
-            attrs[semconv.DL_BATCH_SIZE] = int(rows[0])
-        if _is_sparse(X):
-            return attrs
-        if config.signals:
+
+        def after(call: DlCall, result: Any) -> Attributes:
+            attrs: Attributes = {}
+            shape = getattr(result, "shape", None)
+            if shape:
+                attrs[semconv.DL_PREDICTION_COUNT] = int(shape[0])
+            config = get_config()
+            if config.signals and shape and len(shape) <= 2:
+                kind = _booster_kind(call.instance, library, method, call.kwargs)
+                if kind is not None and ensure_state(call.instance).confidence:
+                    attrs.update(
+                        confidence_attributes(result, config.confidence_threshold, kind=kind)
+                    )
+            data = call.args[0] if call.args else call.kwargs.get("data")
+            if data is None or isinstance(data, str | bytes) or hasattr(data, "num_row"):
+                # A file, or a DMatrix: its rows only (its values are not read back).
+                rows = getattr(data, "num_row", None)
+                if callable(rows):
+                    attrs[semconv.DL_BATCH_SIZE] = int(rows())
+                return attrs
+            return _input_signals(call.instance, data, attrs)
+
+        def wrapper(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+            # Inside an estimator's call (it made the span) or a training step: no span.
+            if _in_call.get() or not cls._enabled or kwargs.get("training"):
+                return wrapped(*args, **kwargs)
+            token = _in_call.set(True)
             try:
-                state = ensure_state(call.instance)
-                selected = _select(X, state.features)
-                if selected is not None:
-                    source = state.monitor()
-                    inputs = source.burst_inputs(selected) if later else None
-                    if inputs is None:
-                        attrs.update(source.observe(selected))
-                    else:
-                        attrs = combine(attrs, Later(source, inputs=inputs))
-            except Exception:
-                # The span still goes out, with the output's signals.
-                report_internal_error("sklearn.input_signals")
+                return traced_call(
+                    wrapped,
+                    instance,
+                    args,
+                    kwargs,
+                    site=site,
+                    name=semconv.SPAN_INFERENCE,
+                    stage=semconv.STAGE_INFERENCE,
+                    component=component,
+                    before=before,
+                    after=after,
+                    hooks=self._hooks,
+                    tracer=self._tracer,
+                )
+            finally:
+                _in_call.reset(token)
+
+        return wrapper
+
+
+def _input_signals(model: Any, X: Any, attrs: Attributes) -> Attributes:
+    """``attrs`` with the batch size of ``X`` and the drift, quality and fingerprint of
+    its watched features (left for a burst where the model's source parks them); sparse
+    ``X`` gives its batch size only."""
+    rows = getattr(X, "shape", None)
+    if rows:
+        attrs[semconv.DL_BATCH_SIZE] = int(rows[0])
+    config = get_config()
+    if _is_sparse(X) or not config.signals:
         return attrs
+    try:
+        state = ensure_state(model)
+        selected = _select(X, state.features)
+        if selected is not None:
+            source = state.monitor()
+            inputs = source.burst_inputs(selected) if config.signals_delay_ms > 0 else None
+            if inputs is None:
+                attrs.update(source.observe(selected))
+            else:
+                attrs = combine(attrs, Later(source, inputs=inputs))
+    except Exception:
+        # The span still goes out, with the output's signals.
+        report_internal_error("sklearn.input_signals")
+    return attrs
+
+
+def _booster_kind(booster: Any, library: str, method: str, kwargs: Any) -> str | None:
+    """How a native booster's predictions read as class scores (``probabilities`` or
+    ``logits``), or None when they are none: by its objective and what the call asks."""
+    if any(kwargs.get(name) for name in _NOT_SCORES):
+        return None
+    if library == "lightgbm":
+        margin = bool(kwargs.get("raw_score"))
+    elif method == "inplace_predict":
+        margin = kwargs.get("predict_type", "value") == "margin"
+    else:
+        margin = bool(kwargs.get("output_margin"))
+    objective = _objective(booster, library)
+    if objective in _PROBABILITY_OBJECTIVES:
+        return "logits" if margin else "probabilities"
+    if objective in _MARGIN_OBJECTIVES and (margin or objective == "binary:logitraw"):
+        return "logits"
+    return None
+
+
+def _objective(booster: Any, library: str) -> str | None:
+    """The name of a booster's objective (``binary:logistic``, ``multiclass``), read
+    once per booster: XGBoost's from its configuration, LightGBM's from its parameters
+    or, for a model loaded from a file, its model text's header."""
+    try:
+        return _OBJECTIVES[booster]
+    except (KeyError, TypeError):
+        pass
+    name: Any = None
+    try:
+        if library == "xgboost":
+            import json
+
+            name = json.loads(booster.save_config())["learner"]["objective"]["name"]
+        else:
+            name = (getattr(booster, "params", None) or {}).get("objective")
+            if name is None:
+                for line in str(booster.model_to_string(num_iteration=0)).splitlines()[:40]:
+                    if line.startswith("objective="):
+                        name = line.partition("=")[2].split()[0]
+                        break
+    except Exception:
+        report_internal_error("sklearn.booster_objective")
+    objective = name if isinstance(name, str) else None  # a callable: a custom objective
+    with contextlib.suppress(TypeError):
+        _OBJECTIVES[booster] = objective
+    return objective
+
+
+def _booster_changed(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+    """A booster changed in place (loaded into, trained further): its fingerprint and
+    objective are read anew at its next traced call."""
+    try:
+        return wrapped(*args, **kwargs)
+    finally:
+        if instance is not None:
+            try:
+                forget_model(instance)
+                _OBJECTIVES.pop(instance, None)
+            except Exception:
+                report_internal_error("sklearn.booster_changed")
 
 
 def _log_odds(estimator: Any) -> bool:

@@ -256,6 +256,82 @@ def test_contributions_and_leaves_carry_no_confidence(spans: SpanList) -> None:
         assert attrs[semconv.DL_PREDICTION_COUNT] == len(x) - 1200
 
 
+def test_native_xgboost_boosters_make_spans(spans: SpanList, tmp_path) -> None:
+    """Serving code that loads a Booster and calls predict or inplace_predict, with no
+    scikit-learn estimator: one span per call, confidence by the objective."""
+    xgboost = pytest.importorskip("xgboost")
+    from sklearn.datasets import load_breast_cancer
+
+    x, y = load_breast_cancer(return_X_y=True)
+    params = {"objective": "binary:logistic", "max_depth": 3, "nthread": 1}
+    trained = xgboost.train(params, xgboost.DMatrix(x[:400], label=y[:400]), 10)
+    assert spans.get() == []  # training makes no span
+    trained.save_model(tmp_path / "model.json")
+    booster = xgboost.Booster(model_file=tmp_path / "model.json")
+    errors = InternalErrors()
+    probability = booster.predict(xgboost.DMatrix(x[400:]))
+    attrs = _one(spans)
+    assert attrs[semconv.DL_COMPONENT] == attrs[semconv.DL_MODEL_FRAMEWORK] == "xgboost"
+    assert attrs[semconv.DL_MODEL_NAME] == "Booster"
+    assert attrs[semconv.DL_BATCH_SIZE] == attrs[semconv.DL_PREDICTION_COUNT] == len(x) - 400
+    top = np.maximum(probability, 1 - probability)
+    assert attrs[semconv.DL_CONFIDENCE_MEAN] == pytest.approx(top.mean())
+    assert semconv.DL_QUALITY_NAN_FRACTION not in attrs  # a DMatrix's values are not read
+    fingerprint = attrs[semconv.DL_MODEL_FINGERPRINT]
+    spans.clear()
+    trained.predict(xgboost.DMatrix(x[:5]))
+    assert _one(spans)[semconv.DL_MODEL_FINGERPRINT] == fingerprint  # loaded = trained
+    spans.clear()
+    margin = booster.inplace_predict(x[400:], predict_type="margin")
+    attrs = _one(spans)
+    assert attrs[semconv.DL_MODEL_METHOD] == "inplace_predict"
+    assert attrs[semconv.DL_CONFIDENCE_MEAN] == pytest.approx(top.mean(), rel=1e-5)
+    assert np.allclose(1 / (1 + np.exp(-margin)), probability, atol=1e-6)
+    assert attrs[semconv.DL_QUALITY_NAN_FRACTION] == 0.0  # an array's values are
+    spans.clear()
+    booster.predict(xgboost.DMatrix(x[:5]), pred_contribs=True)
+    assert semconv.DL_CONFIDENCE_MEAN not in _one(spans)
+    regressor = xgboost.train({"objective": "reg:squarederror"}, xgboost.DMatrix(x, label=y), 3)
+    spans.clear()
+    regressor.inplace_predict(x[:5])
+    assert semconv.DL_CONFIDENCE_MEAN not in _one(spans)
+    spans.clear()
+    xgboost.XGBClassifier(n_estimators=3).fit(x, y).predict_proba(x[:5])
+    assert _one(spans)[semconv.DL_COMPONENT] == "sklearn"  # its booster's call makes none
+    assert errors.new() == {}
+
+
+def test_native_lightgbm_boosters_make_spans(spans: SpanList, tmp_path) -> None:
+    lightgbm = pytest.importorskip("lightgbm")
+    from sklearn.datasets import load_iris
+
+    x, y = load_iris(return_X_y=True)
+    params = {"objective": "multiclass", "num_class": 3, "verbose": -1, "num_threads": 1}
+    trained = lightgbm.train(params, lightgbm.Dataset(x, label=y), 10)
+    assert spans.get() == []
+    trained.save_model(tmp_path / "model.txt")
+    booster = lightgbm.Booster(model_file=tmp_path / "model.txt")  # no params: the header
+    errors = InternalErrors()
+    probabilities = booster.predict(x[:50])
+    attrs = _one(spans)
+    assert attrs[semconv.DL_COMPONENT] == attrs[semconv.DL_MODEL_FRAMEWORK] == "lightgbm"
+    assert attrs[semconv.DL_CONFIDENCE_MEAN] == pytest.approx(probabilities.max(axis=1).mean())
+    assert attrs[semconv.DL_BATCH_SIZE] == attrs[semconv.DL_PREDICTION_COUNT] == 50
+    assert semconv.DL_QUALITY_NAN_FRACTION in attrs
+    spans.clear()
+    booster.predict(x[:50], raw_score=True)  # logits: the same confidence
+    assert _one(spans)[semconv.DL_CONFIDENCE_MEAN] == pytest.approx(
+        probabilities.max(axis=1).mean()
+    )
+    regressor = lightgbm.train(
+        {"objective": "regression", "verbose": -1}, lightgbm.Dataset(x, label=y), 3
+    )
+    spans.clear()
+    regressor.predict(x[:5])
+    assert semconv.DL_CONFIDENCE_MEAN not in _one(spans)
+    assert errors.new() == {}
+
+
 def test_sparse_input_gets_its_batch_size(spans: SpanList) -> None:
     from scipy import sparse
 
