@@ -73,6 +73,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextvars import ContextVar
 from typing import Any, ClassVar, Final
 
+import numpy as np
 import wrapt
 
 from otel_dl import semconv
@@ -439,10 +440,15 @@ class SklearnInstrumentor(DlInstrumentor):
             config = get_config()
             if config.signals and shape and len(shape) <= 2:
                 kind = _booster_kind(call.instance, library, method, call.kwargs)
-                if kind is not None and ensure_state(call.instance).confidence:
-                    attrs.update(
-                        confidence_attributes(result, config.confidence_threshold, kind=kind)
-                    )
+                state = ensure_state(call.instance)
+                if kind is not None and state.confidence:
+                    scores, kind = _class_scores(result, kind)
+                    if config.signals_delay_ms > 0:  # every prediction, in a burst
+                        later = state.monitor().confidence_later(scores, sample=False)
+                        attrs = combine(attrs, later)
+                    else:
+                        threshold = config.confidence_threshold
+                        attrs.update(confidence_attributes(scores, threshold, kind=kind))
             data = call.args[0] if call.args else call.kwargs.get("data")
             if data is None or isinstance(data, str | bytes) or hasattr(data, "num_row"):
                 # A file, or a DMatrix: its rows only (its values are not read back).
@@ -521,6 +527,19 @@ def _booster_kind(booster: Any, library: str, method: str, kwargs: Any) -> str |
     if objective in _MARGIN_OBJECTIVES and (margin or objective == "binary:logitraw"):
         return "logits"
     return None
+
+
+def _class_scores(result: Any, kind: str) -> tuple[Any, str]:
+    """A booster's predictions as rows of class scores, and how they read: a binary
+    objective's one column (the positive class's probability, or its margin) as the
+    distribution ``[1 - p, p]``, which every confidence path reads as probabilities."""
+    if getattr(result, "ndim", 2) != 1:
+        return result, kind
+    positive = np.asarray(result, dtype=np.float64)
+    if kind == "logits":
+        with np.errstate(over="ignore"):  # a margin under -709: exp is inf, p is 0
+            positive = 1.0 / (1.0 + np.exp(-positive))
+    return np.column_stack((1.0 - positive, positive)), "probabilities"
 
 
 def _objective(booster: Any, library: str) -> str | None:
