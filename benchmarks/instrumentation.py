@@ -328,6 +328,31 @@ def _requests(estimator: Any, row: Any, calls: int, repeats: int) -> tuple[float
     return _paired(bare, traced, calls, repeats)
 
 
+def _booster_case(repeats: int) -> tuple[float, float] | None:
+    """One request at a time to a native XGBoost booster, as serving code loads one:
+    ``inplace_predict`` of one breast-cancer row (30 features; binary:logistic, 50 trees)."""
+    try:
+        import xgboost
+        from sklearn.datasets import load_breast_cancer
+    except ImportError:
+        return None
+    x, y = load_breast_cancer(return_X_y=True)
+    params = {"objective": "binary:logistic", "max_depth": 3, "nthread": 1}
+    with suppress_instrumentation():
+        booster = xgboost.train(params, xgboost.DMatrix(x, label=y), 50)
+    row = x[:1]
+
+    def traced() -> Any:
+        return booster.inplace_predict(row)
+
+    def bare() -> Any:
+        with suppress_instrumentation():
+            return booster.inplace_predict(row)
+
+    _learn(booster, traced)
+    return _paired(bare, traced, 2000, repeats)
+
+
 def _sklearn_frame_case(repeats: int) -> tuple[float, float] | None:
     """One request at a time as a pandas DataFrame row, the way tabular services often get
     it: ``predict_proba`` of a scaler + logistic regression pipeline on one row of the
@@ -580,6 +605,9 @@ def main() -> None:
         sklearn = _sklearn_case(repeats)
         if sklearn is not None:
             rows.append(("scikit-learn predict_proba, 1 row", *sklearn, "added <= 2 x floor"))
+        booster = _booster_case(repeats)
+        if booster is not None:
+            rows.append(("XGBoost Booster.inplace_predict, 1 row", *booster, "added <= 2 x floor"))
         frame = _sklearn_frame_case(repeats)
         if frame is not None:
             rows.append(("scikit-learn pipeline, 1 DataFrame row", *frame, "added <= 2 x floor"))
