@@ -18,7 +18,9 @@ fingerprint of the batch's features:
 - a dict, or a dataclass (its fields): the keys named by
   ``watch(loader, features=[...])``, by default every floating-point tensor of one row
   per sample (the leading size most of them share): a scalar or a per-batch tensor
-  beside them (a temperature, class weights) is left out;
+  beside them (a temperature, class weights) is left out. A batch of token ids, masks
+  and labels only has no features, and its batch size is the leading size most of its
+  tensors share;
 - samples a ``collate_fn`` of the user's left uncollated, as a list
   (``collate_fn=lambda b: b``) or transposed (``lambda b: tuple(zip(*b))``, the
   detection models' way): only the batch size, their number; reading one sample as the
@@ -141,6 +143,17 @@ def _uncollated(iterator: Any, batch: Any) -> int | None:
     if kind == "parts" and isinstance(batch[0], list | tuple):
         return len(batch[0])
     return None
+
+
+def _leading_size(batch: Any) -> int | None:
+    """The leading size most tensors of a dict or dataclass batch share (a tokenizer's
+    ``input_ids``, ``attention_mask`` and ``labels``), or None."""
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        batch = {field.name: getattr(batch, field.name) for field in dataclasses.fields(batch)}
+    if not isinstance(batch, Mapping):
+        return None
+    sizes = [int(v.shape[0]) for v in batch.values() if _is_tensor(v) and v.dim() > 0]
+    return max(sizes, key=sizes.count) if sizes else None
 
 
 def _row_features(batch: Mapping[Any, Any]) -> list[Any]:
@@ -304,6 +317,10 @@ def _signals(
     first = next(iter(features.values()), None) if isinstance(features, dict) else features
     if first is not None and _is_tensor(first) and first.dim() > 0:
         out[semconv.DL_BATCH_SIZE] = int(first.shape[0])
+    elif features is None:  # no features (token ids, masks, labels): the rows still count
+        rows = _leading_size(batch)
+        if rows is not None:
+            out[semconv.DL_BATCH_SIZE] = rows
     config = get_config()
     if features is not None and config.signals:
         later = park and config.signals_delay_ms > 0

@@ -145,6 +145,24 @@ class _Batch:
     names: list[str]
 
 
+def test_a_batch_of_token_ids_has_its_size_and_no_features(spans: SpanList) -> None:
+    """A tokenized text batch, as transformers' Trainer loads it: integer tensors only."""
+
+    class Tokens(Dataset[dict[str, torch.Tensor]]):
+        def __len__(self) -> int:
+            return 10
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            ids = torch.arange(i, i + 8)
+            mask = torch.ones(8, dtype=torch.long)
+            return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor(1)}
+
+    list(DataLoader(Tokens(), batch_size=4))
+    got = spans.get(semconv.SPAN_DATALOADER_BATCH)
+    assert [s.attributes[semconv.DL_BATCH_SIZE] for s in got] == [4, 4, 2]
+    assert not any(semconv.DL_QUALITY_NAN_FRACTION in s.attributes for s in got)
+
+
 def test_a_dataclass_batch_reads_as_its_fields(spans: SpanList) -> None:
     x = torch.randn(40, 3)
     x[:, 1] = float("nan")
