@@ -274,6 +274,53 @@ def test_one_logit_is_read_as_a_logit_and_a_regression_gets_no_confidence(
     assert span.attributes[semconv.DL_PREDICTION_COUNT] == 4
 
 
+def test_trainer_evaluation_and_prediction_make_a_span_per_batch_training_none(
+    spans: SpanList, tmp_path: Path
+) -> None:
+    """transformers' Trainer: training steps make no inference span; each batch of its
+    evaluation and prediction loops (the model in eval mode) makes one."""
+    from transformers import Trainer, TrainingArguments
+
+    class Tokens(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
+        def __len__(self) -> int:
+            return 20
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            ids = torch.randint(
+                5, len(TINY_WORDS), (8,), generator=torch.Generator().manual_seed(i)
+            )
+            mask = torch.ones(8, dtype=torch.long)
+            return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor(i % 3)}
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=5,
+        per_device_eval_batch_size=5,
+        num_train_epochs=1,
+        eval_strategy="epoch",
+        save_strategy="no",
+        logging_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    errors = InternalErrors()
+    model = tiny_bert_classifier(num_labels=3)
+    trainer = Trainer(model=model, args=args, train_dataset=Tokens(), eval_dataset=Tokens())
+    trainer.train()
+    evaluated = spans.get(semconv.SPAN_INFERENCE)
+    assert len(evaluated) == 4  # one epoch's evaluation: 20 rows in batches of 5
+    loaded = spans.get(semconv.SPAN_DATALOADER_BATCH)
+    assert len(loaded) == 8 and {s.attributes[semconv.DL_BATCH_SIZE] for s in loaded} == {5}
+    spans.clear()
+    out = trainer.predict(Tokens())
+    predicted = spans.get(semconv.SPAN_INFERENCE)
+    assert [s.attributes[semconv.DL_PREDICTION_COUNT] for s in predicted] == [5] * 4
+    assert out.predictions.shape == (20, 3)
+    assert all(semconv.DL_CONFIDENCE_MEAN in s.attributes for s in predicted)
+    assert errors.new() == {}
+
+
 def test_user_errors_are_recorded_and_reraised_unchanged(spans: SpanList, classify) -> None:
     with suppress_instrumentation(), pytest.raises(Exception) as bare:
         classify(42)
