@@ -171,31 +171,39 @@ def _range_excess(values: np.ndarray, lo: np.ndarray, hi: np.ndarray, seen: np.n
     return _excess_outside(outside, seen, int(np.count_nonzero(finite)))
 
 
-def _excess_outside(outside: np.ndarray, seen: np.ndarray, finite: int) -> float:
+def _excess_outside(
+    outside: np.ndarray, seen: np.ndarray, finite: int, count: int | None = None
+) -> float:
     """The excess share of a batch's finite values outside the range (``outside``, its
-    mask) over the ``finite`` values, its features having ``seen`` reference values."""
+    mask, holding ``count`` values when the caller has counted them) over the ``finite``
+    values, its features having ``seen`` reference values."""
+    allowed, least = _range_allowed(outside.shape[0], seen)
+    if count is not None and count <= least:
+        return 0.0  # no feature can hold more than its allowance: most batches
     # Per feature, from where the (few) values outside are: numpy's per-column count of a
     # (256, 32) mask costs about 20 µs, this about 5.
     width = outside.shape[1]
     counts = np.bincount(np.flatnonzero(outside) % width, minlength=width)
-    excess = np.maximum(counts - _range_allowed(outside.shape[0], seen), 0.0).sum()
+    excess = np.maximum(counts - allowed, 0.0).sum()
     return float(excess / finite)
 
 
-def _range_allowed(rows: int, seen: np.ndarray) -> np.ndarray:
+def _range_allowed(rows: int, seen: np.ndarray) -> tuple[np.ndarray, float]:
     """:func:`allowed_count` of values outside the range, for features of ``seen`` finite
-    reference values each: the same for every batch of a source's size, so kept."""
+    reference values each, and the least of them: the same for every batch of a source's
+    size, so kept."""
     key = (rows, seen.tobytes())
-    allowed = _ALLOWED.get(key)
-    if allowed is None:
+    found = _ALLOWED.get(key)
+    if found is None:
         allowed = allowed_count(2.0 / (seen + 1.0), rows)
+        found = (allowed, float(allowed.min()) if allowed.size else 0.0)
         if len(_ALLOWED) >= 256:
             _ALLOWED.clear()
-        _ALLOWED[key] = allowed
-    return allowed
+        _ALLOWED[key] = found
+    return found
 
 
-_ALLOWED: dict[tuple[int, bytes], np.ndarray] = {}
+_ALLOWED: dict[tuple[int, bytes], tuple[np.ndarray, float]] = {}
 
 
 def _outside(values: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> float | None:
@@ -297,8 +305,43 @@ def quality_each(
     if not all_finite:
         outside &= finite
     seen = reference.numeric.count if known.all() else reference.numeric.count[known]
-    excess = [
-        _excess_outside(outside[part], seen, f) if share else share
-        for share, part, f in zip(fractions, parts, finite_counts, strict=True)
-    ]
-    return nan, fractions, excess
+    return nan, fractions, _excess_each(outside, bounds, seen, fractions, finite_counts, out)
+
+
+def _excess_each(
+    outside: np.ndarray,
+    bounds: list[int],
+    seen: np.ndarray,
+    fractions: list[float | None],
+    finite: list[int],
+    counts: list[Any],
+) -> list[float | None]:
+    """:func:`_excess_outside` of each batch of a stacked mask (batch ``i`` being rows
+    ``bounds[i]`` up to ``bounds[i + 1]``), from one pass over where the values outside
+    are: a batch with none, or no more than any feature's allowance, is not counted."""
+    excess: list[float | None] = [0.0 if share else share for share in fractions]
+    allowances: dict[int, tuple[np.ndarray, float]] = {}
+    counted = []
+    for i, count in enumerate(counts):
+        if fractions[i]:
+            rows = bounds[i + 1] - bounds[i]
+            allowance = allowances.get(rows)
+            if allowance is None:
+                allowance = allowances[rows] = _range_allowed(rows, seen)
+            if count > allowance[1]:
+                counted.append(i)
+    if not counted:
+        return excess
+    width = outside.shape[1]
+    where = np.flatnonzero(outside)  # row * width + feature, in row order
+    batch = np.searchsorted(np.asarray(bounds[1:]) * width, where, side="right")
+    per_feature = np.bincount(batch * width + where % width, minlength=len(counts) * width)
+    per_feature = per_feature.reshape(-1, width)[counted]
+    if len(allowances) == 1:  # batches of one size: one allowance for all
+        allowed = next(iter(allowances.values()))[0]
+    else:
+        allowed = np.stack([allowances[bounds[i + 1] - bounds[i]][0] for i in counted])
+    over = np.maximum(per_feature - allowed, 0.0).sum(axis=1)
+    for i, value in zip(counted, over.tolist(), strict=True):
+        excess[i] = float(value / finite[i])
+    return excess
