@@ -336,26 +336,51 @@ class SklearnInstrumentor(DlInstrumentor):
             # created), out of reach of uninstrument.
             if _in_call.get() or not cls._enabled:
                 return wrapped(*args, **kwargs)
-            token = _in_call.set(True)
-            try:
-                return traced_call(
-                    wrapped,
-                    instance,
-                    args,
-                    kwargs,
-                    site=site,
-                    name=semconv.SPAN_INFERENCE,
-                    stage=stage,
-                    component=semconv.COMPONENT_SKLEARN,
-                    before=before,
-                    after=after,
-                    hooks=self._hooks,
-                    tracer=self._tracer,
-                )
-            finally:
-                _in_call.reset(token)
+            return self._outermost(
+                wrapped,
+                instance,
+                args,
+                kwargs,
+                site,
+                stage,
+                semconv.COMPONENT_SKLEARN,
+                before,
+                after,
+            )
 
         return wrapper
+
+    def _outermost(
+        self,
+        wrapped: Any,
+        instance: Any,
+        args: Any,
+        kwargs: Any,
+        site: str,
+        stage: str,
+        component: str,
+        before: Callable[[DlCall], Attributes],
+        after: Callable[[DlCall, Any], Attributes],
+    ) -> Any:
+        """The outermost call's span: the calls made inside it make none (``_in_call``)."""
+        token = _in_call.set(True)
+        try:
+            return traced_call(
+                wrapped,
+                instance,
+                args,
+                kwargs,
+                site=site,
+                name=semconv.SPAN_INFERENCE,
+                stage=stage,
+                component=component,
+                before=before,
+                after=after,
+                hooks=self._hooks,
+                tracer=self._tracer,
+            )
+        finally:
+            _in_call.reset(token)
 
     @staticmethod
     def _model_attributes(estimator: Any, method: str) -> Attributes:
@@ -462,24 +487,10 @@ class SklearnInstrumentor(DlInstrumentor):
             # Inside an estimator's call (it made the span) or a training step: no span.
             if _in_call.get() or not cls._enabled or kwargs.get("training"):
                 return wrapped(*args, **kwargs)
-            token = _in_call.set(True)
-            try:
-                return traced_call(
-                    wrapped,
-                    instance,
-                    args,
-                    kwargs,
-                    site=site,
-                    name=semconv.SPAN_INFERENCE,
-                    stage=semconv.STAGE_INFERENCE,
-                    component=component,
-                    before=before,
-                    after=after,
-                    hooks=self._hooks,
-                    tracer=self._tracer,
-                )
-            finally:
-                _in_call.reset(token)
+            stage = semconv.STAGE_INFERENCE
+            return self._outermost(
+                wrapped, instance, args, kwargs, site, stage, component, before, after
+            )
 
         return wrapper
 
