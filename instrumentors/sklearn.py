@@ -442,20 +442,7 @@ class SklearnInstrumentor(DlInstrumentor):
         )
 
         def before(call: DlCall) -> Attributes:
-            booster = call.instance
-            state = ensure_state(booster)
-            attrs: Attributes = state.provenance()
-            attrs[semconv.DL_MODEL_NAME] = state.name or type(booster).__name__
-            if state.version is not None:
-                attrs[semconv.DL_MODEL_VERSION] = state.version
-            attrs[semconv.DL_MODEL_FRAMEWORK] = library
-            klass = type(booster)
-            attrs[semconv.DL_MODEL_CLASS] = f"{klass.__module__}.{klass.__qualname__}"
-            attrs[semconv.DL_MODEL_METHOD] = method
-            fingerprint = model_fingerprint(booster)
-            if fingerprint is not None:
-                attrs[semconv.DL_MODEL_FINGERPRINT] = fingerprint
-            return attrs
+            return self._model_attributes(call.instance, method)
 
         def after(call: DlCall, result: Any) -> Attributes:
             attrs: Attributes = {}

@@ -168,24 +168,11 @@ def _range_excess(values: np.ndarray, lo: np.ndarray, hi: np.ndarray, seen: np.n
     if not finite.all():
         # -Inf < lo and +Inf >= hi are not values in range terms (nan_fraction counts them).
         outside &= finite
-    return _excess_outside(outside, seen, int(np.count_nonzero(finite)))
-
-
-def _excess_outside(
-    outside: np.ndarray, seen: np.ndarray, finite: int, count: int | None = None
-) -> float:
-    """The excess share of a batch's finite values outside the range (``outside``, its
-    mask, holding ``count`` values when the caller has counted them) over the ``finite``
-    values, its features having ``seen`` reference values."""
-    allowed, least = _range_allowed(outside.shape[0], seen)
-    if count is not None and count <= least:
-        return 0.0  # no feature can hold more than its allowance: most batches
-    # Per feature, from where the (few) values outside are: numpy's per-column count of a
-    # (256, 32) mask costs about 20 µs, this about 5.
-    width = outside.shape[1]
-    counts = np.bincount(np.flatnonzero(outside) % width, minlength=width)
-    excess = np.maximum(counts - allowed, 0.0).sum()
-    return float(excess / finite)
+    count = int(np.count_nonzero(outside))
+    finite_count = int(np.count_nonzero(finite))
+    # One batch of what quality_each counts for many (its share only says "some").
+    excess = _excess_each(outside, [0, len(values)], seen, [1.0], [finite_count], [count])
+    return float(excess[0] or 0.0)
 
 
 def _range_allowed(rows: int, seen: np.ndarray) -> tuple[np.ndarray, float]:
@@ -316,9 +303,13 @@ def _excess_each(
     finite: list[int],
     counts: list[Any],
 ) -> list[float | None]:
-    """:func:`_excess_outside` of each batch of a stacked mask (batch ``i`` being rows
-    ``bounds[i]`` up to ``bounds[i + 1]``), from one pass over where the values outside
-    are: a batch with none, or no more than any feature's allowance, is not counted."""
+    """The excess share of each batch's finite values outside the range (``outside``, a
+    stacked mask, batch ``i`` being rows ``bounds[i]`` up to ``bounds[i + 1]``, with
+    ``counts[i]`` values outside of its ``finite[i]``; ``fractions[i]`` falsy: none, and
+    that is its excess), its features having ``seen`` reference values. Per feature, from
+    one pass over where the (few) values outside are: numpy's per-column count of a
+    (256, 32) mask costs about 20 µs. A batch with no more values outside than any
+    feature's allowance has no excess, uncounted."""
     excess: list[float | None] = [0.0 if share else share for share in fractions]
     allowances: dict[int, tuple[np.ndarray, float]] = {}
     counted = []
