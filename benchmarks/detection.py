@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/detection.py [--before REV] [--seeds N] [--quick]
         [--option drift_every=4 ...] [--datasets breast_cancer,diabetes,digits,wine]
+        [--reference-rows K] [--pool holdout|reference]
 
 "before" is the ``otel_dl/`` package at git revision REV (default ``HEAD``), extracted with
 ``git archive`` into a temporary folder; "after" is the working tree. Each runs the same
@@ -29,10 +30,16 @@ The issue's rule is printed next to each row ("check"): the median delay may gro
 most one drift window (before's window, in batches: the strict reading; both windows are
 shown), misses must not rise, and false alerts must not rise. It is
 information, not a gate: the exit status is non-zero only when something crashed.
-The reference half is small (89 to 898 rows), so a psi of about 0.1 on unshifted data is
-the reference's own sampling error (hence frequent ``warn`` on the null stream), not the
-monitor's; ``--pool reference`` streams from the reference half itself, so that false
-alerts count only the monitor's own noise.
+The reference half is small (89 to 898 rows), and the stream bootstraps from the other
+half, itself a sample: between the two, sampling alone moves psi by about
+(bins - 1) x (1/reference + 1/pool) per feature. The status counts a score only beyond
+what the reference's and the window's sizes explain (docs/signals.md), not the pool's,
+so on the held-out half of diabetes (221 rows) a share of the null batches stays past
+``ok``. ``--reference-rows K`` fits the reference on K rows and streams from all the
+others, so the pool is nearly the whole data set, as live traffic is the population: a
+small reference then meets data whose own sampling error is small. ``--pool reference``
+streams from the reference rows themselves, so that false alerts count only the
+monitor's own noise.
 
 About a minute at the defaults on two cores; ``--quick`` (one seed, batch 256, shorter
 streams) takes about ten seconds.
@@ -98,11 +105,12 @@ def save_datasets(names: list[str], path: Path) -> None:
     np.savez(path, **arrays)
 
 
-def load(arrays: Any, name: str, seed: int, pool: str = "holdout") -> Data:
-    """One seed's split of a data set: the reference half and the pool the stream uses."""
+def load(arrays: Any, name: str, seed: int, pool: str = "holdout", reference_rows: int = 0) -> Data:
+    """One seed's split of a data set: the reference (half the rows, or the first
+    ``reference_rows`` of a shuffle) and the pool the stream uses (the other rows)."""
     x, y = arrays[f"{name}.x"], arrays[f"{name}.y"]
     order = np.random.default_rng((seed, _key(name))).permutation(len(x))
-    half = len(x) // 2
+    half = min(reference_rows, len(x) - 1) if reference_rows > 0 else len(x) // 2
     # "reference": the null stream is the reference's own distribution, so false alerts
     # measure only the monitor's noise, not the reference half's sampling error.
     rows = order[half:] if pool == "holdout" else order[:half]
@@ -227,7 +235,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     arrays = dict(np.load(args.data))
     for name in args.datasets:
         for seed in range(args.seeds):
-            data = load(arrays, name, seed, args.pool)
+            data = load(arrays, name, seed, args.pool, args.reference_rows)
             for batch in args.batch:
                 # The onset comes when the window holds only unshifted rows: the steady
                 # state of a long-running job, the hardest start for a windowed detector.
@@ -403,6 +411,14 @@ def main() -> None:
         help="rows the stream draws from: the held-out half, or the reference half itself",
     )
     parser.add_argument(
+        "--reference-rows",
+        type=int,
+        default=0,
+        help="fit the reference on this many rows (default: half of each data set); the "
+        "stream draws from the others, so a small reference meets a pool that is nearly "
+        "the whole data set, as a model fitted on a small sample meets live traffic",
+    )
+    parser.add_argument(
         "--option",
         action="append",
         default=[],
@@ -432,6 +448,7 @@ def main() -> None:
         f"--horizon={args.horizon}",
         f"--null-batches={args.null_batches}",
         f"--pool={args.pool}",
+        f"--reference-rows={args.reference_rows}",
         *[f"--option={k}={v}" for k, v in args.option],
     ]
     try:

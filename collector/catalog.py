@@ -47,7 +47,7 @@ import yaml
 
 from otel_dl import semconv
 
-from .decode import FALLBACKS
+from .decode import DERIVED_FROM, FALLBACKS
 
 _log = logging.getLogger(__name__)
 
@@ -122,7 +122,12 @@ class Catalog:
     def attributes(self) -> frozenset[str]:
         """Span attribute names any mode reads (span facts excluded)."""
         read = frozenset(s for m in self.modes for s in m.signals if s not in SPAN_SIGNALS)
-        return read | frozenset(FALLBACKS[s] for s in read if s in FALLBACKS)
+        fallbacks = frozenset(FALLBACKS[s] for s in read if s in FALLBACKS)
+        return (
+            read
+            | fallbacks
+            | frozenset(s for k in read & DERIVED_FROM.keys() for s in DERIVED_FROM[k])
+        )
 
 
 def default_runbook_base_url() -> str:

@@ -17,6 +17,7 @@ cannot be accepted at all raises :class:`PayloadError`.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections import Counter
 from collections.abc import Mapping
@@ -75,6 +76,15 @@ _VALUE_TYPES = {
 #: that does not set it, or a source without a reference) is judged by its whole NaN
 #: share, and likewise for the out-of-range share.
 FALLBACKS: Mapping[str, str] = MappingProxyType(semconv.EXCESS_OF)
+#: Attributes derived from others when a span lacks them (when it is wanted): a span
+#: with a finite ``dl.drift.score`` but no ``dl.drift.status`` of ok, warn or alert (a
+#: producer that sets none, or another value) has the status the default thresholds
+#: give its score (``semconv.drift_status``, under its
+#: ``dl.drift.method``, psi when it names none). otel-dl's own spans carry the status,
+#: which counts only scores beyond chance, and are judged by it.
+DERIVED_FROM: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {semconv.DL_DRIFT_STATUS: (semconv.DL_DRIFT_SCORE, semconv.DL_DRIFT_METHOD)}
+)
 
 #: The ``mistyped`` list of the spans that have none (shared, never appended to).
 _NONE_MISTYPED: list[tuple[str, str]] = []
@@ -168,6 +178,22 @@ class SpanRecord:
             for key, source in FALLBACKS.items():
                 if source in attrs and key not in attrs and key in wanted:
                     attrs[key] = attrs[source]
+            score = attrs.get(semconv.DL_DRIFT_SCORE)
+            status = semconv.DL_DRIFT_STATUS
+            if (
+                score is not None
+                and attrs.get(status) not in semconv.DRIFT_STATUSES
+                and status in wanted
+                and math.isfinite(score)
+            ):
+                attrs[status] = _status_of(score, attrs)
+
+
+def _status_of(score: Any, attrs: Mapping[str, Any]) -> str:
+    method = attrs.get(semconv.DL_DRIFT_METHOD)
+    if method not in semconv.DRIFT_THRESHOLDS:
+        method = "psi"
+    return semconv.drift_status(float(score), method)
 
 
 def _usable(key: str, value: Any) -> bool:

@@ -27,6 +27,7 @@ from otel_dl._options import (
     parse_list,
     parse_optional_float,
     positive,
+    rate,
     unknown_variables,
 )
 
@@ -52,6 +53,7 @@ class Config:
     drift_bins: int = 10
     drift_warn: float | None = None
     drift_alert: float | None = None
+    drift_false_alarm_rate: float = 0.001
     drift_window_rows: int = 10_000
     drift_min_rows: int = 500
     drift_max_rows: int = 1024
@@ -154,6 +156,15 @@ OPTIONS: tuple[Option, ...] = (
         parse_optional_float,
         "score at which `dl.drift.status` becomes `alert` (default per method)",
         positive,
+    ),
+    Option(
+        "drift_false_alarm_rate",
+        "OTEL_DL_DRIFT_FALSE_ALARM_RATE",
+        float,
+        "how often sampling alone may take `dl.drift.status` past `ok`: a score counts only"
+        " beyond the one a window and a reference of their sizes reach by chance at this"
+        " rate; 0 judges by the thresholds alone",
+        rate,
     ),
     Option(
         "drift_window_rows",

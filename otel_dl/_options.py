@@ -160,6 +160,11 @@ def fraction(value: Any) -> str | None:
     return None if 0.0 <= value <= 1.0 else "must lie in [0, 1]"
 
 
+def rate(value: Any) -> str | None:
+    """In [0, 1): 0 for never."""
+    return None if 0.0 <= value < 1.0 else "must be 0 or more and below 1"
+
+
 def open_fraction(value: Any) -> str | None:
     """In (0, 1): neither never nor always."""
     return None if 0.0 < value < 1.0 else "must be between 0 and 1, exclusive"

@@ -25,15 +25,20 @@ import threading
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from otel_dl import semconv
+from otel_dl._config import Config
 from otel_dl.reference import Reference
 from otel_dl.stats import (
     bin_counts,
+    bridge_area_mean,
+    chi2_exceeded,
     js_from_shares,
+    kolmogorov_exceeded,
     ks_statistics,
     psi_from_shares,
     wasserstein_distances,
@@ -47,13 +52,14 @@ STD_FLOOR = 1e-3
 # and a share of its reference rows) is free text or an identifier: it gets no drift score.
 DISTINCT_MIN = 50
 DISTINCT_SHARE = 0.5
-DEFAULT_THRESHOLDS: Mapping[str, tuple[float, float]] = {
-    "psi": (0.1, 0.25),
-    "js": (0.1, 0.2),
-    "ks": (0.1, 0.2),
-    "wasserstein": (0.1, 0.2),
-}
+DEFAULT_THRESHOLDS: Mapping[str, tuple[float, float]] = semconv.DRIFT_THRESHOLDS
 """(warn, alert) per method."""
+FALSE_ALARM_RATE = Config.drift_false_alarm_rate
+"""The default of the ``drift_false_alarm_rate`` option: how often sampling alone may
+take a window's status past ``ok``. A feature's score counts toward the status only above
+the score that two samples of one law, as large as the window and the reference, exceed
+with probability FALSE_ALARM_RATE divided by the number of features scored
+(:class:`DriftTracker`; docs/signals.md)."""
 
 
 class DriftScores(dict[str, float]):
@@ -78,16 +84,7 @@ class DriftResult(NamedTuple):
     scores: DriftScores
 
 
-def drift_status(
-    value: float, method: str, warn: float | None = None, alert: float | None = None
-) -> str:
-    """``alert`` at or above the alert threshold, ``warn`` at or above warn, else ``ok``."""
-    default_warn, default_alert = DEFAULT_THRESHOLDS[method]
-    if value >= (default_alert if alert is None else alert):
-        return "alert"
-    if value >= (default_warn if warn is None else warn):
-        return "warn"
-    return "ok"
+drift_status = semconv.drift_status
 
 
 # --- Scoring a table against a profile ------------------------------------------------------
@@ -160,15 +157,16 @@ def _finish_numeric(
     current_count: np.ndarray,
     method: str,
     out: DriftScores,
-) -> None:
-    """Copy computed numeric scores into ``out``; say why the others are missing."""
+) -> np.ndarray:
+    """Copy computed numeric scores into ``out``; say why the others are missing. Returns
+    which features have a score."""
     ref_count = reference.numeric.count
     names = reference.numeric_names
     valid = present & (ref_count > 0) & (current_count > 0) & np.isfinite(values)
     if valid.all():
         out.update(zip(names, values.tolist(), strict=True))
         out.methods.update(dict.fromkeys(names, method))
-        return
+        return valid
     for j in np.flatnonzero(~valid).tolist():
         if not present[j]:
             reason = "feature not in the current data"
@@ -182,6 +180,7 @@ def _finish_numeric(
     kept = np.flatnonzero(valid).tolist()
     out.update((names[j], float(values[j])) for j in kept)
     out.methods.update((names[j], method) for j in kept)
+    return valid
 
 
 def _binned_scores(reference: Reference, counts: np.ndarray, method: str) -> np.ndarray:
@@ -348,6 +347,14 @@ class _Chunk:
     codes: dict[str, np.ndarray]
 
 
+def _binned_chance(method: str, chi2: np.ndarray, spread: np.ndarray | float) -> np.ndarray:
+    """psi or js that sampling alone exceeds, given the chi-square point of the bins and
+    1/n + 1/N: psi is about chi2 x spread, and js the square root of that over 8 ln 2."""
+    if method == "psi":
+        return chi2 * spread
+    return np.sqrt(chi2 * spread / (8.0 * np.log(2.0)))
+
+
 class DriftTracker:
     """Drift of the last ``window_rows`` rows against a reference, updated batch by batch.
 
@@ -356,6 +363,15 @@ class DriftTracker:
     uncounted from their stored bins. ks and wasserstein compare the whole window's
     values with the profile's quantile atoms at each update (cost grows with the window;
     sample with ``drift_every`` and ``drift_max_rows`` in the monitor). Thread-safe.
+
+    The status is that of the worst feature whose score is beyond chance: above the
+    score that sampling alone exceeds with probability ``false_alarm_rate`` divided by
+    the number of features scored, for a window and a reference of this many values of
+    that feature (see :meth:`chance`). A small reference or a short window thus needs a
+    larger score for ``warn``; with a large reference and a full window the thresholds
+    decide alone. ``false_alarm_rate=None`` judges the scores by the thresholds only.
+    The result names that feature and its score, or, when no feature is beyond
+    chance, the highest-scoring one.
     """
 
     def __init__(
@@ -365,15 +381,30 @@ class DriftTracker:
         window_rows: int = 10_000,
         warn: float | None = None,
         alert: float | None = None,
+        false_alarm_rate: float | None = FALSE_ALARM_RATE,
     ) -> None:
         _check_method(method)
         if window_rows < 1:
             raise ValueError(f"window_rows must be at least 1, got {window_rows}")
+        if false_alarm_rate is not None and not 0.0 < false_alarm_rate < 1.0:
+            raise ValueError(
+                f"false_alarm_rate must lie strictly between 0 and 1 (or be None to judge "
+                f"by the thresholds alone), got {false_alarm_rate!r}"
+            )
         self.reference = reference
         self.method = method
         self.window_rows = int(window_rows)
         self.warn = warn
         self.alert = alert
+        self.false_alarm_rate = false_alarm_rate
+        self._thresholds = {
+            m: (
+                DEFAULT_THRESHOLDS[m][0] if warn is None else warn,
+                DEFAULT_THRESHOLDS[m][1] if alert is None else alert,
+            )
+            for m in METHODS
+        }
+        self._chance_shape: dict[float, np.ndarray] = {}  # per tail probability
         self._lock = threading.Lock()
         self._chunks: deque[_Chunk] = deque()
         self._rows = 0
@@ -498,6 +529,84 @@ class DriftTracker:
         counts[above, columns] = 0
         return counts[:-1]
 
+    def chance(self, p: float, rows: np.ndarray) -> np.ndarray:
+        """Per numeric feature, the score that two samples of one law, of ``rows`` values
+        (the window's, per feature) and of the reference's values of that feature, exceed
+        with probability ``p``:
+
+        - psi: chi2(bins - 1) x (1/n + 1/N), the bins being those the reference fills;
+        - js: sqrt(chi2(bins - 1) x (1/n + 1/N) / (8 ln 2));
+        - ks: sqrt(ln(2/p) / 2) x sqrt(1/n + 1/N) (Kolmogorov's tail);
+        - wasserstein: (the mean of the bridge's area + z_p std / scale) x sqrt(1/n + 1/N)
+          (Borell-TIS: above the true point, by about a third for normal data).
+
+        ks and wasserstein add the profile's own approximation bound. These are the
+        large-sample laws; a simulation of 2,000 feature pairs of normal samples (100 to
+        1,000 reference rows, 500 to 10,000 window rows) put the first three within 8 %
+        of their 99 % and 99.9 % points, mostly above."""
+        numeric = self.reference.numeric
+        with np.errstate(divide="ignore"):
+            spread = np.sqrt(1.0 / rows + 1.0 / numeric.count)
+        shape = self._chance_shape.get(p)
+        if shape is None:
+            shape = self._chance_shape[p] = self._shape(p)
+            while len(self._chance_shape) > 8:  # a handful of feature counts, at most
+                self._chance_shape.pop(next(iter(self._chance_shape)))
+        if self._binned:
+            return _binned_chance(self.method, shape, spread * spread)
+        bound = numeric.ks_bound if self.method == "ks" else numeric.wasserstein_bound
+        return shape * spread + np.nan_to_num(bound)
+
+    def _shape(self, p: float) -> np.ndarray:
+        """The part of :meth:`chance` that depends on ``p`` and the reference alone."""
+        numeric = self.reference.numeric
+        if self.method in ("psi", "js"):
+            return chi2_exceeded(p, (numeric.shares > 0).sum(axis=0) - 1)
+        if self.method == "ks":
+            return np.full(len(numeric.count), kolmogorov_exceeded(p))
+        scale = np.maximum(numeric.std, STD_FLOOR)
+        z = NormalDist().inv_cdf(1.0 - p)
+        return bridge_area_mean(numeric.grid, scale) + z * numeric.std / scale
+
+    def _categorical_level(self, name: str, used: str, value: float, p: float | None) -> int:
+        warn, alert = self._thresholds[used]
+        level = int(value >= warn) + int(value >= alert)
+        if level and p is not None:
+            cat = self.reference.categorical[name]
+            rows = int(self._cat_counts[name].sum())
+            chi2 = chi2_exceeded(p, np.array([(cat.shares > 0).sum() - 1]))
+            spread = 1.0 / max(rows, 1) + 1.0 / max(cat.count, 1)
+            if value <= float(_binned_chance(used, chi2, spread)[0]):
+                return 0
+        return level
+
+    def _decisive(
+        self, out: DriftScores, values: np.ndarray, valid: np.ndarray, rows: np.ndarray
+    ) -> tuple[str, float, str]:
+        """The feature that decides the status, its score and the status."""
+        rate = self.false_alarm_rate
+        p = rate / len(out) if rate is not None else None
+        warn, alert = self._thresholds[self.method]
+        best: tuple[int, float, str] | None = None
+        if valid.any():
+            with np.errstate(invalid="ignore"):
+                levels = (values >= warn).astype(np.int8) + (values >= alert)
+                if p is not None and levels.any():
+                    levels[values <= self.chance(p, rows)] = 0
+            levels[~valid] = -1
+            top = levels.max()
+            j = int(np.argmax(np.where(levels == top, values, -np.inf)))
+            best = (int(top), float(values[j]), self.reference.numeric_names[j])
+        for name in self.reference.categorical_names:
+            if name not in out:
+                continue
+            value = out[name]
+            level = self._categorical_level(name, out.methods[name], value, p)
+            if best is None or (level, value) > best[:2]:
+                best = (level, value, name)
+        assert best is not None  # out holds at least one score
+        return best[2], best[1], semconv.DRIFT_STATUSES[best[0]]
+
     def _result(self) -> DriftResult:
         method = self.method
         out = DriftScores()
@@ -509,21 +618,17 @@ class DriftTracker:
             window = np.concatenate([c.values for c in self._chunks], axis=0)
             values = _profile_scores(self.reference, window, method)
             finite_count = np.isfinite(window).sum(axis=0)
-        _finish_numeric(self.reference, values, self._present, finite_count, method, out)
+        valid = _finish_numeric(self.reference, values, self._present, finite_count, method, out)
         cat_counts = {
             name: counts if name in self._cat_present else None
             for name, counts in self._cat_counts.items()
         }
         _score_categorical(self.reference, cat_counts, method, out)
-        top = worst(out)
-        if top is None:
+        if not out:
             reason = "no feature could be scored: " + (
                 "; ".join(f"{k}: {v}" for k, v in list(out.reasons.items())[:3])
                 or "the reference has no features"
             )
             return DriftResult(None, None, None, method, reason, out)
-        name, value = top
-        used = out.methods[name]
-        return DriftResult(
-            name, value, drift_status(value, used, self.warn, self.alert), used, None, out
-        )
+        name, value, status = self._decisive(out, values, valid, finite_count)
+        return DriftResult(name, value, status, out.methods[name], None, out)

@@ -370,6 +370,7 @@ class FeatureMonitor:
             window_rows=config.drift_window_rows,
             warn=config.drift_warn,
             alert=config.drift_alert,
+            false_alarm_rate=config.drift_false_alarm_rate or None,
         )
 
     def _collect(self, table: Table) -> None:

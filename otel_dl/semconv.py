@@ -163,16 +163,22 @@ DL_FEATURE_PUSH_SOURCE: Final = _attr("dl.feature.push_source", "string", "", "p
 
 # --- Drift --------------------------------------------------------------------------------
 DL_DRIFT_SCORE: Final = _attr(
-    "dl.drift.score", "double", "1", "worst per-feature drift score under dl.drift.method"
+    "dl.drift.score",
+    "double",
+    "1",
+    "score of dl.drift.feature under dl.drift.method (the worst beyond chance, else the worst)",
 )
 DL_DRIFT_METHOD: Final = _attr(
     "dl.drift.method", "string", "", "drift statistic: psi, js, ks or wasserstein"
 )
 DL_DRIFT_FEATURE: Final = _attr(
-    "dl.drift.feature", "string", "", "the feature with the worst drift score"
+    "dl.drift.feature", "string", "", "the feature that decides dl.drift.status"
 )
 DL_DRIFT_STATUS: Final = _attr(
-    "dl.drift.status", "string", "", "ok, warn or alert against the configured thresholds"
+    "dl.drift.status",
+    "string",
+    "",
+    "ok, warn or alert against the configured thresholds, for scores beyond chance",
 )
 DL_DRIFT_WINDOW_ROWS: Final = _attr(
     "dl.drift.window_rows",
@@ -365,6 +371,27 @@ DRIFT_STATUS_WARN: Final = "warn"
 DRIFT_STATUS_ALERT: Final = "alert"
 DRIFT_STATUSES: Final = (DRIFT_STATUS_OK, DRIFT_STATUS_WARN, DRIFT_STATUS_ALERT)
 DRIFT_METHODS: Final = ("psi", "js", "ks", "wasserstein")
+DRIFT_THRESHOLDS: Final = {
+    "psi": (0.1, 0.25),
+    "js": (0.1, 0.2),
+    "ks": (0.1, 0.2),
+    "wasserstein": (0.1, 0.2),
+}
+"""The default (warn, alert) thresholds of dl.drift.score, per dl.drift.method."""
+
+
+def drift_status(
+    value: float, method: str, warn: float | None = None, alert: float | None = None
+) -> str:
+    """``alert`` at or above the alert threshold, ``warn`` at or above warn, else ``ok``;
+    the thresholds default to :data:`DRIFT_THRESHOLDS` of ``method``."""
+    default_warn, default_alert = DRIFT_THRESHOLDS[method]
+    if value >= (default_alert if alert is None else alert):
+        return DRIFT_STATUS_ALERT
+    if value >= (default_warn if warn is None else warn):
+        return DRIFT_STATUS_WARN
+    return DRIFT_STATUS_OK
+
 
 FAULT_KIND_DATA_DRIFT: Final = "data_drift"
 FAULT_KIND_DATA_QUALITY: Final = "data_quality"

@@ -5,12 +5,18 @@ reference profile and drift share.
   :func:`count_at_least`, :func:`bin_counts`;
 - two-sample distances: :func:`psi_from_shares`, :func:`js_from_shares`,
   :func:`ks_statistics` (scipy's ``ks_2samp``), :func:`wasserstein_distances` (scipy's
-  ``wasserstein_distance``).
+  ``wasserstein_distance``);
+- what sampling alone gives those distances between two samples of one law:
+  :func:`chi2_exceeded` (psi and js), :func:`kolmogorov_exceeded` (ks),
+  :func:`bridge_area_mean` (wasserstein).
 
 Pure functions of arrays; imports nothing of otel-dl.
 """
 
 from __future__ import annotations
+
+import math
+from statistics import NormalDist
 
 import numpy as np
 
@@ -149,3 +155,40 @@ def wasserstein_distances(reference: np.ndarray, current: np.ndarray) -> np.ndar
     out = (gap * deltas).sum(axis=0)
     out[(ref_n == 0) | (cur_n == 0)] = np.nan
     return out
+
+
+# --- What sampling alone gives: the statistics' tails between two samples of one law ------
+
+
+def chi2_exceeded(p: float, df: np.ndarray) -> np.ndarray:
+    """The value a chi-square variable with ``df`` degrees of freedom exceeds with
+    probability ``p``, per entry of ``df`` (at least 1): exact for 1 and 2 degrees, the
+    Wilson-Hilferty approximation above (within 4 % of the exact value, and above it,
+    for 3 to 100 degrees and p down to 1e-6)."""
+    df = np.maximum(np.asarray(df, dtype=np.float64), 1.0)
+    normal = NormalDist()
+    a = 2.0 / (9.0 * df)
+    wilson = df * np.maximum(1.0 - a + normal.inv_cdf(1.0 - p) * np.sqrt(a), 0.0) ** 3
+    one = normal.inv_cdf(1.0 - p / 2.0) ** 2
+    return np.where(df == 1.0, one, np.where(df == 2.0, -2.0 * math.log(p), wilson))
+
+
+def kolmogorov_exceeded(p: float) -> float:
+    """The value sqrt(n m / (n + m)) times the two-sample KS statistic exceeds with
+    probability at most ``p`` (the asymptotic Kolmogorov tail, 2 exp(-2 t^2); smaller
+    samples and ties only make it less likely)."""
+    return math.sqrt(-math.log(p / 2.0) / 2.0)
+
+
+def bridge_area_mean(grid: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Per column, the mean of the integral of |B(F(x))| dx divided by ``scale``, for B a
+    Brownian bridge and F the law whose quantiles at the levels (i + 0.5) / len(grid) are
+    the grid's rows: sqrt(n m / (n + m)) times the Wasserstein-1 distance between two
+    samples of n and m values of that law tends to that integral. Its tail above the
+    mean is at most a normal one with the law's standard deviation (divided by
+    ``scale``): no linear functional of the bridge varies more (Borell-TIS). NaN for a
+    column with a NaN quantile."""
+    points = grid.shape[0]
+    levels = np.arange(1, points) / points  # the CDF value between consecutive quantiles
+    steps = np.diff(grid, axis=0) / scale
+    return np.sqrt(2.0 / np.pi) * (steps * np.sqrt(levels * (1.0 - levels))[:, None]).sum(axis=0)

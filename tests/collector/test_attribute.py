@@ -128,6 +128,34 @@ def test_nan_is_judged_beyond_what_the_reference_explains():
             assert decision.mode.id == "data-quality-nan"
 
 
+def test_drift_is_judged_by_the_status_a_score_alone_by_the_thresholds():
+    """data-drift reads dl.drift.status: otel-dl's spans carry one that counts only scores
+    beyond chance (a score of 0.3 against a small reference can be sampling alone), and a
+    span with a score and no status of ok/warn/alert gets the status the default
+    thresholds give that score under its method."""
+    attributor = _attributor()
+    score, status, method = (
+        semconv.DL_DRIFT_SCORE,
+        semconv.DL_DRIFT_STATUS,
+        semconv.DL_DRIFT_METHOD,
+    )
+    for ingest, fault in (
+        ({score: 0.3, status: "ok"}, False),  # within chance for its sizes
+        ({score: 0.3, status: "alert"}, True),
+        ({score: 0.3}, True),  # no status: psi's alert threshold, 0.25
+        ({score: 0.22}, False),
+        ({score: 0.22, method: "ks"}, True),  # ks alerts at 0.2
+        ({score: 0.3, status: "alarm"}, True),  # not a status: judged by the score
+        ({score: float("nan")}, False),
+    ):
+        records = _trace(_pipeline(ingest=ingest))
+        decision = attributor.decide(records[0].trace_id, records)
+        assert bool(decision.fault) is fault, ingest
+        if fault:
+            assert decision.root.service == "ingest"
+            assert decision.mode.id == "data-drift"
+
+
 def test_every_copy_of_a_span_sent_twice_is_enriched():
     """An exporter's retry can deliver a span twice: a backend keeps either copy, so each
     carries the attribution, the cause's and the trace root's alike."""

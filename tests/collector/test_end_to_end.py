@@ -115,7 +115,9 @@ def test_metrics_count_faults_drift_and_confidence_per_service(
         (0.4, "alert", "psi"),  # a data_drift fault
         (0.12, "warn", "ks"),
         (math.nan, None, "psi"),  # no bucket takes NaN: not observed
-        (0.3, "alarm", "chi2"),  # a data_drift fault (score); status and method unknown
+        # A status other than ok/warn/alert and an unknown method: judged by the status
+        # its score gives under psi's thresholds (alert at 0.25), a data_drift fault.
+        (0.3, "alarm", "chi2"),
     ]
     tracer = ingest.get_tracer("test")
     for score, status, method in reads:
@@ -166,7 +168,8 @@ def test_metrics_count_faults_drift_and_confidence_per_service(
     by_status = {
         dict(labels)["status"]: v for (name, labels), v in series.items() if name == status
     }
-    assert by_status == {"ok": 1, "warn": 1, "alert": 1}
+    # The unknown status counts as the one its score gives; the NaN score gives none.
+    assert by_status == {"ok": 1, "warn": 1, "alert": 2}
 
     confidence = "otel_dl_collector_confidence_mean"
     assert _value(series, confidence + "_count", service_name="frontend") == 1

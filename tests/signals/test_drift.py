@@ -244,3 +244,86 @@ def test_free_text_or_ids_get_no_category_drift_score() -> None:
     # Few distinct values stay categories, however few the reference rows.
     small = Reference.fit({"c": np.array(["a", "b", "c", "d"])})
     assert "c" in drift.score(small, {"c": np.array(["x", "y"])}, method="psi")
+
+
+def _digits(reference_rows: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits, shuffled: the first rows, and every other row once."""
+    from sklearn.datasets import load_digits
+
+    x = load_digits().data
+    order = np.random.default_rng(seed).permutation(len(x))
+    return x[order[:reference_rows]], x[order[reference_rows:]]
+
+
+@pytest.mark.parametrize("method", ["psi", "js", "ks"])
+def test_a_small_reference_meeting_fresh_rows_of_the_same_data_is_no_drift(method):
+    """A reference fitted on 150 rows of digits, against the other 1,647 rows (each
+    once): the scores are what two samples of one law give (psi about 0.15), and the
+    status is ok. By the thresholds alone the same window is past ok, as every window
+    against that reference was before the status counted only scores beyond chance. A
+    real shift over the same sizes (three pixels 4 levels brighter) is still an alert."""
+    reference, rest = _digits(150)
+    profile = Reference.fit(reference)
+    result = drift.DriftTracker(profile, method=method).update(rest)
+    assert result.status == "ok"
+    assert result.score == pytest.approx(drift.score(profile, rest, method)[result.feature])
+    by_thresholds = drift.DriftTracker(profile, method=method, false_alarm_rate=None)
+    assert by_thresholds.update(rest).status != "ok"
+
+    live = np.flatnonzero((reference == 0).mean(axis=0) < 0.5)[:3]
+    brighter = rest.copy()
+    brighter[:, live] += 4
+    shifted = drift.DriftTracker(profile, method=method).update(brighter)
+    assert shifted.status == "alert"
+    assert int(shifted.feature) in live
+
+
+@pytest.mark.parametrize("method", ["psi", "js", "ks", "wasserstein"])
+def test_unshifted_windows_against_small_references_rarely_leave_ok(method):
+    """200 references of 200 normal rows (8 features), each against a window of 2,000
+    new rows of the same law: at the false-alarm rate of 1e-3 about 0.2 of them would
+    leave ok (the wasserstein bar is above its true point, so fewer); 1, 1, 0 and 0 did
+    here. By the thresholds alone 46 (psi), 196 (js), 77 (ks) and 199 (wasserstein) did."""
+    rng = np.random.default_rng(3)
+    past_ok = by_thresholds = 0
+    for _ in range(200):
+        profile = Reference.fit(rng.standard_normal((200, 8)))
+        window = rng.standard_normal((2000, 8))
+        past_ok += drift.DriftTracker(profile, method).update(window).status != "ok"
+        alone = drift.DriftTracker(profile, method, false_alarm_rate=None).update(window)
+        by_thresholds += alone.status != "ok"
+    assert past_ok <= 2, past_ok
+    assert by_thresholds >= 30, by_thresholds
+
+
+def test_the_chance_bar_follows_the_laws_it_is_drawn_from():
+    """chi2_exceeded and kolmogorov_exceeded against scipy; the wasserstein bar above the
+    simulated 99.9 % point of two normal samples' distance."""
+    from scipy import stats as scipy_stats
+
+    from otel_dl.stats import chi2_exceeded, kolmogorov_exceeded
+
+    for p in (1e-3, 3e-5, 1e-6):
+        df = np.arange(1, 101)
+        exact = scipy_stats.chi2.isf(p, df)
+        found = chi2_exceeded(p, df)
+        assert found[:2] == pytest.approx(exact[:2], rel=1e-9)
+        assert np.all(found >= exact * 0.999) and np.all(found <= exact * 1.1)
+        assert kolmogorov_exceeded(p) == pytest.approx(scipy_stats.kstwobign.isf(p), rel=0.01)
+
+    rng = np.random.default_rng(11)
+    profile = Reference.fit(rng.standard_normal((300, 1)))
+    tracker = drift.DriftTracker(profile, method="wasserstein")
+    bar = tracker.chance(1e-3, np.array([500.0]))[0]
+    distances = [
+        wasserstein_distance(rng.standard_normal(300), rng.standard_normal(500))
+        for _ in range(3000)
+    ]
+    assert np.quantile(distances, 0.999) < bar < 2 * np.quantile(distances, 0.999)
+
+
+def test_false_alarm_rate_is_checked():
+    profile = Reference.fit(np.random.default_rng(0).standard_normal((50, 2)))
+    for bad in (0.0, 1.0, -1e-3, 2):
+        with pytest.raises(ValueError, match="false_alarm_rate must lie strictly between 0 and 1"):
+            drift.DriftTracker(profile, false_alarm_rate=bad)
