@@ -25,7 +25,10 @@ framework (``torch``), fingerprint of its weights (computed once, and again afte
 changed them), the file it was loaded from, the drift and quality of the first tensor
 argument against the model's reference (or a learned baseline), the confidence of the
 output when it is a 2-D floating tensor of class scores (the output, its ``logits``, or
-the first tensor of a tuple or list output), and ``dl.prediction.count``.
+the first tensor of a tuple or list output), and ``dl.prediction.count``. A 1-D
+floating-point input is one example without a batch dimension, as torch's layers read
+it (its 1-D output is one prediction), unless a DataLoader made it or the model's
+reference has a single feature (see ``_unbatched``).
 
 It works under ``torch.no_grad`` and ``torch.inference_mode``, and with
 ``torch.compile(model)`` and ``model.compile()``, ``fullgraph=True`` included: while
@@ -82,7 +85,7 @@ from otel_dl._watch import (
     remove_watch_listener,
     watch_state,
 )
-from otel_dl.monitor import observe_once
+from otel_dl.monitor import FeatureMonitor, observe_once, profiled_elsewhere
 from otel_dl.provenance import file_fingerprint, forget_model, model_fingerprint
 
 from ._base import DlInstrumentor, Patches
@@ -143,12 +146,26 @@ def _scores(output: Any) -> Any:
     return logits if isinstance(logits, torch.Tensor) else None
 
 
+def _unbatched(monitor: FeatureMonitor, features: Any) -> bool:
+    """Whether a floating-point input is one example without a batch dimension: a 1-D
+    tensor, as torch's layers read one (``nn.Linear`` takes ``(in,)`` and returns
+    ``(out,)``), unless it is a batch a DataLoader made (a dataset of scalars) or the
+    model's reference has a single feature (then it holds one value per example)."""
+    if features.dim() != 1:
+        return False
+    reference = monitor.reference
+    if reference is not None and len(reference.names) == 1:
+        return False
+    return not profiled_elsewhere(features, monitor)
+
+
 def _input_signals(
     module: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]
 ) -> Mapping[str, Any]:
     """Drift, quality and fingerprint of the first tensor argument when it holds floats
     (a CPU one: a CUDA input is read on the device when the call has completed; a small
-    one's are left for a burst); of token ids or masks, the batch size only."""
+    one's are left for a burst), an unbatched one read as one row; of token ids or
+    masks, the batch size only."""
     features = _first_tensor(args, kwargs)
     if features is None:
         return {}
@@ -157,7 +174,22 @@ def _input_signals(
     if features.is_cuda:
         return {}
     monitor = ensure_state(module).monitor()
+    if _unbatched(monitor, features):
+        features = features.unsqueeze(0)
     return observe_once(monitor, features, later=get_config().signals_delay_ms > 0)
+
+
+def _one_row(module: Any, args: tuple[Any, ...], kwargs: Any, scores: Any) -> Any:
+    """``scores`` as a batch of one row when the call was unbatched (a 1-D output of a
+    1-D input, see :func:`_unbatched`), else as they are."""
+    if scores.dim() != 1:
+        return scores
+    features = _first_tensor(args, kwargs)
+    if features is None or not features.is_floating_point():
+        return scores
+    if not _unbatched(ensure_state(module).monitor(), features):
+        return scores
+    return scores.unsqueeze(0)
 
 
 def _output_signals(module: Any, output: Any) -> Mapping[str, Any]:
@@ -188,6 +220,8 @@ def _finish_on_gpu(
     features = _first_tensor(args, kwargs)
     state = ensure_state(module)
     monitor = state.monitor()
+    if features is not None and features.is_floating_point() and _unbatched(monitor, features):
+        features = features.unsqueeze(0)
     config = get_config()
     gpu.finish_when_done(
         call,
@@ -562,6 +596,8 @@ class TorchModelInstrumentor(DlInstrumentor):
             )
         signals = get_config().signals
         scores = _scores(output) if signals else None
+        if scores is not None:
+            scores = _one_row(module, args, kwargs, scores)
         if signals and _on_gpu(scores):
             # The GPU may still be running the forward: the span ends when it has.
             try:

@@ -856,6 +856,13 @@ def observe_once(
     return attributes
 
 
+def profiled_elsewhere(batch: Any, monitor: FeatureMonitor) -> bool:
+    """Whether a monitor other than ``monitor`` (a DataLoader's) profiled this very
+    array or tensor: it is a batch that source made."""
+    entry = _recent.get(id(batch))
+    return entry is not None and entry[0]() is batch and entry[2] is not monitor
+
+
 def share(later: Later) -> None:
     """Offer the profile ``later`` is waiting for (its call was parked for a burst) to the
     next consumer of the same batch: a model called with the DataLoader's batch follows

@@ -523,3 +523,81 @@ def test_a_regressor_watched_with_confidence_false_gets_no_confidence(
 def test_watch_refuses_a_confidence_that_is_not_a_bool() -> None:
     with pytest.raises(TypeError, match="confidence=False"):
         otel_dl.watch(mlp(), confidence="no")  # type: ignore[arg-type]
+
+
+def _iris() -> tuple[torch.Tensor, torch.nn.Module]:
+    """scikit-learn's iris as float32 rows, and a small classifier trained on them."""
+    from sklearn.datasets import load_iris
+
+    x, y = load_iris(return_X_y=True)
+    rows = torch.tensor(x, dtype=torch.float32)
+    model = mlp()
+    optimizer = torch.optim.Adam(model.parameters(), 0.05)
+    for _ in range(100):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(rows), torch.tensor(y)).backward()
+        optimizer.step()
+    return rows, model
+
+
+def test_an_unbatched_example_is_one_row(spans: SpanList) -> None:
+    """torch's layers read a 1-D input as one example without a batch dimension
+    (``nn.Linear`` takes ``(in,)`` and returns ``(out,)``): its span is a batch of one,
+    judged against the reference's four features, with the confidence of its one
+    prediction, as the same flower sent as a batch of one is. It used to be four rows of
+    one feature: a schema mismatch, out of range and three predictions on every call."""
+    rows, model = _iris()
+    otel_dl.watch(model.eval(), name="iris", reference=otel_dl.Reference.fit(rows.numpy()))
+    with torch.no_grad():
+        alone = model(rows[7])
+        batched = model(rows[7:8])
+    assert torch.equal(alone, batched[0])  # the user's result is unchanged
+    unbatched_span, batch_span = spans.get(semconv.SPAN_INFERENCE)
+    for key in (
+        semconv.DL_BATCH_SIZE,
+        semconv.DL_PREDICTION_COUNT,
+        semconv.DL_QUALITY_SCHEMA_MISMATCH,
+        semconv.DL_QUALITY_OUT_OF_RANGE_FRACTION,
+        semconv.DL_CONFIDENCE_ROWS,
+        semconv.DL_CONFIDENCE_MEAN,
+        semconv.DL_DATA_FINGERPRINT,
+    ):
+        assert unbatched_span.attributes[key] == batch_span.attributes[key], key
+    assert unbatched_span.attributes[semconv.DL_BATCH_SIZE] == 1
+    assert unbatched_span.attributes[semconv.DL_QUALITY_SCHEMA_MISMATCH] is False
+
+
+class _Scalars(torch.nn.Module):
+    """A model of one value per example, given as a 1-D batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.unsqueeze(1))
+
+
+def test_a_1d_batch_of_scalars_stays_a_batch(spans: SpanList) -> None:
+    """A 1-D float tensor is a batch, not one example, when a DataLoader made it (a
+    dataset of scalars) or when the model's reference has a single feature."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    values = torch.randn(64)
+    from_loader = otel_dl.watch(_Scalars().eval(), name="from-loader")
+    with torch.no_grad():
+        for (batch,) in DataLoader(TensorDataset(values), batch_size=16):
+            from_loader(batch)
+    referenced = otel_dl.watch(
+        _Scalars().eval(), name="referenced", reference=otel_dl.Reference.fit(values)
+    )
+    with torch.no_grad():
+        referenced(values[:16])
+    by_model = [
+        (s.attributes[semconv.DL_MODEL_NAME], s.attributes[semconv.DL_BATCH_SIZE])
+        for s in spans.get(semconv.SPAN_INFERENCE)
+    ]
+    assert by_model == [("from-loader", 16)] * 4 + [("referenced", 16)]
+    referenced_span = spans.get(semconv.SPAN_INFERENCE)[-1]
+    assert referenced_span.attributes[semconv.DL_QUALITY_SCHEMA_MISMATCH] is False
+    assert referenced_span.attributes[semconv.DL_PREDICTION_COUNT] == 16
