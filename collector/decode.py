@@ -78,10 +78,10 @@ _VALUE_TYPES = {
 FALLBACKS: Mapping[str, str] = MappingProxyType(semconv.EXCESS_OF)
 #: Attributes derived from others when a span lacks them (when it is wanted): a span
 #: with a finite ``dl.drift.score`` but no ``dl.drift.status`` of ok, warn or alert (a
-#: producer that sets none, or another value) has the status the default thresholds
-#: give its score (``semconv.drift_status``, under its
-#: ``dl.drift.method``, psi when it names none). otel-dl's own spans carry the status,
-#: which counts only scores beyond chance, and are judged by it.
+#: producer that sets none, or another value) has the status the default thresholds give
+#: its score under its ``dl.drift.method``, psi when it names none
+#: (``semconv.drift_status``). otel-dl's own spans carry the status, which counts only
+#: scores beyond chance, and are judged by it.
 DERIVED_FROM: Mapping[str, tuple[str, ...]] = MappingProxyType(
     {semconv.DL_DRIFT_STATUS: (semconv.DL_DRIFT_SCORE, semconv.DL_DRIFT_METHOD)}
 )
