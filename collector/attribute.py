@@ -116,7 +116,7 @@ class Attributor:
         self.symptom_first = symptom_first
         self.errors = ErrorRules(self.baselines, fp_budget)
         self.latency = LatencyRules(self.baselines, fp_budget)
-        self.signals = SignalRules()
+        self.signals = SignalRules(catalog, self.baselines, fp_budget)
         self.wanted_attributes = catalog.attributes | CORE_ATTRIBUTES
         self._baseline_signals = frozenset(
             c.signal for m in catalog.modes for c in m.detect if c.op == "above_baseline"
@@ -367,7 +367,7 @@ class Attributor:
         entry = view.entry
         failed = entry is not None and self.errors.errored(entry)
         slow = self.latency.entry_slow(view)
-        found = self.signals.drop_isolated(found, view)
+        found = self.signals.drop_background(self.signals.drop_isolated(found, view), view)
         ml = any(from_ml_signal(ev) for _, ev in found)
         # A burst of errors is a symptom although the entry succeeded: an outage of a
         # service whose caller falls back to a default degrades every answer.
@@ -435,6 +435,7 @@ class Attributor:
         anomalous: tuple[str, ...] = ()
         if self.symptom_first:
             self.errors.count(view)
+            self.signals.count(raw, view)
             found = self._relevant(raw, view)
             self.signals.remember(raw, view)
             self.latency.remember(view)

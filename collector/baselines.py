@@ -2,7 +2,9 @@
 
 :class:`Baselines` holds, per (service, operation), DDSketch streaming quantiles of the
 catalog's ``above_baseline`` signals, the established values of its ``changed`` signals,
-and the usual error rate with a window of recent calls (:class:`Calls`); and, per client
+the usual error rate with a window of recent calls (:class:`Calls`), the same for the
+modes whose single firings can be an operation's background (low confidence, see
+detect_signals.py); and, per client
 operation, the traced service that answers it (:meth:`Baselines.callee`)::
 
     baselines = Baselines(min_samples=30)
@@ -55,6 +57,9 @@ class Baselines:
         self.values: dict[tuple[str, ...], tuple[dict[Any, int], set[Any]]] = {}
         #: Calls and errors per (service, operation): see :class:`Calls`.
         self.calls: dict[tuple[str, str], Calls] = {}
+        #: Calls and firings of a per-call mode kind per (service, operation, kind):
+        #: see :meth:`count_signal`.
+        self.signal_calls: dict[tuple[str, str, str], Calls] = {}
         #: The service whose span answered each client (service, operation) last.
         self.callees: dict[tuple[str, str], str] = {}
         # Values of learn_later() not yet in their sketch, and the sketches' own mapping
@@ -81,6 +86,23 @@ class Baselines:
         entry = self._calls_of(key)
         if entry is not None:
             entry.add(error, self.min_samples, budget)
+
+    def count_signal(self, key: tuple[str, str, str], fired: bool, budget: float) -> bool:
+        """Count a call of (service, operation) that could fire a mode of a kind (the
+        key's last part), and whether it did, as :meth:`count_call` counts errors;
+        whether the recent calls are now a burst (:meth:`signal_burst`)."""
+        entry = self.signal_calls.get(key)
+        if entry is None:
+            if len(self.signal_calls) >= MAX_KEYS:
+                return False
+            entry = self.signal_calls[key] = Calls()
+        entry.add(fired, self.min_samples, budget)
+        return entry.burst(self.min_samples)
+
+    def signal_burst(self, key: tuple[str, str, str]) -> bool:
+        """Whether the recent calls :meth:`count_signal` counted fire far more than usual."""
+        entry = self.signal_calls.get(key)
+        return entry is not None and entry.burst(self.min_samples)
 
     def count_successes(self, key: tuple[str, str], n: int, budget: float) -> None:
         """:meth:`count_call` ``n`` calls without error, at once (see :meth:`Calls.add_ok`)."""

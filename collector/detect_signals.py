@@ -1,33 +1,126 @@
 """otel-dl signal detection: when a ``dl.*`` mode that fired is a symptom, not a blip.
 
 A ``dl.*`` mode (drift, quality, schema, freshness, model change, confidence) that fired
-is a symptom of its trace, except a transient one (:meth:`SignalRules.drop_isolated`):
-a mode that fired on a single span of an operation run at least :data:`ISOLATED_AMONG`
-times in the trace (one batch of many), and not in that operation's previous trace. A
-drifted source shows on batch after batch or trace after trace; one drift ``alert`` on
-one batch is a blip.
+is a symptom of its trace, except:
+
+- a transient one (:meth:`SignalRules.drop_isolated`): a mode that fired on a single
+  span of an operation run at least :data:`ISOLATED_AMONG` times in the trace (one batch
+  of many), and not in that operation's previous trace. A drifted source shows on batch
+  after batch or trace after trace; one drift ``alert`` on one batch is a blip;
+- an operation's background (:meth:`SignalRules.drop_background`), for the mode kinds in
+  :data:`RATE_KINDS`: any model is unsure of some predictions (a random forest trained on
+  scikit-learn's digits, 98 % accurate, of 13 % of single rows), so a low-confidence call
+  is a fault only when its confidence lies below its operation's usual spread (the
+  median less :data:`SPREADS` robust standard deviations, the interquartile range /
+  1.349, of the confidences of its calls outside bursts), when that spread is not yet
+  learned (``min_baseline_samples`` calls), or when such calls come in a burst: more in
+  the operation's last 20 calls than their usual rate gives with probability
+  ``fp_budget``, as errors are judged (:class:`~.baselines.Calls`). A call counts when
+  its span carries a signal such a mode reads.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
-from .baselines import MAX_KEYS
+from otel_dl import semconv
+
+from .baselines import MAX_KEYS, Baselines
+from .catalog import SPAN_SIGNALS, Catalog
 from .decision import Evidence, from_ml_signal
 from .decode import SpanRecord
 from .spans import TraceView
 
 #: Spans of one operation in a trace from which a mode fired on one of them only is a blip.
 ISOLATED_AMONG = 3
+#: Mode kinds whose single firings can be an operation's background, each with the
+#: signal whose usual spread says which of them are.
+RATE_KINDS: dict[str, str] = {semconv.FAULT_KIND_LOW_CONFIDENCE: semconv.DL_CONFIDENCE_MEAN}
+#: Robust standard deviations below its operation's median confidence that make a
+#: low-confidence call unusual.
+SPREADS = 3.0
 
 Found = list[tuple[SpanRecord, Evidence]]
 
 
 class SignalRules:
-    """Remembers which ``dl.*`` modes each operation fired in its last trace."""
+    """Remembers which ``dl.*`` modes each operation fired in its last trace, and how
+    often the :data:`RATE_KINDS` modes usually fire on its calls."""
 
-    def __init__(self) -> None:
+    def __init__(self, catalog: Catalog, baselines: Baselines, fp_budget: float) -> None:
         self._fired_before: dict[tuple[str, str], frozenset[str]] = {}
+        self.baselines = baselines
+        self.fp_budget = fp_budget
+        #: Per rate kind the catalog has, the span attributes its modes' detect conditions
+        #: read.
+        self._rate_signals = {
+            kind: signals
+            for kind in RATE_KINDS
+            if (
+                signals := frozenset(
+                    c.signal
+                    for m in catalog.modes
+                    if m.kind == kind
+                    for c in m.detect
+                    if c.signal not in SPAN_SIGNALS
+                )
+            )
+        }
+        # The lower fence of the usual spread before the trace being judged, per
+        # (service, operation, kind) that fired in it; None while not learned.
+        self._fences: dict[tuple[str, str, str], float | None] = {}
+
+    def count(self, raw: Found, view: TraceView) -> None:
+        """Count the trace's calls that could fire a :data:`RATE_KINDS` mode into their
+        operation's rate and usual spread, before it is judged (as ``ErrorRules.count``
+        counts errors): a firing is judged against what came before it."""
+        self._fences = {}
+        if not self._rate_signals:
+            return
+        fired = {(id(span), ev.mode.kind) for span, ev in raw}
+        baselines = self.baselines
+        for kind, signals in self._rate_signals.items():
+            spread_signal = RATE_KINDS[kind]
+            for span in view.order:
+                attrs = span.attrs
+                if not attrs or signals.isdisjoint(attrs):
+                    continue
+                key = (*view.key(span), kind)
+                hit = (id(span), kind) in fired
+                if hit and key not in self._fences:
+                    self._fences[key] = self._fence(key)
+                burst = baselines.count_signal(key, hit, self.fp_budget)
+                value = attrs.get(spread_signal)
+                if not burst and isinstance(value, float) and math.isfinite(value):
+                    baselines.learn_later(key, value)
+
+    def _fence(self, key: tuple[str, str, str]) -> float | None:
+        """The median less :data:`SPREADS` robust standard deviations of the values
+        learned for ``key``, or None before ``min_baseline_samples`` of them."""
+        median = self.baselines.quantile(key, 0.5)
+        q1, q3 = self.baselines.quantile(key, 0.25), self.baselines.quantile(key, 0.75)
+        if median is None or q1 is None or q3 is None:
+            return None
+        return median - SPREADS * (q3 - q1) / 1.349
+
+    def drop_background(self, found: Found, view: TraceView) -> Found:
+        """``found`` without the :data:`RATE_KINDS` evidence that is its operation's
+        background: within its usual spread, and not in a burst."""
+        if not self._fences:
+            return found
+        kept: Found = []
+        for span, ev in found:
+            kind = ev.mode.kind
+            if kind in self._rate_signals:
+                key = (*view.key(span), kind)
+                fence = self._fences.get(key)
+                value = span.attrs.get(RATE_KINDS[kind])
+                usual = fence is not None and isinstance(value, float) and value >= fence
+                if usual and not self.baselines.signal_burst(key):
+                    continue
+            kept.append((span, ev))
+        return kept
 
     def forget(self, keys: Iterable[tuple[str, str]]) -> None:
         """:meth:`remember` of traces in which the operations ``keys`` fired nothing."""

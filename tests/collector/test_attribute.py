@@ -156,6 +156,45 @@ def test_drift_is_judged_by_the_status_a_score_alone_by_the_thresholds():
             assert decision.mode.id == "data-drift"
 
 
+def test_low_confidence_within_its_usual_spread_is_background_a_burst_is_a_fault():
+    """Any model is unsure of some predictions: a random forest on scikit-learn's digits
+    of 13 % of single rows. One-request traces of a model whose confidences spread over
+    0.35 to 1 (a fifth of them under 0.5) are no fault once that spread is learned (the
+    first 30 calls: not yet learned, each unsure call is one); a burst of unsure calls
+    is. A model whose confidences lie within 0.85 to 0.95 makes an unsure call a fault.
+    Before, every unsure call was one."""
+    import random
+
+    rng = random.Random(4)
+
+    def call(attributor: Attributor, confidence: float) -> bool:
+        _trace.attributor = attributor  # type: ignore[attr-defined]
+        attrs = {semconv.DL_CONFIDENCE_MEAN: confidence, semconv.DL_MODEL_NAME: "m"}
+        records = _trace(
+            [
+                ("scorer", "POST /score", None, 0.0, 0.01, {}),
+                ("scorer", "inference", 0, 0.001, 0.009, attrs),
+            ]
+        )
+        return attributor.decide(records[0].trace_id, records).fault
+
+    forest = Attributor(load_catalog(), min_baseline_samples=30)
+    confidences = [rng.uniform(0.35, 1.0) for _ in range(400)]
+    faults = [call(forest, c) for c in confidences]
+    assert faults[:30] == [c < 0.5 for c in confidences[:30]]  # not learned yet
+    assert sum(c < 0.5 for c in confidences[30:]) > 60
+    assert not any(faults[30:])
+    # A burst: once the last 20 calls hold more unsure ones than the usual share gives
+    # with probability 0.001, each is a fault.
+    burst = [call(forest, rng.uniform(0.35, 0.45)) for _ in range(12)]
+    assert not burst[0]
+    assert burst[-3:] == [True, True, True]
+
+    sure = Attributor(load_catalog(), min_baseline_samples=30)
+    assert not any(call(sure, rng.uniform(0.85, 0.95)) for _ in range(100))
+    assert call(sure, 0.45)
+
+
 def test_every_copy_of_a_span_sent_twice_is_enriched():
     """An exporter's retry can deliver a span twice: a backend keeps either copy, so each
     carries the attribution, the cause's and the trace root's alike."""
