@@ -224,3 +224,21 @@ def test_fused_quality_equals_the_quality_functions(dtype):
         nan, outside = batch_quality(ref, table)
         assert nan == nan_fraction(table)
         assert outside == out_of_range_fraction(ref, table)
+
+
+def test_drift_false_alarm_rate_zero_judges_by_the_thresholds_alone():
+    """A reference of 150 rows of digits against the other 1,647: sampling alone scores
+    psi about 0.15, which the default bar for chance keeps ``ok``, and
+    ``drift_false_alarm_rate=0`` reads as ``warn``, as before the bar."""
+    from sklearn.datasets import load_digits
+
+    x = load_digits().data
+    order = np.random.default_rng(0).permutation(len(x))
+    reference = Reference.fit(x[order[:150]])
+    rest = x[order[150:]]
+    statuses = {}
+    for rate in (0.001, 0.0):
+        config = resolve_config({"drift_false_alarm_rate": rate}, environ={})
+        attrs = FeatureMonitor(reference, config=config).observe(rest)
+        statuses[rate] = attrs[semconv.DL_DRIFT_STATUS]
+    assert statuses == {0.001: "ok", 0.0: "warn"}
