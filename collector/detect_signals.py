@@ -9,14 +9,14 @@ is a symptom of its trace, except:
   after batch or trace after trace; one drift ``alert`` on one batch is a blip;
 - an operation's background (:meth:`SignalRules.drop_background`), for the mode kinds in
   :data:`RATE_KINDS`: any model is unsure of some predictions (a random forest trained on
-  scikit-learn's digits, 98 % accurate, of 13 % of single rows), so a low-confidence call
-  is a fault only when its confidence lies below its operation's usual spread (the
-  median less :data:`SPREADS` robust standard deviations, the interquartile range /
-  1.349, of the confidences of its calls outside bursts), when that spread is not yet
-  learned (``min_baseline_samples`` calls), or when such calls come in a burst: more in
-  the operation's last 20 calls than their usual rate gives with probability
-  ``fp_budget``, as errors are judged (:class:`~.baselines.Calls`). A call counts when
-  its span carries a signal such a mode reads.
+  scikit-learn's digits, 98 % accurate, of about 14 % of single rows), so a
+  low-confidence call is a fault only when its confidence lies below its operation's
+  usual spread (the median less :data:`SPREADS` robust standard deviations, the
+  interquartile range / 1.349, of the confidences of its calls outside bursts), when
+  that spread is not yet learned (``min_baseline_samples`` calls), or when such calls
+  come in a burst: more in the operation's last 20 calls than their usual rate gives
+  with probability ``fp_budget``, as errors are judged (:class:`~.baselines.Calls`). A
+  call counts when its span carries a signal such a mode reads.
 """
 
 from __future__ import annotations
@@ -45,8 +45,9 @@ Found = list[tuple[SpanRecord, Evidence]]
 
 
 class SignalRules:
-    """Remembers which ``dl.*`` modes each operation fired in its last trace, and how
-    often the :data:`RATE_KINDS` modes usually fire on its calls."""
+    """Remembers which ``dl.*`` modes each operation fired in its last trace, and, for
+    the :data:`RATE_KINDS` modes, how often they fire on its calls and how the signal
+    they read usually spreads."""
 
     def __init__(self, catalog: Catalog, baselines: Baselines, fp_budget: float) -> None:
         self._fired_before: dict[tuple[str, str], frozenset[str]] = {}

@@ -158,10 +158,10 @@ def test_drift_is_judged_by_the_status_a_score_alone_by_the_thresholds():
 
 def test_low_confidence_within_its_usual_spread_is_background_a_burst_is_a_fault():
     """Any model is unsure of some predictions: a random forest on scikit-learn's digits
-    of 13 % of single rows. One-request traces of a model whose confidences spread over
-    0.35 to 1 (a fifth of them under 0.5) are no fault once that spread is learned (the
-    first 30 calls: not yet learned, each unsure call is one); a burst of unsure calls
-    is. A model whose confidences lie within 0.85 to 0.95 makes an unsure call a fault.
+    of about 14 % of single rows. One-request traces of a model whose confidences spread
+    over 0.35 to 1 (a fifth of them under 0.5) are no fault once that spread is learned
+    (the first 30 calls: not yet learned, each unsure call is one); a burst of unsure
+    calls is. A model whose confidences lie within 0.85 to 0.95 makes an unsure call a fault.
     Before, every unsure call was one."""
     import random
 
