@@ -580,8 +580,30 @@ class DriftTracker:
                 return 0
         return level
 
+    def _unseen_by_chance(self, p: float, window: np.ndarray) -> np.ndarray:
+        """Per numeric feature, whether it is constant in the reference and the window's
+        values unlike that constant are no more than the share N reference rows all
+        equal to it leave open with probability p: ln(1/p) / N. wasserstein divides by
+        the reference std, so any such value scores far above the thresholds."""
+        numeric = self.reference.numeric
+        constant = (numeric.std == 0) & (numeric.count > 0)
+        out = np.zeros(len(constant), dtype=bool)
+        if not constant.any():
+            return out
+        columns = window[:, constant]
+        finite = np.isfinite(columns)
+        unlike = (finite & (columns != numeric.minimum[constant])).sum(axis=0)
+        share = unlike / np.maximum(finite.sum(axis=0), 1)
+        out[constant] = share <= np.log(1.0 / p) / numeric.count[constant]
+        return out
+
     def _decisive(
-        self, out: DriftScores, values: np.ndarray, valid: np.ndarray, rows: np.ndarray
+        self,
+        out: DriftScores,
+        values: np.ndarray,
+        valid: np.ndarray,
+        rows: np.ndarray,
+        window: np.ndarray | None,
     ) -> tuple[str, float, str]:
         """The feature that decides the status, its score and the status."""
         rate = self.false_alarm_rate
@@ -593,6 +615,8 @@ class DriftTracker:
                 levels = (values >= warn).astype(np.int8) + (values >= alert)
                 if p is not None and levels.any():
                     levels[values <= self.chance(p, rows)] = 0
+                    if self.method == "wasserstein" and window is not None:
+                        levels[self._unseen_by_chance(p, window)] = 0
             levels[~valid] = -1
             top = levels.max()
             j = int(np.argmax(np.where(levels == top, values, -np.inf)))
@@ -610,6 +634,7 @@ class DriftTracker:
     def _result(self) -> DriftResult:
         method = self.method
         out = DriftScores()
+        window: np.ndarray | None = None
         if self._binned:
             counts = self._bin_counts()
             values = _binned_scores(self.reference, counts, method)
@@ -630,5 +655,5 @@ class DriftTracker:
                 or "the reference has no features"
             )
             return DriftResult(None, None, None, method, reason, out)
-        name, value, status = self._decisive(out, values, valid, finite_count)
+        name, value, status = self._decisive(out, values, valid, finite_count, window)
         return DriftResult(name, value, status, out.methods[name], None, out)

@@ -327,3 +327,23 @@ def test_false_alarm_rate_is_checked():
     for bad in (0.0, 1.0, -1e-3, 2):
         with pytest.raises(ValueError, match="false_alarm_rate must lie strictly between 0 and 1"):
             drift.DriftTracker(profile, false_alarm_rate=bad)
+
+
+def test_values_a_constant_reference_feature_leaves_open_are_no_wasserstein_drift():
+    """wasserstein divides by the reference's std: against a feature constant in 150
+    reference rows, any other value scores in the tens. 150 rows all equal leave open
+    that a share up to ln(1/p)/150 of values differs, so 1 % of them is within chance
+    (a digits pixel: 0 in all 150 rows, 1 to 6 in 1.3 % of the rest); 20 % is drift."""
+    rng = np.random.default_rng(2)
+    reference = rng.standard_normal((150, 3))
+    reference[:, 0] = 0.0
+    profile = Reference.fit(reference)
+    window = rng.standard_normal((2000, 3))
+    window[:, 0] = 0.0
+    window[rng.choice(2000, 20, replace=False), 0] = 5.0
+    result = drift.DriftTracker(profile, method="wasserstein").update(window)
+    assert result.scores["0"] > 20  # far above the thresholds
+    assert result.status == "ok"
+    window[rng.choice(2000, 400, replace=False), 0] = 5.0
+    shifted = drift.DriftTracker(profile, method="wasserstein").update(window)
+    assert (shifted.status, shifted.feature) == ("alert", "0")
