@@ -150,11 +150,20 @@ class Baselines:
         """The smallest excess over the usual that the operation's own baseline makes
         meaningful: half its median, or :data:`_FLOOR_SPREADS` robust standard deviations
         (the interquartile range / 1.349) when it varies more. None before it is learned."""
+        centre = self.centre(key)
+        if centre is None:
+            return None
+        median, spread = centre
+        return max(_FLOOR_SHARE * median, _FLOOR_SPREADS * spread)
+
+    def centre(self, key: tuple[str, str, str]) -> tuple[float, float] | None:
+        """The median of the values learned for ``key`` and their robust standard
+        deviation (the interquartile range / 1.349), or None before they are learned."""
         median = self.quantile(key, 0.5)
         q1, q3 = self.quantile(key, 0.25), self.quantile(key, 0.75)
         if median is None or q1 is None or q3 is None:
             return None
-        return max(_FLOOR_SHARE * median, _FLOOR_SPREADS * (q3 - q1) / 1.349)
+        return median, (q3 - q1) / 1.349
 
     def _sketch(self, key: tuple[str, str, str]) -> DDSketch | None:
         sketch = self.sketches.get(key)

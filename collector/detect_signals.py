@@ -99,11 +99,11 @@ class SignalRules:
     def _fence(self, key: tuple[str, str, str]) -> float | None:
         """The median less :data:`SPREADS` robust standard deviations of the values
         learned for ``key``, or None before ``min_baseline_samples`` of them."""
-        median = self.baselines.quantile(key, 0.5)
-        q1, q3 = self.baselines.quantile(key, 0.25), self.baselines.quantile(key, 0.75)
-        if median is None or q1 is None or q3 is None:
+        centre = self.baselines.centre(key)
+        if centre is None:
             return None
-        return median - SPREADS * (q3 - q1) / 1.349
+        median, spread = centre
+        return median - SPREADS * spread
 
     def drop_background(self, found: Found, view: TraceView) -> Found:
         """``found`` without the :data:`RATE_KINDS` evidence that is its operation's
