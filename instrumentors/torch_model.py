@@ -53,10 +53,15 @@ DataLoader span already profiled is not profiled again (``otel_dl.monitor.observ
 ``torch.load``, ``torch.jit.load`` and ``Module.load_state_dict`` make a ``model.load``
 span (``dl.stage=model_load``) with the file path and its fingerprint where there is a
 file. Pickling a traced model (``torch.save(model)``) leaves the otel-dl hooks out.
+``copy.deepcopy`` of a traced model is a traced model: the copy keeps what ``watch``
+recorded (name, version, reference, confidence setting; a learned baseline too) and
+has its own drift window and weights fingerprint (see ``otel_dl._watch.copy_watch``).
 """
 
 from __future__ import annotations
 
+import copy
+import copyreg
 import os
 import sys
 import threading
@@ -81,6 +86,7 @@ from otel_dl._span import (
 from otel_dl._watch import (
     WatchState,
     add_watch_listener,
+    copy_watch,
     ensure_state,
     remove_watch_listener,
     watch_state,
@@ -109,6 +115,44 @@ class _Traced:
     post: Any
     path: str | None = None
     fingerprint: str | None = None
+
+
+_MODULE_MODULE: Final = "torch.nn.modules.module"
+
+
+class _DeepCopy:
+    """``Module.__deepcopy__`` while otel-dl is instrumented (torch defines none): the
+    copy ``copy.deepcopy`` would make without it, then ``copied(module, copy)``, which
+    traces the copy of a traced model. Only otel-dl's part is guarded: the copy itself,
+    and any error it raises, are what ``copy.deepcopy`` gives without otel-dl."""
+
+    def __init__(self, copied: Callable[[Any, Any], None]) -> None:
+        self.copied = copied
+
+    def __get__(self, module: Any, owner: type | None = None) -> Any:
+        if module is None:
+            return self
+        return lambda memo: self.deepcopy(module, memo)
+
+    def deepcopy(self, module: Any, memo: dict[int, Any]) -> Any:
+        reductor = copyreg.dispatch_table.get(type(module))
+        reduced = reductor(module) if reductor is not None else module.__reduce_ex__(4)
+        result = copy._reconstruct(module, memo, *reduced)  # type: ignore[attr-defined]
+        try:
+            self.copied(module, result)
+        except Exception:
+            report_internal_error("torch.deepcopy")
+        return result
+
+
+def _add_deepcopy(module_class: type, copied: Callable[[Any, Any], None]) -> None:
+    if "__deepcopy__" not in vars(module_class):  # a torch that defines one: left alone
+        module_class.__deepcopy__ = _DeepCopy(copied)  # type: ignore[attr-defined]
+
+
+def _remove_deepcopy(module_class: type) -> None:
+    if isinstance(vars(module_class).get("__deepcopy__"), _DeepCopy):
+        del module_class.__deepcopy__  # type: ignore[attr-defined]
 
 
 def _first_tensor(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
@@ -329,7 +373,7 @@ class TorchModelInstrumentor(DlInstrumentor):
     # -- patching -----------------------------------------------------------------------
     def patches(self) -> Patches:
         return {
-            "torch.nn.modules.module": {
+            _MODULE_MODULE: {
                 "Module.train": self._wrap_train,
                 "Module.load_state_dict": self._wrap_load_state_dict,
                 "Module.__getstate__": self._wrap_getstate,
@@ -347,8 +391,18 @@ class TorchModelInstrumentor(DlInstrumentor):
     def on_instrument(self, **kwargs: Any) -> None:
         add_watch_listener(self._on_watch)
 
+    def _patch_module(self, module: Any) -> None:
+        super()._patch_module(module)
+        if module.__name__ == _MODULE_MODULE:
+            with self._dl_lock:
+                if self._dl_enabled:
+                    _add_deepcopy(module.Module, self._copied)
+
     def on_uninstrument(self) -> None:
         remove_watch_listener(self._on_watch)
+        module = sys.modules.get(_MODULE_MODULE)
+        if module is not None:
+            _remove_deepcopy(module.Module)
         with self._lock:
             traced = [*self._traced.items(), *self._wrappers.items()]
             self._traced.clear()
@@ -359,6 +413,13 @@ class TorchModelInstrumentor(DlInstrumentor):
                 entry.post.remove()
 
     # -- which models -------------------------------------------------------------------
+    def _copied(self, model: Any, copied: Any) -> None:
+        """``copied`` is a deep copy of ``model``: trace it as ``model`` is traced."""
+        entry = self._traced.get(model)
+        if entry is not None:
+            copy_watch(model, copied)
+            self.trace_model(copied, entry.path, entry.fingerprint)
+
     def _on_watch(self, obj: Any, state: WatchState) -> None:
         import torch
 

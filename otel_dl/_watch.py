@@ -183,6 +183,36 @@ def watch(
     return obj
 
 
+def copy_watch(source: Any, target: Any) -> None:
+    """Record for ``target``, a copy of ``source`` (``copy.deepcopy``), what ``watch()``
+    recorded for ``source``: name, version, data source, reference, features, custom
+    attributes and the confidence setting. A reference ``source`` learned from its own
+    traffic (the auto-baseline) is the copy's reference too. Nothing else carries over:
+    the copy has its own drift window, and its own span attributes (its weights may
+    change apart from the source's). Nothing is recorded when ``source`` has no state;
+    listeners are not called (the caller starts tracing the copy as it sees fit)."""
+    state = watch_state(source)
+    if state is None:
+        return
+    reference = state.reference
+    if reference is None and state._monitor is not None:
+        reference = state._monitor.reference
+    copied = WatchState(
+        name=state.name,
+        version=state.version,
+        source=state.source,
+        reference=reference,
+        features=state.features,
+        attributes=dict(state.attributes),
+        confidence=state.confidence,
+    )
+    with _lock:
+        try:
+            _states[target] = copied
+        except TypeError:
+            _strong[id(target)] = (target, copied)
+
+
 def _check_reference(reference: object) -> None:
     from otel_dl.reference import Reference
 

@@ -296,6 +296,73 @@ def test_whole_model_load_is_traced_and_pickles_without_hooks(
     assert not restored._forward_hooks and not restored._forward_pre_hooks
 
 
+def test_a_deep_copy_of_a_traced_model_is_traced_as_the_model_is(spans: SpanList) -> None:
+    """A model kept as a copy (the best epoch's, one per serving thread) is the model:
+    the copy makes its own spans under the watched name, with its own weights'
+    fingerprint, and the original is unchanged."""
+    import copy
+
+    x = torch.randn(600, 4)  # drift_min_rows (500): each call is scored
+    reference = otel_dl.Reference.fit(torch.randn(1000, 4).numpy())
+    model = otel_dl.watch(mlp().eval(), name="ranker", version="3", reference=reference)
+    unwatched = mlp().eval()
+    with torch.no_grad():
+        expected = model(x)
+        copied, plain = copy.deepcopy(model), copy.deepcopy(unwatched)
+        torch.testing.assert_close(copied(x), expected)
+        plain(x)
+        moved = copy.deepcopy(model)
+        moved[0].weight.add_(1.0)  # a copy that moves on (averaged or fine-tuned weights)
+        moved(x)
+        model(x)
+    # in call order (a span ends when its burst is profiled, not always in that order)
+    found = sorted(spans.get(semconv.SPAN_INFERENCE), key=lambda span: span.start_time or 0)
+    original, of_copy, of_plain, of_moved, again = found
+    watched = (original, of_copy, of_moved, again)
+    for span in watched:
+        attrs = span.attributes
+        assert (attrs[semconv.DL_MODEL_NAME], attrs[semconv.DL_MODEL_VERSION]) == ("ranker", "3")
+        assert attrs[semconv.DL_DRIFT_STATUS] == "ok"  # the reference came along
+    assert of_plain.attributes[semconv.DL_MODEL_NAME] == "Sequential"
+    assert semconv.DL_DRIFT_STATUS not in of_plain.attributes  # learning its own baseline
+    # each copy has a drift window and a weights fingerprint of its own
+    assert [s.attributes[semconv.DL_DRIFT_WINDOW_ROWS] for s in watched] == [600, 600, 600, 1200]
+    fingerprint = original.attributes[semconv.DL_MODEL_FINGERPRINT]
+    assert of_copy.attributes[semconv.DL_MODEL_FINGERPRINT] == fingerprint
+    assert again.attributes[semconv.DL_MODEL_FINGERPRINT] == fingerprint
+    assert of_moved.attributes[semconv.DL_MODEL_FINGERPRINT] != fingerprint
+    # the copy still pickles without otel-dl's hooks, and an untraced model's copy stays so
+    restored = pickle.loads(pickle.dumps(copied))
+    assert not restored._forward_hooks and not restored._forward_pre_hooks
+    spans.clear()
+    bare = mlp()
+    with suppress_instrumentation():
+        bare.eval()
+    copy.deepcopy(bare)(x)
+    assert spans.get() == []
+
+
+def test_a_deep_copy_keeps_the_baseline_its_model_learned(spans: SpanList) -> None:
+    import copy
+
+    model = mlp().eval()
+    with torch.no_grad():
+        model(torch.randn(1000, 4))  # baseline_rows: the auto-baseline is fitted
+        copied = copy.deepcopy(model)
+        copied(torch.randn(600, 4))
+    *_, span = spans.get(semconv.SPAN_INFERENCE)
+    assert span.attributes[semconv.DL_DRIFT_STATUS] == "ok"
+    assert span.attributes[semconv.DL_DRIFT_WINDOW_ROWS] == 600
+
+
+def test_deep_copies_are_plain_once_instrumentation_is_off(handle: otel_dl.Instrumentation) -> None:
+    import copy
+
+    handle.shutdown()
+    assert "__deepcopy__" not in vars(torch.nn.Module)
+    assert not copy.deepcopy(mlp().eval())._forward_hooks
+
+
 def test_jit_load_model_is_traced(spans: SpanList) -> None:
     buffer = io.BytesIO()
     torch.jit.save(torch.jit.script(mlp().eval()), buffer)
