@@ -9,8 +9,10 @@ linked to its ``collector``): the collector process inherits it. Each load is se
 the same run, to three pipelines, each its own process forwarding over OTLP/gRPC to the
 same in-process sink:
 
-- **otel-dl**: ``python -m otel_dl.collector`` with its defaults (fsync'd journal, disk
-  export queue, attribution of every trace) and no store (``--store none``);
+- **otel-dl**: ``python -m otel_dl.collector`` with its defaults (on-disk journal fsync'd
+  every 100 ms, fsync'd disk export queue, attribution of every trace) and no store
+  (``--store none``); ``OTEL_DL_COLLECTOR_JOURNAL_FSYNC_MS=0`` in the environment runs
+  it with an fsync per request before its acknowledgement;
 - **Jaeger v2**: Jaeger v2 configured as a pure pipeline: otlp receiver →
   ``tail_sampling`` (always_sample) → batch → OTLP/gRPC exporter;
 - **OTel Collector**: the same pipeline in the small OpenTelemetry Collector built from

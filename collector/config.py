@@ -65,6 +65,7 @@ class CollectorConfig:
     catalog: str | None = None
     queue_dir: str = "./otel-dl-queue"
     queue_max_bytes: int = 256 * 1024 * 1024
+    journal_fsync_ms: int = 100
     min_baseline_samples: int = 30
     fp_budget: float = 0.001
     max_request_bytes: int = 64 * 1024 * 1024
@@ -255,6 +256,14 @@ OPTIONS: tuple[CollectorOption, ...] = (
         "disk bytes before senders get back-pressure",
         positive,
         metavar="BYTES",
+    ),
+    _key(
+        "journal_fsync_ms",
+        integer,
+        "most ms between fsyncs of the inbox journal; 0 fsyncs each request before "
+        "acknowledging it",
+        non_negative,
+        metavar="MS",
     ),
     _key(
         "min_baseline_samples",

@@ -1,9 +1,13 @@
 """Persistent, fsync'd, bounded on-disk logs: the inbox journal and the export queue.
 
 Both are append-only segment files of records ``[u32 length][u32 crc32][payload]``.
-A write returns only after ``fsync``, so whatever the collector acknowledged survives
-a crash or restart. The journal's concurrent appends share their fsyncs (group commit,
-see :meth:`_SegmentLog.sync`).
+An export queue write returns only after ``fsync``. A journal append returns once the
+record is written to the operating system, which keeps it through a crash of the
+collector (``kill -9`` included), and a background thread fsyncs what was written at
+least every ``fsync_interval`` seconds, so an operating-system crash or a power loss
+loses at most that much; with ``fsync_interval=0`` each append returns only after an
+fsync that covers it, concurrent appends sharing their fsyncs (group commit, see
+:meth:`_SegmentLog.sync`).
 
 - :class:`Journal` keeps every received OTLP request until all its spans have been
   decided and handed on; segments are deleted once nothing in them is pending. At
@@ -24,6 +28,7 @@ appends raise :class:`QueueFull` and the receivers answer with back-pressure::
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 import threading
@@ -32,6 +37,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+_log = logging.getLogger("otel_dl.collector")
 _HEADER = struct.Struct("<II")
 # A journal segment is deleted once none of its spans is pending, so after a crash its
 # spans already handed on are replayed (and forwarded twice): keep journal segments small.
@@ -177,6 +183,12 @@ class _SegmentLog:
                     self._synced = max(self._synced, target)
                 self._sync.notify_all()
 
+    def sync_written(self) -> None:
+        """Return once everything written so far is on disk (nothing to do when it is)."""
+        ticket = self._written
+        if self._synced < ticket:
+            self.sync(ticket)
+
     def _synced_to(self, ticket: int) -> None:
         with self._sync:
             self._synced = max(self._synced, ticket)
@@ -218,14 +230,21 @@ class _SegmentLog:
 
 
 class Journal:
-    """Received requests kept on disk until every span in them has been handed on."""
+    """Received requests kept on disk until every span in them has been handed on.
 
-    def __init__(self, directory: Path, budget: DiskBudget) -> None:
+    ``fsync_interval`` (seconds): 0 fsyncs each append before it returns; above 0, an
+    append returns once written to the operating system and a thread of the journal's
+    own fsyncs at least that often (see the module docstring)."""
+
+    def __init__(self, directory: Path, budget: DiskBudget, fsync_interval: float = 0.0) -> None:
         self._log = _SegmentLog(directory, "inbox", budget, _JOURNAL_SEGMENT_BYTES)
         self._old = list(self._log.segments)
         for seq in self._old:
             budget.used += self._log.path(seq).stat().st_size
         self._pending: dict[int, int] = {}
+        self._interval = fsync_interval
+        self._closed = threading.Event()
+        self._syncer: threading.Thread | None = None  # started by the first append
 
     def replay(self) -> Iterator[bytes]:
         """Yield the requests a previous run left undecided (call once, before receiving)."""
@@ -235,6 +254,7 @@ class Journal:
 
     def drop_replayed(self) -> None:
         """Delete the previous run's segments once their requests are journaled again."""
+        self._log.sync_written()  # the copies are on disk before the originals go
         with self._log.lock:
             for seq in self._old:
                 self._log.delete(seq)
@@ -248,6 +268,13 @@ class Journal:
         with self._log.lock:
             seq, ticket = self._log.write_unsynced(payload, force)
             self._pending[seq] = self._pending.get(seq, 0) + spans
+            if self._interval > 0 and self._syncer is None and not self._closed.is_set():
+                self._syncer = threading.Thread(
+                    target=self._sync_loop, name="otel-dl-journal-sync", daemon=True
+                )
+                self._syncer.start()
+        if self._interval > 0:
+            return seq  # the sync thread makes it durable against an OS crash
         try:
             self._log.sync(ticket)
         except OSError:
@@ -255,6 +282,13 @@ class Journal:
             self.release({seq: spans})
             raise
         return seq
+
+    def _sync_loop(self) -> None:
+        while not self._closed.wait(self._interval):
+            try:
+                self._log.sync_written()
+            except OSError as exc:
+                _log.error("inbox journal fsync failed, retried in %s s: %s", self._interval, exc)
 
     def release(self, counts: dict[int, int]) -> None:
         """Mark spans handed on; delete the segments with nothing pending."""
@@ -268,6 +302,10 @@ class Journal:
                 self._log.delete(seq)
 
     def close(self) -> None:
+        self._closed.set()
+        if self._syncer is not None:
+            self._syncer.join()
+            self._log.sync_written()
         self._log.close()
 
 

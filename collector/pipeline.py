@@ -9,10 +9,12 @@ The fault processor (faults.py) attributes, enriches and stores each whole trace
     ...
     collector.stop()
 
-Threads: gRPC handlers and the HTTP event loop only decode, journal (fsync) and buffer
+Threads: gRPC handlers and the HTTP event loop only decode, journal and buffer
 requests; one decision thread completes traces, attributes, enriches, queues them for
-export and writes the store; one exporter thread drains the queue to the backend; with
-``memory_limit_mib`` set, one thread samples resident memory (see admission.py).
+export and writes the store; one exporter thread drains the queue to the backend; the
+journal's thread fsyncs it every ``journal_fsync_ms`` (with 0, each handler fsyncs its
+own request, see diskqueue.py); with ``memory_limit_mib`` set, one thread samples
+resident memory (see admission.py).
 Spans are acknowledged to the sender once journaled, and released from the journal
 only once they sit in the export queue (or, without an endpoint, in the store).
 """
@@ -74,7 +76,9 @@ class Collector:
         )
         queue_dir = Path(config.queue_dir)
         self.budget = DiskBudget(config.queue_max_bytes)
-        self.journal = Journal(queue_dir / "inbox", self.budget)
+        self.journal = Journal(
+            queue_dir / "inbox", self.budget, fsync_interval=config.journal_fsync_ms / 1000
+        )
         self.queue = (
             ExportQueue(queue_dir / "export", self.budget) if config.export_endpoint else None
         )

@@ -74,6 +74,37 @@ def test_concurrent_journal_appends_share_fsyncs_and_all_survive(tmp_path, monke
     assert len(calls) <= len(payloads) // 2, f"{len(calls)} fsyncs for {len(payloads)} appends"
 
 
+def test_journal_with_an_fsync_interval_returns_before_the_fsync_and_syncs_within_it(
+    tmp_path, monkeypatch
+):
+    """journal_fsync_ms > 0: an append returns once written to the OS (what kill -9
+    leaves: another reader sees it at once), and the journal's thread fsyncs it within
+    the interval, one fsync for many appends."""
+    calls: list[float] = []
+    real_fsync = diskqueue.os.fsync
+
+    def counted_fsync(fd: int) -> None:
+        calls.append(time.monotonic())
+        real_fsync(fd)
+
+    monkeypatch.setattr(diskqueue.os, "fsync", counted_fsync)
+    journal = Journal(tmp_path, DiskBudget(64 << 20), fsync_interval=0.2)
+    payloads = [f"{i:04d}".encode() * 256 for i in range(50)]
+    journal.append(payloads[0], 1)  # opens the segment (its directory is fsync'd)
+    calls.clear()
+    started = time.monotonic()
+    for payload in payloads[1:]:
+        journal.append(payload, 1)
+    assert calls == [], "no append waited for an fsync"
+    # A process that did not close the journal (killed) leaves every record readable.
+    assert list(Journal(tmp_path, DiskBudget(64 << 20)).replay()) == payloads
+    time.sleep(1.0)
+    # synced within the interval, by one fsync a tick while appends wait (none here)
+    assert 1 <= len(calls) <= 6 and calls[0] - started < 0.9, calls
+    journal.close()
+    assert list(Journal(tmp_path, DiskBudget(64 << 20)).replay()) == payloads
+
+
 def test_export_queue_keeps_unacked_items_and_enforces_its_budget(tmp_path):
     queue = ExportQueue(tmp_path, DiskBudget(64))
     queue.append(b"a" * 20)
