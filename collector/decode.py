@@ -5,9 +5,13 @@ span, reading only the attributes attribution asks for (``wanted``)::
 
     records, rejected, message = flatten(request, wanted=frozenset({"dl.drift.status"}))
 
-Every record of a request points at one shared :class:`Received`: the request message
-itself, which is forwarded whole (its spans enriched in place) once every span in it
-has been decided, so spans are never copied or regrouped on their way out.
+Every record of a request points at one shared :class:`Received`: the request's
+encoding as it arrived, forwarded whole once every span in it has been decided, so
+spans are never copied or regrouped on their way out. The decoded message is not kept:
+a record keeps what it read and its place in the request (``ordinal``), and attributes
+written onto a span (:meth:`SpanRecord.set_attribute`) are kept as edits of the
+request, applied when it is forwarded (:func:`~.enrich.forwarded`). A request none of
+whose spans is enriched is forwarded as the bytes it arrived as.
 
 A span with an invalid id is rejected (OTLP partial success) and removed from the
 request; an attribute whose value has the wrong type for the semantic conventions is
@@ -97,16 +101,26 @@ class PayloadError(ValueError):
 
 
 class Received:
-    """One accepted request: its message, forwarded as a whole once none of its spans is
-    still undecided, and the journal segment that holds it until then."""
+    """One accepted request: its encoding (``payload``), forwarded as a whole once none
+    of its spans is still undecided, the attributes to write onto its spans before then
+    (``edits``: span ordinal -> attribute -> value), and the journal segment that holds
+    it until then."""
 
-    __slots__ = ("request", "segment", "spans", "undecided")
+    __slots__ = ("edits", "payload", "segment", "spans", "undecided")
 
-    def __init__(self, request: ExportTraceServiceRequest, spans: int) -> None:
-        self.request = request
+    def __init__(self, payload: bytes = b"", spans: int = 0) -> None:
+        self.payload = payload
         self.spans = spans
         self.undecided = spans
         self.segment = -1
+        self.edits: dict[int, dict[str, Any]] | None = None
+
+    def edit(self, ordinal: int, key: str, value: Any) -> None:
+        """Write ``key`` onto span ``ordinal`` (its place among the request's spans, in
+        order) when the request is forwarded, replacing an earlier value."""
+        if self.edits is None:
+            self.edits = {}
+        self.edits.setdefault(ordinal, {})[key] = value
 
 
 class SpanRecord:
@@ -121,10 +135,10 @@ class SpanRecord:
         "mistyped",
         "name",
         "op_key",
+        "ordinal",
         "parent_id",
         "received",
         "service",
-        "span",
         "span_id",
         "start",
         "status_error",
@@ -138,10 +152,12 @@ class SpanRecord:
         received: Received,
         wanted: frozenset[str],
         ids: tuple[bytes, bytes, bytes],
+        ordinal: int,
     ):
-        self.span = span
         self.service = service
         self.received = received
+        #: The span's place among its request's spans, in order (see :class:`Received`).
+        self.ordinal = ordinal
         self.trace_id, self.span_id, self.parent_id = ids
         # Interned: spans of an operation share one name object (about 60 bytes a span).
         self.name: str = sys.intern(span.name)
@@ -168,7 +184,7 @@ class SpanRecord:
                 if _usable(key, value):
                     if attrs is None:
                         attrs = self.attrs = {}
-                    attrs[key] = value
+                    attrs[sys.intern(key)] = value  # one key object for all spans
                 else:
                     which = kv.value.WhichOneof("value")
                     if not self.mistyped:
@@ -187,6 +203,10 @@ class SpanRecord:
                 and math.isfinite(score)
             ):
                 attrs[status] = _status_of(score, attrs)
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        """Write ``key`` onto this span as it is forwarded, replacing an earlier value."""
+        self.received.edit(self.ordinal, key, value)
 
 
 def _status_of(score: Any, attrs: Mapping[str, Any]) -> str:
@@ -264,8 +284,13 @@ def flatten(
     request: ExportTraceServiceRequest,
     wanted: frozenset[str],
     ignored: Counter[tuple[str, str]] | None = None,
+    raw: bytes | None = None,
 ) -> tuple[list[SpanRecord], int, str]:
     """Turn a request into records; return ``(records, rejected, error_message)``.
+
+    The records' :class:`Received` holds the request's encoding: ``raw`` (the bytes
+    ``request`` was decoded from), or the request encoded again when ``raw`` is not
+    given or spans were rejected.
 
     Spans with an invalid id (a trace id other than 16 bytes, a span id other than 8,
     a parent id neither empty nor 8 bytes, or any all-zero id) are rejected (OTLP
@@ -281,7 +306,7 @@ def flatten(
     problems: dict[str, int] = {}
     # (attribute, value type) causes in this request, for its own warning.
     found: set[tuple[str, str]] = set()
-    received = Received(request, 0)
+    received = Received()
     for rs in request.resource_spans:
         service = _UNKNOWN_SERVICE
         for kv in rs.resource.attributes:
@@ -298,7 +323,7 @@ def flatten(
                     problems[problem] = problems.get(problem, 0) + 1
                     invalid.append(i)
                     continue
-                rec = SpanRecord(span, service, received, wanted, ids)
+                rec = SpanRecord(span, service, received, wanted, ids, len(records))
                 if rec.mistyped:
                     found.update(rec.mistyped)
                     if ignored is not None:
@@ -309,6 +334,8 @@ def flatten(
                 del ss.spans[i]
     received.spans = received.undecided = len(records)
     rejected = sum(problems.values())
+    if records:
+        received.payload = raw if raw is not None and not rejected else request.SerializeToString()
     parts = [f"{n} span(s) rejected: {problem}" for problem, n in problems.items()]
     if found:
         names = ", ".join(

@@ -1,26 +1,29 @@
 """Enrichment: write a trace's attribution onto its spans as ``dl.fault.*`` attributes.
 
-:func:`enrich` applies a :class:`~.attribute.Decision` to the OTLP spans in place,
-following DESIGN.md's contract: the root-cause span gets ``dl.fault.root_cause`` and the
-mode's kind, origin, id, score, severity, owner and runbook, and what it stands for
-(``dl.fault.blame``: its own work, the link into it, or an untraced dependency); symptom spans get
-``dl.fault.symptom`` and where the cause is; the trace's root span gets where the
-cause is and the ranked candidate services. A healthy trace gets nothing.
-:func:`enrich_late` gives a span that arrived after its trace was decided the
-recorded location of the cause.
+:func:`enrich` writes a :class:`~.attribute.Decision` onto the records of its spans
+(as edits of their requests, :meth:`~.decode.SpanRecord.set_attribute`), following
+DESIGN.md's contract: the root-cause span gets ``dl.fault.root_cause`` and the mode's
+kind, origin, id, score, severity, owner and runbook, and what it stands for
+(``dl.fault.blame``: its own work, the link into it, or an untraced dependency); symptom
+spans get ``dl.fault.symptom`` and where the cause is; the trace's root span gets where
+the cause is and the ranked candidate services. A healthy trace gets nothing.
+:func:`enrich_late` gives a span that arrived after its trace was decided the recorded
+location of the cause. :func:`forwarded` is a request's encoding with those attributes
+written onto its spans.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from otel_dl import semconv
 
 from .decision import Decision
-from .decode import SpanRecord
+from .decode import Received, SpanRecord
 
 AttrValue = str | bool | float | int | Sequence[str]
 
@@ -33,6 +36,23 @@ def set_attribute(span: Span, key: str, value: AttrValue) -> None:
             break
     kv = span.attributes.add()
     _fill(kv, key, value)
+
+
+def forwarded(received: Received) -> bytes:
+    """``received``'s request as it is forwarded: the bytes it arrived as, or, when
+    attributes were written onto its spans, decoded, edited and encoded again."""
+    if not received.edits:
+        return received.payload
+    request = ExportTraceServiceRequest.FromString(received.payload)
+    edits = received.edits
+    ordinal = 0
+    for rs in request.resource_spans:
+        for ss in rs.scope_spans:
+            for span in ss.spans:
+                for key, value in edits.get(ordinal, {}).items():
+                    set_attribute(span, key, value)
+                ordinal += 1
+    return request.SerializeToString()
 
 
 def _fill(kv: KeyValue, key: str, value: AttrValue) -> None:
@@ -76,16 +96,16 @@ def enrich(decision: Decision, spans: Sequence[SpanRecord] = ()) -> None:
         (semconv.DL_FAULT_BLAME, decision.blame),
     ):
         for record in copies(root):
-            set_attribute(record.span, key, value)
+            record.set_attribute(key, value)
     for symptom in decision.symptoms:
         for record in copies(symptom):
-            set_attribute(record.span, semconv.DL_FAULT_SYMPTOM, True)
+            record.set_attribute(semconv.DL_FAULT_SYMPTOM, True)
             _point_at_cause(record, root.service, span_id)
     trace_root = decision.trace_root
     if trace_root is not None:
         for record in copies(trace_root):
             _point_at_cause(record, root.service, span_id)
-            set_attribute(record.span, semconv.DL_FAULT_CANDIDATES, list(decision.candidates))
+            record.set_attribute(semconv.DL_FAULT_CANDIDATES, list(decision.candidates))
 
 
 def _copies(spans: Sequence[SpanRecord]) -> Callable[[SpanRecord], Sequence[SpanRecord]]:
@@ -109,5 +129,5 @@ def enrich_late(span: SpanRecord, cause: tuple[str, str]) -> None:
 
 
 def _point_at_cause(span: SpanRecord, service: str, span_id: str) -> None:
-    set_attribute(span.span, semconv.DL_FAULT_ROOT_CAUSE_SERVICE, service)
-    set_attribute(span.span, semconv.DL_FAULT_ROOT_CAUSE_SPAN_ID, span_id)
+    span.set_attribute(semconv.DL_FAULT_ROOT_CAUSE_SERVICE, service)
+    span.set_attribute(semconv.DL_FAULT_ROOT_CAUSE_SPAN_ID, span_id)

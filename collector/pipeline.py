@@ -41,6 +41,7 @@ from .catalog import Catalog, load_catalog
 from .config import CollectorConfig, ConfigError
 from .decode import Received, SpanRecord, expected_type, flatten
 from .diskqueue import DiskBudget, ExportQueue, Journal, QueueFull
+from .enrich import forwarded
 from .export import Exporter, queue_item
 from .faults import FaultProcessor
 from .metrics import SIGNAL_ATTRIBUTES, CollectorMetrics
@@ -308,16 +309,16 @@ class Collector:
         if not force:
             self.admit()
         ignored: Counter[tuple[str, str]] = Counter()
-        records, rejected, message = flatten(request, self._wanted, ignored)
+        records, rejected, message = flatten(request, self._wanted, ignored, raw)
         if rejected:
             self.metrics.spans_rejected.inc(rejected)
         if ignored:
             self._count_ignored(ignored)
         if not records:
             return rejected, message
-        payload = raw if raw is not None and not rejected else request.SerializeToString()
+        received = records[0].received
         try:
-            records[0].received.segment = self.journal.append(payload, len(records), force)
+            received.segment = self.journal.append(received.payload, len(records), force)
         except QueueFull:
             self.metrics.requests_throttled.labels("disk").inc()
             raise
@@ -415,7 +416,7 @@ class Collector:
                 taken, spans, parts = 0, 0, []
                 step = self.config.export_batch_spans
                 while taken < len(backlog) and (not spans or spans + backlog[taken].spans <= step):
-                    parts.append(backlog[taken].request.SerializeToString())
+                    parts.append(forwarded(backlog[taken]))
                     spans += backlog[taken].spans
                     taken += 1
                 self.queue.append(queue_item(spans, parts), force=True)

@@ -11,7 +11,7 @@ from otel_dl import semconv
 from otel_dl.collector.attribute import Attributor
 from otel_dl.collector.catalog import load_catalog
 from otel_dl.collector.decode import flatten
-from otel_dl.collector.enrich import enrich, set_attribute
+from otel_dl.collector.enrich import enrich, forwarded, set_attribute
 
 _ids = itertools.count(1)
 
@@ -195,6 +195,51 @@ def test_low_confidence_within_its_usual_spread_is_background_a_burst_is_a_fault
     assert call(sure, 0.45)
 
 
+def _forwarded_span(record) -> Span:
+    """The span of ``record`` as its request is forwarded, with what was written onto it."""
+    request = ExportTraceServiceRequest.FromString(forwarded(record.received))
+    spans = [s for rs in request.resource_spans for ss in rs.scope_spans for s in ss.spans]
+    span = spans[record.ordinal]
+    assert span.span_id == record.span_id
+    return span
+
+
+def test_a_request_is_forwarded_as_it_arrived_unless_its_spans_are_enriched():
+    """The collector keeps a request's encoding, not its decoded message: a request with
+    no enriched span is forwarded as the very bytes it arrived as; one with an enriched
+    span is decoded again and carries the attributes written onto its records."""
+    attributor = _attributor()
+    faulty = _trace(
+        _pipeline(ingest={semconv.DL_DRIFT_SCORE: 0.6}, infer={semconv.DL_CONFIDENCE_MEAN: 0.3})
+    )
+    healthy = _trace(_pipeline())
+    request = ExportTraceServiceRequest()
+    for record in healthy:
+        rs = request.resource_spans.add()
+        rs.resource.attributes.add(key="service.name").value.string_value = record.service
+        rs.scope_spans.add().spans.add().CopyFrom(_forwarded_span(record))
+    raw = request.SerializeToString()
+    records, _, _ = flatten(
+        ExportTraceServiceRequest.FromString(raw), attributor.wanted_attributes, raw=raw
+    )
+    assert not attributor.decide(records[0].trace_id, records).fault
+    assert forwarded(records[0].received) is raw
+    decision = attributor.decide(faulty[0].trace_id, faulty)
+    assert decision.fault
+    enrich(decision, faulty)
+    cause = _forwarded_span(decision.root)
+    assert {kv.key for kv in cause.attributes} >= {
+        semconv.DL_FAULT_ROOT_CAUSE,
+        semconv.DL_FAULT_MODE,
+    }
+    others = [
+        r for r in faulty if r not in (decision.root, decision.trace_root, *decision.symptoms)
+    ]
+    assert others and not any(
+        kv.key.startswith("dl.fault.") for r in others for kv in _forwarded_span(r).attributes
+    )
+
+
 def test_every_copy_of_a_span_sent_twice_is_enriched():
     """An exporter's retry can deliver a span twice: a backend keeps either copy, so each
     carries the attribution, the cause's and the trace root's alike."""
@@ -207,17 +252,17 @@ def test_every_copy_of_a_span_sent_twice_is_enriched():
         rs = request.resource_spans.add()
         kv = rs.resource.attributes.add()
         kv.key, kv.value.string_value = "service.name", record.service
-        rs.scope_spans.add().spans.add().CopyFrom(record.span)
+        rs.scope_spans.add().spans.add().CopyFrom(_forwarded_span(record))
     twins, _, _ = flatten(request, attributor.wanted_attributes)
     spans = [*records, *twins]
     decision = attributor.decide(records[0].trace_id, spans)
     enrich(decision, spans)
     assert decision.root.service == "ingest"
     for record in (records[1], twins[1]):
-        keys = {kv.key for kv in record.span.attributes}
+        keys = {kv.key for kv in _forwarded_span(record).attributes}
         assert {semconv.DL_FAULT_ROOT_CAUSE, semconv.DL_FAULT_MODE} <= keys
     for record in (records[0], twins[0]):
-        keys = {kv.key for kv in record.span.attributes}
+        keys = {kv.key for kv in _forwarded_span(record).attributes}
         assert {semconv.DL_FAULT_ROOT_CAUSE_SERVICE, semconv.DL_FAULT_CANDIDATES} <= keys
 
 
@@ -375,7 +420,6 @@ def test_a_client_span_to_a_traced_service_is_not_an_external_outage():
 def _with_exception(records: list, name: str) -> list:
     for record in records:
         if record.name == name:
-            record.span.events.add().name = "exception"
             record.exception = True
     return records
 

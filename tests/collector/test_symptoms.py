@@ -16,7 +16,7 @@ from otel_dl.collector.attribute import Attributor
 from otel_dl.collector.catalog import load_catalog
 from otel_dl.collector.enrich import enrich
 from otel_dl.collector.spans import operation
-from tests.collector.test_attribute import _trace
+from tests.collector.test_attribute import _forwarded_span, _trace
 
 Row = tuple[str, str, int | None, float, float, dict[str, Any]]
 
@@ -153,7 +153,7 @@ def test_a_slow_link_blames_the_callee_not_the_caller():
     assert "link" in decision.evidence
     assert any(s.service == "frontend" and s.name == "HTTP GET" for s in decision.symptoms)
     enrich(decision)
-    written = {kv.key: kv.value for kv in decision.root.span.attributes}
+    written = {kv.key: kv.value for kv in _forwarded_span(decision.root).attributes}
     assert written[semconv.DL_FAULT_BLAME].string_value == semconv.FAULT_BLAME_LINK
     before = _decide(old, rows)
     assert before.root.service == "frontend"
