@@ -22,7 +22,9 @@ Between the pace and the soft limit (:func:`memory_pressing`), the receivers hol
 request back on its worker thread until memory falls (:func:`wait_for_memory_sample`):
 spans wait in memory for their decision, and the receivers can take them faster than
 the decision thread hands them on, so without it a burst fills memory to the limit
-before the first trace is decided.
+before the first trace is decided. Meanwhile one more request may wait for a worker;
+one arriving while a request waits is refused for memory as it arrives, since queued
+requests keep their bodies in memory and holding them does not bring memory down.
 
 A refusal raises :class:`~.diskqueue.QueueFull`, which the receivers answer with
 gRPC ``RESOURCE_EXHAUSTED`` and a ``RetryInfo``, or HTTP 429 with ``Retry-After``.

@@ -270,10 +270,11 @@ class Collector:
             self.store.close()
 
     # --- receive side ---------------------------------------------------------------------
-    def admit(self, waited: float = 0.0) -> None:
+    def admit(self, waited: float = 0.0, queued: int = 0) -> None:
         """Raise :class:`QueueFull` (back-pressure) when no request should be taken now.
 
-        ``waited``: seconds the request waited, or would wait, for a worker thread. See
+        ``waited``: seconds the request waited, or would wait, for a worker thread;
+        ``queued``: requests waiting for a worker ahead of it, as it arrives. See
         admission.py.
         """
         if self.budget.full:
@@ -290,6 +291,13 @@ class Collector:
                 f"{self.memory.soft_limit >> 20} MiB (80 % of memory_limit_mib), or above "
                 f"{self.memory.pace_limit >> 20} MiB (75 %) once requests held back did not "
                 "bring it down"
+            )
+        if queued and self.memory is not None and self.memory.pressing:
+            self.metrics.requests_throttled.labels("memory").inc()
+            raise QueueFull(
+                f"collector memory in use {self.memory.in_use >> 20} MiB is above "
+                f"{self.memory.pace_limit >> 20} MiB (75 % of memory_limit_mib) and "
+                f"{queued} request(s) already wait for it to fall"
             )
         limit = self.config.max_request_wait
         if limit and waited > limit:

@@ -4,10 +4,12 @@ Both receivers decode a request and hand it to a *sink*, a callable
 ``sink(request, raw) -> (rejected_spans, error_message)`` (the collector's
 ``ingest``), which may raise :class:`~.diskqueue.QueueFull` or
 :class:`~.decode.PayloadError`. They run requests on worker threads of their own
-(:class:`~.admission.TimedExecutor`) and ask a *gate*, ``gate(waited)`` (the
+(:class:`~.admission.TimedExecutor`) and ask a *gate*, ``gate(waited, queued)`` (the
 collector's ``admit``), which raises :class:`~.diskqueue.QueueFull` to refuse a request:
 
-- as the request arrives, with how long it would wait for a worker: on OTLP/gRPC in
+- as the request arrives, with how long it would wait for a worker and how many
+  requests already wait for one (while memory is above the pace limit, one may wait
+  behind the held ones; later ones are refused): on OTLP/gRPC in
   grpc's serving thread, before the request message is read, answering a refusal from
   there; on OTLP/HTTP before the body is read. A refused request costs no worker, no
   read and no decoding;
@@ -67,7 +69,7 @@ from .diskqueue import QueueFull
 from .security import UNAUTHENTICATED_MESSAGE, BearerAuth
 
 Sink = Callable[[ExportTraceServiceRequest, bytes | None], tuple[int, str]]
-Gate = Callable[[float], None]
+Gate = Callable[[float, int], None]
 RETRY_AFTER_SECONDS = 1
 MAX_HOLD_SECONDS = 2.0
 # Worker threads of each receiver. The work is Python under one interpreter lock: more
@@ -206,7 +208,7 @@ def _response(rejected: int, message: str) -> ExportTraceServiceResponse:
     return response
 
 
-def _open(_waited: float) -> None:
+def _open(_waited: float, _queued: int = 0) -> None:
     """A gate that takes every request."""
 
 
@@ -220,7 +222,7 @@ def _admit(gate: Gate) -> None:
     since = time.monotonic() - waited()
     while True:
         held = time.monotonic() - since
-        gate(held)
+        gate(held, 0)
         if held >= MAX_HOLD_SECONDS or not memory_pressing():
             return
         wait_for_memory_sample(MAX_HOLD_SECONDS - held)
@@ -291,7 +293,8 @@ class _TraceService(grpc.GenericRpcHandler):
         if details.method != _EXPORT:
             return None
         try:
-            self.gate(self.export.experimental_thread_pool.expected_wait())
+            pool = self.export.experimental_thread_pool
+            self.gate(pool.expected_wait(), pool.queued)
         except QueueFull as exc:
             return grpc.stream_unary_rpc_method_handler(_Refuse(f"{exc}; retry later"))
         return self.accept
@@ -457,7 +460,9 @@ def http_routes(
         if request.content_length is not None and request.content_length > max_bytes:
             return error(as_json, 413, too_large)
         try:
-            gate(pool.expected_wait())  # refused before the body is read: nothing spent on it
+            gate(
+                pool.expected_wait(), pool.queued
+            )  # refused before the body is read: nothing spent on it
         except QueueFull as exc:
             return backpressure(as_json, exc)
         try:

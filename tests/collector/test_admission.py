@@ -290,6 +290,40 @@ def test_request_is_held_back_while_memory_is_above_the_pace_limit_then_taken(
 
 
 @pytest.mark.skipif(not admission.rss_supported(), reason="needs /proc/self/statm")
+def test_while_requests_are_held_back_one_more_may_queue_and_later_ones_are_refused_at_once(
+    make_collector: Callable[..., Collector],
+) -> None:
+    """Held requests keep their bodies in memory, and memory that holding does not bring
+    down (calls not yet answered, the allocators' free space) is not brought down by
+    queueing more behind them. While memory is above the pace limit, every worker may
+    hold a request and one more may wait for a worker; a request arriving while one
+    waits is refused for memory at once, before it is read."""
+    collector = _memory_limited(make_collector, max_request_wait=5)
+    guard = collector.memory
+    assert guard is not None
+    with grpc.insecure_channel(f"127.0.0.1:{collector.grpc_port}") as channel:
+        _grpc_export(channel, span_request(7, 0, 2)).result(timeout=10)
+        blob = _fill_to(guard, (guard.pace_limit + guard.soft_limit) // 2)
+        assert guard.pressing and not guard.over
+        calls = []
+        for seq in range(1, WORKERS + 4):
+            calls.append(_grpc_export(channel, span_request(7, seq, 2)))
+            time.sleep(0.05)  # each one arrives after the one before has a worker or waits
+        refused = [c for c in calls if c.done() and c.exception() is not None]
+        assert len(refused) == 2, [c.done() for c in calls]
+        for call in refused:
+            assert call.exception().code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "memory" in call.exception().details()
+            assert _retry_seconds(call.exception()) == 1.0
+        assert not any(c.done() for c in calls if c not in refused)
+        del blob
+        for call in calls[: WORKERS + 1]:
+            call.result(timeout=5)
+    assert _throttled(collector, "memory") == 2
+    assert _throttled(collector, "overload") == 0
+
+
+@pytest.mark.skipif(not admission.rss_supported(), reason="needs /proc/self/statm")
 def test_request_held_back_longer_than_max_request_wait_is_refused(
     make_collector: Callable[..., Collector],
 ) -> None:
