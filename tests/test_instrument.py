@@ -225,3 +225,33 @@ def test_instrument_inside_runner_does_not_double_instrument() -> None:
     assert result.returncode == 0, result.stderr
     assert "otel_dl_dataloader" in result.stdout
     assert result.stdout.count('"name": "dataloader.batch"') == 3
+
+
+def test_the_package_imports_its_public_names_on_first_use() -> None:
+    """``import otel_dl`` loads neither numpy nor the SDK until a public name is used, so
+    the collector, which reads only ``otel_dl.semconv``, does not carry them; every
+    public name still resolves, and ``otel_dl.guard`` is the function whatever was
+    imported before it."""
+    result = _run(
+        """
+        import sys
+        import otel_dl
+        import otel_dl.collector.pipeline, otel_dl.collector.__main__
+        assert "numpy" not in sys.modules and "opentelemetry.sdk.trace" not in sys.modules
+        import otel_dl.breaker
+        assert callable(otel_dl.guard) and otel_dl.guard.__name__ == "guard"
+        for name in otel_dl.__all__:
+            assert getattr(otel_dl, name) is not None, name
+        from otel_dl import Reference, drift
+        assert Reference.__module__ == "otel_dl.reference" and drift.__name__ == "otel_dl.drift"
+        try:
+            otel_dl.no_such_name
+        except AttributeError as exc:
+            assert "no_such_name" in str(exc)
+        else:
+            raise AssertionError("an unknown name resolved")
+        print("ok")
+        """,
+        {},
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
