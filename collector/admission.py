@@ -22,9 +22,10 @@ Between the pace and the soft limit (:func:`memory_pressing`), the receivers hol
 request back on its worker thread until memory falls (:func:`wait_for_memory_sample`):
 spans wait in memory for their decision, and the receivers can take them faster than
 the decision thread hands them on, so without it a burst fills memory to the limit
-before the first trace is decided. Meanwhile one more request may wait for a worker;
-one arriving while a request waits is refused for memory as it arrives, since queued
-requests keep their bodies in memory and holding them does not bring memory down.
+before the first trace is decided. Meanwhile one more request may wait for a busy
+worker (:attr:`TimedExecutor.backlog`); one arriving while a request waits is refused
+for memory as it arrives, since queued requests keep their bodies in memory and holding
+them does not bring memory down.
 
 A refusal raises :class:`~.diskqueue.QueueFull`, which the receivers answer with
 gRPC ``RESOURCE_EXHAUSTED`` and a ``RetryInfo``, or HTTP 429 with ``Retry-After``.
@@ -314,6 +315,7 @@ class TimedExecutor(ThreadPoolExecutor):
         self._times_lock = threading.Lock()
         self._waiting: deque[_Waiting] = deque()  # oldest first; done ones leave from the front
         self._queued = 0
+        self._running = 0
         # The pace at which tasks start while others queue: starts and seconds, both
         # decaying with a time constant of _PACE_SECONDS, so their ratio is the mean
         # gap between starts over about the last second of backlog.
@@ -361,6 +363,13 @@ class TimedExecutor(ThreadPoolExecutor):
         """Tasks submitted and not started yet."""
         return self._queued
 
+    @property
+    def backlog(self) -> int:
+        """Tasks that wait because every worker is busy: those submitted and not started,
+        less the workers free to start them (a task just submitted waits a moment for
+        an idle worker to wake)."""
+        return max(0, self._queued - (self._max_workers - self._running))
+
     def expected_wait(self) -> float:
         """Seconds a task submitted now would wait for a worker: the longer of how long
         the oldest waiting task has waited and the queue's length at the pace tasks
@@ -378,12 +387,16 @@ def _timed(
     pool: TimedExecutor, task: _Waiting, fn: Callable[..., Any], args: Any, kwargs: Any
 ) -> Any:
     now = time.monotonic()
+    with pool._times_lock:
+        pool._running += 1
     pool._leave(task, now)
     _local.waited = now - task.since
     try:
         return fn(*args, **kwargs)
     finally:
         _local.waited = 0.0
+        with pool._times_lock:
+            pool._running -= 1
 
 
 def waited() -> float:

@@ -274,7 +274,7 @@ class Collector:
         """Raise :class:`QueueFull` (back-pressure) when no request should be taken now.
 
         ``waited``: seconds the request waited, or would wait, for a worker thread;
-        ``queued``: requests waiting for a worker ahead of it, as it arrives. See
+        ``queued``: requests waiting for a busy worker ahead of it, as it arrives. See
         admission.py.
         """
         if self.budget.full:

@@ -8,8 +8,8 @@ Both receivers decode a request and hand it to a *sink*, a callable
 collector's ``admit``), which raises :class:`~.diskqueue.QueueFull` to refuse a request:
 
 - as the request arrives, with how long it would wait for a worker and how many
-  requests already wait for one (while memory is above the pace limit, one may wait
-  behind the held ones; later ones are refused): on OTLP/gRPC in
+  requests already wait for a busy one (while memory is above the pace limit, one may
+  wait behind the held ones; later ones are refused): on OTLP/gRPC in
   grpc's serving thread, before the request message is read, answering a refusal from
   there; on OTLP/HTTP before the body is read. A refused request costs no worker, no
   read and no decoding;
@@ -294,7 +294,7 @@ class _TraceService(grpc.GenericRpcHandler):
             return None
         try:
             pool = self.export.experimental_thread_pool
-            self.gate(pool.expected_wait(), pool.queued)
+            self.gate(pool.expected_wait(), pool.backlog)
         except QueueFull as exc:
             return grpc.stream_unary_rpc_method_handler(_Refuse(f"{exc}; retry later"))
         return self.accept
@@ -460,9 +460,8 @@ def http_routes(
         if request.content_length is not None and request.content_length > max_bytes:
             return error(as_json, 413, too_large)
         try:
-            gate(
-                pool.expected_wait(), pool.queued
-            )  # refused before the body is read: nothing spent on it
+            # Refused before the body is read: nothing spent on it.
+            gate(pool.expected_wait(), pool.backlog)
         except QueueFull as exc:
             return backpressure(as_json, exc)
         try:

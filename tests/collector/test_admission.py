@@ -94,7 +94,7 @@ def test_timed_executor_expects_the_wait_and_forgets_cancelled_tasks() -> None:
         pool.submit(release.wait)
         queued = [pool.submit(admission.waited) for _ in range(3)]
         time.sleep(0.3)
-        assert pool.queued == 3
+        assert pool.queued == 3 and pool.backlog == 3  # its one worker is busy
         assert 0.25 < pool.expected_wait() < 1.0  # the oldest has waited 0.3 s
         # A task cancelled before it starts (asyncio does it when a client goes away)
         # leaves the figures at once, wherever it stands in the queue.
@@ -103,6 +103,25 @@ def test_timed_executor_expects_the_wait_and_forgets_cancelled_tasks() -> None:
         release.set()
         assert queued[1].result(timeout=5) >= 0.3
         assert pool.queued == 0 and pool.expected_wait() == 0.0
+    finally:
+        release.set()
+        pool.shutdown()
+
+
+def test_timed_executor_backlog_counts_only_tasks_no_free_worker_can_start() -> None:
+    pool = admission.TimedExecutor(3)
+    release = threading.Event()
+    try:
+        busy = [pool.submit(release.wait) for _ in range(2)]
+        time.sleep(0.2)
+        assert pool.queued == 0 and pool.backlog == 0  # two busy, one free
+        waiting = [pool.submit(release.wait) for _ in range(3)]
+        time.sleep(0.2)
+        assert pool.queued == 2 and pool.backlog == 2  # all three busy
+        release.set()
+        for future in busy + waiting:
+            future.result(timeout=5)
+        assert pool.queued == 0 and pool.backlog == 0
     finally:
         release.set()
         pool.shutdown()

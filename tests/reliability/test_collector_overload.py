@@ -149,9 +149,11 @@ def test_overload_at_three_times_capacity_gets_back_pressure_within_the_memory_l
             )
 
             # 3. afterwards: a closed-loop burst is taken with no refusal.
+            throttled_after = collector.metrics()
             with Traffic(collector, senders=4, first_index=201) as after:
                 time.sleep(1.0)
             time_until(lambda: backend.missing(after.acked_keys()) == 0, 30, 0.2)
+            after_metrics = collector.metrics()
         finally:
             watch.stop()
         _, peak_rss = collector.memory()
@@ -164,11 +166,16 @@ def test_overload_at_three_times_capacity_gets_back_pressure_within_the_memory_l
     answers = flood.answers()
     grpc, http = flood.answers(protocol="grpc"), flood.answers(protocol="http")
     others = {a: n for a, n in answers.items() if a not in (OK, BACKPRESSURE)}
-    reasons = {
-        reason: int(metrics.get(f'{_THROTTLED}{{reason="{reason}"}}', 0))
-        - int(throttled_before.get(f'{_THROTTLED}{{reason="{reason}"}}', 0))
-        for reason in ("overload", "memory", "disk")
-    }
+
+    def refusals(before: dict[str, float], now: dict[str, float]) -> dict[str, int]:
+        return {
+            reason: int(now.get(f'{_THROTTLED}{{reason="{reason}"}}', 0))
+            - int(before.get(f'{_THROTTLED}{{reason="{reason}"}}', 0))
+            for reason in ("overload", "memory", "disk")
+        }
+
+    reasons = refusals(throttled_before, metrics)
+    after_reasons = refusals(throttled_after, after_metrics)
     after_answers = after.answers()
     limit = LIMIT_MIB << 20
     factor = offered / flood_seconds / capacity
@@ -237,7 +244,12 @@ def test_overload_at_three_times_capacity_gets_back_pressure_within_the_memory_l
     )
     (did_not_hold if after_answers[BACKPRESSURE] or not after_answers[OK] else held).append(
         f"Right after the overload a 1 s closed-loop burst got {after_answers[OK]:,} requests "
-        f"accepted and {after_answers[BACKPRESSURE]:,} refused."
+        f"accepted and {after_answers[BACKPRESSURE]:,} refused"
+        + (
+            f" (by reason: {', '.join(f'{r} {n}' for r, n in after_reasons.items() if n)})."
+            if after_answers[BACKPRESSURE]
+            else "."
+        )
     )
     record(
         "collector-overload",
