@@ -315,7 +315,7 @@ def test_while_requests_are_held_back_one_more_may_queue_and_later_ones_are_refu
     """Held requests keep their bodies in memory, and memory that holding does not bring
     down (calls not yet answered, the allocators' free space) is not brought down by
     queueing more behind them. While memory is above the pace limit, every worker may
-    hold a request and one more may wait for a worker; a request arriving while one
+    hold a request and one more may wait for a busy worker; a request arriving while one
     waits is refused for memory at once, before it is read."""
     collector = _memory_limited(make_collector, max_request_wait=5)
     guard = collector.memory
