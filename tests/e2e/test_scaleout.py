@@ -37,9 +37,13 @@ SHORT_WARMUP = 60  # 20 per member: the members have not learned their baselines
 PER_KIND = 6
 NORMAL = 60
 # Attribution that depends on what one collector has seen before: learned baselines
-# (duration, freshness) and `changed` signals (model and schema fingerprints).
+# (duration, freshness, an operation's usual spread of confidence) and `changed` signals
+# (model and schema fingerprints). A low-confidence call is a fault only below its
+# operation's usual spread once that is learned (collector/detect_signals.py): a member
+# that has not learned it yet names a fault the collector alone, which has, does not.
 STATEFUL_KINDS = {
     semconv.FAULT_KIND_LATENCY,
+    semconv.FAULT_KIND_LOW_CONFIDENCE,
     semconv.FAULT_KIND_STALE_FEATURES,
     semconv.FAULT_KIND_MODEL_CHANGE,
     semconv.FAULT_KIND_SCHEMA_MISMATCH,
