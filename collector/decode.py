@@ -108,10 +108,9 @@ class Received:
 
     __slots__ = ("edits", "payload", "segment", "spans", "undecided")
 
-    def __init__(self, payload: bytes = b"", spans: int = 0) -> None:
-        self.payload = payload
-        self.spans = spans
-        self.undecided = spans
+    def __init__(self) -> None:
+        self.payload = b""
+        self.spans = self.undecided = 0
         self.segment = -1
         self.edits: dict[int, dict[str, Any]] | None = None
 
