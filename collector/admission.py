@@ -350,6 +350,7 @@ class TimedExecutor(ThreadPoolExecutor):
                 waiting.popleft()
             if now is None:
                 return
+            self._running += 1  # started: leaves the queue for a worker
             if self._backlogged:  # tasks queued since the last start: this gap is the pace
                 gap = now - self._last_start
                 keep = math.exp(-gap / _PACE_SECONDS)
@@ -387,8 +388,6 @@ def _timed(
     pool: TimedExecutor, task: _Waiting, fn: Callable[..., Any], args: Any, kwargs: Any
 ) -> Any:
     now = time.monotonic()
-    with pool._times_lock:
-        pool._running += 1
     pool._leave(task, now)
     _local.waited = now - task.since
     try:
