@@ -100,12 +100,9 @@ class _Bursts:
             if not parked:
                 self._since[monitor] = time.monotonic()
             parked.append(_Parked(call, later, end_ns))
-            values = self._values.get(monitor, 0)
             if later.inputs is not None:
                 self._inputs[monitor] = self._inputs.get(monitor, 0) + 1
-                values += later.inputs.size
-            if later.scores is not None:
-                values += later.scores.size
+            values = self._values.get(monitor, 0) + later.parked_values
             self._values[monitor] = values
             calls = len(parked)
             if calls >= BURST_MAX_CALLS or (calls >= BURST_CALLS and values >= BURST_VALUES):

@@ -48,7 +48,7 @@ from otel_dl.quality import (
     range_excess,
 )
 from otel_dl.reference import Reference
-from otel_dl.table import Table, to_numpy, to_table
+from otel_dl.table import Table, is_frame, to_numpy, to_table
 
 AttributeValue = str | bool | int | float
 
@@ -193,7 +193,7 @@ class Later(dict[str, Any]):
     def __init__(
         self,
         monitor: FeatureMonitor,
-        inputs: np.ndarray | None = None,
+        inputs: np.ndarray | Table | None = None,
         scores: np.ndarray | None = None,
         predictions: int | None = None,
         source: Later | None = None,
@@ -211,6 +211,15 @@ class Later(dict[str, Any]):
         self._waiters: list[Callable[[Mapping[str, Any]], None]] | None = None
         # (id, weak reference, token) of the batch ``inputs`` copies, for :func:`share`.
         self._batch: tuple[int, weakref.ref[Any], Any] | None = None
+
+    @property
+    def parked_values(self) -> int:
+        """Input and score values this call's burst will read."""
+        inputs, scores = self.inputs, self.scores
+        count = 0 if scores is None else scores.size
+        if inputs is not None:
+            count += inputs.numeric.size if isinstance(inputs, Table) else inputs.size
+        return count
 
     def merge(self, other: Later) -> None:
         """Take ``other``'s inputs or scores where this has none (one call, one monitor)."""
@@ -545,7 +554,7 @@ class FeatureMonitor:
 
     # -- bursts of calls ----------------------------------------------------------------
 
-    def burst_inputs(self, batch: Any) -> np.ndarray | None:
+    def burst_inputs(self, batch: Any) -> np.ndarray | Table | None:
         """A private copy of ``batch`` when its signals can wait for :meth:`profile_burst`
         (None before the reference exists: the baseline is learned call by call):
 
@@ -554,12 +563,18 @@ class FeatureMonitor:
           burst's other such calls in one vectorised pass;
         - any other numeric numpy array or CPU tensor with rows, of at most
           ``BURST_COPY_MAX_BYTES`` (an image batch, a wide table): profiled by
-          :meth:`observe` in the burst, as it would have been at the call.
+          :meth:`observe` in the burst, as it would have been at the call;
+        - a pandas DataFrame whose columns are the reference's numeric features, in its
+          order, of at most ``BURST_MAX_VALUES`` values (a tabular service's request):
+          its values, read as :meth:`observe` reads them, profiled with the burst's
+          other frames of the same column names and dtypes.
 
         None otherwise: observe such a batch now."""
         reference = self._reference
         if reference is None:
             return None
+        if is_frame(batch):
+            return self._burst_frame(reference, batch)
         values = self._burst_rows(reference, batch)
         if values is not None:
             return values
@@ -587,9 +602,37 @@ class FeatureMonitor:
             self._burst_tables[key] = table if fits else None
         return values if self._burst_tables[key] is not None else None
 
+    def _burst_frame(self, reference: Reference, frame: Any) -> Table | None:
+        """The :meth:`burst_inputs` case of a DataFrame: the frame as ``reference.read``
+        gives it (a copy of its values), when it holds the reference's numeric features
+        alone, in its order; else None. A burst profiles the frames of one schema (column
+        names and dtypes) together."""
+        rows, features = frame.shape
+        if (
+            not rows
+            or features != len(reference.numeric_names)
+            or features > self.config.drift_max_features
+            or rows * features > BURST_MAX_VALUES
+        ):
+            return None
+        try:
+            table = reference.read(frame)
+        except (TypeError, ValueError):
+            return None
+        values = table.numeric
+        if (
+            table.categorical
+            or table.numeric_names != reference.numeric_names
+            or values.dtype.char not in "fd"
+        ):
+            return None
+        # Reading a frame copies its values (they must not change with the frame); a
+        # reading that did not is copied here.
+        return table if values.base is None and values.flags.c_contiguous else _copy(table)
+
     def profile_burst(
         self,
-        inputs: list[np.ndarray | None],
+        inputs: Sequence[np.ndarray | Table | None],
         scores: list[np.ndarray | None],
         predictions: list[int | None] | None = None,
     ) -> list[dict[str, AttributeValue]]:
@@ -600,8 +643,21 @@ class FeatureMonitor:
         computed with one vectorised pass per signal over the rows of all of them (inputs
         that pass cannot read, images say, by :meth:`observe`, one by one in call order)."""
         out: list[dict[str, AttributeValue]] = [{} for _ in inputs]
-        for key, calls in _groups(inputs).items():
-            self._profile_inputs(key, [inputs[i] for i in calls], [out[i] for i in calls])
+        frames: dict[tuple[Any, ...], list[int]] = {}
+        arrays: list[np.ndarray | None] = []
+        for i, given in enumerate(inputs):
+            if isinstance(given, Table):  # DataFrame requests, by schema
+                frames.setdefault(given.schema, []).append(i)
+                arrays.append(None)
+            else:
+                arrays.append(given)
+        for key, calls in _groups(arrays).items():
+            values = [arrays[i] for i in calls]
+            self._profile_inputs(self._burst_tables.get(key), values, [out[i] for i in calls])
+        for calls in frames.values():
+            tables = [inputs[i] for i in calls]
+            values = [t.numeric for t in tables if isinstance(t, Table)]
+            self._profile_inputs(tables[0], values, [out[i] for i in calls])  # type: ignore[arg-type]
         for _key, calls in _groups(scores).items():
             stacked, starts = _stack([scores[i] for i in calls])
             summaries = summarize_each(stacked, starts, self.config.confidence_threshold)
@@ -612,11 +668,14 @@ class FeatureMonitor:
 
     def _profile_inputs(
         self,
-        key: tuple[np.dtype, tuple[int, ...]],
+        table: Table | None,
         values: list[Any],
         outs: list[dict[str, Any]],
     ) -> None:
-        reference, table = self._reference, self._burst_tables.get(key)
+        """Profile calls' rows of one layout together: ``table`` reads them as the
+        reference's numeric features (a first row's, or a DataFrame's); without it each
+        is observed on its own."""
+        reference = self._reference
         if reference is None or table is None:
             for value, out in zip(values, outs, strict=True):
                 out.update(self.observe(value))

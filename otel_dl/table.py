@@ -148,7 +148,8 @@ def categorical_values(values: Iterable[Any]) -> np.ndarray:
     return out
 
 
-def _is_frame(data: Any) -> bool:
+def is_frame(data: Any) -> bool:
+    """Whether ``data`` is a pandas DataFrame (read by its column names and dtypes)."""
     return type(data).__module__.startswith("pandas") and hasattr(data, "columns")
 
 
@@ -283,7 +284,7 @@ def _frame_table(data: Any) -> Table | None:
 def _columns_of(data: Any) -> list[tuple[str, np.ndarray, str, tuple[int, ...]]]:
     """(name, 1-D column, dtype name, trailing shape) for DataFrames and mappings."""
     columns: list[tuple[str, np.ndarray, str, tuple[int, ...]]] = []
-    if _is_frame(data):
+    if is_frame(data):
         if not data.columns.is_unique:
             repeated = sorted({str(n) for n in data.columns[data.columns.duplicated()]})
             raise ValueError(
@@ -321,7 +322,7 @@ def to_table(data: Any) -> Table:
     """
     if isinstance(data, Table):
         return data
-    if _is_frame(data):
+    if is_frame(data):
         table = _frame_table(data)
         return table if table is not None else _table_from_columns(_columns_of(data))
     if isinstance(data, Mapping):

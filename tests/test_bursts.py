@@ -120,6 +120,55 @@ def test_a_burst_gives_each_call_what_it_would_get_alone(dtype: type, legal_nan:
     )
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_dataframe_requests_in_a_burst_get_what_observe_gives_each(dtype: type) -> None:
+    """A tabular service's requests, one DataFrame row to a few, with the reference's
+    feature columns: parked for a burst and profiled together, each gets what observe()
+    gives it alone, its schema fingerprint included. A frame of another schema for the
+    same layout (a column of integers), or of other columns, is observed at once, and so
+    are the plain arrays of that layout once frames hold it."""
+    pd = pytest.importorskip("pandas")
+    x, _ = load_iris(return_X_y=True, as_frame=True)
+    x = x.astype(dtype)
+    reference = Reference.fit(to_table(x))
+    alone, burst = FeatureMonitor(reference), FeatureMonitor(reference)
+    calls = [x.iloc[i : i + 1 + i % 3].copy() for i in range(0, 60, 2)]
+    calls[3].iloc[0, 1] = np.nan
+    calls[5].iloc[0, 2] += 100  # far above the reference's range
+    expected = [alone.observe(c) for c in calls]
+    inputs = [burst.burst_inputs(c) for c in calls]
+    assert all(i is not None for i in inputs)
+    calls[0].iloc[0, 0] = -1.0  # a copy was taken at the call
+    found = burst.profile_burst(inputs, [None] * len(inputs))
+    signals = {*_SIGNALS, semconv.DL_DRIFT_SCORE, semconv.DL_DRIFT_STATUS}
+    for want, got in zip(expected, found, strict=True):
+        assert {k for k in want if k in signals} == {k for k in got if k in signals}
+        for key in signals & want.keys():
+            if isinstance(want[key], float):
+                assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
+            else:
+                assert got[key] == want[key], key
+    assert {f[semconv.DL_QUALITY_NAN_FRACTION] > 0 for f in found} == {False, True}
+    assert found[5][semconv.DL_QUALITY_OUT_OF_RANGE_FRACTION] > 0
+    # A column of integers: another schema, profiled apart from the others in one burst,
+    # with its own schema fingerprint, as observe() gives it.
+    other = x.iloc[:1].astype({x.columns[0]: "int64"})
+    found_too = burst.profile_burst([inputs[0], burst.burst_inputs(other)], [None, None])
+    got = found_too[1]
+    fingerprint = semconv.DL_DATA_SCHEMA_FINGERPRINT
+    assert found_too[0][fingerprint] == found[0][fingerprint]
+    assert got[fingerprint] == alone.observe(other)[fingerprint] != found[0][fingerprint]
+    assert burst.burst_inputs(x.iloc[:1, ::-1]) is None  # the columns in another order
+    assert burst.burst_inputs(pd.DataFrame(x.iloc[:1].to_numpy())) is None  # other names
+    # An array of the frames' shape (columns named by position) is profiled on its own,
+    # not as the frames are.
+    array = x.iloc[:1].to_numpy()
+    kept = burst.burst_inputs(array)
+    assert kept is not None
+    got = burst.profile_burst([kept], [None])[0]
+    assert got[fingerprint] == alone.observe(array)[fingerprint] != found[0][fingerprint]
+
+
 def test_a_burst_feeds_drift_call_by_call() -> None:
     """Each call's drift attributes are those of the window its own rows completed, as
     observe() gives them one call at a time: with requests of one row, batches above
