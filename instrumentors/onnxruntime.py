@@ -153,19 +153,34 @@ def _class_scores(outputs: Sequence[Any], names: Sequence[str] | None = None) ->
     the probabilities last; a network may also return hidden features, which are no
     distribution: read as logits, an encoder's output gave a healthy model low
     confidence on every call)."""
-    candidates = []
     named = names is not None and len(names) == len(outputs)
+    found: list[tuple[int, Any]] = []  # (position, value), from the last output back
     for i in range(len(outputs) - 1, -1, -1):
         value = outputs[i]
         if isinstance(value, list) and value and isinstance(value[0], Mapping):
-            return value  # ZipMap: one {class: probability} dict per row
+            found.append((i, value))  # ZipMap: one {class: probability} dict per row
+            continue
         array = _to_numpy(value)
         dtype = getattr(array, "dtype", None)
         if getattr(array, "ndim", 0) == 2 and dtype is not None and dtype.kind == "f":
-            if array.size and looks_like_probabilities(array):
-                return array
-            if not (named and _not_scores(names[i])):  # type: ignore[index]
-                candidates.append(array)
+            found.append((i, array))
+    if len(found) == 1 and not isinstance(found[0][1], list):
+        # One 2-D floating-point output (the usual classifier, beside sklearn-onnx's
+        # labels): it is the scores unless its name says otherwise and it holds no
+        # probabilities. Only then is its probability check worth its cost on the call.
+        i, array = found[0]
+        excluded = named and _not_scores(names[i])  # type: ignore[index]
+        if not excluded or (array.size and looks_like_probabilities(array)):
+            return array
+        return None
+    candidates = []
+    for i, value in found:
+        if isinstance(value, list):
+            return value
+        if value.size and looks_like_probabilities(value):
+            return value
+        if not (named and _not_scores(names[i])):  # type: ignore[index]
+            candidates.append(value)
     return candidates[0] if candidates else None
 
 

@@ -166,6 +166,40 @@ def test_an_output_named_as_no_class_scores_gets_no_confidence(
     assert span.attributes[semconv.DL_PREDICTION_COUNT] == 8
 
 
+def test_the_class_scores_output_is_chosen_with_no_probability_check_it_does_not_need(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Which output holds the class scores: a ZipMap, else the last output whose rows are
+    probabilities, else the last 2-D floating-point output not named as something else.
+    With a single 2-D floating-point output (a network, or sklearn-onnx's labels beside
+    its probabilities), only a name saying it is no class scores makes its values matter:
+    otherwise it is chosen without reading them on the caller's path."""
+    from otel_dl.instrumentors import onnxruntime as instrumentor
+
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(4, 3)).astype("f4")
+    probs = np.full((4, 3), 1 / 3, "f4")
+    labels = np.zeros(4, np.int64)
+    zipmap = [{0: 0.5, 1: 0.5}] * 4
+    pick = instrumentor._class_scores
+    assert pick([logits], ["logits"]) is logits
+    assert pick([labels, probs], ["label", "probabilities"]) is probs
+    assert pick([probs, logits], ["probabilities", "logits"]) is probs  # probabilities win
+    assert pick([logits, logits.copy()], None) is not logits  # the last one, as logits
+    assert pick([zipmap, logits], None) is zipmap
+    assert pick([labels, zipmap], ["label", "output_probability"]) is zipmap
+    assert pick([logits], ["hidden_state"]) is None
+    assert pick([probs], ["hidden_state"]) is probs  # its rows are probabilities
+    assert pick([labels], ["label"]) is None
+
+    def unneeded(scores: np.ndarray) -> bool:
+        raise AssertionError("the probability check ran for a single candidate")
+
+    monkeypatch.setattr(instrumentor, "looks_like_probabilities", unneeded)
+    assert pick([logits], ["output"]) is logits
+    assert pick([labels, probs], ["label", "probabilities"]) is probs
+
+
 def test_session_from_bytes_and_run_with_ort_values(spans: SpanList) -> None:
     model_bytes = _classifier().SerializeToString()
     session = _session(model_bytes)
