@@ -643,21 +643,21 @@ class FeatureMonitor:
         computed with one vectorised pass per signal over the rows of all of them (inputs
         that pass cannot read, images say, by :meth:`observe`, one by one in call order)."""
         out: list[dict[str, AttributeValue]] = [{} for _ in inputs]
-        frames: dict[tuple[Any, ...], list[int]] = {}
+        frames: dict[tuple[Any, ...], list[tuple[int, Table]]] = {}  # DataFrames, by schema
         arrays: list[np.ndarray | None] = []
         for i, given in enumerate(inputs):
-            if isinstance(given, Table):  # DataFrame requests, by schema
-                frames.setdefault(given.schema, []).append(i)
+            if isinstance(given, Table):
+                frames.setdefault(given.schema, []).append((i, given))
                 arrays.append(None)
             else:
                 arrays.append(given)
         for key, calls in _groups(arrays).items():
             values = [arrays[i] for i in calls]
             self._profile_inputs(self._burst_tables.get(key), values, [out[i] for i in calls])
-        for calls in frames.values():
-            tables = [inputs[i] for i in calls]
-            values = [t.numeric for t in tables if isinstance(t, Table)]
-            self._profile_inputs(tables[0], values, [out[i] for i in calls])  # type: ignore[arg-type]
+        for members in frames.values():
+            tables = [table for _, table in members]
+            values = [table.numeric for table in tables]
+            self._profile_inputs(tables[0], values, [out[i] for i, _ in members])
         for _key, calls in _groups(scores).items():
             stacked, starts = _stack([scores[i] for i in calls])
             summaries = summarize_each(stacked, starts, self.config.confidence_threshold)
