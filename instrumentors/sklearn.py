@@ -456,7 +456,8 @@ class SklearnInstrumentor(DlInstrumentor):
                 if kind is not None and state.confidence:
                     scores, kind = _class_scores(result, kind)
                     if config.signals_delay_ms > 0:  # every prediction, in a burst
-                        later = state.monitor().confidence_later(scores, sample=False)
+                        monitor = state.monitor()
+                        later = monitor.confidence_later(scores, sample=False, kind=kind)
                         attrs = combine(attrs, later)
                     else:
                         threshold = config.confidence_threshold

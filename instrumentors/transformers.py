@@ -64,7 +64,7 @@ from otel_dl._config import get_config
 from otel_dl._guard import report_internal_error
 from otel_dl._span import Attributes, DlCall, traced_call
 from otel_dl._watch import WatchState, ensure_state, watch_state
-from otel_dl.monitor import confidence_attributes
+from otel_dl.monitor import combine, confidence_attributes
 from otel_dl.provenance import model_fingerprint
 
 from ._base import DlInstrumentor, Patches
@@ -398,8 +398,12 @@ class TransformersInstrumentor(DlInstrumentor):
             # multi_label scores each candidate on its own: a row is not a distribution.
             independent = _call_option(call.instance, call.kwargs, "multi_label")
             scores = None if rows and len(rows[0]) > 1 and independent else rows
-        if scores is not None:
-            attrs.update(confidence_attributes(scores, config.confidence_threshold, kind=kind))
+        if scores is None:
+            return attrs
+        if config.signals_delay_ms > 0:  # every prediction, as below, but in a burst
+            monitor = TransformersInstrumentor._state(call.instance).monitor()
+            return combine(attrs, monitor.confidence_later(scores, sample=False, kind=kind))
+        attrs.update(confidence_attributes(scores, config.confidence_threshold, kind=kind))
         return attrs
 
 

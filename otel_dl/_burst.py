@@ -205,6 +205,7 @@ def _profile(monitor: FeatureMonitor, parked: list[_Parked]) -> None:
             [p.later.inputs for p in parked],
             [p.later.scores for p in parked],
             [p.later.predictions for p in parked],
+            [p.later.kind for p in parked],
         )
     except Exception:
         report_internal_error(_SITE)

@@ -357,29 +357,35 @@ def summarize(outputs: Any, threshold: float = 0.5, kind: str = "auto") -> Summa
 
 
 def summarize_each(
-    scores: np.ndarray, starts: Sequence[int], threshold: float = 0.5
+    scores: np.ndarray, starts: Sequence[int], threshold: float = 0.5, kind: str = "auto"
 ) -> list[Summary]:
     """:func:`summarize` of several calls at once: ``scores`` stacks the rows of each
     call (two or more classes), call ``i`` being rows ``starts[i]`` up to the next start.
 
-    Each call is read on its own (probabilities or logits, as ``kind="auto"`` would), but
-    the row statistics of all of them come from one vectorised pass per kind, so many
-    small calls cost about what one batch of their rows does. Figures agree with
+    With ``kind="auto"`` each call is read on its own (probabilities or logits, as
+    :func:`summarize` reads it); ``probabilities`` or ``logits`` reads every call so. The
+    row statistics of all of them come from one vectorised pass per kind, so many small
+    calls cost about what one batch of their rows does. Figures agree with
     :func:`summarize` to float rounding (the per-call paths sum in other orders).
     """
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; use one of {', '.join(KINDS)}")
     rows = scores.shape[0]
     bounds = np.asarray([*starts, rows], dtype=np.intp)
     counts = np.diff(bounds)
     first = bounds[:-1]
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        # A call reads as probabilities when each of its rows does (NaN reads as logits).
-        row_probabilities = (
-            (np.minimum.reduce(scores, axis=1) >= 0)
-            & (np.maximum.reduce(scores, axis=1) <= 1)
-            & (np.abs(np.add.reduce(scores, axis=1) - 1) <= ROW_SUM_TOLERANCE)
-        )
-        call_probabilities = np.logical_and.reduceat(row_probabilities, first)
-        probability_rows = np.repeat(call_probabilities, counts)
+        if kind != "auto":
+            probability_rows = np.full(rows, kind == "probabilities")
+        else:
+            # A call reads as probabilities when each of its rows does (NaN: as logits).
+            row_probabilities = (
+                (np.minimum.reduce(scores, axis=1) >= 0)
+                & (np.maximum.reduce(scores, axis=1) <= 1)
+                & (np.abs(np.add.reduce(scores, axis=1) - 1) <= ROW_SUM_TOLERANCE)
+            )
+            call_probabilities = np.logical_and.reduceat(row_probabilities, first)
+            probability_rows = np.repeat(call_probabilities, counts)
         conf = np.empty(rows, dtype=np.float64)
         margin = np.empty(rows, dtype=np.float64)
         entropy = np.empty(rows, dtype=np.float64)

@@ -183,6 +183,7 @@ class Later(dict[str, Any]):
         "_batch",
         "_waiters",
         "inputs",
+        "kind",
         "monitor",
         "predictions",
         "profile",
@@ -197,11 +198,13 @@ class Later(dict[str, Any]):
         scores: np.ndarray | None = None,
         predictions: int | None = None,
         source: Later | None = None,
+        kind: str = "auto",
     ) -> None:
         super().__init__()
         self.monitor = monitor
         self.inputs = inputs
         self.scores = scores
+        self.kind = kind  # how ``scores`` read, as summarize's ``kind``
         # Rows of the whole output (``scores`` may hold a sample of them).
         if predictions is None and scores is not None:
             predictions = len(scores)
@@ -227,7 +230,7 @@ class Later(dict[str, Any]):
         if self.inputs is None:
             self.inputs = other.inputs
         if self.scores is None:
-            self.scores, self.predictions = other.scores, other.predictions
+            self.scores, self.predictions, self.kind = other.scores, other.predictions, other.kind
         if self.source is None:
             self.source = other.source
 
@@ -505,40 +508,44 @@ class FeatureMonitor:
                 semconv.DL_DRIFT_WINDOW_ROWS: tracker.rows,
             }
 
-    def confidence(self, outputs: Any) -> dict[str, AttributeValue]:
+    def confidence(self, outputs: Any, kind: str = "auto") -> dict[str, AttributeValue]:
         """``dl.confidence.*`` of one call's outputs: exact when the call has at most
         ``confidence_rows`` predictions (one request) and on every ``drift_every``-th call,
         else on ``confidence_rows`` evenly spaced predictions; ``dl.confidence.rows`` says
-        how many the figures cover."""
+        how many the figures cover. ``kind``: as :func:`~otel_dl.confidence.summarize`'s."""
         limit = None if self._exact_call() else self.config.confidence_rows
-        return confidence_attributes(outputs, self.config.confidence_threshold, limit)
+        return confidence_attributes(outputs, self.config.confidence_threshold, limit, kind)
 
     def _exact_call(self) -> bool:
         return next(self._calls) % self.config.drift_every == 0
 
-    def confidence_later(self, outputs: Any, *, sample: bool = True) -> dict[str, Any]:
+    def confidence_later(
+        self, outputs: Any, *, sample: bool = True, kind: str = "auto"
+    ) -> dict[str, Any]:
         """What :meth:`confidence` gives, left for :meth:`profile_burst` when it can be: a
         :class:`Later` holding a copy of the rows the figures cover (the same rows
         :meth:`confidence` would read) of a 2-D CPU output of two or more classes. Other
         outputs, and an exact call whose output exceeds ``BURST_MAX_VALUES``, are
         summarised now. ``sample=False``: always on every prediction. A list of
         ``{class: score}`` rows (ONNX ZipMap) is read into an array, only the rows the
-        figures cover."""
+        figures cover. ``kind``: how the scores read, as
+        :func:`~otel_dl.confidence.summarize`'s (``logits`` for a model's raw outputs,
+        whatever their values)."""
         if _class_maps(outputs):
             return self._class_maps_later(outputs, sample)
         scores = _float_rows(outputs)
         if scores is None or scores.shape[1] < 2:
-            return self.confidence(outputs) if sample else self._exact(outputs)
+            return self.confidence(outputs, kind) if sample else self._exact(outputs, kind)
         rows, limit = len(scores), self.config.confidence_rows
         # Every call counts towards the drift_every-th exact one, as in confidence().
         if sample and not self._exact_call() and rows > limit:
-            return Later(self, scores=scores[_spaced(rows, limit)], predictions=rows)
+            return Later(self, scores=scores[_spaced(rows, limit)], predictions=rows, kind=kind)
         if scores.size > BURST_MAX_VALUES:
-            return self._exact(outputs)
-        return Later(self, scores=np.array(scores, order="C"))
+            return self._exact(outputs, kind)
+        return Later(self, scores=np.array(scores, order="C"), kind=kind)
 
-    def _exact(self, outputs: Any) -> dict[str, AttributeValue]:
-        return confidence_attributes(outputs, self.config.confidence_threshold)
+    def _exact(self, outputs: Any, kind: str = "auto") -> dict[str, AttributeValue]:
+        return confidence_attributes(outputs, self.config.confidence_threshold, kind=kind)
 
     def _class_maps_later(self, outputs: Sequence[Mapping[Any, Any]], sample: bool) -> Any:
         rows, limit = len(outputs), self.config.confidence_rows
@@ -635,6 +642,7 @@ class FeatureMonitor:
         inputs: Sequence[np.ndarray | Table | None],
         scores: list[np.ndarray | None],
         predictions: list[int | None] | None = None,
+        kinds: list[str] | None = None,
     ) -> list[dict[str, AttributeValue]]:
         """The attributes :meth:`observe` and :meth:`confidence` would have given each of
         several calls (``inputs[i]`` from :meth:`burst_inputs`; ``scores[i]`` and
@@ -653,14 +661,16 @@ class FeatureMonitor:
                 arrays.append(given)
         for key, calls in _groups(arrays).items():
             values = [arrays[i] for i in calls]
-            self._profile_inputs(self._burst_tables.get(key), values, [out[i] for i in calls])
+            table = self._burst_tables.get(key[:2])
+            self._profile_inputs(table, values, [out[i] for i in calls])
         for members in frames.values():
             tables = [table for _, table in members]
             values = [table.numeric for table in tables]
             self._profile_inputs(tables[0], values, [out[i] for i, _ in members])
-        for _key, calls in _groups(scores).items():
+        for key, calls in _groups(scores, kinds).items():
             stacked, starts = _stack([scores[i] for i in calls])
-            summaries = summarize_each(stacked, starts, self.config.confidence_threshold)
+            threshold = self.config.confidence_threshold
+            summaries = summarize_each(stacked, starts, threshold, key[2])
             for i, summary in zip(calls, summaries, strict=True):
                 count = predictions[i] if predictions is not None else None
                 out[i].update(_confidence_out(count or int(summary["count"]), summary))
@@ -716,13 +726,15 @@ class FeatureMonitor:
 
 
 def _groups(
-    arrays: list[np.ndarray | None],
-) -> dict[tuple[np.dtype, tuple[int, ...]], list[int]]:
-    """Positions of the arrays, by dtype and shape past the rows (None entries left out)."""
-    groups: dict[tuple[np.dtype, tuple[int, ...]], list[int]] = {}
+    arrays: list[np.ndarray | None], kinds: list[str] | None = None
+) -> dict[tuple[np.dtype, tuple[int, ...], str], list[int]]:
+    """Positions of the arrays, by dtype, shape past the rows and ``kinds[i]`` (``auto``
+    without ``kinds``); None entries left out."""
+    groups: dict[tuple[np.dtype, tuple[int, ...], str], list[int]] = {}
     for i, array in enumerate(arrays):
         if array is not None:
-            groups.setdefault((array.dtype, array.shape[1:]), []).append(i)
+            kind = kinds[i] if kinds is not None else "auto"
+            groups.setdefault((array.dtype, array.shape[1:], kind), []).append(i)
     return groups
 
 

@@ -18,7 +18,7 @@ from sklearn.linear_model import LogisticRegression
 import otel_dl
 from otel_dl import _burst, semconv
 from otel_dl._config import get_config
-from otel_dl.monitor import BURST_COPY_MAX_BYTES, FeatureMonitor, Later
+from otel_dl.monitor import BURST_COPY_MAX_BYTES, FeatureMonitor, Later, confidence_attributes
 from otel_dl.reference import Reference
 from otel_dl.table import to_table
 from tests.support import EXPORTER, SpanList
@@ -235,6 +235,36 @@ def test_a_batch_output_left_for_a_burst_gets_what_confidence_gives(probabilitie
         assert got[semconv.DL_PREDICTION_COUNT] == 256
         for key, value in want.items():
             assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.parametrize("kind", ["logits", "probabilities"])
+def test_scores_of_a_known_kind_are_read_so_in_a_burst(kind: str) -> None:
+    """A model's raw logits are logits whatever their values (a transformers pipeline, a
+    booster's margin), and a booster's probabilities are probabilities: the burst reads
+    each call's scores as its caller said, as ``confidence_attributes(kind=...)`` reads
+    them at the call, also where the values alone would read the other way."""
+    rng = np.random.default_rng(5)
+    monitor = FeatureMonitor()
+    outputs = [rng.dirichlet(np.ones(3), int(rng.integers(1, 5))) for _ in range(12)]
+    if kind == "logits":
+        outputs[3] = rng.normal(0, 2, (2, 3))  # and some that read as logits anyway
+    expected = [confidence_attributes(y, 0.5, kind=kind) for y in outputs]
+    auto = [confidence_attributes(y, 0.5) for y in outputs]
+    laters = [monitor.confidence_later(y, sample=False, kind=kind) for y in outputs]
+    assert all(isinstance(later, Later) for later in laters)
+    found = monitor.profile_burst(
+        [None] * len(laters),
+        [later.scores for later in laters],
+        [later.predictions for later in laters],
+        [later.kind for later in laters],
+    )
+    for want, got in zip(expected, found, strict=True):
+        assert want.keys() == got.keys()
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    # The distributions read as logits give other figures than read as probabilities.
+    mean = semconv.DL_CONFIDENCE_MEAN
+    assert (found[0][mean] == pytest.approx(auto[0][mean])) is (kind == "probabilities")
 
 
 def test_class_map_rows_left_for_a_burst_get_what_confidence_gives() -> None:
