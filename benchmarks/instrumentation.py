@@ -370,6 +370,33 @@ def _sklearn_frame_case(repeats: int) -> tuple[float, float] | None:
     return _requests(pipeline, x.iloc[:1], 1000, repeats)
 
 
+def _transformers_case(repeats: int) -> tuple[float, float] | None:
+    """One request at a time to a transformers ``text-classification`` pipeline: a tiny
+    BERT (one layer of 16, ``tests.support``) with a tokenizer built here, one short text
+    per call."""
+    try:
+        from transformers import pipeline
+    except ImportError:
+        return None
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # built here: nothing comes from the Hub
+    sys.path.append(str(Path(__file__).resolve().parents[1]))  # after a PYTHONPATH tree
+    from tests.support import tiny_bert_classifier, tiny_tokenizer
+
+    classify = pipeline(
+        "text-classification", model=tiny_bert_classifier(num_labels=3), tokenizer=tiny_tokenizer()
+    )
+    text = "the cat sat on the mat"
+
+    def traced() -> Any:
+        return classify(text)
+
+    def bare() -> Any:
+        with suppress_instrumentation():
+            return classify(text)
+
+    return _paired(bare, traced, 300, repeats)
+
+
 def _gpu_rows(repeats: int) -> list[tuple[str, float, float, str]]:
     """CUDA cases: per call including the GPU's work (a synchronize closes each block, for
     bare and traced alike), and the host time of launching calls (no synchronize: what the
@@ -518,7 +545,18 @@ def _idle_case(calls: int, gap_s: float = 0.005) -> list[tuple[str, float, float
     ]
 
 
-CASES = ("dataloader", "cnn", "mlp", "small", "onnx", "sklearn", "suppressed", "gc", "idle")
+CASES = (
+    "dataloader",
+    "cnn",
+    "mlp",
+    "small",
+    "onnx",
+    "sklearn",
+    "transformers",
+    "suppressed",
+    "gc",
+    "idle",
+)
 
 
 def main() -> None:
@@ -611,6 +649,10 @@ def main() -> None:
         frame = _sklearn_frame_case(repeats)
         if frame is not None:
             rows.append(("scikit-learn pipeline, 1 DataFrame row", *frame, "added <= 2 x floor"))
+    if "transformers" in cases:
+        text = _transformers_case(repeats)
+        if text is not None:
+            rows.append(("transformers text-classification, 1 text", *text, "added <= 2 x floor"))
     if "suppressed" in cases:
         rows.append(
             ("suppressed wrapper (MLP batch 1)", *_suppressed_case(repeats), "<= 1.5 us added")
