@@ -48,10 +48,12 @@ Text inputs give no drift or quality signals.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
 import types
+import weakref
 from collections.abc import Callable, Collection, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -355,12 +357,8 @@ class TransformersInstrumentor(DlInstrumentor):
     def _model_attributes(self, call: DlCall, capture: _Capture) -> Attributes:
         pipe = call.instance
         model = pipe.model
-        attrs = _model_identity(model, self._state(pipe))
+        attrs = dict(self._pipeline_attributes(pipe, model))
         name_or_path = str(getattr(model, "name_or_path", "") or "")
-        if name_or_path and os.path.isdir(name_or_path):
-            attrs[semconv.DL_MODEL_PATH] = name_or_path
-        if pipe.task:
-            attrs[semconv.DL_MODEL_TASK] = pipe.task
         if capture.generation:
             inputs = _inputs(call.args, call.kwargs)
             attrs[semconv.GEN_AI_OPERATION_NAME] = "chat" if _is_chat(inputs) else "text_completion"
@@ -368,6 +366,33 @@ class TransformersInstrumentor(DlInstrumentor):
             max_tokens = call.kwargs.get("max_new_tokens")
             if isinstance(max_tokens, int):
                 attrs[semconv.GEN_AI_REQUEST_MAX_TOKENS] = max_tokens
+        return attrs
+
+    def _pipeline_attributes(self, pipe: Any, model: Any) -> Attributes:
+        """The attributes every call of ``pipe`` shares (its model's identity, path and
+        the task), built once while the pipeline keeps its model, watch state and
+        weights (a fingerprint that changes, after ``load_state_dict``, builds them anew)."""
+        state = self._state(pipe)
+        fingerprint = model_fingerprint(model)
+        try:
+            cached = _pipeline_static.get(pipe)
+        except TypeError:  # a pipeline that cannot be weakly referenced: built each call
+            cached = None
+        if (
+            cached is not None
+            and cached[0] is model
+            and cached[1] is state
+            and cached[2] == fingerprint
+        ):
+            return cached[3]
+        attrs = _model_identity(model, state)
+        name_or_path = str(getattr(model, "name_or_path", "") or "")
+        if name_or_path and os.path.isdir(name_or_path):
+            attrs[semconv.DL_MODEL_PATH] = name_or_path
+        if pipe.task:
+            attrs[semconv.DL_MODEL_TASK] = pipe.task
+        with contextlib.suppress(TypeError):
+            _pipeline_static[pipe] = (model, state, fingerprint, attrs)
         return attrs
 
     @staticmethod
@@ -409,6 +434,12 @@ class TransformersInstrumentor(DlInstrumentor):
 
 def _prompt(call: DlCall) -> Any:
     return call.args[0] if call.args else call.kwargs.get("input_ids", call.kwargs.get("inputs"))
+
+
+# Pipeline -> (model, watch state, weights fingerprint, the attributes built for them).
+_pipeline_static: weakref.WeakKeyDictionary[Any, tuple[Any, WatchState, str | None, Attributes]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _model_identity(model: Any, state: WatchState) -> Attributes:

@@ -147,6 +147,31 @@ def test_watch_names_the_pipeline(spans: SpanList, classify) -> None:
     assert span.attributes["team"] == "nlp"
 
 
+def test_a_pipelines_shared_attributes_follow_watch_and_new_weights(
+    spans: SpanList, classify
+) -> None:
+    """The attributes every call of a pipeline shares are built once, and again when
+    ``watch`` names it anew or its model's weights change."""
+    classify("bad movie")
+    classify("good movie")
+    otel_dl.watch(classify, name="sentiment", version="3")
+    classify("bad movie")
+    with torch.no_grad():
+        weights = {k: v + 0.5 for k, v in classify.model.state_dict().items()}
+    classify.model.load_state_dict(weights)
+    classify("bad movie")
+    first, second, named, reloaded = spans.get(semconv.SPAN_INFERENCE)
+    fingerprint = semconv.DL_MODEL_FINGERPRINT
+    assert first.attributes[semconv.DL_MODEL_NAME] == second.attributes[semconv.DL_MODEL_NAME]
+    assert first.attributes[fingerprint] == second.attributes[fingerprint]
+    assert named.attributes[semconv.DL_MODEL_NAME] == "sentiment"
+    assert named.attributes[semconv.DL_MODEL_VERSION] == "3"
+    assert named.attributes[fingerprint] == first.attributes[fingerprint]
+    assert reloaded.attributes[semconv.DL_MODEL_NAME] == "sentiment"
+    assert reloaded.attributes[fingerprint] != first.attributes[fingerprint]
+    assert reloaded.attributes[semconv.DL_MODEL_TASK] == "text-classification"
+
+
 def test_a_model_watched_with_confidence_false_gets_none(spans: SpanList, classify) -> None:
     otel_dl.watch(classify.model, confidence=False)
     classify(["bad movie", "good movie"])
