@@ -20,13 +20,15 @@ name (the ``watch`` name, else the model's ``name_or_path``, else its class), th
 (the ``watch`` version, else the Hub commit when known: the config's ``_commit_hash``, or
 a ``snapshots/<commit>`` directory the model was loaded from), ``dl.model.path`` when the
 model came from a local directory, the fingerprint of the weights (computed once per
-model), and ``dl.prediction.count``. Watch either the pipeline or its model:
+model), and ``dl.prediction.count``; the attributes every call shares are built once
+per pipeline, model, watch state and weights. Watch either the pipeline or its model:
 ``otel_dl.watch(pipe, name="sentiment", version="2026-11")``.
 
 - Classification tasks (text, image, audio, video classification) get ``dl.confidence.*``
   from the class scores the answer was computed from: the model's logits, so margin and
   entropy are exact even when the pipeline returns only the top label. Zero-shot tasks
-  use the returned scores over the candidate labels.
+  use the returned scores over the candidate labels. The figures wait for a burst of
+  the pipeline's calls (``otel_dl._burst``), read as logits, off the caller's path.
 - Generation tasks get the OpenTelemetry GenAI attributes: ``gen_ai.operation.name``
   (``chat`` for chat messages, else ``text_completion``), ``gen_ai.request.model``,
   ``gen_ai.request.max_tokens`` when ``max_new_tokens`` is set, and
