@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from itertools import chain
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -51,7 +53,13 @@ def to_scores(outputs: Any) -> np.ndarray:
         first = outputs[0]
         if isinstance(first, Mapping):
             keys = sorted(first)
-            return np.array([[row[k] for k in keys] for row in outputs], dtype=np.float64)
+            if len(keys) < 2:
+                return np.array([[row[k] for k in keys] for row in outputs], dtype=np.float64)
+            # One C-level read per row (itemgetter) into one flat array: about half the
+            # cost of a Python loop over 256 rows of 10 classes (ONNX ZipMap outputs).
+            values = chain.from_iterable(map(itemgetter(*keys), outputs))
+            flat = np.fromiter(values, dtype=np.float64, count=len(outputs) * len(keys))
+            return flat.reshape(len(outputs), len(keys))
         if _is_array(first) and not _same_shape_rows(outputs):
             return _rows(_last_float_output(outputs))
     return _rows(to_numpy(outputs))

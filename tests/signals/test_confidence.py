@@ -6,7 +6,7 @@ import torch
 from torchmetrics.functional.classification import multiclass_calibration_error
 
 from otel_dl.calibration import CalibrationTracker, expected_calibration_error
-from otel_dl.confidence import summarize
+from otel_dl.confidence import summarize, to_scores
 
 
 def _expected(p, threshold):
@@ -55,6 +55,30 @@ def test_ort_outputs_and_zipmap():
     assert summarize([labels, probs]) == summarize(probs)
     zipmap = [{0: 0.2, 1: 0.8}, {0: 0.6, 1: 0.4}]
     assert summarize(zipmap) == pytest.approx(summarize(probs))
+
+
+def test_class_maps_read_as_rows_in_class_order():
+    """ZipMap rows ({class: probability}) become one row each, the classes in sorted
+    order whatever each dict's own order, extra keys ignored; a missing score (None)
+    reads as NaN; a row without a class, or with a value that is no number, is an
+    error, not a wrong row."""
+    rng = np.random.default_rng(3)
+    probs = rng.dirichlet(np.ones(10), 40)
+    rows = [{c: float(p[c]) for c in range(10)} for p in probs]
+    rows[5] = dict(reversed(list(rows[5].items())))  # another insertion order
+    rows[7] = {**rows[7], "extra": 0.0}
+    got = to_scores(rows)
+    assert got.dtype == np.float64 and got.shape == (40, 10)
+    assert np.array_equal(got, probs)
+    named = [{"cat": 0.3, "ant": 0.7}, {"ant": 0.1, "cat": 0.9}]
+    assert np.array_equal(to_scores(named), [[0.7, 0.3], [0.1, 0.9]])
+    assert to_scores([{0: 0.4}, {0: 0.6}]).shape == (2, 1)
+    with pytest.raises(KeyError):
+        to_scores([{0: 0.5, 1: 0.5}, {0: 1.0}])
+    with_none = to_scores([{0: 0.5, 1: 0.5}, {0: None, 1: 1.0}])
+    assert np.isnan(with_none[1, 0]) and with_none[1, 1] == 1.0
+    with pytest.raises(ValueError):
+        to_scores([{0: 0.5, 1: 0.5}, {0: "high", 1: 1.0}])
 
 
 def test_masked_logits_and_nan_rows():
