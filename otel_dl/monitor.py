@@ -645,11 +645,13 @@ class FeatureMonitor:
         kinds: list[str] | None = None,
     ) -> list[dict[str, AttributeValue]]:
         """The attributes :meth:`observe` and :meth:`confidence` would have given each of
-        several calls (``inputs[i]`` from :meth:`burst_inputs`; ``scores[i]`` and
+        several calls (``inputs[i]`` from :meth:`burst_inputs`; ``scores[i]``,
         ``predictions[i]``, the output's row count when ``scores[i]`` is a sample of it,
-        from :meth:`confidence_later`'s :class:`Later`; None where call ``i`` has none),
-        computed with one vectorised pass per signal over the rows of all of them (inputs
-        that pass cannot read, images say, by :meth:`observe`, one by one in call order)."""
+        and ``kinds[i]``, how the scores read, from :meth:`confidence_later`'s
+        :class:`Later`; None where call ``i`` has none), computed with one vectorised
+        pass per signal over the rows of all of them: arrays by layout, DataFrame
+        readings by schema, scores by layout and kind (inputs that pass cannot read,
+        images say, by :meth:`observe`, one by one in call order)."""
         out: list[dict[str, AttributeValue]] = [{} for _ in inputs]
         frames: dict[tuple[Any, ...], list[tuple[int, Table]]] = {}  # DataFrames, by schema
         arrays: list[np.ndarray | None] = []
