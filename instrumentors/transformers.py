@@ -412,7 +412,10 @@ class TransformersInstrumentor(DlInstrumentor):
         if capture.max_tokens is not None:  # the limit the pipeline's generate ran with
             attrs[semconv.GEN_AI_REQUEST_MAX_TOKENS] = capture.max_tokens
         config = get_config()
-        if not config.signals or not TransformersInstrumentor._state(call.instance).confidence:
+        if not config.signals:
+            return attrs
+        state = TransformersInstrumentor._state(call.instance)
+        if not state.confidence:
             return attrs
         scores: Any = None
         kind = "auto"
@@ -428,8 +431,8 @@ class TransformersInstrumentor(DlInstrumentor):
         if scores is None:
             return attrs
         if config.signals_delay_ms > 0:  # every prediction, as below, but in a burst
-            monitor = TransformersInstrumentor._state(call.instance).monitor()
-            return combine(attrs, monitor.confidence_later(scores, sample=False, kind=kind))
+            later = state.monitor().confidence_later(scores, sample=False, kind=kind)
+            return combine(attrs, later)
         attrs.update(confidence_attributes(scores, config.confidence_threshold, kind=kind))
         return attrs
 
